@@ -1,0 +1,21 @@
+//! kz: one process that keeps an AI agent's credentials out of its hands.
+//!
+//! One module per concern (see docs/architecture.md). Modules talk through small typed
+//! interfaces: [`resolve::Resolver`], [`audit::AuditSink`], [`secret::Secret`], the proxy's token
+//! table. The proxy never knows where a value came from; resolvers never know who asked.
+
+pub mod audit;
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod intercept;
+pub mod logging;
+pub mod mcp;
+pub mod pdp;
+pub mod policy;
+pub mod proxy;
+pub mod resolve;
+pub mod run;
+pub mod secret;

@@ -1,0 +1,15 @@
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = kz_agent::cli::Cli::parse();
+    kz_agent::logging::init(&cli.log);
+    match kz_agent::cli::dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line; errors never carry secret values.
+            eprintln!("kz: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,8 +1,15 @@
 //! Resolvers fetch real secret values at run time. They never know who asked (the PDP decided
 //! that already) and never write a value anywhere: errors name the backend and the reference only.
 
+mod env;
+
+pub use env::EnvResolver;
+
 use crate::secret::Secret;
 use futures_util::future::BoxFuture;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One lookup: `reference` is the resolver-specific locator (an env var name, a Vault path, an
 /// AWS secret id, …), `field` selects one key of a structured secret.
@@ -61,4 +68,15 @@ pub trait Resolver: Send + Sync + std::fmt::Debug {
         &'a self,
         request: &'a SecretRequest,
     ) -> BoxFuture<'a, Result<Secret, ResolveError>>;
+}
+
+/// Builds a resolver from its kind and settings: a bundle's `backends.NAME` entry or a
+/// `.keyzero.toml` `[resolvers.NAME]` table, converted to a JSON object (without `type`).
+pub fn build(kind: &str, settings: &Map<String, Value>) -> Result<Arc<dyn Resolver>, ResolveError> {
+    match kind {
+        "env" => Ok(Arc::new(EnvResolver::new(settings)?)),
+        other => Err(ResolveError::Config(format!(
+            "unknown resolver type '{other}'; known types: env"
+        ))),
+    }
 }

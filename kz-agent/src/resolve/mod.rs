@@ -12,18 +12,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// One lookup: `reference` is the resolver-specific locator (an env var name, a Vault path, an
-/// AWS secret id, …), `field` selects one key of a structured secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// AWS secret id, …), `field` selects one key of a structured secret. `params` carries the rest
+/// of KeyZero's request parameters (`path`, `secret_id`, `role_arn`, `duration_seconds`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SecretRequest {
     pub reference: String,
     pub field: Option<String>,
+    pub params: BTreeMap<String, String>,
 }
 
 impl SecretRequest {
     pub fn new(reference: impl Into<String>) -> Self {
         Self {
             reference: reference.into(),
-            field: None,
+            ..Self::default()
         }
     }
 

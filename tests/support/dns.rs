@@ -1,0 +1,187 @@
+//! A small authoritative DNS server for test zones, served over UDP and TCP inside a netns.
+//!
+//! It answers from a fixed zone (A, AAAA, CNAME), honours the requester's UDP payload size
+//! (sets TC when the answer does not fit, so resolvers must retry over TCP), and has two
+//! misbehaving names for error paths: `slow.*` never answers and `garbage.*` answers with bytes
+//! that are not DNS. Every question it receives is logged so tests can prove a name was never
+//! forwarded.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+use super::netns::Netns;
+
+#[derive(Default, Clone)]
+pub struct Zone {
+    addrs: HashMap<String, Vec<IpAddr>>,
+    cnames: HashMap<String, String>,
+    pub ttl: u32,
+}
+
+impl Zone {
+    pub fn new(ttl: u32) -> Zone {
+        Zone {
+            ttl,
+            ..Zone::default()
+        }
+    }
+
+    /// Adds A/AAAA records for `name` (lower case, no trailing dot).
+    pub fn host(mut self, name: &str, ips: &[&str]) -> Zone {
+        self.addrs.insert(
+            name.to_owned(),
+            ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        );
+        self
+    }
+
+    pub fn cname(mut self, name: &str, target: &str) -> Zone {
+        self.cnames.insert(name.to_owned(), target.to_owned());
+        self
+    }
+}
+
+pub struct TestDns {
+    pub addr: SocketAddr,
+    /// "name TYPE" of every question received, in order.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestDns {
+    /// Serves `zone` on `addr` (UDP and TCP) inside `ns`; returns once both sockets are bound.
+    pub fn start(ns: &Netns, addr: SocketAddr, zone: Zone) -> TestDns {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let zone = Arc::new(zone);
+        let server_log = log.clone();
+        ns.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let udp = Arc::new(UdpSocket::bind(addr).await.unwrap());
+                let tcp = TcpListener::bind(addr).await.unwrap();
+                tx.send(()).unwrap();
+                let (z, l) = (zone.clone(), server_log.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let (stream, _) = tcp.accept().await.unwrap();
+                        let (z, l) = (z.clone(), l.clone());
+                        tokio::spawn(async move {
+                            let mut stream = stream;
+                            let mut len = [0u8; 2];
+                            while stream.read_exact(&mut len).await.is_ok() {
+                                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                                if stream.read_exact(&mut buf).await.is_err() {
+                                    return;
+                                }
+                                if let Some(reply) = respond(&z, &l, &buf, usize::MAX) {
+                                    let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+                                    out.extend_from_slice(&reply);
+                                    if stream.write_all(&out).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                let mut buf = vec![0u8; 65535];
+                loop {
+                    let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
+                    if let Some(reply) = respond(&zone, &server_log, &buf[..len], 0) {
+                        let _ = udp.send_to(&reply, peer).await;
+                    }
+                }
+            });
+        });
+        rx.recv().expect("test DNS server failed to start");
+        TestDns { addr, log }
+    }
+
+    pub fn questions(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// `udp_limit == 0` means: use the requester's advertised payload size (UDP).
+fn respond(
+    zone: &Zone,
+    log: &Mutex<Vec<String>>,
+    packet: &[u8],
+    udp_limit: usize,
+) -> Option<Vec<u8>> {
+    let request = Message::from_vec(packet).ok()?;
+    let query = request.queries.first()?.clone();
+    let name = query.name().to_lowercase().to_ascii();
+    let name = name.trim_end_matches('.').to_owned();
+    log.lock()
+        .unwrap()
+        .push(format!("{name} {}", query.query_type()));
+    if name.starts_with("slow.") {
+        return None;
+    }
+    if name.starts_with("garbage.") {
+        let mut junk = packet[..2].to_vec();
+        junk.extend_from_slice(&[0x81, 0x80, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+        return Some(junk);
+    }
+    let mut reply = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    reply.metadata.authoritative = true;
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_query(query.clone());
+    if request.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        reply.set_edns(edns);
+    }
+    let mut target = name.clone();
+    let mut found = false;
+    for _ in 0..8 {
+        if let Some(next) = zone.cnames.get(&target) {
+            reply.add_answer(Record::from_rdata(
+                Name::from_ascii(format!("{target}.")).unwrap(),
+                zone.ttl,
+                RData::CNAME(CNAME(Name::from_ascii(format!("{next}.")).unwrap())),
+            ));
+            target = next.clone();
+            found = true;
+            continue;
+        }
+        break;
+    }
+    if let Some(ips) = zone.addrs.get(&target) {
+        found = true;
+        let owner = Name::from_ascii(format!("{target}.")).unwrap();
+        for ip in ips {
+            let data = match (ip, query.query_type()) {
+                (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+                (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+                _ => continue,
+            };
+            reply.add_answer(Record::from_rdata(owner.clone(), zone.ttl, data));
+        }
+    }
+    if !found {
+        reply.metadata.response_code = ResponseCode::NXDomain;
+    }
+    let bytes = reply.to_vec().unwrap();
+    let limit = if udp_limit == 0 {
+        request.max_payload() as usize
+    } else {
+        udp_limit
+    };
+    if bytes.len() > limit {
+        return Some(reply.truncate().to_vec().unwrap());
+    }
+    Some(bytes)
+}

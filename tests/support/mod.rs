@@ -8,6 +8,7 @@
 
 pub mod dns;
 pub mod netns;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

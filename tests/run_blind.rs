@@ -1,0 +1,518 @@
+//! `kz run --blind -- CMD` end to end, as root, with real clients under kz.
+//!
+//! Layout per test: a client netns where kz runs (nsenter) and an upstream netns joined by a veth.
+//! The upstream netns holds the test DNS server (10.77.0.2:53) and three hosts, each serving
+//! HTTPS on 443 and HTTP on 80 with certificates from a test CA:
+//! - api.allowed.test   10.77.0.10  allowed, in API_KEY's scope
+//! - other.allowed.test 10.77.0.11  allowed, out of API_KEY's scope
+//! - denied.test        10.77.0.66  not allowed by `[blind] connections`
+//!
+//! kz's config points `[blind] resolver` at the test DNS server and `upstream_ca` at the test CA.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::dns::{TestDns, Zone};
+use support::netns::{Netns, link};
+use support::upstream::{TestCa, Upstream};
+
+const REAL: &str = "real-secret-7f3a9c1e5b";
+const API: &str = "10.77.0.10";
+const OTHER: &str = "10.77.0.11";
+const DENIED: &str = "10.77.0.66";
+
+struct Env {
+    client: Netns,
+    _upstream_ns: Netns,
+    dir: PathBuf,
+    api: Upstream,
+    other: Upstream,
+    denied: Upstream,
+    dns: TestDns,
+}
+
+impl Env {
+    fn new() -> Env {
+        let client = Netns::new("rbc");
+        let upstream_ns = Netns::new("rbu");
+        let (_, vb) = link(&client, "10.77.0.1/24", &upstream_ns, "10.77.0.2/24");
+        for ip in [API, OTHER, DENIED] {
+            let out = upstream_ns
+                .ip()
+                .args(["addr", "add", &format!("{ip}/24"), "dev", &vb])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let ca = TestCa::new();
+        let api = Upstream::start(&upstream_ns, API.parse().unwrap(), &ca, &["api.allowed.test"]);
+        let other = Upstream::start(
+            &upstream_ns,
+            OTHER.parse().unwrap(),
+            &ca,
+            &["other.allowed.test"],
+        );
+        let denied = Upstream::start(&upstream_ns, DENIED.parse().unwrap(), &ca, &["denied.test"]);
+        let zone = Zone::new(30)
+            .host("api.allowed.test", &[API])
+            .host("other.allowed.test", &[OTHER])
+            .host("denied.test", &[DENIED]);
+        let dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
+
+        let dir = std::env::temp_dir().join(support::unique_name("kzrb"));
+        std::fs::create_dir_all(&dir).unwrap();
+        ca.write_pem(&dir.join("upstream-ca.pem"));
+        std::fs::write(
+            dir.join(".keyzero.toml"),
+            r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["api.allowed.test"]
+
+[blind]
+connections = [
+  { allow = true, host = "api.allowed.test" },
+  { allow = true, host = "other.allowed.test" },
+]
+resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#,
+        )
+        .unwrap();
+        Env {
+            client,
+            _upstream_ns: upstream_ns,
+            dir,
+            api,
+            other,
+            denied,
+            dns,
+        }
+    }
+
+    fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// `kz run --blind -- sh -c SCRIPT` inside the client netns, as root.
+    fn kz(&self, extra: &[&str], script: &str) -> Command {
+        let mut cmd = self.client.command(env!("CARGO_BIN_EXE_kz"));
+        cmd.arg("--dir")
+            .arg(&self.dir)
+            .args(["run", "--blind"])
+            .args(extra)
+            .args(["--", "bash", "-c", script])
+            .env("KZ_TEST_REAL_KEY", REAL)
+            .env("KZ_AUDIT_LOG", self.audit_path())
+            .env("KZ_LOG", "info")
+            .current_dir(&self.dir);
+        cmd
+    }
+
+    fn run(&self, script: &str) -> Output {
+        let out = self.kz(&[], script).output().unwrap();
+        no_leak(&out);
+        out
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The real value appears nowhere the child or the operator's terminal can see.
+fn no_leak(out: &Output) {
+    let (o, e) = text(out);
+    assert!(!o.contains(REAL), "real value in the child's output:\n{o}");
+    assert!(!e.contains(REAL), "real value on stderr:\n{e}");
+}
+
+fn masked_token(s: &str) -> String {
+    let i = s.find("kz_masked_").expect("no masked token in output");
+    let tok = &s[i..i + "kz_masked_".len() + 32];
+    assert!(tok["kz_masked_".len()..].chars().all(|c| c.is_ascii_hexdigit()));
+    tok.to_owned()
+}
+
+fn assert_ok(out: &Output) -> String {
+    let (o, e) = text(out);
+    assert!(out.status.success(), "kz failed: {:?}\nstdout:\n{o}\nstderr:\n{e}", out.status);
+    o
+}
+
+/// The last request the upstream saw carried `Authorization: Bearer <REAL>`.
+fn upstream_got_real(up: &Upstream, tls: bool) {
+    let reqs = up.requests();
+    let req = reqs.iter().rev().find(|r| r.tls == tls).unwrap_or_else(|| panic!("no request (tls={tls}): {reqs:?}"));
+    assert_eq!(req.header("authorization").as_deref(), Some(&*format!("Bearer {REAL}")), "{req:?}");
+}
+
+#[test]
+fn child_sees_only_the_masked_value_and_curl_gets_it_swapped() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(
+        r#"
+        echo "env=$API_KEY"
+        tr '\0' '\n' < /proc/self/environ | grep '^API_KEY='
+        env | grep -iE '^(https?|all|no)_proxy=' && echo PROXY_VARS_SET
+        echo "ca=$SSL_CERT_FILE node=$NODE_EXTRA_CA_CERTS req=$REQUESTS_CA_BUNDLE"
+        curl -sS --max-time 10 https://api.allowed.test/v1 -H "Authorization: Bearer $API_KEY"
+        curl -sS --max-time 10 --noproxy '*' http://api.allowed.test/v1 -H "Authorization: Bearer $API_KEY"
+        "#,
+    );
+    let o = assert_ok(&out);
+    let tok = masked_token(&o);
+    assert!(o.contains(&format!("env={tok}")), "{o}");
+    assert!(o.contains(&format!("API_KEY={tok}")), "{o}");
+    assert!(!o.contains("PROXY_VARS_SET"), "blind mode with eBPF sets no proxy vars: {o}");
+    // The upstream echoed the real value; the proxy scrubbed it back to the masked token.
+    assert_eq!(o.matches(&format!("authorization=Bearer {tok}")).count(), 2, "{o}");
+    upstream_got_real(&env.api, true);
+    upstream_got_real(&env.api, false);
+    let ca = o.lines().find(|l| l.starts_with("ca=")).unwrap();
+    let bundle = ca.split_whitespace().next().unwrap().trim_start_matches("ca=");
+    assert!(ca.contains(&format!("node={bundle}")) && ca.contains(&format!("req={bundle}")));
+    // The run directory (and its CA bundle) is gone after the run.
+    assert!(!Path::new(bundle).exists(), "{bundle} left behind");
+    let audit = std::fs::read_to_string(env.audit_path()).unwrap_or_default();
+    assert!(!audit.contains(REAL), "real value in the audit log");
+}
+
+#[test]
+fn python_node_openssl_and_bash_dev_tcp_get_swapped() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(
+        r#"
+        set -e
+        python3 - <<'PY'
+import os, urllib.request
+req = urllib.request.Request("https://api.allowed.test/py", headers={"Authorization": "Bearer " + os.environ["API_KEY"]})
+print("py:", urllib.request.urlopen(req, timeout=10).read().decode().strip())
+PY
+        node -e '
+          fetch("https://api.allowed.test/node", {headers: {Authorization: "Bearer " + process.env.API_KEY}})
+            .then(r => r.text()).then(t => console.log("node:", t.trim()))
+            .catch(e => { console.error("node error", e); process.exit(3); });'
+        printf 'GET /openssl HTTP/1.1\r\nHost: api.allowed.test\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n' "$API_KEY" \
+          | timeout 10 openssl s_client -quiet -connect api.allowed.test:443 -servername api.allowed.test \
+              -verify_return_error -CAfile "$SSL_CERT_FILE" 2>/dev/null | sed 's/^/openssl: /'
+        exec 3<>/dev/tcp/api.allowed.test/80
+        printf 'GET /devtcp HTTP/1.1\r\nHost: api.allowed.test\r\nAuthorization: Bearer %s\r\nConnection: close\r\n\r\n' "$API_KEY" >&3
+        timeout 10 cat <&3 | sed 's/^/devtcp: /'
+        "#,
+    );
+    let o = assert_ok(&out);
+    let tok = masked_token(&o);
+    for client in ["py:", "node:", "openssl:", "devtcp:"] {
+        assert!(
+            o.lines()
+                .any(|l| l.starts_with(client) && l.contains(&format!("authorization=Bearer {tok}"))),
+            "{client} did not get an answer:\n{o}"
+        );
+    }
+    let reqs = env.api.requests();
+    for path in ["/py", "/node", "/openssl", "/devtcp"] {
+        let r = reqs
+            .iter()
+            .find(|r| r.head.starts_with(&format!("GET {path} ")))
+            .unwrap_or_else(|| panic!("upstream never saw {path}: {reqs:?}"));
+        assert_eq!(r.header("authorization").unwrap(), format!("Bearer {REAL}"), "{path}");
+    }
+}
+
+#[test]
+fn out_of_scope_host_receives_the_masked_token() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(
+        r#"curl -sS --max-time 10 https://other.allowed.test/x -H "Authorization: Bearer $API_KEY""#,
+    );
+    let o = assert_ok(&out);
+    let tok = masked_token(&o);
+    let reqs = env.other.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].header("authorization").unwrap(), format!("Bearer {tok}"));
+    let audit = env.audit();
+    assert!(
+        audit.iter().any(|e| e.to_string().contains("out_of_scope")),
+        "no scope violation audited: {audit:?}"
+    );
+}
+
+#[test]
+fn denied_host_dns_refused_and_literal_ip_gets_eperm() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&format!(
+        r#"
+        getent hosts denied.test && echo RESOLVED || echo "dns: refused"
+        python3 - <<'PY'
+import socket, errno
+try:
+    socket.create_connection(("{DENIED}", 443), timeout=5)
+    print("CONNECTED")
+except OSError as e:
+    print("connect:", errno.errorcode.get(e.errno, e.errno))
+PY
+        curl -sS --max-time 5 -o /dev/null https://{DENIED}/ ; echo "curl exit $?"
+        "#
+    ));
+    let o = assert_ok(&out);
+    assert!(o.contains("dns: refused") && !o.contains("RESOLVED"), "{o}");
+    assert!(o.contains("connect: EPERM"), "{o}");
+    assert!(!o.contains("curl exit 0"), "{o}");
+    assert!(env.denied.requests().is_empty(), "the denied host was reached");
+    let q = env.dns.questions();
+    assert!(!q.iter().any(|q| q.contains("denied")), "denied name forwarded: {q:?}");
+    let audit = env.audit();
+    let refused = audit
+        .iter()
+        .find(|e| e["kind"] == "dns_refused" || e["event"] == "dns_refused")
+        .unwrap_or_else(|| panic!("no dns_refused: {audit:?}"));
+    assert_eq!(refused["name"], "denied.test", "{refused}");
+    let blocked = audit
+        .iter()
+        .find(|e| e.to_string().contains("connect_blocked") && e.to_string().contains(DENIED))
+        .unwrap_or_else(|| panic!("no connect_blocked for {DENIED}: {audit:?}"));
+    // Who tried: the process name and pid of the blocked program.
+    let b = blocked.to_string();
+    assert!(b.contains("python3") || b.contains("curl"), "{b}");
+    assert!(b.contains("pid"), "{b}");
+}
+
+#[test]
+fn grandchildren_stay_inside_and_are_killed_at_the_end() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(
+        r#"
+        cat /proc/self/cgroup | sed 's/^/self: /'
+        setsid bash -c 'sleep 300' </dev/null >/dev/null 2>&1 &
+        gc=$!
+        sleep 0.2
+        sed 's/^/grandchild: /' /proc/$gc/cgroup
+        echo "gcpid=$gc"
+        # A grandchild cannot get out either.
+        python3 -c 'import socket; socket.create_connection(("10.77.0.66", 80), timeout=5)' 2>&1 | tail -1
+        "#,
+    );
+    let o = assert_ok(&out);
+    let me = o.lines().find(|l| l.starts_with("self: ")).unwrap().trim_start_matches("self: ");
+    let gc = o
+        .lines()
+        .find(|l| l.starts_with("grandchild: "))
+        .unwrap()
+        .trim_start_matches("grandchild: ");
+    assert_eq!(me, gc, "{o}");
+    assert!(me.contains("kz"), "child not in a kz cgroup: {me}");
+    assert!(o.contains("PermissionError") || o.contains("Operation not permitted"), "{o}");
+    let pid: u32 = o.lines().find_map(|l| l.strip_prefix("gcpid=")).unwrap().parse().unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "grandchild {pid} survived the run");
+    // The cgroup is gone.
+    let cg = me.trim_start_matches("0::");
+    assert!(!Path::new(&format!("/sys/fs/cgroup{cg}")).exists() || cg.is_empty());
+}
+
+#[test]
+fn exit_codes_and_signals_propagate() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.kz(&[], "exit 7").output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{:?}", text(&out));
+    let out = env.kz(&[], "kill -TERM $$").output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{:?}", text(&out));
+
+    // SIGTERM to kz reaches the child, which exits with its own code.
+    let mut child = env
+        .kz(&[], "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_ready(&mut child);
+    let kz_pid = find_kz_pid(&child);
+    signal(kz_pid, "TERM");
+    let out = child.wait_with_output().unwrap();
+    let (o, _) = text(&out);
+    assert!(o.contains("got-term"), "{o}");
+    assert_eq!(out.status.code(), Some(42));
+}
+
+/// Blocks until the child printed "ready" on its stdout.
+fn wait_ready(child: &mut Child) {
+    use std::io::Read;
+    let stdout = child.stdout.as_mut().unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        assert!(Instant::now() < deadline, "child never got ready");
+        if stdout.read(&mut b).unwrap() == 0 {
+            panic!("child exited before ready: {}", String::from_utf8_lossy(&seen));
+        }
+        seen.push(b[0]);
+    }
+}
+
+/// The kz process under nsenter: nsenter execs kz in place, so it is the spawned pid.
+fn find_kz_pid(child: &Child) -> u32 {
+    child.id()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn sigkill_of_kz_leaves_the_child_cut_off_and_the_next_run_cleans_up() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let flag = env.dir.join("after-kill");
+    let mut child = env
+        .kz(
+            &[],
+            &format!(
+                r#"echo ready
+                cat /proc/self/cgroup > {dir}/cgroup
+                echo $$ > {dir}/childpid
+                while [ ! -e {flag} ]; do sleep 0.05; done
+                python3 - > {dir}/result 2>&1 <<'PY'
+import socket
+for target in [("{API}", 443), ("{API}", 80), ("10.77.0.2", 53)]:
+    try:
+        socket.create_connection(target, timeout=3)
+        print("REACHED", target)
+    except OSError as e:
+        print("cut off", target, e.errno)
+PY
+                sleep 300"#,
+                dir = env.dir.display(),
+                flag = flag.display()
+            ),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(&mut child);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(child.id(), "KILL");
+    let _ = child.wait();
+    std::fs::write(&flag, "").unwrap();
+    let result = env.dir.join("result");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&result).map(|r| r.lines().count() < 3).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "orphaned child produced no result");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = std::fs::read_to_string(&result).unwrap();
+    assert!(!r.contains("REACHED"), "orphaned child reached the network:\n{r}");
+    assert!(env.api.requests().is_empty());
+
+    // The next run removes what the dead one left: its processes and its cgroup.
+    let orphan: u32 = std::fs::read_to_string(env.dir.join("childpid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(Path::new(&format!("/proc/{orphan}")).exists());
+    let cg = std::fs::read_to_string(env.dir.join("cgroup")).unwrap();
+    let cg = cg.trim().trim_start_matches("0::").to_owned();
+    let out = env.run("true");
+    assert_ok(&out);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{orphan}")).exists() {
+        assert!(Instant::now() < deadline, "orphan {orphan} still alive after the next run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!Path::new(&format!("/sys/fs/cgroup{cg}")).exists(), "stale cgroup {cg} left");
+}
+
+#[test]
+fn fallback_as_non_root_uses_an_explicit_proxy_and_require_kernel_refuses() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // Let the unprivileged user read the config and write the audit log.
+    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(&env.dir).status();
+    let as_nobody = |extra: &[&str], script: &str| {
+        let mut cmd = env.client.command("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_kz"))
+            .arg("--dir")
+            .arg(&env.dir)
+            .args(["run", "--blind"])
+            .args(extra)
+            .args(["--", "bash", "-c", script])
+            .env("KZ_TEST_REAL_KEY", REAL)
+            .env("KZ_AUDIT_LOG", env.audit_path())
+            .env("HOME", &env.dir)
+            .env_remove("XDG_RUNTIME_DIR")
+            .current_dir(&env.dir);
+        cmd.output().unwrap()
+    };
+    let out = as_nobody(
+        &[],
+        r#"
+        echo "proxy=$HTTPS_PROXY lower=$https_proxy no=[$NO_PROXY][$no_proxy]"
+        curl -sS --max-time 10 https://api.allowed.test/fb -H "Authorization: Bearer $API_KEY"
+        "#,
+    );
+    no_leak(&out);
+    let o = assert_ok(&out);
+    let (_, e) = text(&out);
+    assert!(e.to_lowercase().contains("cooperative"), "no fallback warning: {e}");
+    assert!(e.contains("root") || e.contains("CAP_"), "warning does not say what is missing: {e}");
+    assert!(o.contains("proxy=http://127.0.0.1:"), "{o}");
+    assert!(o.contains("no=[][]"), "{o}");
+    let tok = masked_token(&o);
+    assert!(o.contains(&format!("authorization=Bearer {tok}")), "{o}");
+    upstream_got_real(&env.api, true);
+
+    let out = as_nobody(&["--require-kernel"], "echo SHOULD-NOT-RUN");
+    no_leak(&out);
+    let (o, e) = text(&out);
+    assert!(!out.status.success());
+    assert!(!o.contains("SHOULD-NOT-RUN"), "{o}");
+    assert!(e.contains("--require-kernel") || e.contains("kernel"), "{e}");
+}

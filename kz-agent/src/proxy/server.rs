@@ -1,0 +1,1308 @@
+//! Listeners, connection handling and the per-request swap/scrub path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::Shared;
+use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
+use super::metrics::Metrics;
+use super::record::{Fields, Record, path_without_query_values};
+use super::rewrite::{Decide, StreamRewriter};
+use super::rules::{Verdict, normalize};
+use super::tls::{ALPN_H1, ALPN_H2};
+use super::tokens::{Snapshot, SwapPlan};
+use super::upstream::{self, Offer, Target, Upstream, UpstreamError};
+use crate::audit::AuditEvent;
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown and connection accounting
+
+/// Drain / kill signal shared by all connections, plus the connection limit.
+#[derive(Clone)]
+pub struct Stop {
+    tx: Arc<watch::Sender<u8>>,
+    slots: Arc<Semaphore>,
+}
+
+const RUN: u8 = 0;
+const DRAIN: u8 = 1;
+const KILL: u8 = 2;
+
+impl Stop {
+    pub fn new(max_connections: usize) -> Self {
+        let (tx, _) = watch::channel(RUN);
+        Self {
+            tx: Arc::new(tx),
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
+    }
+
+    pub fn drain(&self) {
+        self.tx.send_replace(DRAIN);
+    }
+
+    pub fn kill(&self) {
+        self.tx.send_replace(KILL);
+    }
+
+    async fn reached(&self, level: u8) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|v| *v >= level).await;
+    }
+}
+
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        Metrics::dec(&self.0.metrics.connections_active);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Transparent,
+    Explicit,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Transparent => "transparent",
+            Self::Explicit => "explicit",
+        }
+    }
+}
+
+pub async fn accept_loop(sh: Arc<Shared>, stop: Stop, l: TcpListener, kind: Kind) {
+    loop {
+        let (stream, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = stop.slots.clone().try_acquire_owned() else {
+            Metrics::inc(&sh.metrics.connections_rejected_total);
+            tracing::warn!(%peer, "max_connections reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        Metrics::inc(&sh.metrics.connections_total);
+        Metrics::inc(&sh.metrics.connections_active);
+        let sh = sh.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _active = ActiveGuard(sh.clone());
+            let killed = stop.clone();
+            tokio::select! {
+                _ = serve_conn(sh, stop, stream, peer, kind) => {}
+                _ = killed.reached(KILL) => {}
+            }
+        });
+    }
+}
+
+async fn serve_conn(sh: Arc<Shared>, stop: Stop, stream: TcpStream, peer: SocketAddr, kind: Kind) {
+    match kind {
+        Kind::Explicit => {
+            let ctx = ConnCtx::new(sh, stop, peer, kind, Route::Explicit);
+            serve_http(ctx, Box::new(stream), false).await;
+        }
+        Kind::Transparent => {
+            let dst = sh.orig_dst.as_ref().and_then(|f| f(peer));
+            let Some(dst) = dst else {
+                refuse(&sh, peer, None, "no_original_destination");
+                return;
+            };
+            if sh.own_addrs.contains(&dst) {
+                refuse(&sh, peer, Some(dst), "destination_is_the_proxy");
+                return;
+            }
+            intercept(sh, stop, Box::new(stream), peer, kind, dst, None).await;
+        }
+    }
+}
+
+fn refuse(sh: &Shared, peer: SocketAddr, dst: Option<SocketAddr>, reason: &'static str) {
+    Metrics::inc(&sh.metrics.connections_denied_total);
+    tracing::warn!(%peer, ?dst, reason, "connection refused");
+    let mut ev = AuditEvent::new("connection_refused")
+        .with("peer", peer.to_string())
+        .with("reason", reason);
+    if let Some(d) = dst {
+        ev = ev.with("destination", d.to_string());
+    }
+    if let Err(e) = sh.audit.record(ev) {
+        Metrics::inc(&sh.metrics.audit_errors_total);
+        tracing::error!(error = %e, "audit record lost");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IO helpers
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+type BoxIo = Box<dyn Io>;
+
+/// Replays bytes already read (the sniffed prefix) before reading from the stream.
+struct Prefixed {
+    prefix: Bytes,
+    inner: BoxIo,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn now_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Records the time of the last byte in either direction (idle timeout).
+struct IdleIo {
+    inner: BoxIo,
+    last: Arc<AtomicU64>,
+}
+
+impl AsyncRead for IdleIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for IdleIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Reads the first bytes (at least one) within the handshake timeout.
+async fn sniff(sh: &Shared, io: &mut BoxIo) -> Option<Bytes> {
+    let mut buf = vec![0u8; 2048];
+    match tokio::time::timeout(sh.limits.handshake_timeout, io.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {
+            buf.truncate(n);
+            Some(Bytes::from(buf))
+        }
+        _ => None,
+    }
+}
+
+fn looks_like_http(first: &[u8]) -> bool {
+    // Every HTTP/1 method (and the h2c preface "PRI") starts with an upper-case token.
+    let tok: Vec<u8> = first
+        .iter()
+        .copied()
+        .take_while(|b| b.is_ascii_uppercase())
+        .collect();
+    !tok.is_empty()
+        && (first.len() > tok.len() && first[tok.len()] == b' ' || tok.len() == first.len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interception: TLS, plain HTTP, or splice
+
+/// Serves one intercepted stream. `fixed_host` is the host already verified (CONNECT target);
+/// `None` in transparent mode, where it comes from SNI / Host.
+async fn intercept(
+    sh: Arc<Shared>,
+    stop: Stop,
+    mut io: BoxIo,
+    peer: SocketAddr,
+    kind: Kind,
+    dst: SocketAddr,
+    fixed_host: Option<String>,
+) {
+    let Some(first) = sniff(&sh, &mut io).await else {
+        // Nothing arrived in time. A server-speaks-first protocol may be spliced by rule.
+        let host = fixed_host.clone().unwrap_or_else(|| dst.ip().to_string());
+        if let Verdict::Allow {
+            splice_non_http: true,
+        } = sh.rules.check(&host, dst.port())
+        {
+            splice(&sh, io, peer, &host, dst).await;
+        } else {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::debug!(%peer, "no data within the handshake timeout; closing");
+        }
+        return;
+    };
+    let io: BoxIo = Box::new(Prefixed {
+        prefix: first.clone(),
+        inner: io,
+    });
+    if first[0] == 0x16 {
+        tls_intercept(sh, stop, io, peer, kind, dst, fixed_host).await;
+    } else if looks_like_http(&first) {
+        let upstream = Upstream::new(
+            Target {
+                host: fixed_host.clone().unwrap_or_else(|| dst.ip().to_string()),
+                addr: dst,
+                tls: false,
+            },
+            Offer::H1,
+            None,
+        );
+        let route = Route::Plain {
+            dst,
+            fixed_host,
+            upstream,
+        };
+        let ctx = ConnCtx::new(sh, stop, peer, kind, route);
+        serve_http(ctx, io, false).await;
+    } else {
+        let host = fixed_host.unwrap_or_else(|| dst.ip().to_string());
+        match sh.rules.check(&host, dst.port()) {
+            Verdict::Allow {
+                splice_non_http: true,
+            } => splice(&sh, io, peer, &host, dst).await,
+            _ => refuse(&sh, peer, Some(dst), "non_http_not_allowed"),
+        }
+    }
+}
+
+async fn splice(sh: &Shared, mut io: BoxIo, peer: SocketAddr, host: &str, dst: SocketAddr) {
+    let up =
+        tokio::time::timeout(sh.limits.upstream_connect_timeout, TcpStream::connect(dst)).await;
+    let Ok(Ok(mut up)) = up else {
+        refuse(sh, peer, Some(dst), "splice_connect_failed");
+        return;
+    };
+    Metrics::inc(&sh.metrics.connections_spliced_total);
+    let res = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+    let (a, b) = res.unwrap_or((0, 0));
+    let ev = AuditEvent::new("tcp_splice")
+        .with("peer", peer.to_string())
+        .with("host", host)
+        .with("destination", dst.to_string())
+        .with("bytes_up", a)
+        .with("bytes_down", b);
+    if let Err(e) = sh.audit.record(ev) {
+        Metrics::inc(&sh.metrics.audit_errors_total);
+        tracing::error!(error = %e, "audit record lost");
+    }
+}
+
+async fn tls_intercept(
+    sh: Arc<Shared>,
+    stop: Stop,
+    io: BoxIo,
+    peer: SocketAddr,
+    kind: Kind,
+    dst: SocketAddr,
+    fixed_host: Option<String>,
+) {
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(sh.limits.handshake_timeout, acceptor).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::info!(%peer, error = %e, "client TLS hello rejected");
+            return;
+        }
+        Err(_) => {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::info!(%peer, "client TLS hello timed out");
+            return;
+        }
+    };
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(normalize);
+    let alpn: Vec<Vec<u8>> = hello
+        .alpn()
+        .map(|it| it.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default();
+    let host = fixed_host
+        .clone()
+        .or_else(|| sni.clone())
+        .unwrap_or_else(|| dst.ip().to_string());
+    let cert_host = sni.unwrap_or_else(|| host.clone());
+    let offers_h2 = alpn.iter().any(|p| p == ALPN_H2);
+    let offers_h1 = alpn.is_empty() || alpn.iter().any(|p| p == ALPN_H1);
+    let offer = match (offers_h2, offers_h1) {
+        (true, true) => Offer::Both,
+        (true, false) => Offer::H2,
+        _ => Offer::H1,
+    };
+    let denied = sh.rules.check(&host, dst.port()) == Verdict::Deny;
+    let target = Target {
+        host: host.clone(),
+        addr: dst,
+        tls: true,
+    };
+    let upstream: Result<upstream::Sender, UpstreamError> = if denied {
+        Err(UpstreamError::Http("denied".into()))
+    } else {
+        upstream::connect(&sh, &target, offer).await
+    };
+    let client_alpn: Option<&[u8]> = match &upstream {
+        _ if alpn.is_empty() => None,
+        Ok(s) if s.is_h2() => Some(ALPN_H2),
+        Ok(_) if offers_h1 => Some(ALPN_H1),
+        Ok(_) => None,
+        Err(_) if offers_h1 => Some(ALPN_H1),
+        Err(_) => Some(ALPN_H2),
+    };
+    let leaf = match sh.ca.leaf(&cert_host) {
+        Ok(l) => l,
+        Err(e) => {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::warn!(%peer, host = %cert_host, error = %e, "cannot mint a leaf certificate");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(
+        sh.limits.handshake_timeout,
+        start.into_stream(leaf.config(client_alpn)),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::info!(%peer, host = %host, error = %e, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            Metrics::inc(&sh.metrics.handshake_failures_total);
+            tracing::info!(%peer, "client TLS handshake timed out");
+            return;
+        }
+    };
+    if denied {
+        Metrics::inc(&sh.metrics.connections_denied_total);
+    }
+    let h2_client = client_alpn == Some(ALPN_H2);
+    let up_offer = if h2_client { Offer::H2 } else { Offer::H1 };
+    let route = Route::Tls {
+        host,
+        port: dst.port(),
+        denied,
+        upstream: upstream.map(|s| Upstream::new(target, up_offer, Some(s))),
+    };
+    let ctx = ConnCtx::new(sh, stop, peer, kind, route);
+    serve_http(ctx, Box::new(tls), true).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP serving
+
+enum Route {
+    /// Explicit proxy listener: CONNECT or absolute-form requests.
+    Explicit,
+    /// Decrypted TLS; the host was verified when the connection was set up.
+    Tls {
+        host: String,
+        port: u16,
+        denied: bool,
+        upstream: Result<Arc<Upstream>, UpstreamError>,
+    },
+    /// Plain HTTP to a fixed destination. Without `fixed_host` the Host header is verified per
+    /// request against the destination address.
+    Plain {
+        dst: SocketAddr,
+        fixed_host: Option<String>,
+        upstream: Arc<Upstream>,
+    },
+}
+
+struct ConnCtx {
+    sh: Arc<Shared>,
+    stop: Stop,
+    peer: SocketAddr,
+    kind: Kind,
+    route: Route,
+    inflight: Arc<AtomicUsize>,
+    /// Explicit listener: upstream of the last absolute-form request (keep-alive reuse).
+    forward: tokio::sync::Mutex<Option<(String, u16, Arc<Upstream>)>>,
+}
+
+impl ConnCtx {
+    fn new(sh: Arc<Shared>, stop: Stop, peer: SocketAddr, kind: Kind, route: Route) -> Arc<Self> {
+        Arc::new(Self {
+            sh,
+            stop,
+            peer,
+            kind,
+            route,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            forward: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, tls: bool) {
+    let sh = ctx.sh.clone();
+    let last = Arc::new(AtomicU64::new(now_ms()));
+    let io = IdleIo {
+        inner: io,
+        last: last.clone(),
+    };
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(sh.limits.header_read_timeout)
+        .max_buf_size(sh.limits.max_header_bytes.max(8192))
+        .max_headers(sh.limits.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let inflight = ctx.inflight.clone();
+    let stop = ctx.stop.clone();
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handle(svc_ctx.clone(), req));
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle = idle_watch(&last, &inflight, sh.limits.idle_timeout);
+    tokio::pin!(idle);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %ctx.peer, tls, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.reached(DRAIN), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle, if !draining => {
+                tracing::debug!(peer = %ctx.peer, "idle timeout; closing");
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn idle_watch(last: &AtomicU64, inflight: &AtomicUsize, timeout: Duration) {
+    let tick = (timeout / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let idle_for = now_ms().saturating_sub(last.load(Ordering::Relaxed));
+        if inflight.load(Ordering::Relaxed) == 0 && idle_for >= timeout.as_millis() as u64 {
+            return;
+        }
+    }
+}
+
+fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(msg + "\n"));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn split_authority(auth: &str, default_port: u16) -> (String, u16) {
+    // `[v6]:port`, `host:port` or `host`.
+    if let Some(rest) = auth.strip_prefix('[')
+        && let Some((h, p)) = rest.split_once(']')
+    {
+        let port = p
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default_port);
+        return (normalize(h), port);
+    }
+    match auth.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (normalize(h), p.parse().unwrap_or(default_port)),
+        _ => (normalize(auth), default_port),
+    }
+}
+
+async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let sh = ctx.sh.clone();
+    match &ctx.route {
+        Route::Explicit => {
+            if req.method() == Method::CONNECT {
+                return Ok(connect(ctx.clone(), req));
+            }
+            let uri = req.uri().clone();
+            let (Some(auth), Some("http")) = (uri.authority(), uri.scheme_str()) else {
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    "kz proxy: send CONNECT for https or an absolute http:// URI".into(),
+                ));
+            };
+            let (host, port) = split_authority(auth.as_str(), 80);
+            if sh.rules.check(&host, port) == Verdict::Deny {
+                return Ok(denied(&ctx, req, &host, port));
+            }
+            let up = {
+                let mut g = ctx.forward.lock().await;
+                match g.as_ref() {
+                    Some((h, p, u)) if *h == host && *p == port => u.clone(),
+                    _ => match upstream::resolve(&sh, &host, port).await {
+                        Ok(addr) => {
+                            let u = Upstream::new(
+                                Target {
+                                    host: host.clone(),
+                                    addr,
+                                    tls: false,
+                                },
+                                Offer::H1,
+                                None,
+                            );
+                            *g = Some((host.clone(), port, u.clone()));
+                            u
+                        }
+                        Err(e) => return Ok(upstream_failed(&ctx, req, &host, port, &e)),
+                    },
+                }
+            };
+            Ok(forward(ctx.clone(), req, host, port, up, false).await)
+        }
+        Route::Tls {
+            host,
+            port,
+            denied: is_denied,
+            upstream,
+        } => {
+            if *is_denied {
+                return Ok(denied(&ctx, req, host, *port));
+            }
+            match upstream {
+                Ok(u) => Ok(forward(ctx.clone(), req, host.clone(), *port, u.clone(), true).await),
+                Err(e) => Ok(upstream_failed(&ctx, req, host, *port, e)),
+            }
+        }
+        Route::Plain {
+            dst,
+            fixed_host,
+            upstream,
+        } => {
+            let host = match fixed_host {
+                Some(h) => h.clone(),
+                None => verify_plain_host(&sh, &req, *dst).await,
+            };
+            if sh.rules.check(&host, dst.port()) == Verdict::Deny {
+                return Ok(denied(&ctx, req, &host, dst.port()));
+            }
+            Ok(forward(ctx.clone(), req, host, dst.port(), upstream.clone(), false).await)
+        }
+    }
+}
+
+/// Plain HTTP has no certificate: the Host header counts only if it resolves to the address the
+/// client actually connected to. Otherwise the host is the bare IP (and tokens scoped to names
+/// are not swapped).
+async fn verify_plain_host(sh: &Shared, req: &Request<Incoming>, dst: SocketAddr) -> String {
+    let claimed = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let ip = dst.ip().to_string();
+    let Some(claimed) = claimed else { return ip };
+    let (name, _) = split_authority(&claimed, dst.port());
+    if let Ok(addr) = name.parse::<std::net::IpAddr>() {
+        return if addr == dst.ip() { name } else { ip };
+    }
+    let addrs = upstream::resolve_all(sh, &name, dst.port()).await;
+    if addrs.iter().any(|a| a.ip() == dst.ip()) {
+        name
+    } else {
+        ip
+    }
+}
+
+fn fields(ctx: &ConnCtx, req: &Request<Incoming>, host: &str, port: u16) -> Fields {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    Fields {
+        host: host.to_owned(),
+        port,
+        method: req.method().as_str().to_owned(),
+        path: path_without_query_values(pq),
+        mode: ctx.kind.name(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "h2",
+            Version::HTTP_10 => "http/1.0",
+            _ => "http/1.1",
+        },
+        ..Fields::default()
+    }
+}
+
+fn denied(ctx: &ConnCtx, req: Request<Incoming>, host: &str, port: u16) -> Response<ProxyBody> {
+    let mut f = fields(ctx, &req, host, port);
+    f.status = 403;
+    f.error = Some("connection_denied".into());
+    drop(Record::new(ctx.sh.clone(), f, None));
+    text(
+        StatusCode::FORBIDDEN,
+        format!("kz: connections to {host} are not allowed by the connection rules"),
+    )
+}
+
+fn upstream_failed(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    host: &str,
+    port: u16,
+    e: &UpstreamError,
+) -> Response<ProxyBody> {
+    Metrics::inc(&ctx.sh.metrics.upstream_errors_total);
+    let status = match e {
+        UpstreamError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let mut f = fields(ctx, &req, host, port);
+    f.status = status.as_u16();
+    f.error = Some(e.kind().into());
+    drop(Record::new(ctx.sh.clone(), f, None));
+    text(status, format!("kz: {e}"))
+}
+
+fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(auth) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "kz proxy: CONNECT needs host:port".into(),
+        );
+    };
+    let (host, port) = split_authority(&auth, 443);
+    if ctx.sh.rules.check(&host, port) == Verdict::Deny {
+        Metrics::inc(&ctx.sh.metrics.connections_denied_total);
+        return denied(&ctx, req, &host, port);
+    }
+    let sh = ctx.sh.clone();
+    let stop = ctx.stop.clone();
+    let peer = ctx.peer;
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let dst = match upstream::resolve(&sh, &host, port).await {
+            Ok(a) => a,
+            Err(e) => {
+                // Still intercept, so the client gets an HTTP 502 it can read.
+                tracing::info!(%peer, host = %host, error = %e, "CONNECT target does not resolve");
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+        };
+        intercept(
+            sh,
+            stop,
+            Box::new(TokioIo::new(upgraded)),
+            peer,
+            Kind::Explicit,
+            dst,
+            Some(host),
+        )
+        .await;
+    });
+    Response::new(body::empty())
+}
+
+/// Percent-encodes real values placed into a URL.
+struct UrlEncoded(Vec<Option<Vec<u8>>>);
+
+impl Decide for UrlEncoded {
+    fn replacement(&self, id: usize) -> Option<&[u8]> {
+        self.0.get(id).and_then(|v| v.as_deref())
+    }
+}
+
+fn pct_encode(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    for &b in v {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn forward(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    host: String,
+    port: u16,
+    up: Arc<Upstream>,
+    tls: bool,
+) -> Response<ProxyBody> {
+    let sh = ctx.sh.clone();
+    Metrics::inc(&sh.metrics.requests_total);
+    ctx.inflight.fetch_add(1, Ordering::Relaxed);
+    let guard = InflightGuard(ctx.inflight.clone());
+    let rec = Record::new(
+        sh.clone(),
+        fields(&ctx, &req, &host, port),
+        Some(Box::new(guard)),
+    );
+    let snap = sh.tokens.snapshot();
+    let plan = Arc::new(SwapPlan::new(snap.clone(), &host));
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, incoming) = req.into_parts();
+    let mut violation = false;
+
+    // URL path and query.
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut new_pq = pq.clone();
+    if !snap.is_empty() {
+        let mut hit = false;
+        plan.patterns()
+            .for_each_match(pq.as_bytes(), |_| hit = true);
+        if hit {
+            let enc = UrlEncoded(
+                (0..snap.len())
+                    .map(|i| plan.replacement(i).map(pct_encode))
+                    .collect(),
+            );
+            let mut seen = |id: usize, replaced: bool| {
+                violation |= !replaced;
+                rec.token(snap.name(id), replaced);
+            };
+            if let Some(v) = plan.patterns().rewrite_all(pq.as_bytes(), &enc, &mut seen) {
+                new_pq = String::from_utf8_lossy(&v).into_owned();
+            }
+        }
+        // Header values.
+        for (_, value) in parts.headers.iter_mut() {
+            let mut seen = |id: usize, replaced: bool| {
+                violation |= !replaced;
+                rec.token(snap.name(id), replaced);
+            };
+            if let Some(v) = plan
+                .patterns()
+                .rewrite_all(value.as_bytes(), plan.as_ref(), &mut seen)
+            {
+                match HeaderValue::from_bytes(&v) {
+                    Ok(hv) => *value = hv,
+                    Err(_) => {
+                        rec.with(|f| {
+                            f.status = 400;
+                            f.error = Some("swapped_header_invalid".into());
+                        });
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "kz: a swapped header value is not a valid header".into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if violation && sh.refuse_out_of_scope {
+        return refused(&rec, &host);
+    }
+
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // Whenever a secret may go to this host, ask for an identity-encoded response so every
+    // byte coming back can be scrubbed.
+    let guarded = snap.any_in_scope(&host);
+    if guarded {
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+
+    // Request body.
+    let up_body = if incoming.is_end_stream() {
+        body::empty()
+    } else if snap.is_empty() {
+        CountBody::new(incoming, rec.clone(), Direction::Up).boxed()
+    } else {
+        let cl = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match cl {
+            Some(n) if n <= sh.limits.max_buffered_body as u64 => {
+                let data = match incoming.collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(e) => {
+                        rec.with(|f| {
+                            f.status = 400;
+                            f.error = Some("request_body_read_failed".into());
+                        });
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("kz: reading the request body failed: {e}"),
+                        );
+                    }
+                };
+                let mut seen = |id: usize, replaced: bool| {
+                    violation |= !replaced;
+                    rec.token(snap.name(id), replaced);
+                };
+                let out = plan
+                    .patterns()
+                    .rewrite_all(&data, plan.as_ref(), &mut seen)
+                    .map_or(data, Bytes::from);
+                if violation && sh.refuse_out_of_scope {
+                    return refused(&rec, &host);
+                }
+                rec.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
+                Metrics::add(&sh.metrics.bytes_upstream_total, out.len() as u64);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+                body::full(out)
+            }
+            _ => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let rw = StreamRewriter::new(plan.patterns().clone(), plan.clone());
+                RewriteBody::new(
+                    incoming,
+                    rw,
+                    snap.clone(),
+                    rec.clone(),
+                    Direction::Up,
+                    sh.refuse_out_of_scope,
+                )
+                .boxed()
+            }
+        }
+    };
+
+    // Request line for the upstream's protocol.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| {
+            if (tls && port == 443) || (!tls && port == 80) {
+                host.clone()
+            } else {
+                format!("{host}:{port}")
+            }
+        });
+    let h2 = up.is_h2().await;
+    let uri = if h2 {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{authority}{new_pq}").parse::<Uri>()
+    } else {
+        new_pq.parse::<Uri>()
+    };
+    let Ok(uri) = uri else {
+        rec.with(|f| {
+            f.status = 400;
+            f.error = Some("swapped_url_invalid".into());
+        });
+        return text(
+            StatusCode::BAD_REQUEST,
+            "kz: the request URL is not valid after swapping".into(),
+        );
+    };
+    parts.uri = uri;
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let method = parts.method.clone();
+    let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            let refused_body = rec.with(|f| f.refused);
+            if refused_body {
+                return refused(&rec, &host);
+            }
+            Metrics::inc(&sh.metrics.upstream_errors_total);
+            let status = match e {
+                UpstreamError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            rec.with(|f| {
+                f.status = status.as_u16();
+                f.error = Some(e.kind().into());
+            });
+            return text(status, format!("kz: {e}"));
+        }
+    };
+    respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
+}
+
+fn refused(rec: &Arc<Record>, host: &str) -> Response<ProxyBody> {
+    rec.with(|f| {
+        f.status = 403;
+        f.refused = true;
+        f.error = Some("token_out_of_scope".into());
+    });
+    text(
+        StatusCode::FORBIDDEN,
+        format!(
+            "kz: this request carries a masked token that is not allowed to go to {host}; it was not sent"
+        ),
+    )
+}
+
+async fn respond(
+    ctx: Arc<ConnCtx>,
+    rec: Arc<Record>,
+    snap: Arc<Snapshot>,
+    guarded: bool,
+    method: Method,
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let sh = ctx.sh.clone();
+    let status = resp.status();
+    rec.with(|f| f.status = status.as_u16());
+    let scrub = sh.tokens.scrubber();
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let server = hyper::upgrade::on(&mut resp);
+        let rec2 = rec.clone();
+        tokio::spawn(async move {
+            let (Ok(c), Ok(s)) = (client.await, server.await) else {
+                return;
+            };
+            let mut c = TokioIo::new(c);
+            let mut s = TokioIo::new(s);
+            // Frames are opaque here: the handshake was swapped; frame payloads are not.
+            if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+                rec2.bytes_up.fetch_add(a, Ordering::Relaxed);
+                rec2.bytes_down.fetch_add(b, Ordering::Relaxed);
+            }
+        });
+    }
+    let (mut parts, incoming) = resp.into_parts();
+    // Header values: real → masked.
+    if !snap.is_empty() {
+        for (_, value) in parts.headers.iter_mut() {
+            let mut seen = |id: usize, _| rec.scrubbed(snap.name(id));
+            if let Some(v) =
+                scrub
+                    .patterns()
+                    .rewrite_all(value.as_bytes(), scrub.plan().as_ref(), &mut seen)
+                && let Ok(hv) = HeaderValue::from_bytes(&v)
+            {
+                *value = hv;
+            }
+        }
+    }
+    let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    if upgraded {
+        return Response::from_parts(parts, body::empty());
+    }
+    let no_body = method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    if no_body {
+        return Response::from_parts(parts, body::empty());
+    }
+    if snap.is_empty() {
+        return Response::from_parts(
+            parts,
+            CountBody::new(incoming, rec, Direction::Down).boxed(),
+        );
+    }
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    if encoded && guarded {
+        // We asked for identity; a compressed body could hide a real value from the scrubber.
+        Metrics::inc(&sh.metrics.upstream_errors_total);
+        rec.with(|f| {
+            f.status = 502;
+            f.error = Some("upstream_compressed_response".into());
+        });
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "kz: the upstream sent a compressed response although kz asked for identity encoding; kz cannot scrub it, so it was not forwarded".into(),
+        );
+    }
+    let cl = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match cl {
+        Some(n) if n <= sh.limits.max_buffered_body as u64 => {
+            let data = match incoming.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    Metrics::inc(&sh.metrics.upstream_errors_total);
+                    rec.with(|f| {
+                        f.status = 502;
+                        f.error = Some("upstream_body_failed".into());
+                    });
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("kz: reading the upstream response failed: {e}"),
+                    );
+                }
+            };
+            let mut seen = |id: usize, _| rec.scrubbed(snap.name(id));
+            let out = scrub
+                .patterns()
+                .rewrite_all(&data, scrub.plan().as_ref(), &mut seen)
+                .map_or(data, Bytes::from);
+            rec.bytes_down
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            Metrics::add(&sh.metrics.bytes_downstream_total, out.len() as u64);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            Response::from_parts(parts, body::full(out))
+        }
+        _ => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let rw = scrub.stream();
+            let b = RewriteBody::new(incoming, rw, snap, rec, Direction::Down, false);
+            Response::from_parts(parts, b.boxed())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics endpoint
+
+pub async fn metrics_loop(sh: Arc<Shared>, l: TcpListener) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let sh = sh.clone();
+                async move {
+                    let r = if req.uri().path() == "/metrics" {
+                        let mut r = Response::new(body::full(sh.metrics.render(sh.ca.cached())));
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        r
+                    } else {
+                        text(StatusCode::NOT_FOUND, "try /metrics".into())
+                    };
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"POST"));
+        assert!(!looks_like_http(b"\x16\x03\x01"));
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+        assert!(!looks_like_http(b"hello"));
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(split_authority("a.b:8443", 443), ("a.b".into(), 8443));
+        assert_eq!(split_authority("A.b", 443), ("a.b".into(), 443));
+        assert_eq!(split_authority("[::1]:80", 443), ("::1".into(), 80));
+        assert_eq!(split_authority("::1", 443), ("::1".into(), 443));
+    }
+}

@@ -252,21 +252,18 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn is_tls_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = current {
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            return true;
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        {
-            return true;
-        }
-        current = e.source();
+    // Connectors nest io::Errors (hyper-rustls in tokio-rustls), and `io::Error::source` skips the wrapped
+    // error itself, so look through boxes and io wrappers explicitly.
+    if err.downcast_ref::<rustls::Error>().is_some() {
+        return true;
     }
-    false
+    if let Some(io) = err.downcast_ref::<std::io::Error>()
+        && let Some(inner) = io.get_ref()
+        && is_tls_error(inner)
+    {
+        return true;
+    }
+    err.source().is_some_and(is_tls_error)
 }
 
 /// Percent-encodes one path segment (RFC 3986 unreserved characters stay).

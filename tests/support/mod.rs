@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod dns;
+pub mod intercept;
 pub mod netns;
 pub mod servers;
 pub mod upstream;

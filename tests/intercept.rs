@@ -1,0 +1,497 @@
+//! Kernel interception end to end (root): each test has its own cgroup, a client netns and an
+//! upstream netns; clients are real programs (curl, dig, python) placed in the cgroup.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use kz_agent::intercept::loader::KernelIds;
+use kz_agent::intercept::{BlockReason, Cgroup, Cidr, Interceptor, Policy};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::intercept::*;
+
+fn py(ns: &support::netns::Netns, cg: Option<&Cgroup>, script: &str, args: &[&str]) -> String {
+    let mut all = vec!["-c", script];
+    all.extend_from_slice(args);
+    let out = run_in(ns, cg, &python(), &all);
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_line(&out)
+}
+
+fn connect(
+    ns: &support::netns::Netns,
+    cg: Option<&Cgroup>,
+    fam: &str,
+    host: &str,
+    mark: u32,
+) -> String {
+    py(
+        ns,
+        cg,
+        PY_CONNECT,
+        &[fam, host, &UPSTREAM_PORT.to_string(), &mark.to_string()],
+    )
+}
+
+fn still_loaded(ids: &KernelIds) -> Vec<String> {
+    let progs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect();
+    let maps: Vec<u32> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .map(|m| m.id())
+        .collect();
+    let links: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    let mut left = Vec::new();
+    left.extend(
+        ids.programs
+            .iter()
+            .filter(|i| progs.contains(i))
+            .map(|i| format!("program {i}")),
+    );
+    left.extend(
+        ids.maps
+            .iter()
+            .filter(|i| maps.contains(i))
+            .map(|i| format!("map {i}")),
+    );
+    left.extend(
+        ids.links
+            .iter()
+            .filter(|i| links.contains(i))
+            .map(|i| format!("link {i}")),
+    );
+    left
+}
+
+/// The kernel frees programs and maps after an RCU grace period: poll.
+fn wait_all_gone(ids: &KernelIds) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = still_loaded(ids);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still in the kernel: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn redirected_connect_reveals_original_destination_v4_and_v4_mapped() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let table = icpt.orig_dst_table();
+    let port = topo.serve_redirect_target(move |peer| match table.take(peer) {
+        Some(o) => format!("orig {} tgid {} cg {}", o.dest, o.tgid, o.cgroup_id),
+        None => format!("no record for {peer}"),
+    });
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("od"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+
+    let v4 = connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0);
+    assert!(
+        v4.starts_with(&format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT} tgid ")),
+        "v4 connect must land on the listener with its original destination, got {v4:?}"
+    );
+    assert!(v4.ends_with(&format!("cg {}", cg.id)), "{v4}");
+    let mapped = connect(
+        &topo.client,
+        Some(&cg),
+        "6",
+        &format!("::ffff:{UPSTREAM_IP}"),
+        0,
+    );
+    assert!(
+        mapped.starts_with(&format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT} tgid ")),
+        "v4-mapped connect must take the v4 path, got {mapped:?}"
+    );
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "nothing may reach the upstream directly"
+    );
+}
+
+#[test]
+fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let mut events = icpt.block_events().expect("events");
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("dn"),
+            &Policy {
+                proxy_port: 1,
+                deny: vec!["10.231.0.0/24".parse::<Cidr>().unwrap()],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+
+    let mut cmd = topo.client.command("curl");
+    cmd.args([
+        "-sS",
+        "--connect-timeout",
+        "5",
+        &format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/"),
+    ]);
+    cg.place_child(&mut cmd).unwrap();
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl must fail to connect: {stderr}"
+    );
+    assert!(
+        stderr.contains("Operation not permitted") || stderr.contains("Couldn't connect"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "EPERM must be immediate, took {took:?}"
+    );
+
+    let block = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+        .expect("a block event within 5s")
+        .expect("event");
+    assert_eq!(block.tgid, pid, "event carries curl's pid");
+    assert_eq!(block.comm, "curl");
+    assert_eq!(block.cgroup_id, cg.id);
+    assert_eq!(
+        block.dest,
+        format!("{UPSTREAM_IP}:{UPSTREAM_PORT}")
+            .parse::<SocketAddr>()
+            .unwrap()
+    );
+    assert_eq!(block.reason, BlockReason::DenyCidr);
+    assert_eq!(block.proto, "tcp");
+
+    // Python's errno is the kernel's: EPERM (1). Native IPv6 is denied by default policy.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert_eq!(connect(&topo.client, Some(&cg), "6", "fd00::2", 0), "ERR 1");
+    let v6 = rt.block_on(async {
+        loop {
+            let b = events.next().await.unwrap();
+            if b.reason == BlockReason::Ipv6Denied {
+                return b;
+            }
+        }
+    });
+    assert_eq!(v6.dest, "[fd00::2]:8080".parse::<SocketAddr>().unwrap());
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "nothing may reach the upstream"
+    );
+}
+
+#[test]
+fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let (dns_port, queries) = topo.serve_dns([10, 231, 0, 77]);
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("dns"),
+            &Policy {
+                proxy_port: 1,
+                dns_port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // 10.231.0.53 is an address nobody has (inside the test topology): only kz can answer.
+    let resolver = "10.231.0.53";
+
+    // Python: the reply must appear to come from the resolver it asked.
+    let line = py(&topo.client, Some(&cg), PY_DNS, &[resolver]);
+    assert_eq!(line, format!("{resolver} 53 10.231.0.77"));
+    let (name, from) = queries.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(name, "example.test");
+    assert!(
+        from.ip().is_loopback(),
+        "query reached the test resolver via loopback: {from}"
+    );
+
+    // dig: a real resolver client that checks the reply's source.
+    let out = run_in(
+        &topo.client,
+        Some(&cg),
+        "dig",
+        &[
+            &format!("@{resolver}"),
+            "+tries=1",
+            "+time=3",
+            "example.test",
+            "A",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "dig failed: {text}");
+    assert!(text.contains("status: NOERROR"), "{text}");
+    assert!(
+        text.contains("10.231.0.77"),
+        "dig accepted the answer: {text}"
+    );
+    assert!(text.contains(&format!("SERVER: {resolver}#53")), "{text}");
+    assert!(!text.contains("unexpected source"), "{text}");
+
+    // Other UDP (e.g. QUIC) is refused with EPERM; outside the cgroup it is not.
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_UDP, &[UPSTREAM_IP, "443"]),
+        "ERR 1"
+    );
+    assert_eq!(
+        py(&topo.client, None, PY_UDP, &[UPSTREAM_IP, "443"]),
+        "SENT"
+    );
+}
+
+#[test]
+fn processes_outside_the_cgroup_and_kz_marked_sockets_are_untouched() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("ot"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // Control: inside the cgroup, interception is active.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    // Outside the cgroup: direct.
+    assert_eq!(connect(&topo.client, None, "4", UPSTREAM_IP, 0), "upstream");
+    upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
+    // kz's own socket (SO_MARK) inside the cgroup: direct.
+    let mark = kz_common::KZ_SO_MARK;
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, mark),
+        "upstream"
+    );
+    upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Any other mark is not kz's.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 7),
+        "redirected"
+    );
+}
+
+fn spawn_hold(name: &str, extra: &[&str]) -> (std::process::Child, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["intercept", "hold", "--name", name])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kz intercept hold");
+    let mut out = reader(child.stdout.take().unwrap());
+    let line = read_line(&mut out);
+    let desc: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("hold printed {line:?}: {e}"));
+    // Keep reading (and discarding) so the holder never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            sink.clear();
+        }
+    });
+    (child, desc)
+}
+
+fn cgroup_of(desc: &serde_json::Value) -> Cgroup {
+    let path = std::path::PathBuf::from(desc["cgroup_path"].as_str().unwrap());
+    Cgroup {
+        id: desc["cgroup_id"].as_u64().unwrap(),
+        name: path.file_name().unwrap().to_string_lossy().into_owned(),
+        path,
+    }
+}
+
+#[test]
+fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    // Nothing listens on the proxy port once kz is gone.
+    let (mut holder, desc) = spawn_hold(&support::unique_name("sk"), &["--proxy-port", "15999"]);
+    let cg = cgroup_of(&desc);
+    let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
+    let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
+    assert_eq!(
+        ids.links.len(),
+        7,
+        "six sock_addr programs and sock_ops attached: {ids:?}"
+    );
+
+    holder.kill().unwrap(); // SIGKILL
+    holder.wait().unwrap();
+
+    assert!(
+        pin_dir.join("links").read_dir().unwrap().count() >= 7,
+        "links stay pinned"
+    );
+    assert_eq!(
+        still_loaded(&ids).len(),
+        ids.programs.len() + ids.maps.len() + ids.links.len(),
+        "programs, maps and links stay in the kernel"
+    );
+    // Every way out stays shut: the redirected connect finds no proxy, denied paths stay denied.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 111"
+    );
+    let curl = run_in(
+        &topo.client,
+        Some(&cg),
+        "curl",
+        &[
+            "-sS",
+            "--connect-timeout",
+            "3",
+            &format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/"),
+        ],
+    );
+    assert!(!curl.status.success());
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_UDP, &[UPSTREAM_IP, "443"]),
+        "ERR 1"
+    );
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "no direct connection may succeed"
+    );
+
+    // An orphan left in the cut-off cgroup.
+    let mut orphan_cmd = topo.client.command("sleep");
+    orphan_cmd.arg("60");
+    cg.place_child(&mut orphan_cmd).unwrap();
+    let mut orphan = orphan_cmd.spawn().unwrap();
+
+    // A later kz cleans up: kills the orphan, then unpins and removes everything.
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["intercept", "cleanup"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let instance = pin_dir.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        report["cleaned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == instance.as_str()),
+        "cleanup names the dead instance: {report}"
+    );
+    let status = orphan.wait().unwrap();
+    assert!(!status.success(), "the orphan was killed");
+    assert!(!pin_dir.exists(), "pins removed");
+    assert!(!cg.path.exists(), "cgroup removed");
+    wait_all_gone(&ids);
+}
+
+#[test]
+fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
+    if !support::require_root() {
+        return;
+    }
+    // In process: drop the interceptor.
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(&support::unique_name("or"), &Policy::default())
+        .expect("cgroup");
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("60");
+    cg.place_child(&mut sleeper).unwrap();
+    let mut sleeper = sleeper.spawn().unwrap();
+    let ids = icpt.kernel_ids();
+    assert_eq!(ids.programs.len(), 7);
+    assert_eq!(ids.maps.len(), 11);
+    assert_eq!(ids.links.len(), 7);
+    let pin_dir = icpt.pin_dir().to_path_buf();
+    let instance_cgroups = icpt.cgroup_dir().to_path_buf();
+    assert!(pin_dir.join("maps/KZ_POLICY").exists());
+    drop(icpt);
+    assert!(
+        !sleeper.wait().unwrap().success(),
+        "what was left in the cgroup is killed"
+    );
+    assert!(!pin_dir.exists(), "pins removed");
+    assert!(
+        !cg.path.exists() && !instance_cgroups.exists(),
+        "cgroups removed"
+    );
+    wait_all_gone(&ids);
+
+    // As its own process: closing stdin is the orderly stop.
+    let (mut holder, desc) = spawn_hold(&support::unique_name("oh"), &["--proxy-port", "1"]);
+    let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
+    let cg = cgroup_of(&desc);
+    let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
+    holder.stdin.take().unwrap().flush().unwrap(); // dropped here: EOF
+    assert!(holder.wait().unwrap().success());
+    assert!(!pin_dir.exists() && !cg.path.exists());
+    wait_all_gone(&ids);
+}

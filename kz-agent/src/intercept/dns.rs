@@ -594,6 +594,66 @@ async fn upstream_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>>
     Ok(buf)
 }
 
+/// The IPv4 addresses of `name` from `upstream`, blocking (for synchronous callers such as the
+/// proxy's name lookup hook). Empty on any failure: callers treat that as "does not resolve".
+pub fn lookup_blocking(upstream: SocketAddr, name: &str, timeout: Duration) -> Vec<IpAddr> {
+    let Ok(qname) = Name::from_ascii(format!("{}.", name.trim_end_matches('.'))) else {
+        return Vec::new();
+    };
+    let mut request = Message::query();
+    request.metadata.recursion_desired = true;
+    request.add_query(Query::query(qname, RecordType::A));
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    request.set_edns(edns);
+    let Ok(bytes) = request.to_vec() else {
+        return Vec::new();
+    };
+    let exchange = || -> io::Result<Vec<u8>> {
+        let local: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = std::net::UdpSocket::bind(local)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(upstream)?;
+        socket.send(&bytes)?;
+        let mut buf = vec![0u8; 65535];
+        let len = socket.recv(&mut buf)?;
+        buf.truncate(len);
+        let truncated = buf.len() >= HEADER_LEN && buf[2] & 0x02 != 0;
+        if !truncated {
+            return Ok(buf);
+        }
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect_timeout(&upstream, timeout)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        let len = u16::try_from(bytes.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "query too long"))?;
+        tcp.write_all(&len.to_be_bytes())?;
+        tcp.write_all(&bytes)?;
+        let mut len = [0u8; 2];
+        tcp.read_exact(&mut len)?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tcp.read_exact(&mut buf)?;
+        Ok(buf)
+    };
+    let Ok(reply) = exchange() else {
+        return Vec::new();
+    };
+    let Ok(response) = check_response(&request, &reply) else {
+        return Vec::new();
+    };
+    response
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,523 @@
+//! `kz run --blind -- CMD`: the agent runs with masked tokens only, and the kernel makes sure it
+//! can reach nothing but kz.
+//!
+//! The steps, in order (each failure stops the run before the child starts):
+//! 1. the caller resolves the secrets; here each gets a `kz_masked_<32 hex>` token and goes into
+//!    the proxy's token table with its scope (`hosts`, else whatever the connection rules allow);
+//! 2. the swapping proxy and the DNS resolver start inside this process (kz runs outside the
+//!    cgroup it guards, so its own connections are never redirected);
+//! 3. a cgroup is created for the run with the policy "all TCP to the proxy, UDP/53 to kz's
+//!    resolver, nothing to an address the resolver did not hand out" and the child enters it
+//!    between fork and exec;
+//! 4. the child's environment carries the masked values and a CA bundle (system roots + this
+//!    run's CA) in every variable common runtimes read; no proxy variables;
+//! 5. signals are forwarded; when the child exits whatever is left in its cgroup is killed, the
+//!    programs detached, the cgroup, pins and temporary files removed, and kz exits with the
+//!    child's code (128+signal when it was killed).
+//!
+//! Without root, cgroup v2 or BPF the run falls back to explicit-proxy mode (HTTP(S)_PROXY for
+//! the child, NO_PROXY empty) with a warning naming what is missing; `--require-kernel` makes that
+//! an error. Every refused name, blocked connect, swap and scope violation is audited.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::audit::{AuditEvent, AuditSink};
+use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
+use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
+use crate::intercept::{Interceptor, Ipv6Mode, Policy, TcpRedirect};
+use crate::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
+use crate::run::trust::{self, RunDir};
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlindError {
+    #[error(
+        "kernel interception is not available: {0}; --require-kernel forbids the explicit-proxy fallback (run as root on a kernel with cgroup v2 and BPF, see `kz doctor`)"
+    )]
+    KernelRequired(String),
+    #[error("blind mode needs at least one secret; add one to .keyzero.toml with `kz add`")]
+    NoSecrets,
+    #[error("[blind] connections: {0}")]
+    Rule(#[from] proxy::RuleError),
+    #[error("secret {name}: {source}")]
+    Token {
+        name: String,
+        source: proxy::TokenError,
+    },
+    #[error("cannot create the run's CA: {0}")]
+    Ca(#[from] proxy::TlsError),
+    #[error("cannot start the swapping proxy: {0}")]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("cannot start the DNS resolver: {0}")]
+    Dns(#[from] dns::DnsError),
+    #[error("[blind] resolver: {0}")]
+    Resolver(String),
+    #[error("kernel interception: {0}")]
+    Intercept(#[from] crate::intercept::InterceptError),
+    #[error("{0}")]
+    Trust(#[from] trust::TrustError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("waiting for {program} failed: {source}")]
+    Wait {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// One resolved secret: the variable the child sees, its real value, and where it may go.
+pub struct BlindSecret {
+    pub name: String,
+    pub value: Secret,
+    /// Hosts the real value may be sent to (`name`, `*.suffix`, IP literal); empty = any host
+    /// the connection rules allow.
+    pub hosts: Vec<String>,
+}
+
+pub struct BlindRequest {
+    pub secrets: Vec<BlindSecret>,
+    pub config: BlindConfig,
+    /// Program, arguments, working directory and base environment, as the caller wants them
+    /// (`--clean-env`/`--keep-env` already applied). The masked values and CA variables are
+    /// added here.
+    pub command: std::process::Command,
+    pub require_kernel: bool,
+    pub audit: Arc<dyn AuditSink>,
+}
+
+/// How long a refused name's addresses stay allowed at least (see [`DnsConfig::ttl_floor`]).
+const TTL_FLOOR: Duration = Duration::from_secs(300);
+/// In-flight requests get this long when the child has exited.
+const PROXY_DRAIN: Duration = Duration::from_secs(1);
+/// Signals a terminal or supervisor sends that the child should see.
+const FORWARDED: &[i32] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+/// Runs the command blind and returns its exit code.
+pub fn run(req: BlindRequest) -> Result<i32, BlindError> {
+    if req.secrets.is_empty() {
+        return Err(BlindError::NoSecrets);
+    }
+    let rules = connection_rules(&req.config)?;
+    if req.config.is_open() {
+        let unscoped: Vec<&str> = req
+            .secrets
+            .iter()
+            .filter(|s| s.hosts.is_empty())
+            .map(|s| s.name.as_str())
+            .collect();
+        if !unscoped.is_empty() {
+            eprintln!(
+                "kz: WARNING: [blind] connections is empty and {} has no `hosts`: the agent may send the real value to ANY host. Add `hosts = [\"api.example.com\"]` to each secret or connection rules to [blind].",
+                unscoped.join(", ")
+            );
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(BlindError::Runtime)?;
+    rt.block_on(run_async(req, rules))
+}
+
+/// `[blind] connections` as the proxy's rules (`non_http_tcp` lets allowed hosts carry non-HTTP
+/// TCP, spliced through unchanged).
+pub fn connection_rules(config: &BlindConfig) -> Result<ConnectionRules, BlindError> {
+    let mut rules = Vec::with_capacity(config.connections.len());
+    for rule in &config.connections {
+        let pattern = match &rule.pattern {
+            ConfigPattern::Host(h) => HostPattern::host(h)?,
+            ConfigPattern::Regex(re) => HostPattern::Regex(re.clone()),
+        };
+        let mut r = if rule.allow {
+            ConnectionRule::allow(pattern)
+        } else {
+            ConnectionRule::deny(pattern)
+        };
+        r.splice_non_http = rule.allow && config.non_http_tcp;
+        rules.push(r);
+    }
+    Ok(ConnectionRules(rules))
+}
+
+/// May the agent resolve `name`? The first rule whose pattern matches decides; a deny rule
+/// limited to some ports does not stop resolution (other ports may be allowed).
+pub fn name_allowed(rules: &ConnectionRules, name: &str) -> bool {
+    if rules.0.is_empty() {
+        return true;
+    }
+    for r in &rules.0 {
+        if r.pattern.matches(name) {
+            if r.allow {
+                return true;
+            }
+            if r.ports.is_none() {
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// Why kernel interception cannot work here, or the loaded interceptor.
+fn kernel() -> Result<Interceptor, String> {
+    if !trust::is_root() {
+        return Err(
+            "kz is not running as root (kernel interception needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+                .to_owned(),
+        );
+    }
+    Interceptor::load().map_err(|e| e.to_string())
+}
+
+fn run_id() -> String {
+    let r: [u8; 3] = rand::random();
+    format!("run-{}-{}", std::process::id(), hex::encode(r))
+}
+
+async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32, BlindError> {
+    let icpt = match kernel() {
+        Ok(i) => Some(i),
+        Err(reason) if req.require_kernel => return Err(BlindError::KernelRequired(reason)),
+        Err(reason) => {
+            eprintln!(
+                "kz: WARNING: kernel interception is not available: {reason}. Falling back to explicit-proxy mode: enforcement is now cooperative (HTTP_PROXY/HTTPS_PROXY), a program that ignores them connects directly and is not blocked. Use --require-kernel to make this an error; `kz doctor` shows what is missing."
+            );
+            None
+        }
+    };
+    let id = run_id();
+    let program = req.command.get_program().to_string_lossy().into_owned();
+    let mut context = Map::new();
+    context.insert("run".into(), Value::from(id.clone()));
+    context.insert("program".into(), Value::from(program.clone()));
+    context.insert(
+        "mode".into(),
+        Value::from(if icpt.is_some() { "kernel" } else { "explicit_proxy" }),
+    );
+
+    // 1-2: masked tokens and their scopes.
+    let tokens = TokenTable::new();
+    for s in std::mem::take(&mut req.secrets) {
+        let masked = TokenTable::generate_masked();
+        tokens
+            .insert_named(&s.name, &masked, s.value, s.hosts)
+            .map_err(|source| BlindError::Token {
+                name: s.name.clone(),
+                source,
+            })?;
+        req.command.env(&s.name, &masked);
+    }
+
+    let dir = RunDir::create(&id)?;
+    let ca = Arc::new(CertAuthority::generate(1024)?);
+    let bundle = dir.write_ca_bundle(ca.cert_pem())?;
+    for var in trust::CA_ENV_VARS {
+        req.command.env(var, &bundle);
+    }
+    for var in trust::PROXY_ENV_VARS {
+        req.command.env_remove(var);
+    }
+
+    let upstream_dns = req.config.dns_upstream().map_err(BlindError::Resolver)?;
+    let answers: Answers = Arc::default();
+    let mut pcfg = proxy::Config::new(ca, tokens, req.audit.clone());
+    pcfg.rules = rules.clone();
+    pcfg.upstream_ca = req.config.upstream_ca.clone();
+    pcfg.refuse_out_of_scope = req.config.refuse_on_scope_violation;
+    pcfg.limits.drain_timeout = PROXY_DRAIN;
+    pcfg.resolve = Some(host_lookup(answers.clone(), upstream_dns));
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+
+    let Some(mut icpt) = icpt else {
+        // Explicit-proxy fallback: cooperative, but the same swap, scope and audit.
+        pcfg.explicit_listen = vec![loopback];
+        let proxy = proxy::start(pcfg).await?;
+        let addr = proxy
+            .explicit_addrs
+            .first()
+            .copied()
+            .ok_or(proxy::ProxyError::NoListener)?;
+        let url = format!("http://{addr}");
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            req.command.env(var, &url);
+        }
+        // Empty NO_PROXY: loopback and local names go through kz too.
+        req.command.env("NO_PROXY", "").env("no_proxy", "");
+        let code = spawn_and_wait(req.command, &program).await;
+        proxy.shutdown().await;
+        drop(dir);
+        return code;
+    };
+
+    // 3: proxy, resolver, cgroup.
+    let cgroup_id: Arc<OnceLock<u64>> = Arc::default();
+    let allow_map = icpt.allow_map();
+    let on_answer = {
+        let cgroup_id = cgroup_id.clone();
+        let answers = answers.clone();
+        Arc::new(move |name: &str, ips: &[ResolvedIp]| -> Result<(), dns::AnswerError> {
+            let id = *cgroup_id.get().ok_or("the run's cgroup does not exist yet")?;
+            for r in ips {
+                allow_map.allow_ip(id, r.ip, Some(r.ttl))?;
+            }
+            if let Ok(mut a) = answers.lock() {
+                a.insert(name.to_owned(), ips.iter().map(|r| r.ip).collect());
+            }
+            Ok(())
+        })
+    };
+    let dns_rules = rules.clone();
+    let mut dcfg = DnsConfig::new(loopback, upstream_dns);
+    dcfg.ttl_floor = TTL_FLOOR;
+    dcfg.ipv6 = false;
+    let dns = DnsServer::start(
+        dcfg,
+        DnsHooks {
+            allow: Arc::new(move |name: &str| name_allowed(&dns_rules, name)),
+            on_answer,
+            audit: req.audit.clone(),
+            audit_context: context.clone(),
+        },
+    )
+    .await?;
+
+    let orig = icpt.orig_dst_table();
+    pcfg.orig_dst = Some(Arc::new(move |peer| orig.lookup(peer).map(|o| o.dest)));
+    pcfg.transparent_listen = vec![loopback];
+    let proxy = proxy::start(pcfg).await?;
+    let proxy_port = proxy
+        .transparent_addrs
+        .first()
+        .map(SocketAddr::port)
+        .ok_or(proxy::ProxyError::NoListener)?;
+
+    let policy = Policy {
+        proxy_port,
+        dns_port: dns.local_addr().port(),
+        tcp: TcpRedirect::All,
+        ipv6: Ipv6Mode::Deny,
+        require_allow: true,
+        allow_udp: req.config.udp,
+        loopback_direct: false,
+        allow: Vec::new(),
+        deny: Vec::new(),
+    };
+    let cgroup = icpt.create_cgroup(&id, &policy)?;
+    // The cell is fresh: set() cannot fail.
+    let _ = cgroup_id.set(cgroup.id);
+    context.insert("cgroup".into(), Value::from(cgroup.path.display().to_string()));
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let events = icpt.block_events()?;
+    let audit_task = tokio::spawn(audit_blocks(
+        events,
+        cgroup.id,
+        req.audit.clone(),
+        context.clone(),
+        stop_rx,
+    ));
+
+    // 4-5: the child enters the cgroup before exec.
+    cgroup.place_child(&mut req.command)?;
+    let code = spawn_and_wait(req.command, &program).await;
+
+    // Blocks the child caused just before it exited are still audited.
+    let _ = stop_tx.send(());
+    let _ = audit_task.await;
+    if let Err(e) = icpt.remove_cgroup(cgroup.id) {
+        eprintln!("kz: {e}");
+    }
+    drop(icpt);
+    proxy.shutdown().await;
+    drop(dns);
+    drop(dir);
+    code
+}
+
+type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+
+/// The proxy's name lookups (plain-HTTP Host checks, explicit-proxy targets) use what kz's own
+/// resolver answered the agent, else ask the same upstream resolver; never the system's.
+fn host_lookup(answers: Answers, upstream: SocketAddr) -> proxy::HostLookup {
+    Arc::new(move |host: &str, port: u16| {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(ip) = answers
+            .lock()
+            .ok()
+            .and_then(|a| a.get(&host).and_then(|ips| ips.first().copied()))
+        {
+            return Some(SocketAddr::new(ip, port));
+        }
+        let query = || dns::lookup_blocking(upstream, &host, Duration::from_secs(3));
+        let ips = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(query)
+            }
+            _ => query(),
+        };
+        ips.first().map(|ip| SocketAddr::new(*ip, port))
+    })
+}
+
+async fn audit_blocks(
+    mut events: crate::intercept::BlockEvents,
+    cgroup_id: u64,
+    audit: Arc<dyn AuditSink>,
+    context: Map<String, Value>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let record = |b: crate::intercept::Block| {
+        if b.cgroup_id != cgroup_id {
+            return;
+        }
+        eprintln!(
+            "kz: blocked {} connection from {} (pid {}) to {}: {:?}",
+            b.proto, b.comm, b.tgid, b.dest, b.reason
+        );
+        let mut event = AuditEvent::new("connect_blocked");
+        event.fields.extend(context.clone());
+        let event = event
+            .with("pid", b.tgid)
+            .with("tid", b.pid)
+            .with("comm", b.comm)
+            .with("dest", b.dest.to_string())
+            .with("proto", b.proto)
+            .with("reason", serde_json::to_value(b.reason).unwrap_or(Value::Null));
+        if let Err(e) = audit.record(event) {
+            tracing::error!(error = %e, "cannot audit a blocked connection");
+        }
+    };
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Ok(b) => record(b),
+                Err(e) => {
+                    tracing::error!(error = %e, "block events stopped");
+                    return;
+                }
+            },
+            _ = &mut stop => {
+                // Give the kernel's last events a moment to land in the ring.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Some(b) = events.try_next() {
+                    record(b);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Spawns the child, forwards signals to it until it exits, and returns its exit code
+/// (128+signal when a signal ended it).
+async fn spawn_and_wait(cmd: std::process::Command, program: &str) -> Result<i32, BlindError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut child = tokio::process::Command::from(cmd)
+        .spawn()
+        .map_err(|source| BlindError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+    let pid = child.id().and_then(|p| i32::try_from(p).ok());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    let mut forwarders = Vec::new();
+    for &sig in FORWARDED {
+        let Ok(mut stream) = signal(SignalKind::from_raw(sig)) else {
+            continue;
+        };
+        let tx = tx.clone();
+        forwarders.push(tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(sig) = rx.recv() => {
+                if let Some(pid) = pid {
+                    let signal = nix::sys::signal::Signal::try_from(sig).ok();
+                    if let Some(s) = signal {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+                    }
+                }
+            }
+        }
+    };
+    for f in forwarders {
+        f.abort();
+    }
+    let status = status.map_err(|source| BlindError::Wait {
+        program: program.to_owned(),
+        source,
+    })?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::blind::ConnectionRule as CfgRule;
+
+    fn cfg(rules: Vec<(bool, ConfigPattern)>) -> BlindConfig {
+        BlindConfig {
+            connections: rules
+                .into_iter()
+                .map(|(allow, pattern)| CfgRule { allow, pattern })
+                .collect(),
+            ..BlindConfig::default()
+        }
+    }
+
+    #[test]
+    fn dns_follows_the_connection_rules() {
+        let c = cfg(vec![
+            (false, ConfigPattern::Host("evil.example.com".into())),
+            (
+                true,
+                ConfigPattern::Regex(regex::Regex::new(r"(^|\.)example\.com$").unwrap()),
+            ),
+            (true, ConfigPattern::Host("API.GitHub.com".into())),
+        ]);
+        let rules = connection_rules(&c).unwrap();
+        assert!(name_allowed(&rules, "api.example.com"));
+        assert!(!name_allowed(&rules, "evil.example.com"));
+        assert!(name_allowed(&rules, "api.github.com"));
+        assert!(!name_allowed(&rules, "pastebin.com"));
+        assert!(name_allowed(&ConnectionRules::default(), "anything.test"));
+    }
+
+    #[test]
+    fn run_ids_are_valid_cgroup_names_and_unique() {
+        let a = run_id();
+        let b = run_id();
+        assert_ne!(a, b);
+        assert!(crate::intercept::cgroups::valid_name(&a));
+    }
+}

@@ -33,7 +33,6 @@ pub(super) const SETTINGS: &[&str] = &[
     "secret_id",
     "auth_mount",
     "kv_version",
-    "mount",
     "ca_cert",
     // KeyZero's backend_to_config passes these through for every backend type.
     "path",

@@ -205,6 +205,17 @@ async fn vault_approle_login_and_bad_secret_id() {
         get(&r, "secret/agent/payments", Some("key")).await.unwrap(),
         APPROLE_VAL
     );
+    // The bundle's nested form `auth: {method, role}` works the same.
+    let nested = build(
+        "hashicorp_vault",
+        json!({"address": bao.addr, "auth": {"method": "approle", "role": role_id}, "secret_id": secret_id}),
+    );
+    assert_eq!(
+        get(&nested, "secret/agent/payments", Some("key"))
+            .await
+            .unwrap(),
+        APPROLE_VAL
+    );
     // Least privilege holds: the AppRole token cannot read outside its policy.
     let err = get(&r, "secret/other/admin", Some("key"))
         .await

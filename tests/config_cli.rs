@@ -186,9 +186,9 @@ ref = "x"
 "#,
         ),
     ]);
-    // env_file paths are taken as given: run from the project directory.
+    // `path = ".env"` is taken from the config's directory, whatever the current one.
     let out = kz(p.path())
-        .current_dir(p.path())
+        .current_dir("/")
         .args(["run", "--", "sh", "-c", "echo should-not-run"])
         .env("KZ_CLI_SRC_A", VALUE_A)
         .output()

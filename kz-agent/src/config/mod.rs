@@ -611,6 +611,18 @@ fn parse_resolver(
             ));
         }
     }
+    // File settings are taken from the config file's directory, not the current one, so
+    // `kz --dir` and running from a subdirectory find the same files (KeyZero uses the cwd,
+    // which is the same thing in the usual case of running next to the config).
+    for key in ["path", "ca_cert"] {
+        if let Some(Value::String(p)) = settings.get(key) {
+            let path = Path::new(p);
+            if !p.is_empty() && path.is_relative() {
+                let abs = src.dir.join(path).display().to_string();
+                settings.insert(key.to_owned(), Value::String(abs));
+            }
+        }
+    }
     Ok(ResolverConfig {
         kind: kind.map(|(k, _)| k),
         settings,

@@ -100,6 +100,40 @@ async fn vault_kv2_paths_fields_and_missing() {
     );
 }
 
+/// `namespace` (X-Vault-Namespace): the same path resolves inside the namespace only.
+#[tokio::test]
+async fn vault_namespace() {
+    let bao = Bao::start();
+    bao.cli(&["namespace", "create", "team"]);
+    bao.cli(&[
+        "secrets",
+        "enable",
+        "-namespace=team",
+        "-path=secret",
+        "-version=2",
+        "kv",
+    ]);
+    bao.cli(&[
+        "kv",
+        "put",
+        "-namespace=team",
+        "-mount=secret",
+        "ns-app",
+        &format!("key={V2_KEY}"),
+    ]);
+    let r = build(
+        "hashicorp_vault",
+        json!({"address": bao.addr, "token": bao.root_token, "namespace": "team"}),
+    );
+    assert_eq!(get(&r, "secret/ns-app", Some("key")).await.unwrap(), V2_KEY);
+    let root = build(
+        "hashicorp_vault",
+        json!({"address": bao.addr, "token": bao.root_token}),
+    );
+    let err = get(&root, "secret/ns-app", Some("key")).await.unwrap_err();
+    assert!(matches!(err, ResolveError::NotFound { .. }), "{err}");
+}
+
 #[tokio::test]
 async fn vault_kv1_detected_and_explicit() {
     let bao = Bao::start();
@@ -169,6 +203,17 @@ async fn vault_approle_login_and_bad_secret_id() {
     );
     assert_eq!(
         get(&r, "secret/agent/payments", Some("key")).await.unwrap(),
+        APPROLE_VAL
+    );
+    // The bundle's nested form `auth: {method, role}` works the same.
+    let nested = build(
+        "hashicorp_vault",
+        json!({"address": bao.addr, "auth": {"method": "approle", "role": role_id}, "secret_id": secret_id}),
+    );
+    assert_eq!(
+        get(&nested, "secret/agent/payments", Some("key"))
+            .await
+            .unwrap(),
         APPROLE_VAL
     );
     // Least privilege holds: the AppRole token cannot read outside its policy.

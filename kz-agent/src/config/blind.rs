@@ -99,6 +99,25 @@ impl BlindConfig {
     }
 }
 
+/// Whether a secret scoped to `hosts` (its `hosts = [..]`) may be swapped in on a connection to
+/// `host`. A secret without `hosts` follows the connection rules ([`BlindConfig::connection_allowed`]).
+/// Scope entries are exact names (case-insensitive) or `*.example.com` (any subdomain, not the
+/// apex).
+pub fn in_scope(blind: &BlindConfig, hosts: &[String], host: &str) -> bool {
+    if hosts.is_empty() {
+        return blind.connection_allowed(host);
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    hosts
+        .iter()
+        .any(|pattern| match pattern.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+            None => pattern.eq_ignore_ascii_case(&host),
+        })
+}
+
 /// The first `nameserver` line of resolv.conf text, port 53.
 pub fn nameserver_from(text: &str) -> Option<SocketAddr> {
     text.lines()
@@ -147,6 +166,25 @@ mod tests {
         assert!(!cfg.connection_allowed("pastebin.com"));
         assert!(BlindConfig::default().connection_allowed("anything"));
         assert!(BlindConfig::default().is_open());
+    }
+
+    #[test]
+    fn secret_scopes() {
+        let open = BlindConfig::default();
+        let hosts = vec!["api.github.com".to_owned(), "*.example.com".to_owned()];
+        assert!(in_scope(&open, &hosts, "API.github.com"));
+        assert!(in_scope(&open, &hosts, "a.b.example.com"));
+        assert!(!in_scope(&open, &hosts, "example.com"));
+        assert!(!in_scope(&open, &hosts, "evilexample.com"));
+        assert!(!in_scope(&open, &hosts, "github.com"));
+        // Unscoped: the connection rules decide.
+        assert!(in_scope(&open, &[], "anything.org"));
+        let rules = BlindConfig {
+            connections: vec![rule(true, HostPattern::Host("api.github.com".into()))],
+            ..Default::default()
+        };
+        assert!(in_scope(&rules, &[], "api.github.com"));
+        assert!(!in_scope(&rules, &[], "anything.org"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn validate(dir: Option<&Path>, fmt: &FormatArgs) -> anyhow::Result<ExitCode
         Err(e) => (CONFIG_FILENAME.to_owned(), Err(e)),
     };
     let mut problems = Vec::new();
+    let mut warnings: Vec<String> = Vec::new();
     let (secrets_count, resolvers_count) = match &loaded {
         Err(e) => {
             problems.push(Problem {
@@ -74,17 +75,25 @@ pub fn validate(dir: Option<&Path>, fmt: &FormatArgs) -> anyhow::Result<ExitCode
                     });
                     continue;
                 }
-                if let Err(e) = resolve::build(&kind, &settings) {
-                    problems.push(Problem {
+                match resolve::build(&kind, &settings) {
+                    Ok(_) => {}
+                    // Missing VAULT_TOKEN & co. here says nothing about where the secrets run.
+                    Err(e @ resolve::ResolveError::MissingEnvironment(_)) => {
+                        warnings.push(format!("{name}: resolver '{}': {e}", entry.resolver));
+                    }
+                    Err(e) => problems.push(Problem {
                         name: name.clone(),
                         error: format!("resolver '{}': {e}", entry.resolver),
-                    });
+                    }),
                 }
             }
             (config.secrets.len(), used.len())
         }
     };
     let valid = problems.is_empty();
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     match fmt.format {
         OutputFormat::Text => {
             if valid {
@@ -113,6 +122,7 @@ pub fn validate(dir: Option<&Path>, fmt: &FormatArgs) -> anyhow::Result<ExitCode
                     "secrets_count": secrets_count,
                     "resolvers_count": resolvers_count,
                     "errors": errors,
+                    "warnings": warnings,
                 }))?
             );
         }

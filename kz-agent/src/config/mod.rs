@@ -17,7 +17,7 @@
 pub mod blind;
 pub mod commands;
 
-pub use blind::{BlindConfig, ConnectionRule, HostPattern};
+pub use blind::{BlindConfig, ConnectionRule, HostPattern, in_scope};
 
 use crate::resolve::{self, ResolveError, Resolver, SecretRequest};
 use serde_json::{Map, Value};
@@ -319,6 +319,29 @@ impl Config {
             .collect())
     }
 
+    /// What `kz run --blind` must say loudly before it starts: secrets whose masked token may be
+    /// swapped in for any host (no `hosts` and no `[blind] connections` rules).
+    pub fn blind_warnings(&self) -> Vec<String> {
+        if !self.blind.is_open() {
+            return Vec::new();
+        }
+        let unscoped: Vec<&str> = self
+            .secrets
+            .iter()
+            .filter(|(_, e)| e.hosts.is_empty())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if unscoped.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "[blind] has no connection rules and {} ha{} no `hosts`: the real value{} may be sent to ANY host the agent contacts; add hosts = [\"api.example.com\"] to each secret or [blind] connections rules",
+            unscoped.join(", "),
+            if unscoped.len() == 1 { "s" } else { "ve" },
+            if unscoped.len() == 1 { "" } else { "s" },
+        )]
+    }
+
     /// Builds each resolver the given secrets use, once per name.
     pub fn build_resolvers<'a>(
         &self,
@@ -586,6 +609,18 @@ fn parse_resolver(
                     known.join(", ")
                 ),
             ));
+        }
+    }
+    // File settings are taken from the config file's directory, not the current one, so
+    // `kz --dir` and running from a subdirectory find the same files (KeyZero uses the cwd,
+    // which is the same thing in the usual case of running next to the config).
+    for key in ["path", "ca_cert"] {
+        if let Some(Value::String(p)) = settings.get(key) {
+            let path = Path::new(p);
+            if !p.is_empty() && path.is_relative() {
+                let abs = src.dir.join(path).display().to_string();
+                settings.insert(key.to_owned(), Value::String(abs));
+            }
         }
     }
     Ok(ResolverConfig {

@@ -291,3 +291,23 @@ fn only_filter_reports_every_unknown_name() {
         "secret(s) not found in config: API_KY (did you mean API_KEY?), NOPE"
     );
 }
+
+#[test]
+fn blind_warns_when_tokens_may_go_anywhere() {
+    let dir = dir_with(&[(
+        ".keyzero.toml",
+        "[secrets]\nA = { resolver = \"env\", ref = \"A\" }\nB = { resolver = \"env\", ref = \"B\", hosts = [\"api.x.com\"] }\n",
+    )]);
+    let cfg = load(dir.path(), &[]).unwrap();
+    let w = cfg.blind_warnings();
+    assert_eq!(w.len(), 1);
+    assert!(
+        w[0].contains("A has no `hosts`") && w[0].contains("ANY host"),
+        "{w:?}"
+    );
+    let dir = dir_with(&[(
+        ".keyzero.toml",
+        "[secrets]\nA = { resolver = \"env\", ref = \"A\" }\n[blind]\nconnections = [{ allow = true, host = \"api.x.com\" }]\n",
+    )]);
+    assert!(load(dir.path(), &[]).unwrap().blind_warnings().is_empty());
+}

@@ -63,7 +63,7 @@ impl AwsSecretsManagerResolver {
             .or_else(|| settings::env("AWS_REGION"))
             .or_else(|| settings::env("AWS_DEFAULT_REGION"))
             .ok_or_else(|| {
-                ResolveError::Config(format!(
+                ResolveError::MissingEnvironment(format!(
                     "{KIND}: no region: set `region` in the resolver settings or AWS_REGION"
                 ))
             })?;
@@ -342,7 +342,7 @@ fn credentials(s: &Map<String, Value>, profile: Option<&str>) -> Result<Credenti
             return Ok(c);
         }
     }
-    Err(ResolveError::Config(format!(
+    Err(ResolveError::MissingEnvironment(format!(
         "{KIND}: no AWS credentials: set `access_key_id`/`secret_access_key`, the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY environment variables, or profile '{profile}' in ~/.aws/credentials"
     )))
 }

@@ -91,6 +91,11 @@ pub enum ResolveError {
         reference: String,
         message: String,
     },
+    /// A credential or setting the resolver takes from the environment (VAULT_TOKEN,
+    /// AWS_REGION, AWS keys) is missing here. `kz validate` reports it as a warning: the
+    /// environment that runs the secrets may well have it.
+    #[error("resolver configuration: {0}")]
+    MissingEnvironment(String),
     /// A remote PDP evaluated its policies and said no.
     #[error("{backend}: access to '{reference}' denied: {reason}")]
     Denied {

@@ -27,13 +27,13 @@ pub(super) const SETTINGS: &[&str] = &[
     "address",
     "token",
     "namespace",
+    "auth",
     "auth_method",
     "auth_role",
     "role_id",
     "secret_id",
     "auth_mount",
     "kv_version",
-    "mount",
     "ca_cert",
     // KeyZero's backend_to_config passes these through for every backend type.
     "path",
@@ -82,13 +82,29 @@ impl VaultResolver {
         }
         let namespace =
             settings::string(KIND, s, "namespace")?.or_else(|| settings::env("VAULT_NAMESPACE"));
-        let method = settings::string(KIND, s, "auth_method")?.unwrap_or_else(|| "token".into());
+        // A bundle's `auth: {method, role}` arrives nested; KeyZero flattens it to auth_method /
+        // auth_role. Both are read.
+        let nested = match s.get("auth") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => {
+                return Err(settings::bad(
+                    KIND,
+                    "auth",
+                    "must be a table {method, role}",
+                ));
+            }
+        };
+        let method = settings::string(KIND, s, "auth_method")?
+            .or(settings::string(KIND, &nested, "method")?)
+            .unwrap_or_else(|| "token".into());
+        let nested_role = settings::string(KIND, &nested, "role")?;
         let auth = match method.as_str() {
             "token" => {
                 let token = settings::secret(KIND, s, "token")?
                     .or_else(|| settings::env("VAULT_TOKEN").map(Secret::new))
                     .ok_or_else(|| {
-                        ResolveError::Config(format!(
+                        ResolveError::MissingEnvironment(format!(
                             "{KIND}: no Vault token: set `token` in the resolver settings or the VAULT_TOKEN environment variable (or use auth_method = \"approle\")"
                         ))
                     })?;
@@ -97,9 +113,10 @@ impl VaultResolver {
             "approle" => {
                 let role_id = settings::string(KIND, s, "role_id")?
                     .or(settings::string(KIND, s, "auth_role")?)
+                    .or(nested_role)
                     .or_else(|| settings::env("VAULT_ROLE_ID"))
                     .ok_or_else(|| {
-                        ResolveError::Config(format!(
+                        ResolveError::MissingEnvironment(format!(
                             "{KIND}: AppRole needs a role id: set `role_id` (or `auth_role`) or VAULT_ROLE_ID"
                         ))
                     })?;

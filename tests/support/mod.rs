@@ -7,6 +7,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod netns;
+pub mod pdp;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

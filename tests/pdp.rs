@@ -742,3 +742,79 @@ fn reload_on_file_change_and_sighup_refuses_invalid_bundles() {
         "{m}"
     );
 }
+
+#[test]
+fn jwks_cache_refresh_on_unknown_kid_is_rate_limited_and_serves_stale_on_error() {
+    let dir = TempDir::new("jwks");
+    let jwk_a = ec_jwk("agent-es256.key", "a");
+    let jwk_b = ec_jwk("kz-signing.key", "b");
+    let jwks = JsonServer::start(&json!({"keys": [jwk_a]}).to_string());
+    let b = dir.path("b.yaml");
+    std::fs::write(
+        &b,
+        format!(
+            r#"version: "1"
+issuers:
+  - name: dyn
+    issuer_url: https://dyn.example
+    jwks_url: http://{}/.well-known/jwks.json
+    jwks_refresh_seconds: 2
+    jwks_cache_seconds: 4
+    map:
+      service: claims.agent_name
+policies:
+  - name: bot
+    rule: service == 'bot'
+    effect: allow
+resources:
+  - ref: "x/**"
+    resolver: env
+    path: KZ_DEMO_NPM_TOKEN
+"#,
+            jwks.addr
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&b, &[], &env());
+    let claims = json!({"iss": "https://dyn.example", "exp": now() + 600, "agent_name": "bot"});
+    let tok = |key: &str, kid: &str| mint(key, Algorithm::ES256, Some(kid), &claims);
+    let ask = |t: &str| resolve(&s.url, Some(t), &json!({"ref": "x/y"}));
+
+    let r = ask(&tok("agent-es256.key", "a"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["results"]["x/y"]["value"], NPM);
+    assert_eq!(jwks.hits(), 1);
+
+    // Unknown kids right after a fetch do not hammer the JWKS endpoint.
+    for _ in 0..5 {
+        let r = ask(&tok("kz-signing.key", "b"));
+        assert_eq!(
+            (r.status, r.json()["reason"].clone()),
+            (401, json!("unknown_kid"))
+        );
+    }
+    assert_eq!(jwks.hits(), 1, "refreshes are rate limited");
+
+    // Key rotation: once the rate limit allows, an unknown kid triggers one refresh.
+    *jwks.reply.lock().unwrap() = (200, json!({"keys": [jwk_a, jwk_b]}).to_string());
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let r = ask(&tok("kz-signing.key", "b"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(jwks.hits(), 2);
+
+    // The endpoint fails after the cache expired: the cached keys keep serving.
+    *jwks.reply.lock().unwrap() = (500, "down".into());
+    std::thread::sleep(std::time::Duration::from_millis(4100));
+    let r = ask(&tok("agent-es256.key", "a"));
+    assert_eq!(r.status, 200, "stale-while-error: {}", r.body);
+    assert!(jwks.hits() >= 3, "a refresh was attempted");
+    s.wait_log(|l| l.contains("JWKS refresh failed; serving the cached keys"));
+    // A token signed by a key the JWKS never had, under a known kid: bad signature.
+    let forged = mint("ci-rs256.key", Algorithm::RS256, Some("a"), &claims);
+    let r = ask(&forged);
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (401, json!("alg_mismatch"))
+    );
+    assert_no_secret("server log", &s.logs(), ALL);
+}

@@ -331,3 +331,100 @@ impl Upstream {
         }
     }
 }
+
+/// A loopback HTTP server answering every request with the current (status, body); counts hits.
+/// Used as a JWKS endpoint that can rotate keys or fail.
+pub struct JsonServer {
+    pub addr: std::net::SocketAddr,
+    pub reply: Arc<Mutex<(u16, String)>>,
+    pub hits: Arc<std::sync::atomic::AtomicUsize>,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl JsonServer {
+    pub fn start(body: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reply = Arc::new(Mutex::new((200u16, body.to_owned())));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (r, h) = (reply.clone(), hits.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let stop = tokio::task::spawn_blocking(move || {
+                    let _ = stop_rx.recv();
+                });
+                let serve = async {
+                    loop {
+                        let (s, _) = listener.accept().await.unwrap();
+                        let (r, h) = (r.clone(), h.clone());
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(
+                                move |_req: hyper::Request<hyper::body::Incoming>| {
+                                    let (r, h) = (r.clone(), h.clone());
+                                    async move {
+                                        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        let (status, body) = r.lock().unwrap().clone();
+                                        let mut resp = hyper::Response::new(
+                                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                                        );
+                                        *resp.status_mut() =
+                                            hyper::StatusCode::from_u16(status).unwrap();
+                                        Ok::<_, std::convert::Infallible>(resp)
+                                    }
+                                },
+                            );
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stop => {}
+                    _ = serve => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            reply,
+            hits,
+            _stop: stop_tx,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The JWK (kty EC, P-256) of a fixture PKCS#8 private key.
+pub fn ec_jwk(key_file: &str, kid: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let pem = std::fs::read(fixture(key_file)).unwrap();
+    let der = match rustls_pemfile::read_one(&mut pem.as_slice())
+        .unwrap()
+        .unwrap()
+    {
+        rustls_pemfile::Item::Pkcs8Key(k) => k.secret_pkcs8_der().to_vec(),
+        _ => panic!("not PKCS#8"),
+    };
+    let pair = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der,
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let point = pair.public_key().as_ref();
+    let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                       "x": b(&point[1..33]), "y": b(&point[33..65])})
+}

@@ -48,6 +48,16 @@ pub enum Command {
     /// Interception internals for tests and the demo (not a stable interface).
     #[command(hide = true, subcommand)]
     Intercept(crate::intercept::hold::InterceptCommand),
+    /// The policy decision point: `kz server start --bundle F`, `kz server check --bundle F`.
+    Server {
+        #[command(subcommand)]
+        command: crate::pdp::cli::ServerCommand,
+    },
+    /// Audit log tools: `kz audit verify FILE`.
+    Audit {
+        #[command(subcommand)]
+        command: crate::pdp::cli::AuditCommand,
+    },
 }
 
 /// A single-threaded runtime: these commands wait on a few HTTP lookups and one child.
@@ -75,5 +85,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => Ok(crate::intercept::doctor::run()),
         Command::Intercept(cmd) => crate::intercept::hold::run(cmd),
+        Command::Server { command } => crate::pdp::cli::run_server(command),
+        Command::Audit { command } => crate::pdp::cli::run_audit(command),
     }
 }

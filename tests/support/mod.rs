@@ -10,6 +10,7 @@
 pub mod dns;
 pub mod intercept;
 pub mod netns;
+pub mod pdp;
 pub mod servers;
 pub mod upstream;
 

@@ -29,9 +29,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `run` (what `kz run` adds to starting a command).
+    /// Run a benchmark: `run` (what `kz run [--blind]` adds to starting a command), `pdp`.
     Bench {
-        /// Benchmark name
+        /// Which benchmark (run, pdp).
         name: String,
     },
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask bench <name>`: benchmarks that print ratios against the direct path and peers,
 //! all measured in one run on the same machine.
 
+mod load;
+mod pdp;
 mod run;
 
 use anyhow::{Result, bail};
@@ -11,7 +13,8 @@ use std::time::{Duration, Instant};
 pub fn run(name: &str) -> Result<()> {
     match name {
         "run" => run::run(),
-        other => bail!("unknown benchmark '{other}'; known: run"),
+        "pdp" => pdp::run(),
+        other => bail!("unknown benchmark '{other}'; known: run, pdp"),
     }
 }
 

@@ -68,10 +68,21 @@ fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(rt.block_on(f))
 }
 
+/// A multi-threaded runtime for commands that serve traffic while they wait.
+fn block_on_multi<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(f))
+}
+
 /// Runs the parsed command and returns the process exit code.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let dir = cli.dir.as_deref();
     match cli.command {
+        // Blind mode serves the agent's traffic (proxy, DNS) from this process: use both cores.
+        Command::Run(args) if args.blind => Ok(block_on_multi(crate::run::run(dir, args))??),
         Command::Run(args) => Ok(block_on(crate::run::run(dir, args))??),
         Command::Export(args) => Ok(block_on(crate::run::commands::export(dir, &args))??),
         Command::Status(args) => Ok(block_on(crate::run::commands::status(dir, &args))??),

@@ -21,16 +21,19 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::audit::{AuditEvent, AuditSink};
+use crate::audit::{AuditEvent, AuditSink, ChainSink, Fsync, SinkTarget};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use crate::intercept::{Interceptor, Ipv6Mode, Policy, TcpRedirect};
 use crate::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
+use crate::run::spawn_and_wait;
 use crate::run::trust::{self, RunDir};
 use crate::secret::Secret;
 
@@ -61,18 +64,8 @@ pub enum BlindError {
     Intercept(#[from] crate::intercept::InterceptError),
     #[error("{0}")]
     Trust(#[from] trust::TrustError),
-    #[error("cannot start the async runtime: {0}")]
-    Runtime(std::io::Error),
-    #[error("cannot start {program}: {source}")]
-    Spawn {
-        program: String,
-        source: std::io::Error,
-    },
-    #[error("waiting for {program} failed: {source}")]
-    Wait {
-        program: String,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Child(Box<super::RunError>),
 }
 
 /// One resolved secret: the variable the child sees, its real value, and where it may go.
@@ -99,19 +92,36 @@ pub struct BlindRequest {
 const TTL_FLOOR: Duration = Duration::from_secs(300);
 /// In-flight requests get this long when the child has exited.
 const PROXY_DRAIN: Duration = Duration::from_secs(1);
-/// Signals a terminal or supervisor sends that the child should see.
-const FORWARDED: &[i32] = &[
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
+/// The audit sink of a blind run: `path`, else `$XDG_STATE_HOME/kz/audit.jsonl`, else
+/// `~/.local/state/kz/audit.jsonl`.
+pub fn open_audit(path: Option<&Path>) -> Result<Arc<dyn AuditSink>, crate::audit::AuditError> {
+    let path = match path {
+        Some(p) => p.to_owned(),
+        None => default_audit_path(),
+    };
+    let sink = ChainSink::open(SinkTarget::File {
+        path,
+        fsync: Fsync::Interval,
+        max_bytes: Some(64 * 1024 * 1024),
+    })?;
+    Ok(Arc::new(sink))
+}
+
+fn default_audit_path() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/state"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    state.join("kz/audit.jsonl")
+}
 
 /// Runs the command blind and returns its exit code.
-pub fn run(req: BlindRequest) -> Result<i32, BlindError> {
+pub async fn run(req: BlindRequest) -> Result<ExitCode, BlindError> {
     if req.secrets.is_empty() {
         return Err(BlindError::NoSecrets);
     }
@@ -130,12 +140,7 @@ pub fn run(req: BlindRequest) -> Result<i32, BlindError> {
             );
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(BlindError::Runtime)?;
-    rt.block_on(run_async(req, rules))
+    run_async(req, rules).await
 }
 
 /// `[blind] connections` as the proxy's rules (`non_http_tcp` lets allowed hosts carry non-HTTP
@@ -193,7 +198,7 @@ fn run_id() -> String {
     format!("run-{}-{}", std::process::id(), hex::encode(r))
 }
 
-async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32, BlindError> {
+async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<ExitCode, BlindError> {
     let icpt = match kernel() {
         Ok(i) => Some(i),
         Err(reason) if req.require_kernel => return Err(BlindError::KernelRequired(reason)),
@@ -211,7 +216,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
     context.insert("program".into(), Value::from(program.clone()));
     context.insert(
         "mode".into(),
-        Value::from(if icpt.is_some() { "kernel" } else { "explicit_proxy" }),
+        Value::from(if icpt.is_some() {
+            "kernel"
+        } else {
+            "explicit_proxy"
+        }),
     );
 
     // 1-2: masked tokens and their scopes.
@@ -262,10 +271,14 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
         }
         // Empty NO_PROXY: loopback and local names go through kz too.
         req.command.env("NO_PROXY", "").env("no_proxy", "");
-        let code = spawn_and_wait(req.command, &program).await;
+        let code = spawn_and_wait(
+            tokio::process::Command::from(req.command),
+            Path::new(&program),
+        )
+        .await;
         proxy.shutdown().await;
         drop(dir);
-        return code;
+        return code.map_err(|e| BlindError::Child(Box::new(e)));
     };
 
     // 3: proxy, resolver, cgroup.
@@ -274,16 +287,20 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
     let on_answer = {
         let cgroup_id = cgroup_id.clone();
         let answers = answers.clone();
-        Arc::new(move |name: &str, ips: &[ResolvedIp]| -> Result<(), dns::AnswerError> {
-            let id = *cgroup_id.get().ok_or("the run's cgroup does not exist yet")?;
-            for r in ips {
-                allow_map.allow_ip(id, r.ip, Some(r.ttl))?;
-            }
-            if let Ok(mut a) = answers.lock() {
-                a.insert(name.to_owned(), ips.iter().map(|r| r.ip).collect());
-            }
-            Ok(())
-        })
+        Arc::new(
+            move |name: &str, ips: &[ResolvedIp]| -> Result<(), dns::AnswerError> {
+                let id = *cgroup_id
+                    .get()
+                    .ok_or("the run's cgroup does not exist yet")?;
+                for r in ips {
+                    allow_map.allow_ip(id, r.ip, Some(r.ttl))?;
+                }
+                if let Ok(mut a) = answers.lock() {
+                    a.insert(name.to_owned(), ips.iter().map(|r| r.ip).collect());
+                }
+                Ok(())
+            },
+        )
     };
     let dns_rules = rules.clone();
     let mut dcfg = DnsConfig::new(loopback, upstream_dns);
@@ -324,7 +341,10 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
     let cgroup = icpt.create_cgroup(&id, &policy)?;
     // The cell is fresh: set() cannot fail.
     let _ = cgroup_id.set(cgroup.id);
-    context.insert("cgroup".into(), Value::from(cgroup.path.display().to_string()));
+    context.insert(
+        "cgroup".into(),
+        Value::from(cgroup.path.display().to_string()),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let events = icpt.block_events()?;
@@ -338,7 +358,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
 
     // 4-5: the child enters the cgroup before exec.
     cgroup.place_child(&mut req.command)?;
-    let code = spawn_and_wait(req.command, &program).await;
+    let code = spawn_and_wait(
+        tokio::process::Command::from(req.command),
+        Path::new(&program),
+    )
+    .await;
 
     // Blocks the child caused just before it exited are still audited.
     let _ = stop_tx.send(());
@@ -350,7 +374,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<i32,
     proxy.shutdown().await;
     drop(dns);
     drop(dir);
-    code
+    code.map_err(|e| BlindError::Child(Box::new(e)))
 }
 
 type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
@@ -401,7 +425,10 @@ async fn audit_blocks(
             .with("comm", b.comm)
             .with("dest", b.dest.to_string())
             .with("proto", b.proto)
-            .with("reason", serde_json::to_value(b.reason).unwrap_or(Value::Null));
+            .with(
+                "reason",
+                serde_json::to_value(b.reason).unwrap_or(Value::Null),
+            );
         if let Err(e) = audit.record(event) {
             tracing::error!(error = %e, "cannot audit a blocked connection");
         }
@@ -425,59 +452,6 @@ async fn audit_blocks(
             }
         }
     }
-}
-
-/// Spawns the child, forwards signals to it until it exits, and returns its exit code
-/// (128+signal when a signal ended it).
-async fn spawn_and_wait(cmd: std::process::Command, program: &str) -> Result<i32, BlindError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut child = tokio::process::Command::from(cmd)
-        .spawn()
-        .map_err(|source| BlindError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
-    let pid = child.id().and_then(|p| i32::try_from(p).ok());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
-    let mut forwarders = Vec::new();
-    for &sig in FORWARDED {
-        let Ok(mut stream) = signal(SignalKind::from_raw(sig)) else {
-            continue;
-        };
-        let tx = tx.clone();
-        forwarders.push(tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if tx.send(sig).is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            Some(sig) = rx.recv() => {
-                if let Some(pid) = pid {
-                    let signal = nix::sys::signal::Signal::try_from(sig).ok();
-                    if let Some(s) = signal {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
-                    }
-                }
-            }
-        }
-    };
-    for f in forwarders {
-        f.abort();
-    }
-    let status = status.map_err(|source| BlindError::Wait {
-        program: program.to_owned(),
-        source,
-    })?;
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1))
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Clear inherited environment, keeping only essential OS vars and resolved secrets
-    #[arg(long, conflicts_with = "blind")]
+    #[arg(long)]
     pub clean_env: bool,
     /// Additional env vars to preserve when using --clean-env (comma-separated)
     #[arg(long, value_delimiter = ',', requires = "clean_env")]
@@ -49,6 +49,14 @@ pub struct RunArgs {
     /// boundary for each secret's hosts only
     #[arg(long)]
     pub blind: bool,
+    /// With --blind: fail instead of falling back to explicit-proxy mode when kernel
+    /// interception (root, cgroup v2, BPF) is not available
+    #[arg(long, requires = "blind")]
+    pub require_kernel: bool,
+    /// With --blind: append audit records (hash-chained JSONL) to FILE
+    /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
+    #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
+    pub audit_log: Option<std::path::PathBuf>,
     /// Command and arguments to run
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     pub cmd: Vec<OsString>,
@@ -61,8 +69,10 @@ pub enum RunError {
     /// Every failed secret, one per line; the messages name secrets and references only.
     #[error("failed to resolve {} secret(s):\n  - {}", .0.len(), .0.join("\n  - "))]
     Resolve(Vec<String>),
-    #[error("blind mode is assembled in a later step; run without --blind for now")]
-    BlindUnavailable,
+    #[error(transparent)]
+    Blind(#[from] blind::BlindError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("no command given: kz run [OPTIONS] -- COMMAND [ARGS...]")]
     NoCommand,
     #[error("waiting for the command failed: {0}")]
@@ -353,15 +363,36 @@ fn in_terminal_foreground() -> bool {
 
 /// `kz run` without `--blind`.
 pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError> {
-    if args.blind {
-        return Err(RunError::BlindUnavailable);
-    }
     let Some((program, rest)) = args.cmd.split_first() else {
         return Err(RunError::NoCommand);
     };
     let config = Config::load(dir)?;
     crate::config::commands::print_warnings(&config);
     let secrets = resolve_all(&config, args.only.as_deref()).await?;
+    if args.blind {
+        let audit = blind::open_audit(args.audit_log.as_deref())?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(rest).env_clear().envs(child_env(
+            args.clean_env,
+            args.keep_env.as_deref().unwrap_or_default(),
+            [],
+        ));
+        let request = blind::BlindRequest {
+            secrets: secrets
+                .into_iter()
+                .map(|s| blind::BlindSecret {
+                    name: s.name,
+                    value: s.value,
+                    hosts: s.hosts,
+                })
+                .collect(),
+            config: config.blind.clone(),
+            command: cmd,
+            require_kernel: args.require_kernel,
+            audit,
+        };
+        return Ok(blind::run(request).await?);
+    }
     let env = child_env(
         args.clean_env,
         args.keep_env.as_deref().unwrap_or_default(),

@@ -49,7 +49,12 @@ impl Env {
             assert!(out.status.success(), "{out:?}");
         }
         let ca = TestCa::new();
-        let api = Upstream::start(&upstream_ns, API.parse().unwrap(), &ca, &["api.allowed.test"]);
+        let api = Upstream::start(
+            &upstream_ns,
+            API.parse().unwrap(),
+            &ca,
+            &["api.allowed.test"],
+        );
         let other = Upstream::start(
             &upstream_ns,
             OTHER.parse().unwrap(),
@@ -152,21 +157,37 @@ fn no_leak(out: &Output) {
 fn masked_token(s: &str) -> String {
     let i = s.find("kz_masked_").expect("no masked token in output");
     let tok = &s[i..i + "kz_masked_".len() + 32];
-    assert!(tok["kz_masked_".len()..].chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(
+        tok["kz_masked_".len()..]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit())
+    );
     tok.to_owned()
 }
 
 fn assert_ok(out: &Output) -> String {
     let (o, e) = text(out);
-    assert!(out.status.success(), "kz failed: {:?}\nstdout:\n{o}\nstderr:\n{e}", out.status);
+    assert!(
+        out.status.success(),
+        "kz failed: {:?}\nstdout:\n{o}\nstderr:\n{e}",
+        out.status
+    );
     o
 }
 
 /// The last request the upstream saw carried `Authorization: Bearer <REAL>`.
 fn upstream_got_real(up: &Upstream, tls: bool) {
     let reqs = up.requests();
-    let req = reqs.iter().rev().find(|r| r.tls == tls).unwrap_or_else(|| panic!("no request (tls={tls}): {reqs:?}"));
-    assert_eq!(req.header("authorization").as_deref(), Some(&*format!("Bearer {REAL}")), "{req:?}");
+    let req = reqs
+        .iter()
+        .rev()
+        .find(|r| r.tls == tls)
+        .unwrap_or_else(|| panic!("no request (tls={tls}): {reqs:?}"));
+    assert_eq!(
+        req.header("authorization").as_deref(),
+        Some(&*format!("Bearer {REAL}")),
+        "{req:?}"
+    );
 }
 
 #[test]
@@ -190,18 +211,48 @@ fn child_sees_only_the_masked_value_and_curl_gets_it_swapped() {
     let tok = masked_token(&o);
     assert!(o.contains(&format!("env={tok}")), "{o}");
     assert!(o.contains(&format!("API_KEY={tok}")), "{o}");
-    assert!(!o.contains("PROXY_VARS_SET"), "blind mode with eBPF sets no proxy vars: {o}");
+    assert!(
+        !o.contains("PROXY_VARS_SET"),
+        "blind mode with eBPF sets no proxy vars: {o}"
+    );
     // The upstream echoed the real value; the proxy scrubbed it back to the masked token.
-    assert_eq!(o.matches(&format!("authorization=Bearer {tok}")).count(), 2, "{o}");
+    assert_eq!(
+        o.matches(&format!("authorization=Bearer {tok}")).count(),
+        2,
+        "{o}"
+    );
     upstream_got_real(&env.api, true);
     upstream_got_real(&env.api, false);
     let ca = o.lines().find(|l| l.starts_with("ca=")).unwrap();
-    let bundle = ca.split_whitespace().next().unwrap().trim_start_matches("ca=");
+    let bundle = ca
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("ca=");
     assert!(ca.contains(&format!("node={bundle}")) && ca.contains(&format!("req={bundle}")));
     // The run directory (and its CA bundle) is gone after the run.
     assert!(!Path::new(bundle).exists(), "{bundle} left behind");
     let audit = std::fs::read_to_string(env.audit_path()).unwrap_or_default();
     assert!(!audit.contains(REAL), "real value in the audit log");
+    // Every swap is audited, with the run that did it.
+    let records = env.audit();
+    let swaps: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "proxy_request" && r["swapped"] == serde_json::json!(["API_KEY"]))
+        .collect();
+    assert_eq!(swaps.len(), 2, "{records:?}");
+    assert!(
+        swaps
+            .iter()
+            .all(|r| r["run"].as_str().is_some_and(|s| s.starts_with("run-")))
+    );
+    assert!(
+        swaps
+            .iter()
+            .all(|r| r["program"] == "bash" && r["run_mode"] == "kernel")
+    );
+    assert_eq!(records.last().unwrap()["kind"], "run_end");
+    assert_eq!(records.last().unwrap()["exit_code"], 0);
 }
 
 #[test]
@@ -234,8 +285,9 @@ PY
     let tok = masked_token(&o);
     for client in ["py:", "node:", "openssl:", "devtcp:"] {
         assert!(
-            o.lines()
-                .any(|l| l.starts_with(client) && l.contains(&format!("authorization=Bearer {tok}"))),
+            o.lines().any(
+                |l| l.starts_with(client) && l.contains(&format!("authorization=Bearer {tok}"))
+            ),
             "{client} did not get an answer:\n{o}"
         );
     }
@@ -245,7 +297,11 @@ PY
             .iter()
             .find(|r| r.head.starts_with(&format!("GET {path} ")))
             .unwrap_or_else(|| panic!("upstream never saw {path}: {reqs:?}"));
-        assert_eq!(r.header("authorization").unwrap(), format!("Bearer {REAL}"), "{path}");
+        assert_eq!(
+            r.header("authorization").unwrap(),
+            format!("Bearer {REAL}"),
+            "{path}"
+        );
     }
 }
 
@@ -262,7 +318,10 @@ fn out_of_scope_host_receives_the_masked_token() {
     let tok = masked_token(&o);
     let reqs = env.other.requests();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
-    assert_eq!(reqs[0].header("authorization").unwrap(), format!("Bearer {tok}"));
+    assert_eq!(
+        reqs[0].header("authorization").unwrap(),
+        format!("Bearer {tok}")
+    );
     let audit = env.audit();
     assert!(
         audit.iter().any(|e| e.to_string().contains("out_of_scope")),
@@ -294,9 +353,15 @@ PY
     assert!(o.contains("dns: refused") && !o.contains("RESOLVED"), "{o}");
     assert!(o.contains("connect: EPERM"), "{o}");
     assert!(!o.contains("curl exit 0"), "{o}");
-    assert!(env.denied.requests().is_empty(), "the denied host was reached");
+    assert!(
+        env.denied.requests().is_empty(),
+        "the denied host was reached"
+    );
     let q = env.dns.questions();
-    assert!(!q.iter().any(|q| q.contains("denied")), "denied name forwarded: {q:?}");
+    assert!(
+        !q.iter().any(|q| q.contains("denied")),
+        "denied name forwarded: {q:?}"
+    );
     let audit = env.audit();
     let refused = audit
         .iter()
@@ -332,7 +397,11 @@ fn grandchildren_stay_inside_and_are_killed_at_the_end() {
         "#,
     );
     let o = assert_ok(&out);
-    let me = o.lines().find(|l| l.starts_with("self: ")).unwrap().trim_start_matches("self: ");
+    let me = o
+        .lines()
+        .find(|l| l.starts_with("self: "))
+        .unwrap()
+        .trim_start_matches("self: ");
     let gc = o
         .lines()
         .find(|l| l.starts_with("grandchild: "))
@@ -340,8 +409,16 @@ fn grandchildren_stay_inside_and_are_killed_at_the_end() {
         .trim_start_matches("grandchild: ");
     assert_eq!(me, gc, "{o}");
     assert!(me.contains("kz"), "child not in a kz cgroup: {me}");
-    assert!(o.contains("PermissionError") || o.contains("Operation not permitted"), "{o}");
-    let pid: u32 = o.lines().find_map(|l| l.strip_prefix("gcpid=")).unwrap().parse().unwrap();
+    assert!(
+        o.contains("PermissionError") || o.contains("Operation not permitted"),
+        "{o}"
+    );
+    let pid: u32 = o
+        .lines()
+        .find_map(|l| l.strip_prefix("gcpid="))
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(!running(pid), "grandchild {pid} survived the run");
     // The cgroup is gone.
     let cg = me.trim_start_matches("0::");
@@ -362,7 +439,10 @@ fn exit_codes_and_signals_propagate() {
 
     // SIGTERM to kz reaches the child, which exits with its own code.
     let mut child = env
-        .kz(&[], "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done")
+        .kz(
+            &[],
+            "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done",
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -401,7 +481,10 @@ fn wait_ready(child: &mut Child) {
     while !String::from_utf8_lossy(&seen).contains("ready") {
         assert!(Instant::now() < deadline, "child never got ready");
         if stdout.read(&mut b).unwrap() == 0 {
-            panic!("child exited before ready: {}", String::from_utf8_lossy(&seen));
+            panic!(
+                "child exited before ready: {}",
+                String::from_utf8_lossy(&seen)
+            );
         }
         seen.push(b[0]);
     }
@@ -413,7 +496,10 @@ fn find_kz_pid(child: &Child) -> u32 {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -457,12 +543,21 @@ PY
     std::fs::write(&flag, "").unwrap();
     let result = env.dir.join("result");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_to_string(&result).map(|r| r.lines().count() < 3).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "orphaned child produced no result");
+    while std::fs::read_to_string(&result)
+        .map(|r| r.lines().count() < 3)
+        .unwrap_or(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "orphaned child produced no result"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let r = std::fs::read_to_string(&result).unwrap();
-    assert!(!r.contains("REACHED"), "orphaned child reached the network:\n{r}");
+    assert!(
+        !r.contains("REACHED"),
+        "orphaned child reached the network:\n{r}"
+    );
     assert!(env.api.requests().is_empty());
 
     // The next run removes what the dead one left: its processes and its cgroup.
@@ -478,7 +573,10 @@ PY
     assert_ok(&out);
     let deadline = Instant::now() + Duration::from_secs(5);
     while running(orphan) {
-        assert!(Instant::now() < deadline, "orphan {orphan} still alive after the next run");
+        assert!(
+            Instant::now() < deadline,
+            "orphan {orphan} still alive after the next run"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(cg.contains("kz"), "{cg}");
@@ -492,7 +590,10 @@ fn fallback_as_non_root_uses_an_explicit_proxy_and_require_kernel_refuses() {
     }
     let env = Env::new();
     // Let the unprivileged user read the config and write the audit log.
-    let _ = Command::new("chmod").args(["-R", "a+rwX"]).arg(&env.dir).status();
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(&env.dir)
+        .status();
     let as_nobody = |extra: &[&str], script: &str| {
         let mut cmd = env.client.command("setpriv");
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -519,8 +620,14 @@ fn fallback_as_non_root_uses_an_explicit_proxy_and_require_kernel_refuses() {
     no_leak(&out);
     let o = assert_ok(&out);
     let (_, e) = text(&out);
-    assert!(e.to_lowercase().contains("cooperative"), "no fallback warning: {e}");
-    assert!(e.contains("root") || e.contains("CAP_"), "warning does not say what is missing: {e}");
+    assert!(
+        e.to_lowercase().contains("cooperative"),
+        "no fallback warning: {e}"
+    );
+    assert!(
+        e.contains("root") || e.contains("CAP_"),
+        "warning does not say what is missing: {e}"
+    );
     assert!(o.contains("proxy=http://127.0.0.1:"), "{o}");
     assert!(o.contains("no=[][]"), "{o}");
     let tok = masked_token(&o);
@@ -532,5 +639,8 @@ fn fallback_as_non_root_uses_an_explicit_proxy_and_require_kernel_refuses() {
     let (o, e) = text(&out);
     assert!(!out.status.success());
     assert!(!o.contains("SHOULD-NOT-RUN"), "{o}");
-    assert!(e.contains("--require-kernel") || e.contains("kernel"), "{e}");
+    assert!(
+        e.contains("--require-kernel") || e.contains("kernel"),
+        "{e}"
+    );
 }

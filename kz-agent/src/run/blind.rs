@@ -215,12 +215,25 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     context.insert("run".into(), Value::from(id.clone()));
     context.insert("program".into(), Value::from(program.clone()));
     context.insert(
-        "mode".into(),
+        "run_mode".into(),
         Value::from(if icpt.is_some() {
             "kernel"
         } else {
             "explicit_proxy"
         }),
+    );
+
+    // Every record of this run (the proxy's included) says which run and program it was.
+    req.audit = Arc::new(ContextSink {
+        inner: req.audit.clone(),
+        context: context.clone(),
+    });
+    let names: Vec<&str> = req.secrets.iter().map(|s| s.name.as_str()).collect();
+    audit(
+        &*req.audit,
+        AuditEvent::new("run_start")
+            .with("secrets", names)
+            .with("open_rules", req.config.is_open()),
     );
 
     // 1-2: masked tokens and their scopes.
@@ -276,6 +289,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
             Path::new(&program),
         )
         .await;
+        audit_end(&*req.audit, &code);
         proxy.shutdown().await;
         drop(dir);
         return code.map_err(|e| BlindError::Child(Box::new(e)));
@@ -367,6 +381,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // Blocks the child caused just before it exited are still audited.
     let _ = stop_tx.send(());
     let _ = audit_task.await;
+    audit_end(&*req.audit, &code);
     if let Err(e) = icpt.remove_cgroup(cgroup.id) {
         eprintln!("kz: {e}");
     }
@@ -378,6 +393,43 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 }
 
 type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+
+/// Adds the run's context (run id, program, mode) to every record that does not set it itself.
+struct ContextSink {
+    inner: Arc<dyn AuditSink>,
+    context: Map<String, Value>,
+}
+
+impl AuditSink for ContextSink {
+    fn record(&self, mut event: AuditEvent) -> Result<(), crate::audit::AuditError> {
+        for (k, v) in &self.context {
+            event.fields.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        self.inner.record(event)
+    }
+}
+
+fn audit(sink: &dyn AuditSink, event: AuditEvent) {
+    if let Err(e) = sink.record(event) {
+        eprintln!("kz: {e}");
+    }
+}
+
+fn audit_end(sink: &dyn AuditSink, code: &Result<ExitCode, super::RunError>) {
+    let event = AuditEvent::new("run_end");
+    let event = match code {
+        // ExitCode is opaque; its Debug form carries the number (`ExitCode(unix_exit_status(7))`).
+        Ok(c) => {
+            let digits: String = format!("{c:?}")
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
+            event.with("exit_code", digits.parse::<u64>().ok())
+        }
+        Err(e) => event.with("error", e.to_string()),
+    };
+    audit(sink, event);
+}
 
 /// The proxy's name lookups (plain-HTTP Host checks, explicit-proxy targets) use what kz's own
 /// resolver answered the agent, else ask the same upstream resolver; never the system's.

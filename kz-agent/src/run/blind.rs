@@ -198,7 +198,17 @@ fn run_id() -> String {
     format!("run-{}-{}", std::process::id(), hex::encode(r))
 }
 
+/// Logs how long the run took to get to `phase` (debug level: `KZ_LOG=kz_agent::run=debug`).
+fn phase(start: std::time::Instant, phase: &str) {
+    tracing::debug!(
+        elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+        phase,
+        "blind run"
+    );
+}
+
 async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<ExitCode, BlindError> {
+    let t0 = std::time::Instant::now();
     let icpt = match kernel() {
         Ok(i) => Some(i),
         Err(reason) if req.require_kernel => return Err(BlindError::KernelRequired(reason)),
@@ -209,6 +219,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
             None
         }
     };
+    phase(t0, "interceptor loaded");
     let id = run_id();
     let program = req.command.get_program().to_string_lossy().into_owned();
     let mut context = Map::new();
@@ -259,6 +270,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         req.command.env_remove(var);
     }
 
+    phase(t0, "tokens, CA and run dir ready");
     let upstream_dns = req.config.dns_upstream().map_err(BlindError::Resolver)?;
     let answers: Answers = Arc::default();
     let mut pcfg = proxy::Config::new(ca, tokens, req.audit.clone());
@@ -352,7 +364,9 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         allow: Vec::new(),
         deny: Vec::new(),
     };
+    phase(t0, "proxy and DNS listening");
     let cgroup = icpt.create_cgroup(&id, &policy)?;
+    phase(t0, "cgroup created and attached");
     // The cell is fresh: set() cannot fail.
     let _ = cgroup_id.set(cgroup.id);
     context.insert(
@@ -372,6 +386,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 
     // 4-5: the child enters the cgroup before exec.
     cgroup.place_child(&mut req.command)?;
+    phase(t0, "spawning the child");
     let code = spawn_and_wait(
         tokio::process::Command::from(req.command),
         Path::new(&program),
@@ -382,11 +397,15 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     let _ = stop_tx.send(());
     let _ = audit_task.await;
     audit_end(&*req.audit, &code);
+    phase(t0, "child exited");
     if let Err(e) = icpt.remove_cgroup(cgroup.id) {
         eprintln!("kz: {e}");
     }
+    phase(t0, "cgroup removed");
     drop(icpt);
+    phase(t0, "interceptor unloaded");
     proxy.shutdown().await;
+    phase(t0, "proxy stopped");
     drop(dns);
     drop(dir);
     code.map_err(|e| BlindError::Child(Box::new(e)))
@@ -495,8 +514,8 @@ async fn audit_blocks(
                 }
             },
             _ = &mut stop => {
-                // Give the kernel's last events a moment to land in the ring.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // The kernel writes an event before the refused call returns, so everything the
+                // exited child caused is already in the ring: drain it without waiting.
                 while let Some(b) = events.try_next() {
                     record(b);
                 }

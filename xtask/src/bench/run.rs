@@ -233,7 +233,11 @@ pub fn run() -> Result<()> {
     println!(
         "kz run --blind adds {} ms over kz run (target < 50 ms: {}){}",
         ms(added),
-        if added < Duration::from_millis(50) { "met" } else { "MISSED" },
+        if added < Duration::from_millis(50) {
+            "met"
+        } else {
+            "MISSED"
+        },
         match peer_blind {
             Some(p) if !p.is_zero() => format!(
                 "; {:.2}x KeyZero's blind start",

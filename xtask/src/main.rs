@@ -5,6 +5,7 @@
 //! - `demo`: setup, then the main job end to end.
 //! - `bench <name>`: benchmarks that print ratios against the direct path and peers.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -28,6 +29,17 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Set up, then run a benchmark (`connect`) and print ratios against the direct path.
+    Bench { name: String },
+    /// Processes the benchmarks run inside network namespaces and cgroups.
+    #[command(hide = true, subcommand)]
+    BenchHelper(BenchHelper),
+}
+
+#[derive(Subcommand)]
+enum BenchHelper {
+    Serve,
+    Connect { addr: String, n: usize },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +47,9 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
+        Task::Bench { name } => setup::run().and_then(|()| bench::run(&name)),
+        Task::BenchHelper(BenchHelper::Serve) => bench::connect::serve(),
+        Task::BenchHelper(BenchHelper::Connect { addr, n }) => bench::connect::connect(&addr, n),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

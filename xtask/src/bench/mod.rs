@@ -1,0 +1,13 @@
+//! `cargo xtask bench <name>`: benchmarks that compare, in one run, the direct path, kz, and
+//! peers doing the same job, and print ratios. Never timed unit tests.
+
+pub mod connect;
+
+use anyhow::{Result, bail};
+
+pub fn run(name: &str) -> Result<()> {
+    match name {
+        "connect" => connect::run(),
+        other => bail!("unknown benchmark {other:?}; available: connect"),
+    }
+}

@@ -14,6 +14,8 @@ pub enum InterceptCommand {
     Hold(HoldArgs),
     /// Clean up pins and cgroups left by kz instances that died (kills their processes).
     Cleanup,
+    /// Show interception end to end in throwaway network namespaces (`cargo xtask demo`).
+    Demo,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +81,7 @@ pub fn run(cmd: InterceptCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         InterceptCommand::Hold(args) => hold(&args),
+        InterceptCommand::Demo => super::demo::run().map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -44,6 +44,7 @@
 //! [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
 
 pub mod cgroups;
+pub mod demo;
 pub mod doctor;
 pub mod events;
 pub mod hold;

@@ -370,8 +370,14 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     }
     let topo = Topo::new();
     let upstream_hits = topo.serve_upstream();
+    // A scope of its own: other tests' loaders clean up dead instances of the default scope,
+    // and this one must stay dead-but-pinned until the test's own cleanup.
+    let scope = format!("kz-test-{}", support::unique_name("s"));
     // Nothing listens on the proxy port once kz is gone.
-    let (mut holder, desc) = spawn_hold(&support::unique_name("sk"), &["--proxy-port", "15999"]);
+    let (mut holder, desc) = spawn_hold(
+        &support::unique_name("sk"),
+        &["--proxy-port", "15999", "--scope", &scope],
+    );
     let cg = cgroup_of(&desc);
     let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
     let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
@@ -425,31 +431,21 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     cg.place_child(&mut orphan_cmd).unwrap();
     let mut orphan = orphan_cmd.spawn().unwrap();
 
-    // A later kz cleans up: kills the orphan, then unpins and removes everything.
-    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
-        .args(["intercept", "cleanup"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let instance = pin_dir.file_name().unwrap().to_str().unwrap().to_owned();
-    assert!(
-        report["cleaned"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|v| v == instance.as_str()),
-        "cleanup names the dead instance: {report}"
+    // A restarted kz (same scope) cleans up first: kills the orphan, then unpins and removes
+    // everything the dead instance left.
+    let (mut restarted, _) = spawn_hold(
+        &support::unique_name("sk"),
+        &["--proxy-port", "15999", "--scope", &scope],
     );
     let status = orphan.wait().unwrap();
     assert!(!status.success(), "the orphan was killed");
     assert!(!pin_dir.exists(), "pins removed");
     assert!(!cg.path.exists(), "cgroup removed");
     wait_all_gone(&ids);
+    drop(restarted.stdin.take());
+    assert!(restarted.wait().unwrap().success());
+    let _ = std::fs::remove_dir(format!("/sys/fs/bpf/{scope}"));
+    let _ = std::fs::remove_dir(cg.path.parent().unwrap().parent().unwrap());
 }
 
 #[test]
@@ -494,4 +490,174 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     assert!(holder.wait().unwrap().success());
     assert!(!pin_dir.exists() && !cg.path.exists());
     wait_all_gone(&ids);
+}
+
+#[test]
+fn allow_map_entries_expire_and_policy_updates_apply_at_once() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let upstream_ip: std::net::IpAddr = UPSTREAM_IP.parse().unwrap();
+    let base = Policy {
+        proxy_port: port,
+        require_allow: true,
+        ..Policy::default()
+    };
+    let cg = icpt
+        .create_cgroup(&support::unique_name("al"), &base)
+        .expect("cgroup");
+    // `kz run --blind`'s setting: an IP kz's DNS did not hand out is unreachable.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    let allow = icpt.allow_map();
+    allow
+        .allow_ip(cg.id, upstream_ip, Some(Duration::from_millis(1500)))
+        .unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    std::thread::sleep(Duration::from_millis(1700));
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1",
+        "an expired entry no longer allows"
+    );
+    allow.allow_ip(cg.id, upstream_ip, None).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    allow.revoke_ip(cg.id, upstream_ip);
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // The allow trie does the same for whole networks; deny wins over allow.
+    let subnet: Cidr = "10.231.0.0/24".parse().unwrap();
+    let allowed = Policy {
+        allow: vec![subnet],
+        ..base.clone()
+    };
+    icpt.set_policy(cg.id, &allowed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    let denied = Policy {
+        deny: vec![Cidr::host(upstream_ip)],
+        ..allowed.clone()
+    };
+    icpt.set_policy(cg.id, &denied).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // Listed-ports mode: other ports connect directly.
+    let listed = Policy {
+        proxy_port: port,
+        tcp: kz_agent::intercept::TcpRedirect::Ports(vec![9999]),
+        ..Policy::default()
+    };
+    icpt.set_policy(cg.id, &listed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "upstream"
+    );
+    let listed = Policy {
+        tcp: kz_agent::intercept::TcpRedirect::Ports(vec![UPSTREAM_PORT]),
+        ..listed
+    };
+    icpt.set_policy(cg.id, &listed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+}
+
+#[test]
+fn native_ipv6_is_intercepted_when_configured() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let table = icpt.orig_dst_table();
+    // One dual-stack listener serves 127.0.0.1 and ::1 on the same port.
+    let (tx, rx) = std::sync::mpsc::channel();
+    topo.client.spawn(move || {
+        let l = std::net::TcpListener::bind("[::]:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let peer = s.peer_addr().unwrap();
+            let line = match table.take(peer) {
+                Some(o) => format!("orig {}\n", o.dest),
+                None => format!("no record for {peer}\n"),
+            };
+            let _ = s.write_all(line.as_bytes());
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("v6"),
+            &Policy {
+                proxy_port: port,
+                ipv6: kz_agent::intercept::Ipv6Mode::Intercept,
+                deny: vec!["fd00:dead::/32".parse().unwrap()],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "6", "fd00::2", 0),
+        "orig [fd00::2]:8080"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT}"),
+        "a v4 client seen by a dual-stack proxy as ::ffff:127.0.0.1 is found too"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "6", "fd00:dead::1", 0),
+        "ERR 1"
+    );
+}
+
+#[test]
+fn doctor_reports_every_check_and_passes_here() {
+    if !support::require_root() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for row in [
+        "kernel",
+        "cgroup v2",
+        "bpffs",
+        "capabilities",
+        "eBPF programs",
+        "build toolchain",
+    ] {
+        assert!(text.contains(row), "row {row} missing:\n{text}");
+    }
+    assert!(
+        out.status.success(),
+        "kz doctor must pass on the CI machine:\n{text}"
+    );
+    assert!(text.contains("interception can work here"));
 }

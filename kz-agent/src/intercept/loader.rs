@@ -4,7 +4,7 @@ use super::InterceptError;
 use super::cgroups::{self, Cgroup};
 use super::events::BlockEvents;
 use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, lpm_key};
-use super::pins::{self, Instance};
+use super::pins::{self, Instance, Scope};
 use aya::Ebpf;
 use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -109,13 +109,14 @@ impl Interceptor {
     /// Loads the programs on the detected cgroup v2 hierarchy, after cleaning up what dead kz
     /// instances left behind. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
     pub fn load() -> Result<Interceptor, InterceptError> {
-        Interceptor::load_at(&cgroups::cgroup2_root()?)
+        Interceptor::load_in(&Scope::detect()?)
     }
 
-    /// [`Interceptor::load`] with an explicit cgroup v2 mount point.
-    pub fn load_at(cgroup_root: &Path) -> Result<Interceptor, InterceptError> {
+    /// [`Interceptor::load`] in an explicit [`Scope`] (cgroup v2 mount point and state name).
+    pub fn load_in(scope: &Scope) -> Result<Interceptor, InterceptError> {
         pins::ensure_bpffs()?;
-        match pins::cleanup_stale(cgroup_root) {
+        let cgroup_root = scope.cgroup_root.as_path();
+        match pins::cleanup_stale(scope) {
             Ok(r) if !r.instances.is_empty() => {
                 tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
             }
@@ -124,8 +125,8 @@ impl Interceptor {
             Err(e) => tracing::warn!("stale kz state not fully cleaned: {e}"),
         }
         let instance = Instance::current()?;
-        let pin_dir = pins::pin_root().join(instance.name());
-        let cgroup_dir = cgroup_root.join("kz").join(instance.name());
+        let pin_dir = scope.pin_root().join(instance.name());
+        let cgroup_dir = scope.cgroup_parent().join(instance.name());
         let result = Self::load_inner(cgroup_root, &pin_dir, &cgroup_dir);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&pin_dir);

@@ -19,7 +19,7 @@
 //!
 //! # Fail closed
 //! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid and start
-//! time). If kz is killed, the programs stay attached and the cgroup stays cut off (its
+//! time; `kz` is the default [`Scope`], cgroups live under `<cgroup2>/kz/<instance>/`). If kz is killed, the programs stay attached and the cgroup stays cut off (its
 //! connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
 //! [`Interceptor::remove_cgroup`]) kills what is left in its cgroups, detaches, unpins and removes
 //! everything it made. [`Interceptor::load`] first cleans up what dead instances left behind
@@ -56,7 +56,7 @@ pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
 pub use loader::Interceptor;
 pub use maps::{AllowMap, Cidr, Ipv6Mode, OrigDst, OrigDstTable, Policy, TcpRedirect};
-pub use pins::cleanup_stale;
+pub use pins::{Scope, cleanup_stale};
 
 use std::path::PathBuf;
 

@@ -15,9 +15,44 @@ use std::time::Duration;
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-/// Directory holding every kz instance's pins.
-pub fn pin_root() -> PathBuf {
-    Path::new(BPFFS).join("kz")
+/// The default [`Scope`] name.
+pub const DEFAULT_SCOPE: &str = "kz";
+
+/// A namespace for kz state: pins under `/sys/fs/bpf/<scope>/`, cgroups under
+/// `<cgroup2 root>/<scope>/`. Loaders only ever clean up dead instances of their own scope, so
+/// independent deployments (or tests that kill loaders on purpose) do not interfere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub cgroup_root: PathBuf,
+    pub name: String,
+}
+
+impl Scope {
+    /// `name` must be a plain directory name (see [`cgroups::valid_name`]).
+    pub fn new(cgroup_root: &Path, name: &str) -> Result<Scope, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        Ok(Scope {
+            cgroup_root: cgroup_root.to_path_buf(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The default scope on the detected cgroup v2 hierarchy.
+    pub fn detect() -> Result<Scope, InterceptError> {
+        Scope::new(&cgroups::cgroup2_root()?, DEFAULT_SCOPE)
+    }
+
+    /// Directory holding every instance's pins.
+    pub fn pin_root(&self) -> PathBuf {
+        Path::new(BPFFS).join(&self.name)
+    }
+
+    /// Directory holding every instance's cgroups.
+    pub fn cgroup_parent(&self) -> PathBuf {
+        self.cgroup_root.join(&self.name)
+    }
 }
 
 /// A loader process, identified across pid reuse.
@@ -104,9 +139,9 @@ pub struct StaleReport {
 /// cgroups, then unpins their links and maps (which detaches the programs) and removes the
 /// cgroups. Processes are killed *before* anything is detached, so an orphaned agent is never
 /// let out uncut; if a cgroup cannot be emptied its pins stay and this returns an error.
-pub fn cleanup_stale(cgroup_root: &Path) -> Result<StaleReport, InterceptError> {
-    let pins = pin_root();
-    let cgroups = cgroup_root.join("kz");
+pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
+    let pins = scope.pin_root();
+    let cgroups = scope.cgroup_parent();
     let mut names: Vec<String> = Vec::new();
     for dir in [&pins, &cgroups] {
         if let Ok(entries) = std::fs::read_dir(dir) {

@@ -464,7 +464,10 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     let mut sleeper = sleeper.spawn().unwrap();
     let ids = icpt.kernel_ids();
     assert_eq!(ids.programs.len(), 7);
-    assert_eq!(ids.maps.len(), 11);
+    assert!(
+        ids.maps.len() >= 11,
+        "the 11 kz maps plus aya-log's: {ids:?}"
+    );
     assert_eq!(ids.links.len(), 7);
     let pin_dir = icpt.pin_dir().to_path_buf();
     let instance_cgroups = icpt.cgroup_dir().to_path_buf();

@@ -15,6 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::debug;
 use kz_common::{
     AF_INET, AF_INET6, BlockEvent, CgroupPolicy, IpKey, KZ_SO_MARK, Lpm4, Lpm6, OrigDst, PROTO_TCP,
     PROTO_UDP, PeerKey, PortKey, flags, reason,
@@ -127,7 +128,20 @@ fn own_socket(sa: *mut bpf_sock_addr) -> bool {
 }
 
 #[inline(always)]
-fn emit_block(cgroup_id: u64, addr: &[u8; 16], v4: bool, port: u16, proto: u8, why: u8) {
+fn emit_block(
+    ctx: &SockAddrContext,
+    cgroup_id: u64,
+    addr: &[u8; 16],
+    v4: bool,
+    port: u16,
+    proto: u8,
+    why: u8,
+) {
+    // Diagnostics only (off unless kz runs with debug logging); the ring event is the record.
+    debug!(
+        ctx,
+        "refused {:i} port {} proto {} reason {} cgroup {}", *addr, port, proto, why, cgroup_id
+    );
     if let Some(mut entry) = KZ_EVENTS.reserve::<BlockEvent>(0) {
         let pid_tgid = bpf_get_current_pid_tgid();
         entry.write(BlockEvent {
@@ -221,12 +235,12 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     let policy = match unsafe { KZ_POLICY.get(&cg) } {
         Some(p) => *p,
         None => {
-            emit_block(cg, addr, v4, port, proto, reason::NO_POLICY);
+            emit_block(ctx, cg, addr, v4, port, proto, reason::NO_POLICY);
             return Verdict::Deny;
         }
     };
     let deny = |why: u8| {
-        emit_block(cg, addr, v4, port, proto, why);
+        emit_block(ctx, cg, addr, v4, port, proto, why);
         Verdict::Deny
     };
     if !v4 && policy.flags & flags::V6_INTERCEPT == 0 {

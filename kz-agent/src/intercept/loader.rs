@@ -3,6 +3,7 @@
 use super::InterceptError;
 use super::cgroups::{self, Cgroup};
 use super::events::BlockEvents;
+use super::logs;
 use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, lpm_key};
 use super::pins::{self, Instance, Scope};
 use aya::Ebpf;
@@ -70,6 +71,8 @@ pub struct Interceptor {
     cgroups: BTreeMap<u64, CgroupState>,
     program_ids: Vec<u32>,
     map_ids: Vec<u32>,
+    /// Forwards the programs' aya-log records to tracing; stops when dropped.
+    _log_thread: Option<logs::LogThread>,
 }
 
 fn program_err(name: &'static str, e: ProgramError) -> InterceptError {
@@ -145,7 +148,17 @@ impl Interceptor {
         }
         std::fs::create_dir_all(cgroup_dir)
             .map_err(|e| InterceptError::io("create cgroup", cgroup_dir, e))?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(InterceptError::Object)?;
+        // The programs' aya-log statements are debug level: only enabled (and only cost more than
+        // a compare) when kz itself logs at debug.
+        let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) {
+            aya_log::Level::Debug as u8
+        } else {
+            aya_log::Level::Warn as u8
+        };
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .map_err(InterceptError::Object)?;
         let mut program_ids = Vec::new();
         for name in SOCK_ADDR_PROGS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -176,6 +189,16 @@ impl Interceptor {
                 map_ids.push(info.id());
             }
         }
+        // The log ring and the .data section (AYA_LOG_LEVEL) are not pinned: the programs hold
+        // them. Their ids are still ours to account for.
+        for (name, map) in ebpf.maps() {
+            if !mn::ALL.contains(&name)
+                && let Ok(id) = map_info(map)
+            {
+                map_ids.push(id);
+            }
+        }
+        let log_thread = logs::spawn(&mut ebpf);
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
         let policy = HashMap::try_from(take(mn::POLICY)?).map_err(map_err(mn::POLICY))?;
@@ -208,6 +231,7 @@ impl Interceptor {
             cgroups: BTreeMap::new(),
             program_ids,
             map_ids,
+            _log_thread: log_thread,
         })
     }
 
@@ -490,6 +514,20 @@ impl Interceptor {
     }
 }
 
+fn map_info(map: &aya::maps::Map) -> Result<u32, aya::maps::MapError> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::RingBuf(m) | Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) => m,
+        Map::LpmTrie(m) => m,
+        _ => {
+            return Err(aya::maps::MapError::InvalidName {
+                name: String::new(),
+            });
+        }
+    };
+    data.info().map(|i| i.id())
+}
+
 fn port_key(cgroup_id: u64, port: u16) -> PortKey {
     PortKey {
         cgroup_id,
@@ -521,5 +559,22 @@ impl Drop for Interceptor {
         }
         // The shared parents (`<root>/kz`, `/sys/fs/bpf/kz`) stay: removing them would race with
         // another instance creating its directories there.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Other modules keep these in tasks and behind locks.
+    #[test]
+    fn handles_can_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<Interceptor>();
+        send::<BlockEvents>();
+        send_sync::<OrigDstTable>();
+        send_sync::<AllowMap>();
+        send_sync::<Cgroup>();
     }
 }

@@ -49,6 +49,7 @@ pub mod doctor;
 pub mod events;
 pub mod hold;
 pub mod loader;
+pub mod logs;
 pub mod maps;
 pub mod pins;
 

@@ -322,6 +322,11 @@ fn processes_outside_the_cgroup_and_kz_marked_sockets_are_untouched() {
         "upstream"
     );
     upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The helper kz's own code uses sets exactly that mark.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    kz_agent::intercept::mark_as_kz(&probe).unwrap();
+    let got = nix::sys::socket::getsockopt(&probe, nix::sys::socket::sockopt::Mark).unwrap();
+    assert_eq!(got, mark);
     // Any other mark is not kz's.
     assert_eq!(
         connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 7),

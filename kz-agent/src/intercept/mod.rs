@@ -122,3 +122,15 @@ impl InterceptError {
         }
     }
 }
+
+/// Marks a socket as kz's own ([`kz_common::KZ_SO_MARK`]) so the programs never redirect or
+/// refuse it: for a kz process that itself runs inside an intercepted cgroup. Call before
+/// `connect()`. Needs CAP_NET_ADMIN (which is why an agent cannot use it to escape).
+pub fn mark_as_kz(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::Mark,
+        &kz_common::KZ_SO_MARK,
+    )
+    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))
+}

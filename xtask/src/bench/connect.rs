@@ -223,7 +223,8 @@ pub fn run() -> Result<()> {
         .collect();
     let (base_c, base_i) = stats[0];
     println!(
-        "connect()+close() over loopback, {ROUNDS} rounds x {PER_ROUND} connections, median of round means"
+        "connect()+close() over loopback, {ROUNDS} alternating rounds x {PER_ROUND} connections;\n\
+         connect µs = median over rounds of each round's median connect(); conns/s from mean iteration"
     );
     println!(
         "{:<18} {:>12} {:>9} {:>10} {:>14} {:>9} {:>10}",
@@ -277,22 +278,23 @@ pub fn serve() -> Result<()> {
     Ok(())
 }
 
-/// `xtask bench-helper connect ADDR N`: N connect()+close() loops; prints the mean ns of the
-/// connect() call and of the whole iteration.
+/// `xtask bench-helper connect ADDR N`: N connect()+close() loops; prints the median ns of the
+/// connect() call and the mean ns of the whole iteration.
 pub fn connect(addr: &str, n: usize) -> Result<()> {
-    let mut connect_total = 0u128;
+    let mut connects = Vec::with_capacity(n);
     let start = Instant::now();
     let mut buf = [0u8; 16];
     for _ in 0..n {
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-        connect_total += t.elapsed().as_nanos();
+        connects.push(t.elapsed().as_nanos() as f64);
         // The server closes first; waiting for its FIN keeps TIME_WAIT on the server side so
         // the client never runs out of ports.
         while s.read(&mut buf).map(|k| k > 0).unwrap_or(false) {}
     }
-    let total = start.elapsed().as_nanos();
+    let total = start.elapsed().as_nanos() as f64;
     let n = n.max(1) as f64;
-    println!("{} {}", connect_total as f64 / n, total as f64 / n);
+    // The median connect() is robust against a busy machine's scheduling hiccups.
+    println!("{} {}", median(connects), total / n);
     Ok(())
 }

@@ -127,6 +127,33 @@ fn redirected_connect_reveals_original_destination_v4_and_v4_mapped() {
         mapped.starts_with(&format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT} tgid ")),
         "v4-mapped connect must take the v4 path, got {mapped:?}"
     );
+    // getpeername() names what the process asked for, not kz's loopback port.
+    let peer = py(
+        &topo.client,
+        Some(&cg),
+        PY_CONNECT,
+        &["4", UPSTREAM_IP, &UPSTREAM_PORT.to_string(), "0", "peer"],
+    );
+    assert!(
+        peer.ends_with(&format!("peer {UPSTREAM_IP} {UPSTREAM_PORT}")),
+        "{peer}"
+    );
+    let peer = py(
+        &topo.client,
+        Some(&cg),
+        PY_CONNECT,
+        &[
+            "6",
+            &format!("::ffff:{UPSTREAM_IP}"),
+            &UPSTREAM_PORT.to_string(),
+            "0",
+            "peer",
+        ],
+    );
+    assert!(
+        peer.ends_with(&format!("peer ::ffff:{UPSTREAM_IP} {UPSTREAM_PORT}")),
+        "{peer}"
+    );
     assert!(
         upstream_hits.try_recv().is_err(),
         "nothing may reach the upstream directly"
@@ -388,15 +415,15 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
     assert_eq!(
         ids.links.len(),
-        7,
-        "six sock_addr programs and sock_ops attached: {ids:?}"
+        9,
+        "eight sock_addr programs and sock_ops attached: {ids:?}"
     );
 
     holder.kill().unwrap(); // SIGKILL
     holder.wait().unwrap();
 
     assert!(
-        pin_dir.join("links").read_dir().unwrap().count() >= 7,
+        pin_dir.join("links").read_dir().unwrap().count() >= 9,
         "links stay pinned"
     );
     assert_eq!(
@@ -468,12 +495,12 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     cg.place_child(&mut sleeper).unwrap();
     let mut sleeper = sleeper.spawn().unwrap();
     let ids = icpt.kernel_ids();
-    assert_eq!(ids.programs.len(), 7);
+    assert_eq!(ids.programs.len(), 9);
     assert!(
         ids.maps.len() >= 11,
         "the 11 kz maps plus aya-log's: {ids:?}"
     );
-    assert_eq!(ids.links.len(), 7);
+    assert_eq!(ids.links.len(), 9);
     let pin_dir = icpt.pin_dir().to_path_buf();
     let instance_cgroups = icpt.cgroup_dir().to_path_buf();
     assert!(pin_dir.join("maps/KZ_POLICY").exists());

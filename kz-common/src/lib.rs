@@ -191,6 +191,8 @@ pub mod prog_names {
     pub const SENDMSG6: &str = "kz_sendmsg6";
     pub const RECVMSG4: &str = "kz_recvmsg4";
     pub const RECVMSG6: &str = "kz_recvmsg6";
+    pub const GETPEERNAME4: &str = "kz_getpeername4";
+    pub const GETPEERNAME6: &str = "kz_getpeername6";
     pub const SOCK_OPS: &str = "kz_sock_ops";
 }
 

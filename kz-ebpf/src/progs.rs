@@ -505,6 +505,68 @@ pub fn kz_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: [0; 6],
     };
     let _ = KZ_ORIG_PEER.insert(&key, &orig, 0);
-    let _ = KZ_ORIG_COOKIE.remove(&cookie);
+    // The cookie entry stays (LRU) for getpeername.
     1
+}
+
+/// The original destination of a socket kz redirected (TCP to the proxy or UDP/53 to the DNS
+/// port), by socket cookie.
+#[inline(always)]
+fn redirected_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: socket context, as bpf_get_socket_cookie requires; values copied out.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match unsafe { KZ_ORIG_COOKIE.get(&cookie) } {
+        Some(o) => Some(*o),
+        None => unsafe { KZ_DNS_ORIG.get(&cookie) }.copied(),
+    }
+}
+
+/// getpeername() on a redirected socket names the destination the process asked for, not
+/// kz's loopback port: the redirect stays invisible.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kz_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_peer(&ctx)
+        && orig.family == AF_INET
+    {
+        let sa = ctx.sock_addr;
+        // SAFETY: user_ip4/user_port are writable in getpeername4.
+        wr(
+            unsafe { addr_of_mut!((*sa).user_ip4) },
+            u32::from_ne_bytes(tail4(&orig.addr)),
+        );
+        wr(
+            unsafe { addr_of_mut!((*sa).user_port) },
+            u32::from(orig.port.to_be()),
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kz_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_peer(&ctx) {
+        let sa = ctx.sock_addr;
+        let b = orig.addr;
+        // SAFETY: user_ip6[i]/user_port are writable in getpeername6.
+        unsafe {
+            wr(
+                addr_of_mut!((*sa).user_ip6[0]),
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[1]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[2]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[3]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            );
+            wr(addr_of_mut!((*sa).user_port), u32::from(orig.port.to_be()));
+        }
+    }
+    ALLOW
 }

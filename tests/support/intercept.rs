@@ -179,7 +179,11 @@ if mark:
 s.settimeout(5)
 try:
     s.connect((host, port))
-    print(s.makefile().readline().strip())
+    line = s.makefile().readline().strip()
+    if len(sys.argv) > 5:
+        print(line, "peer", s.getpeername()[0], s.getpeername()[1])
+    else:
+        print(line)
 except OSError as e:
     print("ERR", e.errno)
 "#;

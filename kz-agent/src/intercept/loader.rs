@@ -19,13 +19,15 @@ use std::time::Duration;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kz-ebpf"));
 
 /// The cgroup sock_addr programs, attached to every cgroup, in attach order.
-const SOCK_ADDR_PROGS: [&str; 6] = [
+const SOCK_ADDR_PROGS: [&str; 8] = [
     pn::CONNECT4,
     pn::CONNECT6,
     pn::SENDMSG4,
     pn::SENDMSG6,
     pn::RECVMSG4,
     pn::RECVMSG6,
+    pn::GETPEERNAME4,
+    pn::GETPEERNAME6,
 ];
 
 /// aya attaches through bpf_link_create on Linux >= 5.7; that syscall rejects any attach flag

@@ -245,6 +245,19 @@ fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
         }
     });
     assert_eq!(v6.dest, "[fd00::2]:8080".parse::<SocketAddr>().unwrap());
+
+    // Raw sockets would bypass the hooks: refused at creation inside, fine outside.
+    assert_eq!(py(&topo.client, Some(&cg), PY_RAW, &[]), "ERR 1");
+    assert_eq!(py(&topo.client, None, PY_RAW, &[]), "CREATED");
+    let raw = rt.block_on(async {
+        loop {
+            let b = events.next().await.unwrap();
+            if b.reason == BlockReason::RawSocketDenied {
+                return b;
+            }
+        }
+    });
+    assert_eq!(raw.proto, "icmp");
     assert!(
         upstream_hits.try_recv().is_err(),
         "nothing may reach the upstream"
@@ -415,15 +428,15 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
     assert_eq!(
         ids.links.len(),
-        9,
-        "eight sock_addr programs and sock_ops attached: {ids:?}"
+        10,
+        "eight sock_addr programs, sock_ops and sock_create attached: {ids:?}"
     );
 
     holder.kill().unwrap(); // SIGKILL
     holder.wait().unwrap();
 
     assert!(
-        pin_dir.join("links").read_dir().unwrap().count() >= 9,
+        pin_dir.join("links").read_dir().unwrap().count() >= 10,
         "links stay pinned"
     );
     assert_eq!(
@@ -495,12 +508,12 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     cg.place_child(&mut sleeper).unwrap();
     let mut sleeper = sleeper.spawn().unwrap();
     let ids = icpt.kernel_ids();
-    assert_eq!(ids.programs.len(), 9);
+    assert_eq!(ids.programs.len(), 10);
     assert!(
         ids.maps.len() >= 11,
         "the 11 kz maps plus aya-log's: {ids:?}"
     );
-    assert_eq!(ids.links.len(), 9);
+    assert_eq!(ids.links.len(), 10);
     let pin_dir = icpt.pin_dir().to_path_buf();
     let instance_cgroups = icpt.cgroup_dir().to_path_buf();
     assert!(pin_dir.join("maps/KZ_POLICY").exists());
@@ -695,4 +708,59 @@ fn doctor_reports_every_check_and_passes_here() {
         "kz doctor must pass on the CI machine:\n{text}"
     );
     assert!(text.contains("interception can work here"));
+}
+
+#[test]
+fn a_nested_cgroup_is_refused_and_cleaned_up_with_its_parent() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let mut events = icpt.block_events().unwrap();
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("ne"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // A (root) agent makes itself a child cgroup: the programs still run there, and a cgroup
+    // without a policy of its own gets nothing.
+    let nested_path = cg.path.join("escape");
+    std::fs::create_dir(&nested_path).unwrap();
+    let nested = Cgroup {
+        id: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&nested_path).unwrap()),
+        path: nested_path.clone(),
+        name: "escape".into(),
+    };
+    assert_eq!(
+        connect(&topo.client, Some(&nested), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    let block = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+        .expect("block event")
+        .unwrap();
+    assert_eq!(block.reason, BlockReason::NoPolicy);
+    assert_eq!(block.cgroup_id, nested.id);
+
+    // Orderly removal kills what hides in the child too, before anything is detached.
+    let mut hidden = Command::new("sleep");
+    hidden.arg("60");
+    nested.place_child(&mut hidden).unwrap();
+    let mut hidden = hidden.spawn().unwrap();
+    drop(events);
+    drop(icpt);
+    assert!(
+        !hidden.wait().unwrap().success(),
+        "the hidden process was killed"
+    );
+    assert!(!nested_path.exists() && !cg.path.exists());
 }

@@ -11,9 +11,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use kz_common::{
@@ -47,6 +47,7 @@ static KZ_DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(1638
 static KZ_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_RAW: u32 = 3;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const DNS_PORT: u16 = 53;
@@ -128,8 +129,8 @@ fn own_socket(sa: *mut bpf_sock_addr) -> bool {
 }
 
 #[inline(always)]
-fn emit_block(
-    ctx: &SockAddrContext,
+fn emit_block<C: EbpfContext>(
+    ctx: &C,
     cgroup_id: u64,
     addr: &[u8; 16],
     v4: bool,
@@ -230,7 +231,14 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     let protocol = rd(unsafe { addr_of!((*sa).protocol) });
     let sock_type = rd(unsafe { addr_of!((*sa).type_) });
     let tcp = protocol == IPPROTO_TCP || (protocol == 0 && sock_type == SOCK_STREAM);
-    let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    // The event names the real protocol (e.g. ICMP for ping sockets, which take the UDP rules).
+    let proto = if tcp {
+        PROTO_TCP
+    } else if protocol == 0 || protocol > 255 {
+        PROTO_UDP
+    } else {
+        protocol as u8
+    };
     // SAFETY: the value is plain data copied out at once.
     let policy = match unsafe { KZ_POLICY.get(&cg) } {
         Some(p) => *p,
@@ -569,4 +577,34 @@ pub fn kz_getpeername6(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// Raw sockets would bypass every hook above (they take no connect/sendmsg path): refused in
+/// intercepted cgroups. (Creating one needs CAP_NET_RAW anyway; this closes it for root agents.)
+#[cgroup_sock(sock_create)]
+pub fn kz_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: type_/protocol/family are readable 4-byte fields of bpf_sock in sock_create.
+    let (ty, protocol, family) = unsafe {
+        (
+            rd(addr_of!((*sk).type_)),
+            rd(addr_of!((*sk).protocol)),
+            rd(addr_of!((*sk).family)),
+        )
+    };
+    if ty != SOCK_RAW {
+        return ALLOW;
+    }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    emit_block(
+        &ctx,
+        cg,
+        &[0; 16],
+        family == u32::from(AF_INET),
+        0,
+        if protocol > 255 { 0 } else { protocol as u8 },
+        reason::RAW_DENIED,
+    );
+    REJECT
 }

@@ -228,3 +228,13 @@ pub fn read_line(r: &mut impl BufRead) -> String {
 pub fn reader<R: std::io::Read>(r: R) -> BufReader<R> {
     BufReader::new(r)
 }
+
+/// Creates a raw ICMP socket; prints "CREATED" or "ERR <errno>".
+pub const PY_RAW: &str = r#"
+import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    print("CREATED")
+except OSError as e:
+    print("ERR", e.errno)
+"#;

@@ -101,7 +101,7 @@ fn programs() -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     icpt.remove_cgroup(cg.id).map_err(|e| e.to_string())?;
     Ok(
-        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops: load, attach, pin"
+        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create: load, attach, pin"
             .into(),
     )
 }

@@ -9,7 +9,7 @@ use super::pins::{self, Instance, Scope};
 use aya::Ebpf;
 use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps};
 use kz_common::{CgroupPolicy, Lpm4, Lpm6, PortKey, map_names as mn, prog_names as pn};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,6 +178,18 @@ impl Interceptor {
             .map_err(|e| program_err(pn::SOCK_OPS, e))?;
         ops.load().map_err(|e| program_err(pn::SOCK_OPS, e))?;
         program_ids.push(ops.info().map_err(|e| program_err(pn::SOCK_OPS, e))?.id());
+        let create: &mut CgroupSock = ebpf
+            .program_mut(pn::SOCK_CREATE)
+            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
+            .try_into()
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        create.load().map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        program_ids.push(
+            create
+                .info()
+                .map_err(|e| program_err(pn::SOCK_CREATE, e))?
+                .id(),
+        );
 
         let mut map_ids = Vec::new();
         for name in mn::ALL {
@@ -332,6 +344,27 @@ impl Interceptor {
                 },
             )?;
         fd_links.push((pn::SOCK_OPS, fd));
+        let create: &mut CgroupSock = self
+            .ebpf
+            .program_mut(pn::SOCK_CREATE)
+            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
+            .try_into()
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let link_id = create
+            .attach(&file, LINK_MODE)
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let link = create
+            .take_link(link_id)
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(
+                |e: aya::programs::links::LinkError| InterceptError::Program {
+                    name: pn::SOCK_CREATE,
+                    detail: format!("not a bpf_link: {e}"),
+                },
+            )?;
+        fd_links.push((pn::SOCK_CREATE, fd));
 
         let state = self
             .cgroups

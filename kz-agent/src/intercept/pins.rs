@@ -164,10 +164,13 @@ pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
             continue;
         }
         let cg_dir = cgroups.join(&name);
-        for leaf in leaf_cgroups(&cg_dir) {
-            report.killed += cgroups::pids(&leaf).map(|p| p.len()).unwrap_or(0);
-            if !cgroups::kill_all(&leaf, Duration::from_secs(3)) {
-                return Err(InterceptError::CgroupBusy(leaf));
+        if cg_dir.is_dir() {
+            report.killed += leaf_cgroups(&cg_dir)
+                .iter()
+                .map(|c| cgroups::pids(c).map(|p| p.len()).unwrap_or(0))
+                .sum::<usize>();
+            if !cgroups::kill_all(&cg_dir, Duration::from_secs(3)) {
+                return Err(InterceptError::CgroupBusy(cg_dir));
             }
         }
         let pin_dir = pins.join(&name);

@@ -764,3 +764,58 @@ fn a_nested_cgroup_is_refused_and_cleaned_up_with_its_parent() {
     );
     assert!(!nested_path.exists() && !cg.path.exists());
 }
+
+#[test]
+fn one_loader_serves_many_cgroups_each_with_its_own_policy() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let redirecting = icpt
+        .create_cgroup(
+            &support::unique_name("ma"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup a");
+    let denying = icpt
+        .create_cgroup(
+            &support::unique_name("mb"),
+            &Policy {
+                proxy_port: port,
+                deny: vec![Cidr::host(UPSTREAM_IP.parse().unwrap())],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup b");
+    assert_eq!(icpt.cgroups().count(), 2);
+    assert_eq!(
+        connect(&topo.client, Some(&redirecting), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&denying), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // Removing one leaves the other guarded.
+    icpt.remove_cgroup(redirecting.id).unwrap();
+    assert!(!redirecting.path.exists());
+    assert_eq!(
+        connect(&topo.client, Some(&denying), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert!(matches!(
+        icpt.remove_cgroup(redirecting.id),
+        Err(kz_agent::intercept::InterceptError::UnknownCgroup(_))
+    ));
+    assert!(matches!(
+        icpt.create_cgroup("../escape", &Policy::default()),
+        Err(kz_agent::intercept::InterceptError::BadName(_))
+    ));
+}

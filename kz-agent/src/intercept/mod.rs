@@ -14,8 +14,20 @@
 //! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination,
 //!   reason).
 //!
-//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own) are never touched; kz itself runs
-//! outside the cgroups it guards, so its upstream connections are never redirected.
+//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own, see [`mark_as_kz`]) are never
+//! touched; kz itself runs outside the cgroups it guards, so its upstream connections are never
+//! redirected. `getpeername()` on a redirected socket reports the original destination. Raw
+//! sockets are refused at creation in guarded cgroups; a process in a child cgroup of a guarded
+//! one (which has no policy of its own) is refused everything.
+//!
+//! # Contract for callers
+//! - The proxy listens on `127.0.0.1:<proxy_port>` in the agent's network namespace (and on
+//!   `[::1]` too with [`Ipv6Mode::Intercept`]; a dual-stack `[::]` socket does both) and calls
+//!   [`OrigDstTable::take`] with each accepted socket's `peer_addr()`. No record = not a
+//!   redirected connection: refuse it.
+//! - The DNS resolver listens on UDP `127.0.0.1:<dns_port>` (and `[::1]` for IPv6 resolvers).
+//!   DNS over TCP is ordinary TCP: it goes to the proxy (port 53).
+//! - Not covered: AF_PACKET sockets (need CAP_NET_RAW: do not give the agent that capability).
 //!
 //! # Fail closed
 //! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid and start

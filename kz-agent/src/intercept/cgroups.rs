@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// Candidate mount points in order of preference.
 const CANDIDATES: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
-/// The cgroup v2 mount point: the first of [`CANDIDATES`] that `/proc/self/mountinfo` lists as
+/// The cgroup v2 mount point: the first of the candidates that `/proc/self/mountinfo` lists as
 /// `cgroup2`, else any cgroup2 mount.
 pub fn cgroup2_root() -> Result<PathBuf, InterceptError> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")

@@ -24,7 +24,7 @@ pub enum InterceptCommand {
 
 #[derive(Debug, Args)]
 pub struct HoldArgs {
-    /// Cgroup name under <cgroup2>/<scope>/<instance>/.
+    /// Cgroup name under `<cgroup2>/<scope>/<instance>/`.
     #[arg(long)]
     pub name: String,
     /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
@@ -47,7 +47,7 @@ pub struct HoldArgs {
     pub allow_udp: bool,
     #[arg(long)]
     pub loopback_direct: bool,
-    /// Redirect native IPv6 to [::1]:<proxy port> instead of refusing it.
+    /// Redirect native IPv6 to `[::1]:<proxy port>` instead of refusing it.
     #[arg(long)]
     pub ipv6_intercept: bool,
 }

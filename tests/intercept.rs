@@ -190,7 +190,6 @@ fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
         &format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/"),
     ]);
     cg.place_child(&mut cmd).unwrap();
-    let started = Instant::now();
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -198,22 +197,21 @@ fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
         .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(7),
         "curl must fail to connect: {stderr}"
     );
-    assert!(
-        stderr.contains("Operation not permitted") || stderr.contains("Couldn't connect"),
-        "{stderr}"
-    );
-    assert!(
-        took < Duration::from_secs(2),
-        "EPERM must be immediate, took {took:?}"
-    );
-
+    // curl reports how long the failed connect took ("... after N ms: ..."): measured inside
+    // curl, so a slow process start on a busy machine does not count.
+    let ms: u64 = stderr
+        .split("after ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no elapsed time in curl's error: {stderr}"));
+    assert!(ms < 1000, "EPERM must be immediate, took {ms} ms: {stderr}");
     let block = rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
         .expect("a block event within 5s")
@@ -566,13 +564,13 @@ fn allow_map_entries_expire_and_policy_updates_apply_at_once() {
 
     let allow = icpt.allow_map();
     allow
-        .allow_ip(cg.id, upstream_ip, Some(Duration::from_millis(1500)))
+        .allow_ip(cg.id, upstream_ip, Some(Duration::from_secs(4)))
         .unwrap();
     assert_eq!(
         connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
         "redirected"
     );
-    std::thread::sleep(Duration::from_millis(1700));
+    std::thread::sleep(Duration::from_millis(4300));
     assert_eq!(
         connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
         "ERR 1",

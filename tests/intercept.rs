@@ -293,6 +293,15 @@ fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
         "query reached the test resolver via loopback: {from}"
     );
 
+    // The same through an AF_INET6 socket with a v4-mapped resolver (sendmsg6/recvmsg6).
+    let line = py(
+        &topo.client,
+        Some(&cg),
+        PY_DNS,
+        &[&format!("::ffff:{resolver}")],
+    );
+    assert_eq!(line, format!("::ffff:{resolver} 53 10.231.0.77"));
+
     // dig: a real resolver client that checks the reply's source.
     let out = run_in(
         &topo.client,

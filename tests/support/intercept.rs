@@ -188,12 +188,13 @@ except OSError as e:
     print("ERR", e.errno)
 "#;
 
-/// Sends a DNS query for example.test to (host, 53) and prints the reply's source and answer.
+/// Sends a DNS query for example.test to (host, 53) and prints the reply's source and answer
+/// (an AF_INET6 socket when host has a ':', e.g. a v4-mapped address).
 pub const PY_DNS: &str = r#"
 import socket, sys
 host = sys.argv[1]
 q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x07example\x04test\x00" + b"\x00\x01\x00\x01"
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(5)
 try:
     s.sendto(q, (host, 53))

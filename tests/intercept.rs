@@ -325,6 +325,19 @@ fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
     assert!(text.contains(&format!("SERVER: {resolver}#53")), "{text}");
     assert!(!text.contains("unexpected source"), "{text}");
 
+    // A native IPv6 resolver is refused by default, and answered via [::1] when IPv6 is
+    // intercepted.
+    assert_eq!(py(&topo.client, Some(&cg), PY_DNS, &["fd00::53"]), "ERR 1");
+    let v6_policy = Policy {
+        ipv6: kz_agent::intercept::Ipv6Mode::Intercept,
+        ..icpt.policy(cg.id).unwrap().clone()
+    };
+    icpt.set_policy(cg.id, &v6_policy).unwrap();
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_DNS, &["fd00::53"]),
+        "fd00::53 53 10.231.0.77"
+    );
+
     // Other UDP (e.g. QUIC) is refused with EPERM; outside the cgroup it is not.
     assert_eq!(
         py(&topo.client, Some(&cg), PY_UDP, &[UPSTREAM_IP, "443"]),

@@ -77,18 +77,14 @@ impl Topo {
         let (tx, rx) = mpsc::channel();
         let (port_tx, port_rx) = mpsc::channel();
         self.client.spawn(move || {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
-            port_tx.send(s.local_addr().unwrap().port()).unwrap();
-            let mut buf = [0u8; 1500];
-            loop {
-                let Ok((n, from)) = s.recv_from(&mut buf) else {
-                    return;
-                };
-                if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
-                    let _ = tx.send((name, from));
-                    let _ = s.send_to(&reply, from);
-                }
-            }
+            // 127.0.0.1 and [::1] on the same port, as kz's resolver will listen.
+            let v4 = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+            let port = v4.local_addr().unwrap().port();
+            let v6 = UdpSocket::bind(("::1", port)).expect("bind dns [::1]");
+            port_tx.send(port).unwrap();
+            let tx6 = tx.clone();
+            std::thread::spawn(move || answer_loop(&v6, answer, &tx6));
+            answer_loop(&v4, answer, &tx);
         });
         (
             port_rx
@@ -96,6 +92,19 @@ impl Topo {
                 .expect("dns port"),
             rx,
         )
+    }
+}
+
+fn answer_loop(s: &UdpSocket, answer: [u8; 4], tx: &mpsc::Sender<(String, SocketAddr)>) {
+    let mut buf = [0u8; 1500];
+    loop {
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            return;
+        };
+        if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
+            let _ = tx.send((name, from));
+            let _ = s.send_to(&reply, from);
+        }
     }
 }
 

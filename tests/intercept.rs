@@ -839,3 +839,33 @@ fn one_loader_serves_many_cgroups_each_with_its_own_policy() {
         Err(kz_agent::intercept::InterceptError::BadName(_))
     ));
 }
+
+#[test]
+fn doctor_fails_and_says_what_to_do_without_privileges() {
+    if !support::require_root() {
+        return;
+    }
+    // The same binary as an unprivileged user (setpriv from util-linux).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_kz"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let caps = text
+        .lines()
+        .find(|l| l.starts_with("capabilities"))
+        .unwrap();
+    assert!(
+        caps.contains("FAIL") && caps.contains("run kz as root"),
+        "{caps}"
+    );
+    let progs = text
+        .lines()
+        .find(|l| l.starts_with("eBPF programs"))
+        .unwrap();
+    assert!(progs.contains("FAIL"), "{progs}");
+    assert!(text.contains("interception cannot work here"));
+}

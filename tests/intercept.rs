@@ -869,3 +869,23 @@ fn doctor_fails_and_says_what_to_do_without_privileges() {
     assert!(progs.contains("FAIL"), "{progs}");
     assert!(text.contains("interception cannot work here"));
 }
+
+#[test]
+fn two_interceptors_in_one_process_keep_apart() {
+    if !support::require_root() {
+        return;
+    }
+    let mut a = Interceptor::load().expect("load a");
+    let mut b = Interceptor::load().expect("load b");
+    assert_ne!(a.pin_dir(), b.pin_dir());
+    let ca = a.create_cgroup("same-name", &Policy::default()).unwrap();
+    let cb = b.create_cgroup("same-name", &Policy::default()).unwrap();
+    assert_ne!(ca.id, cb.id);
+    let a_pins = a.pin_dir().to_path_buf();
+    drop(a);
+    assert!(!a_pins.exists() && !ca.path.exists());
+    assert!(
+        b.pin_dir().join("maps/KZ_POLICY").exists() && cb.path.exists(),
+        "b untouched"
+    );
+}

@@ -30,9 +30,10 @@
 //! - Not covered: AF_PACKET sockets (need CAP_NET_RAW: do not give the agent that capability).
 //!
 //! # Fail closed
-//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid and start
-//! time; `kz` is the default [`Scope`], cgroups live under `<cgroup2>/kz/<instance>/`). If kz is killed, the programs stay attached and the cgroup stays cut off (its
-//! connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
+//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid, start
+//! time and a per-process sequence number; `kz` is the default [`Scope`]); cgroups live under
+//! `<cgroup2>/kz/<instance>/`. If kz is killed, the programs stay attached and the cgroup stays
+//! cut off (its connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
 //! [`Interceptor::remove_cgroup`]) kills what is left in its cgroups, detaches, unpins and removes
 //! everything it made. [`Interceptor::load`] first cleans up what dead instances left behind
 //! ([`cleanup_stale`]), killing their orphaned processes before it detaches anything.

@@ -5,7 +5,7 @@
 //! /sys/fs/bpf/kz/<instance>/links/<cgroup id>-<program>
 //! <cgroup2 root>/kz/<instance>/<cgroup name>
 //! ```
-//! `<instance>` is `<pid>-<start time in clock ticks>` of the loader, so a later kz can tell a
+//! `<instance>` is `<pid>-<start time in clock ticks>-<seq>` of the loader, so a later kz can tell a
 //! live loader (leave it alone) from a dead one whose pid was reused (clean up).
 
 use super::{InterceptError, cgroups};
@@ -55,15 +55,18 @@ impl Scope {
     }
 }
 
-/// A loader process, identified across pid reuse.
+/// A loader, identified across pid reuse; `seq` tells apart several interceptors of one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
     pub pid: u32,
     pub start: u64,
+    pub seq: u32,
 }
 
 impl Instance {
+    /// A new instance of this process (each call gets its own `seq`).
     pub fn current() -> Result<Instance, InterceptError> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
         let start = start_time(pid).ok_or_else(|| {
             InterceptError::io(
@@ -72,19 +75,22 @@ impl Instance {
                 std::io::Error::other("no start time"),
             )
         })?;
-        Ok(Instance { pid, start })
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Instance { pid, start, seq })
     }
 
     pub fn name(&self) -> String {
-        format!("{}-{}", self.pid, self.start)
+        format!("{}-{}-{}", self.pid, self.start, self.seq)
     }
 
     pub fn parse(name: &str) -> Option<Instance> {
-        let (pid, start) = name.split_once('-')?;
-        Some(Instance {
-            pid: pid.parse().ok()?,
-            start: start.parse().ok()?,
-        })
+        let mut parts = name.split('-');
+        let inst = Instance {
+            pid: parts.next()?.parse().ok()?,
+            start: parts.next()?.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(inst)
     }
 
     pub fn alive(&self) -> bool {
@@ -212,11 +218,18 @@ mod tests {
         assert_eq!(Instance::parse(&me.name()), Some(me.clone()));
         assert!(me.alive());
         let reused = Instance {
-            pid: me.pid,
             start: me.start + 1,
+            ..me.clone()
         };
         assert!(!reused.alive(), "same pid, other start time = dead");
-        assert_eq!(Instance::parse("maps"), None);
-        assert_eq!(Instance::parse("12-x"), None);
+        let second = Instance::current().expect("own stat");
+        assert_ne!(
+            second.name(),
+            me.name(),
+            "two interceptors of one process never share pins"
+        );
+        for bad in ["maps", "12-x-0", "12-34", "12-34-5-6", ""] {
+            assert_eq!(Instance::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -43,6 +43,11 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Check whether kernel interception can work here and say what to fix.
+    Doctor,
+    /// Interception internals for tests and the demo (not a stable interface).
+    #[command(hide = true, subcommand)]
+    Intercept(crate::intercept::hold::InterceptCommand),
 }
 
 /// A single-threaded runtime: these commands wait on a few HTTP lookups and one child.
@@ -68,5 +73,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut cmd, "kz", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor => Ok(crate::intercept::doctor::run()),
+        Command::Intercept(cmd) => crate::intercept::hold::run(cmd),
     }
 }

@@ -7,6 +7,7 @@
 //! - [`servers`]: real backend servers (OpenBao dev server, moto) on loopback ports.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod intercept;
 pub mod netns;
 pub mod servers;
 

@@ -694,3 +694,47 @@ fn blind_flag_is_explained_and_not_yet_wired() {
     assert!(!child.wait().unwrap().success());
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// `kz run` against moto (KeyZero's `aws` kind, credentials from the AWS_* environment, a JSON
+/// field) and a Kubernetes-style `file` directory, side by side.
+#[test]
+fn run_with_aws_and_file_resolvers() {
+    let moto = support::servers::Moto::start();
+    moto.boto3(&format!(
+        "sm.create_secret(Name='prod/db', SecretString='{{\"password\": \"{VALUE_A}\"}}')"
+    ));
+    let p = project(&[
+        ("secrets/api-key", &format!("{VALUE_B}\n")),
+        (
+            ".keyzero.toml",
+            &format!(
+                "[resolvers.aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n\n[resolvers.mounted]\ntype = \"file\"\npath = \"secrets\"\n\n[secrets.DB_PASSWORD]\nresolver = \"aws\"\nref = \"sm://prod/db\"\nfield = \"password\"\n\n[secrets.API_KEY]\nresolver = \"mounted\"\nref = \"api-key\"\n",
+                moto.endpoint
+            ),
+        ),
+    ]);
+    let out = kz(p.path())
+        .args(["run", "--", "sh", "-c", "echo \"$DB_PASSWORD|$API_KEY\""])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), format!("{VALUE_A}|{VALUE_B}"));
+    assert_no_values(&stderr(&out));
+    // Without credentials the failure names the secret and what to set, never a value.
+    let out = kz(p.path())
+        .args(["run", "--", "true"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("secret 'DB_PASSWORD'") && err.contains("no AWS credentials"),
+        "{err}"
+    );
+    assert_no_values(&err);
+}

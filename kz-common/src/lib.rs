@@ -54,6 +54,8 @@ pub mod reason {
     pub const NO_POLICY: u8 = 5;
     /// A redirect was due but the policy has no proxy (or DNS) port.
     pub const NO_TARGET: u8 = 6;
+    /// A raw socket (which would bypass the connect/sendmsg hooks) was refused at creation.
+    pub const RAW_DENIED: u8 = 7;
 }
 
 /// Per-cgroup policy, value of the `POLICY` map keyed by cgroup id (`u64`).
@@ -148,7 +150,7 @@ pub struct BlockEvent {
     /// Destination port, host byte order.
     pub port: u16,
     pub family: u16,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// IP protocol number: [`PROTO_TCP`], [`PROTO_UDP`], 1 (ICMP ping sockets), 58 (ICMPv6).
     pub proto: u8,
     /// One of [`reason`].
     pub reason: u8,
@@ -191,7 +193,10 @@ pub mod prog_names {
     pub const SENDMSG6: &str = "kz_sendmsg6";
     pub const RECVMSG4: &str = "kz_recvmsg4";
     pub const RECVMSG6: &str = "kz_recvmsg6";
+    pub const GETPEERNAME4: &str = "kz_getpeername4";
+    pub const GETPEERNAME6: &str = "kz_getpeername6";
     pub const SOCK_OPS: &str = "kz_sock_ops";
+    pub const SOCK_CREATE: &str = "kz_sock_create";
 }
 
 #[cfg(feature = "user")]

@@ -11,10 +11,11 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
+use aya_log_ebpf::debug;
 use kz_common::{
     AF_INET, AF_INET6, BlockEvent, CgroupPolicy, IpKey, KZ_SO_MARK, Lpm4, Lpm6, OrigDst, PROTO_TCP,
     PROTO_UDP, PeerKey, PortKey, flags, reason,
@@ -46,6 +47,7 @@ static KZ_DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(1638
 static KZ_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_RAW: u32 = 3;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const DNS_PORT: u16 = 53;
@@ -127,7 +129,20 @@ fn own_socket(sa: *mut bpf_sock_addr) -> bool {
 }
 
 #[inline(always)]
-fn emit_block(cgroup_id: u64, addr: &[u8; 16], v4: bool, port: u16, proto: u8, why: u8) {
+fn emit_block<C: EbpfContext>(
+    ctx: &C,
+    cgroup_id: u64,
+    addr: &[u8; 16],
+    v4: bool,
+    port: u16,
+    proto: u8,
+    why: u8,
+) {
+    // Diagnostics only (off unless kz runs with debug logging); the ring event is the record.
+    debug!(
+        ctx,
+        "refused {:i} port {} proto {} reason {} cgroup {}", *addr, port, proto, why, cgroup_id
+    );
     if let Some(mut entry) = KZ_EVENTS.reserve::<BlockEvent>(0) {
         let pid_tgid = bpf_get_current_pid_tgid();
         entry.write(BlockEvent {
@@ -216,17 +231,24 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     let protocol = rd(unsafe { addr_of!((*sa).protocol) });
     let sock_type = rd(unsafe { addr_of!((*sa).type_) });
     let tcp = protocol == IPPROTO_TCP || (protocol == 0 && sock_type == SOCK_STREAM);
-    let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    // The event names the real protocol (e.g. ICMP for ping sockets, which take the UDP rules).
+    let proto = if tcp {
+        PROTO_TCP
+    } else if protocol == 0 || protocol > 255 {
+        PROTO_UDP
+    } else {
+        protocol as u8
+    };
     // SAFETY: the value is plain data copied out at once.
     let policy = match unsafe { KZ_POLICY.get(&cg) } {
         Some(p) => *p,
         None => {
-            emit_block(cg, addr, v4, port, proto, reason::NO_POLICY);
+            emit_block(ctx, cg, addr, v4, port, proto, reason::NO_POLICY);
             return Verdict::Deny;
         }
     };
     let deny = |why: u8| {
-        emit_block(cg, addr, v4, port, proto, why);
+        emit_block(ctx, cg, addr, v4, port, proto, why);
         Verdict::Deny
     };
     if !v4 && policy.flags & flags::V6_INTERCEPT == 0 {
@@ -491,6 +513,98 @@ pub fn kz_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: [0; 6],
     };
     let _ = KZ_ORIG_PEER.insert(&key, &orig, 0);
-    let _ = KZ_ORIG_COOKIE.remove(&cookie);
+    // The cookie entry stays (LRU) for getpeername.
     1
+}
+
+/// The original destination of a socket kz redirected (TCP to the proxy or UDP/53 to the DNS
+/// port), by socket cookie.
+#[inline(always)]
+fn redirected_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: socket context, as bpf_get_socket_cookie requires; values copied out.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match unsafe { KZ_ORIG_COOKIE.get(&cookie) } {
+        Some(o) => Some(*o),
+        None => unsafe { KZ_DNS_ORIG.get(&cookie) }.copied(),
+    }
+}
+
+/// getpeername() on a redirected socket names the destination the process asked for, not
+/// kz's loopback port: the redirect stays invisible.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kz_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_peer(&ctx)
+        && orig.family == AF_INET
+    {
+        let sa = ctx.sock_addr;
+        // SAFETY: user_ip4/user_port are writable in getpeername4.
+        wr(
+            unsafe { addr_of_mut!((*sa).user_ip4) },
+            u32::from_ne_bytes(tail4(&orig.addr)),
+        );
+        wr(
+            unsafe { addr_of_mut!((*sa).user_port) },
+            u32::from(orig.port.to_be()),
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kz_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_peer(&ctx) {
+        let sa = ctx.sock_addr;
+        let b = orig.addr;
+        // SAFETY: user_ip6[i]/user_port are writable in getpeername6.
+        unsafe {
+            wr(
+                addr_of_mut!((*sa).user_ip6[0]),
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[1]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[2]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            );
+            wr(
+                addr_of_mut!((*sa).user_ip6[3]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            );
+            wr(addr_of_mut!((*sa).user_port), u32::from(orig.port.to_be()));
+        }
+    }
+    ALLOW
+}
+
+/// Raw sockets would bypass every hook above (they take no connect/sendmsg path): refused in
+/// intercepted cgroups. (Creating one needs CAP_NET_RAW anyway; this closes it for root agents.)
+#[cgroup_sock(sock_create)]
+pub fn kz_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: type_/protocol/family are readable 4-byte fields of bpf_sock in sock_create.
+    let (ty, protocol, family) = unsafe {
+        (
+            rd(addr_of!((*sk).type_)),
+            rd(addr_of!((*sk).protocol)),
+            rd(addr_of!((*sk).family)),
+        )
+    };
+    if ty != SOCK_RAW {
+        return ALLOW;
+    }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    emit_block(
+        &ctx,
+        cg,
+        &[0; 16],
+        family == u32::from(AF_INET),
+        0,
+        if protocol > 255 { 0 } else { protocol as u8 },
+        reason::RAW_DENIED,
+    );
+    REJECT
 }

@@ -77,18 +77,14 @@ impl Topo {
         let (tx, rx) = mpsc::channel();
         let (port_tx, port_rx) = mpsc::channel();
         self.client.spawn(move || {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
-            port_tx.send(s.local_addr().unwrap().port()).unwrap();
-            let mut buf = [0u8; 1500];
-            loop {
-                let Ok((n, from)) = s.recv_from(&mut buf) else {
-                    return;
-                };
-                if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
-                    let _ = tx.send((name, from));
-                    let _ = s.send_to(&reply, from);
-                }
-            }
+            // 127.0.0.1 and [::1] on the same port, as kz's resolver will listen.
+            let v4 = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+            let port = v4.local_addr().unwrap().port();
+            let v6 = UdpSocket::bind(("::1", port)).expect("bind dns [::1]");
+            port_tx.send(port).unwrap();
+            let tx6 = tx.clone();
+            std::thread::spawn(move || answer_loop(&v6, answer, &tx6));
+            answer_loop(&v4, answer, &tx);
         });
         (
             port_rx
@@ -96,6 +92,19 @@ impl Topo {
                 .expect("dns port"),
             rx,
         )
+    }
+}
+
+fn answer_loop(s: &UdpSocket, answer: [u8; 4], tx: &mpsc::Sender<(String, SocketAddr)>) {
+    let mut buf = [0u8; 1500];
+    loop {
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            return;
+        };
+        if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
+            let _ = tx.send((name, from));
+            let _ = s.send_to(&reply, from);
+        }
     }
 }
 
@@ -179,17 +188,22 @@ if mark:
 s.settimeout(5)
 try:
     s.connect((host, port))
-    print(s.makefile().readline().strip())
+    line = s.makefile().readline().strip()
+    if len(sys.argv) > 5:
+        print(line, "peer", s.getpeername()[0], s.getpeername()[1])
+    else:
+        print(line)
 except OSError as e:
     print("ERR", e.errno)
 "#;
 
-/// Sends a DNS query for example.test to (host, 53) and prints the reply's source and answer.
+/// Sends a DNS query for example.test to (host, 53) and prints the reply's source and answer
+/// (an AF_INET6 socket when host has a ':', e.g. a v4-mapped address).
 pub const PY_DNS: &str = r#"
 import socket, sys
 host = sys.argv[1]
 q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x07example\x04test\x00" + b"\x00\x01\x00\x01"
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(5)
 try:
     s.sendto(q, (host, 53))
@@ -224,3 +238,13 @@ pub fn read_line(r: &mut impl BufRead) -> String {
 pub fn reader<R: std::io::Read>(r: R) -> BufReader<R> {
     BufReader::new(r)
 }
+
+/// Creates a raw ICMP socket; prints "CREATED" or "ERR <errno>".
+pub const PY_RAW: &str = r#"
+import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    print("CREATED")
+except OSError as e:
+    print("ERR", e.errno)
+"#;

@@ -397,7 +397,11 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn location(&self, span: std::ops::Range<usize>) -> Location {
-        let offset = span.start.min(self.text.len());
+        // Spans are byte offsets; never slice inside a UTF-8 sequence, whatever the span says.
+        let mut offset = span.start.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

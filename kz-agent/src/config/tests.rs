@@ -311,3 +311,26 @@ fn blind_warns_when_tokens_may_go_anywhere() {
     )]);
     assert!(load(dir.path(), &[]).unwrap().blind_warnings().is_empty());
 }
+
+/// Every truncation and single-byte corruption of a full config (with multi-byte text) gives a
+/// value or an error, never a panic.
+#[test]
+fn malformed_input_never_panics() {
+    let full = "# clé ünïcode\n[resolvers.v]\ntype = \"hashicorp\"\naddress = \"https://v:8200\"\ntimeout = 2.5\n\n[secrets]\nA = { resolver = \"v\", ref = \"secret/ä\", field = \"k\", hosts = [\"api.example.com\"] }\n\n[production.secrets.A]\nresolver = \"env\"\nref = \"X\"\n\n[blind]\nconnections = [{ allow = true, regex = '^a\\.b$' }]\nresolver = \"127.0.0.1:53\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(CONFIG_FILENAME);
+    let bytes = full.as_bytes();
+    let mut variants: Vec<Vec<u8>> = (0..=bytes.len()).map(|i| bytes[..i].to_vec()).collect();
+    for i in 0..bytes.len() {
+        for b in [b'[', b'"', b'=', b'\n', 0xff] {
+            let mut v = bytes.to_vec();
+            v[i] = b;
+            variants.push(v);
+        }
+    }
+    for v in variants {
+        std::fs::write(&path, &v).unwrap();
+        let _ = load(dir.path(), &[]);
+        let _ = load(dir.path(), &[("KEYZERO_ENV", "production")]);
+    }
+}

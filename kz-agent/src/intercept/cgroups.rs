@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// Candidate mount points in order of preference.
 const CANDIDATES: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
 
-/// The cgroup v2 mount point: the first of [`CANDIDATES`] that `/proc/self/mountinfo` lists as
+/// The cgroup v2 mount point: the first of the candidates that `/proc/self/mountinfo` lists as
 /// `cgroup2`, else any cgroup2 mount.
 pub fn cgroup2_root() -> Result<PathBuf, InterceptError> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")
@@ -128,28 +128,37 @@ pub(crate) fn cgroup_id(dir: &Path) -> Result<u64, InterceptError> {
         .map_err(|e| InterceptError::io("stat cgroup", dir, e))
 }
 
-/// Kills every process in `dir` (cgroup.kill, Linux 5.14+) and waits up to `timeout` for it to
-/// empty. Returns whether it is empty.
+/// Whether any process lives in `dir` or any cgroup below it (`populated` in cgroup.events).
+pub fn populated(dir: &Path) -> Option<bool> {
+    let text = std::fs::read_to_string(dir.join("cgroup.events")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v.trim() == "1")
+}
+
+/// Kills every process in `dir` and below (cgroup.kill, Linux 5.14+; else SIGKILL to each
+/// listed pid) and waits up to `timeout` for the subtree to empty. Returns whether it is empty.
+/// Subtree-wide on purpose: a process that moved itself into a child cgroup must not survive
+/// the detach that follows.
 pub(crate) fn kill_all(dir: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut killed = false;
     loop {
-        match pids(dir) {
-            Ok(p) if p.is_empty() => return true,
-            Err(_) => return !dir.exists(),
-            Ok(_) => {}
+        match populated(dir) {
+            Some(false) => return true,
+            None => return !dir.exists(),
+            Some(true) => {}
         }
         if !killed {
-            // Fallback for kernels without cgroup.kill: SIGKILL each listed pid.
-            if std::fs::write(dir.join("cgroup.kill"), "1").is_err()
-                && let Ok(list) = pids(dir)
-            {
-                for pid in list {
-                    if let Ok(pid) = i32::try_from(pid) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+            if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+                for cg in subtree(dir) {
+                    for pid in pids(&cg).unwrap_or_default() {
+                        if let Ok(pid) = i32::try_from(pid) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
                     }
                 }
             }
@@ -160,6 +169,19 @@ pub(crate) fn kill_all(dir: &Path, timeout: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `dir` and every cgroup directory below it.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(subtree(&e.path()));
+            }
+        }
+    }
+    out
 }
 
 /// Removes an empty cgroup directory (children first). Retries briefly: a killed process leaves

@@ -100,7 +100,10 @@ fn programs() -> Result<String, String> {
         .create_cgroup(&name, &Policy::default())
         .map_err(|e| e.to_string())?;
     icpt.remove_cgroup(cg.id).map_err(|e| e.to_string())?;
-    Ok("cgroup connect4/6, sendmsg4/6, recvmsg4/6, sock_ops load, attach and pin".into())
+    Ok(
+        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create: load, attach, pin"
+            .into(),
+    )
 }
 
 fn toolchain() -> Result<String, String> {

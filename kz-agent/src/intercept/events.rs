@@ -2,7 +2,7 @@
 
 use super::InterceptError;
 use aya::maps::{MapData, RingBuf};
-use kz_common::{AF_INET6, PROTO_TCP, reason};
+use kz_common::{AF_INET6, PROTO_TCP, PROTO_UDP, reason};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use tokio::io::unix::AsyncFd;
 
@@ -16,6 +16,7 @@ pub enum BlockReason {
     UdpDenied,
     NoPolicy,
     NoTarget,
+    RawSocketDenied,
     Unknown(u8),
 }
 
@@ -28,6 +29,7 @@ impl BlockReason {
             reason::UDP_DENIED => BlockReason::UdpDenied,
             reason::NO_POLICY => BlockReason::NoPolicy,
             reason::NO_TARGET => BlockReason::NoTarget,
+            reason::RAW_DENIED => BlockReason::RawSocketDenied,
             other => BlockReason::Unknown(other),
         }
     }
@@ -44,7 +46,7 @@ pub struct Block {
     /// Task name (at most 15 bytes, as the kernel keeps it).
     pub comm: String,
     pub dest: SocketAddr,
-    /// "tcp" or "udp".
+    /// "tcp", "udp", "icmp", "icmpv6" or "other".
     pub proto: &'static str,
     pub reason: BlockReason,
 }
@@ -63,7 +65,14 @@ impl Block {
             pid: e.pid,
             comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
             dest: SocketAddr::new(ip, e.port),
-            proto: if e.proto == PROTO_TCP { "tcp" } else { "udp" },
+            proto: match e.proto {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                1 => "icmp",
+                58 => "icmpv6",
+                255 => "raw",
+                _ => "other",
+            },
             reason: BlockReason::from_raw(e.reason),
         }
     }

@@ -1,7 +1,7 @@
 //! Hidden `kz intercept …` commands: run the loader as its own process (tests kill it with
 //! SIGKILL to check fail-closed behaviour) and clean up stale state by hand.
 
-use super::{Cgroup, Cidr, Interceptor, Ipv6Mode, Policy, TcpRedirect, cleanup_stale};
+use super::{Cgroup, Cidr, Interceptor, Ipv6Mode, Policy, Scope, TcpRedirect, cleanup_stale};
 use clap::{Args, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
@@ -13,14 +13,23 @@ pub enum InterceptCommand {
     /// clean up everything.
     Hold(HoldArgs),
     /// Clean up pins and cgroups left by kz instances that died (kills their processes).
-    Cleanup,
+    Cleanup {
+        /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+        #[arg(long, default_value = super::pins::DEFAULT_SCOPE)]
+        scope: String,
+    },
+    /// Show interception end to end in throwaway network namespaces (`cargo xtask demo`).
+    Demo,
 }
 
 #[derive(Debug, Args)]
 pub struct HoldArgs {
-    /// Cgroup name under <cgroup2>/kz/<instance>/.
+    /// Cgroup name under `<cgroup2>/<scope>/<instance>/`.
     #[arg(long)]
     pub name: String,
+    /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+    #[arg(long, default_value = super::pins::DEFAULT_SCOPE)]
+    pub scope: String,
     #[arg(long, default_value_t = 0)]
     pub proxy_port: u16,
     #[arg(long, default_value_t = 0)]
@@ -38,7 +47,7 @@ pub struct HoldArgs {
     pub allow_udp: bool,
     #[arg(long)]
     pub loopback_direct: bool,
-    /// Redirect native IPv6 to [::1]:<proxy port> instead of refusing it.
+    /// Redirect native IPv6 to `[::1]:<proxy port>` instead of refusing it.
     #[arg(long)]
     pub ipv6_intercept: bool,
 }
@@ -69,9 +78,9 @@ impl HoldArgs {
 
 pub fn run(cmd: InterceptCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        InterceptCommand::Cleanup => {
-            let root = super::cgroups::cgroup2_root()?;
-            let report = cleanup_stale(&root)?;
+        InterceptCommand::Cleanup { scope } => {
+            let scope = Scope::new(&super::cgroups::cgroup2_root()?, &scope)?;
+            let report = cleanup_stale(&scope)?;
             println!(
                 "{}",
                 serde_json::json!({"cleaned": report.instances, "killed": report.killed})
@@ -79,6 +88,7 @@ pub fn run(cmd: InterceptCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         InterceptCommand::Hold(args) => hold(&args),
+        InterceptCommand::Demo => super::demo::run().map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -97,7 +107,8 @@ fn hold(args: &HoldArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut icpt = Interceptor::load()?;
+        let scope = Scope::new(&super::cgroups::cgroup2_root()?, &args.scope)?;
+        let mut icpt = Interceptor::load_in(&scope)?;
         let cg = icpt.create_cgroup(&args.name, &args.policy())?;
         let mut events = icpt.block_events()?;
         let mut out = std::io::stdout();

@@ -3,12 +3,13 @@
 use super::InterceptError;
 use super::cgroups::{self, Cgroup};
 use super::events::BlockEvents;
+use super::logs;
 use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, lpm_key};
-use super::pins::{self, Instance};
+use super::pins::{self, Instance, Scope};
 use aya::Ebpf;
 use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps};
 use kz_common::{CgroupPolicy, Lpm4, Lpm6, PortKey, map_names as mn, prog_names as pn};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,13 +19,15 @@ use std::time::Duration;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kz-ebpf"));
 
 /// The cgroup sock_addr programs, attached to every cgroup, in attach order.
-const SOCK_ADDR_PROGS: [&str; 6] = [
+const SOCK_ADDR_PROGS: [&str; 8] = [
     pn::CONNECT4,
     pn::CONNECT6,
     pn::SENDMSG4,
     pn::SENDMSG6,
     pn::RECVMSG4,
     pn::RECVMSG6,
+    pn::GETPEERNAME4,
+    pn::GETPEERNAME6,
 ];
 
 /// aya attaches through bpf_link_create on Linux >= 5.7; that syscall rejects any attach flag
@@ -70,6 +73,8 @@ pub struct Interceptor {
     cgroups: BTreeMap<u64, CgroupState>,
     program_ids: Vec<u32>,
     map_ids: Vec<u32>,
+    /// Forwards the programs' aya-log records to tracing; stops when dropped.
+    _log_thread: Option<logs::LogThread>,
 }
 
 fn program_err(name: &'static str, e: ProgramError) -> InterceptError {
@@ -109,13 +114,14 @@ impl Interceptor {
     /// Loads the programs on the detected cgroup v2 hierarchy, after cleaning up what dead kz
     /// instances left behind. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
     pub fn load() -> Result<Interceptor, InterceptError> {
-        Interceptor::load_at(&cgroups::cgroup2_root()?)
+        Interceptor::load_in(&Scope::detect()?)
     }
 
-    /// [`Interceptor::load`] with an explicit cgroup v2 mount point.
-    pub fn load_at(cgroup_root: &Path) -> Result<Interceptor, InterceptError> {
+    /// [`Interceptor::load`] in an explicit [`Scope`] (cgroup v2 mount point and state name).
+    pub fn load_in(scope: &Scope) -> Result<Interceptor, InterceptError> {
         pins::ensure_bpffs()?;
-        match pins::cleanup_stale(cgroup_root) {
+        let cgroup_root = scope.cgroup_root.as_path();
+        match pins::cleanup_stale(scope) {
             Ok(r) if !r.instances.is_empty() => {
                 tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
             }
@@ -124,8 +130,8 @@ impl Interceptor {
             Err(e) => tracing::warn!("stale kz state not fully cleaned: {e}"),
         }
         let instance = Instance::current()?;
-        let pin_dir = pins::pin_root().join(instance.name());
-        let cgroup_dir = cgroup_root.join("kz").join(instance.name());
+        let pin_dir = scope.pin_root().join(instance.name());
+        let cgroup_dir = scope.cgroup_parent().join(instance.name());
         let result = Self::load_inner(cgroup_root, &pin_dir, &cgroup_dir);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&pin_dir);
@@ -144,7 +150,17 @@ impl Interceptor {
         }
         std::fs::create_dir_all(cgroup_dir)
             .map_err(|e| InterceptError::io("create cgroup", cgroup_dir, e))?;
-        let mut ebpf = Ebpf::load(OBJECT).map_err(InterceptError::Object)?;
+        // The programs' aya-log statements are debug level: only enabled (and only cost more than
+        // a compare) when kz itself logs at debug.
+        let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) {
+            aya_log::Level::Debug as u8
+        } else {
+            aya_log::Level::Warn as u8
+        };
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .map_err(InterceptError::Object)?;
         let mut program_ids = Vec::new();
         for name in SOCK_ADDR_PROGS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -162,6 +178,18 @@ impl Interceptor {
             .map_err(|e| program_err(pn::SOCK_OPS, e))?;
         ops.load().map_err(|e| program_err(pn::SOCK_OPS, e))?;
         program_ids.push(ops.info().map_err(|e| program_err(pn::SOCK_OPS, e))?.id());
+        let create: &mut CgroupSock = ebpf
+            .program_mut(pn::SOCK_CREATE)
+            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
+            .try_into()
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        create.load().map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        program_ids.push(
+            create
+                .info()
+                .map_err(|e| program_err(pn::SOCK_CREATE, e))?
+                .id(),
+        );
 
         let mut map_ids = Vec::new();
         for name in mn::ALL {
@@ -175,6 +203,16 @@ impl Interceptor {
                 map_ids.push(info.id());
             }
         }
+        // The log ring and the .data section (AYA_LOG_LEVEL) are not pinned: the programs hold
+        // them. Their ids are still ours to account for.
+        for (name, map) in ebpf.maps() {
+            if !mn::ALL.contains(&name)
+                && let Ok(id) = map_info(map)
+            {
+                map_ids.push(id);
+            }
+        }
+        let log_thread = logs::spawn(&mut ebpf);
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
         let policy = HashMap::try_from(take(mn::POLICY)?).map_err(map_err(mn::POLICY))?;
@@ -207,6 +245,7 @@ impl Interceptor {
             cgroups: BTreeMap::new(),
             program_ids,
             map_ids,
+            _log_thread: log_thread,
         })
     }
 
@@ -305,6 +344,27 @@ impl Interceptor {
                 },
             )?;
         fd_links.push((pn::SOCK_OPS, fd));
+        let create: &mut CgroupSock = self
+            .ebpf
+            .program_mut(pn::SOCK_CREATE)
+            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
+            .try_into()
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let link_id = create
+            .attach(&file, LINK_MODE)
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let link = create
+            .take_link(link_id)
+            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(
+                |e: aya::programs::links::LinkError| InterceptError::Program {
+                    name: pn::SOCK_CREATE,
+                    detail: format!("not a bpf_link: {e}"),
+                },
+            )?;
+        fd_links.push((pn::SOCK_CREATE, fd));
 
         let state = self
             .cgroups
@@ -489,6 +549,20 @@ impl Interceptor {
     }
 }
 
+fn map_info(map: &aya::maps::Map) -> Result<u32, aya::maps::MapError> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::RingBuf(m) | Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) => m,
+        Map::LpmTrie(m) => m,
+        _ => {
+            return Err(aya::maps::MapError::InvalidName {
+                name: String::new(),
+            });
+        }
+    };
+    data.info().map(|i| i.id())
+}
+
 fn port_key(cgroup_id: u64, port: u16) -> PortKey {
     PortKey {
         cgroup_id,
@@ -520,5 +594,22 @@ impl Drop for Interceptor {
         }
         // The shared parents (`<root>/kz`, `/sys/fs/bpf/kz`) stay: removing them would race with
         // another instance creating its directories there.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Other modules keep these in tasks and behind locks.
+    #[test]
+    fn handles_can_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<Interceptor>();
+        send::<BlockEvents>();
+        send_sync::<OrigDstTable>();
+        send_sync::<AllowMap>();
+        send_sync::<Cgroup>();
     }
 }

@@ -14,13 +14,26 @@
 //! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination,
 //!   reason).
 //!
-//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own) are never touched; kz itself runs
-//! outside the cgroups it guards, so its upstream connections are never redirected.
+//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own, see [`mark_as_kz`]) are never
+//! touched; kz itself runs outside the cgroups it guards, so its upstream connections are never
+//! redirected. `getpeername()` on a redirected socket reports the original destination. Raw
+//! sockets are refused at creation in guarded cgroups; a process in a child cgroup of a guarded
+//! one (which has no policy of its own) is refused everything.
+//!
+//! # Contract for callers
+//! - The proxy listens on `127.0.0.1:<proxy_port>` in the agent's network namespace (and on
+//!   `[::1]` too with [`Ipv6Mode::Intercept`]; a dual-stack `[::]` socket does both) and calls
+//!   [`OrigDstTable::take`] with each accepted socket's `peer_addr()`. No record = not a
+//!   redirected connection: refuse it.
+//! - The DNS resolver listens on UDP `127.0.0.1:<dns_port>` (and `[::1]` for IPv6 resolvers).
+//!   DNS over TCP is ordinary TCP: it goes to the proxy (port 53).
+//! - Not covered: AF_PACKET sockets (need CAP_NET_RAW: do not give the agent that capability).
 //!
 //! # Fail closed
-//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid and start
-//! time). If kz is killed, the programs stay attached and the cgroup stays cut off (its
-//! connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
+//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid, start
+//! time and a per-process sequence number; `kz` is the default [`Scope`]); cgroups live under
+//! `<cgroup2>/kz/<instance>/`. If kz is killed, the programs stay attached and the cgroup stays
+//! cut off (its connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
 //! [`Interceptor::remove_cgroup`]) kills what is left in its cgroups, detaches, unpins and removes
 //! everything it made. [`Interceptor::load`] first cleans up what dead instances left behind
 //! ([`cleanup_stale`]), killing their orphaned processes before it detaches anything.
@@ -44,11 +57,13 @@
 //! [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
 
 pub mod cgroups;
+pub mod demo;
 pub mod dns;
 pub mod doctor;
 pub mod events;
 pub mod hold;
 pub mod loader;
+pub mod logs;
 pub mod maps;
 pub mod pins;
 
@@ -56,7 +71,7 @@ pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
 pub use loader::Interceptor;
 pub use maps::{AllowMap, Cidr, Ipv6Mode, OrigDst, OrigDstTable, Policy, TcpRedirect};
-pub use pins::cleanup_stale;
+pub use pins::{Scope, cleanup_stale};
 
 use std::path::PathBuf;
 
@@ -120,4 +135,16 @@ impl InterceptError {
             source,
         }
     }
+}
+
+/// Marks a socket as kz's own ([`kz_common::KZ_SO_MARK`]) so the programs never redirect or
+/// refuse it: for a kz process that itself runs inside an intercepted cgroup. Call before
+/// `connect()`. Needs CAP_NET_ADMIN (which is why an agent cannot use it to escape).
+pub fn mark_as_kz(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::Mark,
+        &kz_common::KZ_SO_MARK,
+    )
+    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))
 }

@@ -5,7 +5,7 @@
 //! /sys/fs/bpf/kz/<instance>/links/<cgroup id>-<program>
 //! <cgroup2 root>/kz/<instance>/<cgroup name>
 //! ```
-//! `<instance>` is `<pid>-<start time in clock ticks>` of the loader, so a later kz can tell a
+//! `<instance>` is `<pid>-<start time in clock ticks>-<seq>` of the loader, so a later kz can tell a
 //! live loader (leave it alone) from a dead one whose pid was reused (clean up).
 
 use super::{InterceptError, cgroups};
@@ -15,20 +15,58 @@ use std::time::Duration;
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-/// Directory holding every kz instance's pins.
-pub fn pin_root() -> PathBuf {
-    Path::new(BPFFS).join("kz")
+/// The default [`Scope`] name.
+pub const DEFAULT_SCOPE: &str = "kz";
+
+/// A namespace for kz state: pins under `/sys/fs/bpf/<scope>/`, cgroups under
+/// `<cgroup2 root>/<scope>/`. Loaders only ever clean up dead instances of their own scope, so
+/// independent deployments (or tests that kill loaders on purpose) do not interfere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub cgroup_root: PathBuf,
+    pub name: String,
 }
 
-/// A loader process, identified across pid reuse.
+impl Scope {
+    /// `name` must be a plain directory name (see [`cgroups::valid_name`]).
+    pub fn new(cgroup_root: &Path, name: &str) -> Result<Scope, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        Ok(Scope {
+            cgroup_root: cgroup_root.to_path_buf(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The default scope on the detected cgroup v2 hierarchy.
+    pub fn detect() -> Result<Scope, InterceptError> {
+        Scope::new(&cgroups::cgroup2_root()?, DEFAULT_SCOPE)
+    }
+
+    /// Directory holding every instance's pins.
+    pub fn pin_root(&self) -> PathBuf {
+        Path::new(BPFFS).join(&self.name)
+    }
+
+    /// Directory holding every instance's cgroups.
+    pub fn cgroup_parent(&self) -> PathBuf {
+        self.cgroup_root.join(&self.name)
+    }
+}
+
+/// A loader, identified across pid reuse; `seq` tells apart several interceptors of one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
     pub pid: u32,
     pub start: u64,
+    pub seq: u32,
 }
 
 impl Instance {
+    /// A new instance of this process (each call gets its own `seq`).
     pub fn current() -> Result<Instance, InterceptError> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
         let start = start_time(pid).ok_or_else(|| {
             InterceptError::io(
@@ -37,19 +75,22 @@ impl Instance {
                 std::io::Error::other("no start time"),
             )
         })?;
-        Ok(Instance { pid, start })
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Instance { pid, start, seq })
     }
 
     pub fn name(&self) -> String {
-        format!("{}-{}", self.pid, self.start)
+        format!("{}-{}-{}", self.pid, self.start, self.seq)
     }
 
     pub fn parse(name: &str) -> Option<Instance> {
-        let (pid, start) = name.split_once('-')?;
-        Some(Instance {
-            pid: pid.parse().ok()?,
-            start: start.parse().ok()?,
-        })
+        let mut parts = name.split('-');
+        let inst = Instance {
+            pid: parts.next()?.parse().ok()?,
+            start: parts.next()?.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(inst)
     }
 
     pub fn alive(&self) -> bool {
@@ -104,9 +145,9 @@ pub struct StaleReport {
 /// cgroups, then unpins their links and maps (which detaches the programs) and removes the
 /// cgroups. Processes are killed *before* anything is detached, so an orphaned agent is never
 /// let out uncut; if a cgroup cannot be emptied its pins stay and this returns an error.
-pub fn cleanup_stale(cgroup_root: &Path) -> Result<StaleReport, InterceptError> {
-    let pins = pin_root();
-    let cgroups = cgroup_root.join("kz");
+pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
+    let pins = scope.pin_root();
+    let cgroups = scope.cgroup_parent();
     let mut names: Vec<String> = Vec::new();
     for dir in [&pins, &cgroups] {
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -129,10 +170,13 @@ pub fn cleanup_stale(cgroup_root: &Path) -> Result<StaleReport, InterceptError> 
             continue;
         }
         let cg_dir = cgroups.join(&name);
-        for leaf in leaf_cgroups(&cg_dir) {
-            report.killed += cgroups::pids(&leaf).map(|p| p.len()).unwrap_or(0);
-            if !cgroups::kill_all(&leaf, Duration::from_secs(3)) {
-                return Err(InterceptError::CgroupBusy(leaf));
+        if cg_dir.is_dir() {
+            report.killed += leaf_cgroups(&cg_dir)
+                .iter()
+                .map(|c| cgroups::pids(c).map(|p| p.len()).unwrap_or(0))
+                .sum::<usize>();
+            if !cgroups::kill_all(&cg_dir, Duration::from_secs(3)) {
+                return Err(InterceptError::CgroupBusy(cg_dir));
             }
         }
         let pin_dir = pins.join(&name);
@@ -174,11 +218,18 @@ mod tests {
         assert_eq!(Instance::parse(&me.name()), Some(me.clone()));
         assert!(me.alive());
         let reused = Instance {
-            pid: me.pid,
             start: me.start + 1,
+            ..me.clone()
         };
         assert!(!reused.alive(), "same pid, other start time = dead");
-        assert_eq!(Instance::parse("maps"), None);
-        assert_eq!(Instance::parse("12-x"), None);
+        let second = Instance::current().expect("own stat");
+        assert_ne!(
+            second.name(),
+            me.name(),
+            "two interceptors of one process never share pins"
+        );
+        for bad in ["maps", "12-x-0", "12-34", "12-34-5-6", ""] {
+            assert_eq!(Instance::parse(bad), None, "{bad:?}");
+        }
     }
 }

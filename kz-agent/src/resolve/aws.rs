@@ -94,7 +94,13 @@ impl AwsSecretsManagerResolver {
         }
         let credentials = credentials(s, profile.as_deref())?;
         let ca = settings::path(KIND, s, "ca_cert")?;
-        let http = HttpClient::new(KIND, ca.as_deref(), common.timeout, common.retries)?;
+        let http = HttpClient::new(
+            KIND,
+            endpoint.as_deref().unwrap_or("https://"),
+            ca.as_deref(),
+            common.timeout,
+            common.retries,
+        )?;
         Ok(Self {
             region,
             endpoint,

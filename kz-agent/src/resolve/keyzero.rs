@@ -90,7 +90,13 @@ impl KeyzeroResolver {
             },
         };
         let ca = settings::path(KIND, s, "ca_cert")?;
-        let http = HttpClient::new(KIND, ca.as_deref(), common.timeout, common.retries)?;
+        let http = HttpClient::new(
+            KIND,
+            &endpoint,
+            ca.as_deref(),
+            common.timeout,
+            common.retries,
+        )?;
         Ok(Self {
             endpoint,
             token,

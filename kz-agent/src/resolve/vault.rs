@@ -151,7 +151,13 @@ impl VaultResolver {
         };
         let ca = settings::path(KIND, s, "ca_cert")?
             .or_else(|| settings::env("VAULT_CACERT").map(Into::into));
-        let http = HttpClient::new(KIND, ca.as_deref(), common.timeout, common.retries)?;
+        let http = HttpClient::new(
+            KIND,
+            &address,
+            ca.as_deref(),
+            common.timeout,
+            common.retries,
+        )?;
         if address.starts_with("http://") && !is_loopback_url(&address) {
             tracing::warn!(
                 address,
@@ -280,15 +286,15 @@ impl VaultResolver {
         if let Some(v) = self.kv_version {
             return Ok((v, None));
         }
+        // The lock is held across the lookup so that concurrent first reads of one mount ask
+        // Vault once (`kz run` resolves all its secrets at the same time).
+        let mut mounts = self.mounts.lock().await;
+        if let Some((mount, v)) = mounts
+            .iter()
+            .filter(|(m, _)| path.starts_with(m.as_str()))
+            .max_by_key(|(m, _)| m.len())
         {
-            let mounts = self.mounts.lock().await;
-            if let Some((mount, v)) = mounts
-                .iter()
-                .filter(|(m, _)| path.starts_with(m.as_str()))
-                .max_by_key(|(m, _)| m.len())
-            {
-                return Ok((*v, Some(mount.clone())));
-            }
+            return Ok((*v, Some(mount.clone())));
         }
         let api = format!("sys/internal/ui/mounts/{}", encode_path(path));
         let resp = self
@@ -313,7 +319,7 @@ impl VaultResolver {
             .unwrap_or(1);
         match mount {
             Some(mount) => {
-                self.mounts.lock().await.insert(mount.clone(), version);
+                mounts.insert(mount.clone(), version);
                 Ok((version, Some(mount)))
             }
             // Detection not allowed or not a KV mount: read the path as given (KV v1 / KeyZero).

@@ -222,6 +222,34 @@ pub fn mint_masked_token() -> String {
     format!("{MASKED_PREFIX}{}", hex::encode(bytes))
 }
 
+/// A resolved secret paired with its masked token: one row of blind mode's token table.
+#[derive(Debug, Clone)]
+pub struct MaskedSecret {
+    pub name: String,
+    /// `kz_masked_…`: what the child sees in its environment.
+    pub token: String,
+    pub value: Secret,
+    /// Where the token may be swapped for the value (empty = the blind connection rules; see
+    /// [`crate::config::in_scope`]).
+    pub hosts: Vec<String>,
+    pub resolver: String,
+}
+
+/// Mints one fresh masked token per secret (unique within this run).
+pub fn mask_all(secrets: Vec<ResolvedSecret>) -> Vec<MaskedSecret> {
+    let mut minter = TokenMinter::new();
+    secrets
+        .into_iter()
+        .map(|s| MaskedSecret {
+            token: minter.mint(),
+            name: s.name,
+            value: s.value,
+            hosts: s.hosts,
+            resolver: s.resolver,
+        })
+        .collect()
+}
+
 /// True for strings of the exact masked-token shape.
 pub fn is_masked_token(s: &str) -> bool {
     s.strip_prefix(MASKED_PREFIX).is_some_and(|hex| {
@@ -423,6 +451,34 @@ mod tests {
             "kz_masked_ABCDEF0123456789abcdef0123456789"
         ));
         assert!(!is_masked_token("kz_masked_abc"));
+    }
+
+    #[test]
+    fn mask_all_pairs_each_secret_with_its_own_token() {
+        let secrets: Vec<ResolvedSecret> = (0..3)
+            .map(|i| ResolvedSecret {
+                name: format!("S{i}"),
+                value: Secret::new(format!("value-{i}")),
+                hosts: vec![format!("h{i}.example.com")],
+                resolver: "env".into(),
+            })
+            .collect();
+        let masked = mask_all(secrets);
+        let tokens: HashSet<&str> = masked.iter().map(|m| m.token.as_str()).collect();
+        assert_eq!(tokens.len(), 3);
+        for (i, m) in masked.iter().enumerate() {
+            assert!(is_masked_token(&m.token));
+            assert_eq!(m.value.expose(), format!("value-{i}"));
+            assert_eq!(m.hosts, vec![format!("h{i}.example.com")]);
+        }
+        // The child env built from the masked rows carries tokens, never values.
+        let env = child_env(
+            false,
+            &[],
+            masked.iter().map(|m| (m.name.clone(), m.token.clone())),
+        );
+        let dump = format!("{env:?}");
+        assert!(!dump.contains("value-0") && dump.contains(&masked[0].token));
     }
 
     #[test]

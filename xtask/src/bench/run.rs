@@ -7,7 +7,6 @@
 //! against KeyZero's `kz run --blind -- true` (its explicit HTTP proxy). Target: blind adds
 //! < 50 ms to `kz run`.
 
-use super::{Stats, measure, ms, workspace_root};
 use crate::setup;
 use anyhow::{Context, Result, bail};
 use std::net::TcpListener;
@@ -264,4 +263,58 @@ fn is_keyzero(p: &Path) -> bool {
         .arg("--help")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("keyzero"))
+}
+
+/// Wall-clock statistics of repeated runs of one command.
+pub struct Stats {
+    pub label: String,
+    pub samples: Vec<Duration>,
+}
+
+impl Stats {
+    pub fn mean(&self) -> Duration {
+        let total: Duration = self.samples.iter().sum();
+        total / u32::try_from(self.samples.len().max(1)).unwrap_or(1)
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut s = self.samples.clone();
+        s.sort();
+        let idx = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s.get(idx).copied().unwrap_or_default()
+    }
+}
+
+/// Runs `make()` `warmup` + `n` times; only successful runs count.
+pub fn measure(label: &str, warmup: usize, n: usize, make: impl Fn() -> Command) -> Result<Stats> {
+    for _ in 0..warmup {
+        let status = make().status()?;
+        if !status.success() {
+            bail!("{label}: warm-up run failed ({status})");
+        }
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let status = make().status()?;
+        samples.push(start.elapsed());
+        if !status.success() {
+            bail!("{label}: run failed ({status})");
+        }
+    }
+    Ok(Stats {
+        label: label.to_owned(),
+        samples,
+    })
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }

@@ -7,6 +7,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod netns;
+pub mod tls;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

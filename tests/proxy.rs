@@ -1000,3 +1000,95 @@ fn a_thousand_concurrent_connections() {
     env.audit.wait("proxy_request", 1000);
     env.audit_clean();
 }
+
+#[test]
+fn graceful_drain_finishes_in_flight_streams() {
+    if !support::require_root() {
+        return;
+    }
+    let mut env = Env::new(Opts::default());
+    let script = format!(
+        r#"
+import http.client, socket, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+raw = socket.create_connection(("127.0.0.1", {port}))
+conn = http.client.HTTPSConnection("api.test", context=ctx)
+conn.sock = ctx.wrap_socket(raw, server_hostname="api.test")
+conn.request("GET", "/sse")
+r = conn.getresponse()
+print(r.read().decode())
+"#,
+        ca = env.kz_ca.display(),
+        port = env.transparent.port()
+    );
+    let py = format!(
+        "{}/.cache/kz/venv/bin/python",
+        std::env::var("HOME").unwrap()
+    );
+    let child = env
+        .client
+        .command(&py)
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Shut down once the event stream is in flight (the upstream has the request).
+    let t = Instant::now();
+    while !env.good.seen().iter().any(|s| s.uri == "/sse") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the SSE request never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.stop.take().unwrap().send(()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("data: first"), "{text}");
+    assert!(
+        text.contains("data: second"),
+        "in-flight stream completed: {text}"
+    );
+    env.proxy_thread.take().unwrap().join().unwrap();
+    // The listener is gone: new connections are refused.
+    let port = env.transparent.port();
+    let refused = env
+        .client
+        .spawn(move || TcpStream::connect(("127.0.0.1", port)).is_err())
+        .join()
+        .unwrap();
+    assert!(refused);
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_at_accept() {
+    if !support::require_root() {
+        return;
+    }
+    let limits = proxy::Limits {
+        max_connections: 2,
+        ..proxy::Limits::default()
+    };
+    let env = Env::new(Opts {
+        limits: Some(limits),
+        ..Opts::default()
+    });
+    let (third, took) = raw(&env, |a| {
+        let _one = TcpStream::connect(a).unwrap();
+        let _two = TcpStream::connect(a).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut three = TcpStream::connect(a).unwrap();
+        let _ = three.write_all(b"\x16\x03\x01");
+        read_to_close(&mut three, Duration::from_secs(5))
+    });
+    assert!(third.is_empty());
+    assert!(
+        took < Duration::from_secs(2),
+        "closed at once, took {took:?}"
+    );
+    let metrics = env.metrics_text();
+    assert!(
+        metrics.contains("kz_proxy_connections_rejected_total 1"),
+        "{metrics}"
+    );
+}

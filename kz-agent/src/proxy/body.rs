@@ -79,7 +79,7 @@ impl<B> RewriteBody<B> {
 
     /// Runs the rewriter on `data` (or flushes at the end when `None`). Returns the bytes to emit
     /// and whether an out-of-scope token was seen.
-    fn rewrite(&mut self, data: Option<&[u8]>) -> (Bytes, bool) {
+    fn rewrite(&mut self, data: Option<Bytes>) -> (Bytes, bool) {
         let mut violation = false;
         let snap = &self.snap;
         let record = &self.record;
@@ -145,7 +145,7 @@ where
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let (out, violation) = this.rewrite(Some(&data));
+                        let (out, violation) = this.rewrite(Some(data));
                         if violation && this.refuse_out_of_scope {
                             this.record.with(|f| f.refused = true);
                             return Poll::Ready(Some(Err(Box::new(RefusedOutOfScope))));

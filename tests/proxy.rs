@@ -1092,3 +1092,37 @@ fn connections_over_the_limit_are_closed_at_accept() {
         "{metrics}"
     );
 }
+
+#[test]
+fn non_http_is_spliced_or_refused_by_rule() {
+    if !support::require_root() {
+        return;
+    }
+    let mut splice = ConnectionRule::allow(HostPattern::host(GOOD).unwrap());
+    splice.splice_non_http = true;
+    let rules = ConnectionRules(vec![
+        splice,
+        ConnectionRule::allow(HostPattern::host("*.test").unwrap()),
+    ]);
+    let env = Env::new(Opts {
+        rules,
+        ..Opts::default()
+    });
+    let talk = |env: &Env| {
+        raw(env, |a| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.write_all(b"\x01\x02 not http\r\n\r\n").unwrap();
+            read_to_close(&mut s, Duration::from_secs(5)).0
+        })
+    };
+    // Spliced: the bytes reach the upstream untouched, which answers them (HTTP 400).
+    env.set_dst(GOOD, 80);
+    let got = String::from_utf8_lossy(&talk(&env)).into_owned();
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert_eq!(env.audit.wait("tcp_splice", 1).len(), 1);
+    // No splice rule for the other address: refused, nothing comes back.
+    env.set_dst(EVIL, 80);
+    assert!(talk(&env).is_empty());
+    let refused = env.audit.wait("connection_refused", 1);
+    assert_eq!(refused[0].fields["reason"], "non_http_not_allowed");
+}

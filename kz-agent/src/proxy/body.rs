@@ -157,8 +157,25 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                     Err(frame) => {
-                        // Trailers end the body: flush what is held back first.
-                        this.pending_trailers = frame.into_trailers().ok();
+                        // Trailers end the body: flush what is held back first. Their values get
+                        // the same treatment as the body.
+                        this.pending_trailers = frame.into_trailers().ok().map(|mut t| {
+                            for (_, v) in t.iter_mut() {
+                                let snap = &this.snap;
+                                let record = &this.record;
+                                let dir = this.dir;
+                                let mut seen = |id: usize, replaced: bool| match dir {
+                                    Direction::Up => record.token(snap.name(id), replaced),
+                                    Direction::Down => record.scrubbed(snap.name(id)),
+                                };
+                                if let Some(nv) = this.rw.rewrite_value(v.as_bytes(), &mut seen)
+                                    && let Ok(hv) = http::HeaderValue::from_bytes(&nv)
+                                {
+                                    *v = hv;
+                                }
+                            }
+                            t
+                        });
                         this.done = true;
                         let (out, _) = this.rewrite(None);
                         if !out.is_empty() {

@@ -211,6 +211,11 @@ impl StreamRewriter {
         out.freeze()
     }
 
+    /// Rewrites one complete value (e.g. a trailer) with this stream's patterns and decisions.
+    pub fn rewrite_value(&self, v: &[u8], seen: &mut dyn FnMut(usize, bool)) -> Option<Vec<u8>> {
+        self.pats.rewrite_all(v, self.decide.as_ref(), seen)
+    }
+
     /// End of stream: everything held back is final now.
     pub fn finish(&mut self, seen: &mut dyn FnMut(usize, bool)) -> Bytes {
         let buf = std::mem::take(&mut self.carry);

@@ -10,7 +10,7 @@
 //! - kz (explicit): CONNECT / absolute-form through kz's explicit listener;
 //! - KeyZero: crate kz-proxy 0.3 run by a harness built outside kz's dependency tree
 //!   (~/.cache/kz/peers/kz-proxy-harness), CONNECT / absolute-form, `upstream_ca` = bench CA;
-//! - mitmproxy: mitmdump with an equivalent header-swap addon.
+//! - mitmproxy: mitmdump (own venv under ~/.cache/kz/peers) with an equivalent swap addon.
 //!
 //! Nothing leaves the two namespaces.
 
@@ -244,10 +244,14 @@ pub fn run_bench() -> Result<()> {
         .args(["build", "--release", "--quiet"]))?;
     let harness_bin = harness_dir.join("target/release/kz-proxy-harness");
 
-    let mitmdump = setup::venv_dir().join("bin/mitmdump");
+    // mitmproxy gets a venv of its own: it pins old h11/cryptography versions that would break
+    // the test venv's httpx, moto and joserfc.
+    let mitm_venv = peers_dir().join("mitmproxy-venv");
+    let mitmdump = mitm_venv.join("bin/mitmdump");
     if !mitmdump.exists() {
-        eprintln!("bench: installing mitmproxy into the venv");
-        run(Command::new(setup::venv_dir().join("bin/pip")).args([
+        eprintln!("bench: installing mitmproxy into {}", mitm_venv.display());
+        run(Command::new("python3").args(["-m", "venv", mitm_venv.to_str().unwrap_or("")]))?;
+        run(Command::new(mitm_venv.join("bin/pip")).args([
             "install",
             "--quiet",
             "--disable-pip-version-check",

@@ -892,6 +892,28 @@ fn slowloris_garbage_tls_and_oversized_headers() {
         resp.is_empty() || resp.starts_with("HTTP/1.1 408"),
         "{resp}"
     );
+    // Invalid chunked encoding and a truncated request: an error status or a close, quickly.
+    for bad in [
+        &b"POST /upload HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nxx\r\n"[..],
+        &b"POST /upload HTTP/1.1\r\nHost: api.test\r\nContent-Length: 100\r\n\r\nshort"[..],
+    ] {
+        let bad = bad.to_vec();
+        let (resp, took) = raw(&env, move |a| {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.write_all(&bad).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let t = Instant::now();
+            let (r, _) = read_to_close(&mut s, Duration::from_secs(8));
+            (r, t.elapsed())
+        });
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        assert!(took < Duration::from_secs(5), "bad request handled in {took:?}");
+        assert!(
+            resp.is_empty() || resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 5"),
+            "{resp}"
+        );
+        assert!(!resp.contains(REAL));
+    }
     // Oversized headers: 431 (or a close), and the proxy keeps serving.
     env.set_dst(GOOD, 443);
     let big = format!("X-Big: {}", "a".repeat(40_000));

@@ -1148,3 +1148,35 @@ fn non_http_is_spliced_or_refused_by_rule() {
     let refused = env.audit.wait("connection_refused", 1);
     assert_eq!(refused[0].fields["reason"], "non_http_not_allowed");
 }
+
+#[test]
+fn upstream_connect_timeout_is_a_504() {
+    if !support::require_root() {
+        return;
+    }
+    let limits = proxy::Limits {
+        upstream_connect_timeout: Duration::from_millis(800),
+        ..proxy::Limits::default()
+    };
+    let env = Env::new(Opts {
+        limits: Some(limits),
+        ..Opts::default()
+    });
+    // Nobody answers ARP for 10.77.0.9: the connect hangs until kz gives up.
+    env.set_dst("10.77.0.9", 443);
+    let t = Instant::now();
+    let out = env.curl_t(
+        "api.test",
+        443,
+        &["-w", "\n%{http_code}", "https://api.test/echo"],
+    );
+    let body = stdout(&out);
+    assert!(body.ends_with("504"), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    let recs = env.audit.wait("proxy_request", 1);
+    assert_eq!(recs[0].fields["error"], "upstream_connect_timeout");
+}

@@ -186,6 +186,10 @@ impl AsyncRead for Prefixed {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
             buf.put_slice(&chunk);
+            if self.prefix.is_empty() {
+                // Release the sniff buffer: idle connections should not keep it alive.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

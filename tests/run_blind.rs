@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use support::dns::{TestDns, Zone};
 use support::netns::{Netns, link};
-use support::upstream::{TestCa, Upstream};
+use support::blind_upstream::{TestCa, Upstream};
 
 const REAL: &str = "real-secret-7f3a9c1e5b";
 const API: &str = "10.77.0.10";

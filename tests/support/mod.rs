@@ -7,11 +7,13 @@
 //! - [`servers`]: real backend servers (OpenBao dev server, moto) on loopback ports.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod blind_upstream;
 pub mod dns;
 pub mod intercept;
 pub mod netns;
 pub mod pdp;
 pub mod servers;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,201 +1,243 @@
-//! Upstream "remote API" hosts for blind-mode tests: a test CA and an HTTP/1.1 server that
-//! listens with TLS (443) and in clear (80) inside a network namespace, records every request it
-//! receives, and echoes the request's Authorization header back in the body (so a test can check
-//! the proxy scrubs real values out of responses).
+//! A real HTTPS (and plain HTTP) upstream for proxy tests: hyper h1+h2, run inside a netns.
+//!
+//! It records what it received (so a test can check that the *real* value arrived) and echoes
+//! it back (so a test can check that the client only ever sees the *masked* token). Endpoints:
+//! - `/echo…`     records the request; body and `x-echo-auth` header repeat the Authorization
+//!   header and the URI; the response has a Content-Length.
+//! - `/upload`    streams the request body, counting bytes and occurrences of the needle.
+//! - `/download?n=N` streams N bytes (chunked, odd-sized chunks) with the needle repeated so that
+//!   it straddles chunk boundaries.
+//! - `/sse`       an event stream: one event with the needle at once, a second 2 s later.
+//! - `/ws`        WebSocket echo.
+//! - `/gzip`      a response claiming `Content-Encoding: gzip` whatever was asked.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::Role;
 
-use super::netns::Netns;
+type Body = BoxBody<Bytes, Infallible>;
 
-/// A CA that signs the upstream hosts' certificates (the `upstream_ca` of a blind run).
-pub struct TestCa {
-    pub cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub fn new() -> TestCa {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, "kz test upstream CA");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).unwrap();
-        TestCa {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    pub fn write_pem(&self, path: &Path) {
-        std::fs::write(path, &self.cert_pem).unwrap();
-    }
-
-    /// A leaf for `names` (DNS names or IP literals): (chain, key).
-    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*n).try_into().unwrap()),
-            })
-            .collect();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
-
-/// One request as the upstream saw it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Seen {
-    pub tls: bool,
-    pub sni: Option<String>,
-    pub head: String,
-    pub body: Vec<u8>,
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+    pub needle_hits: usize,
 }
 
 impl Seen {
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct State {
+    /// The real secret value the upstream expects to receive.
+    pub needle: String,
+    pub seen: Mutex<Vec<Seen>>,
+}
+
+impl State {
+    pub fn new(needle: &str) -> Arc<State> {
+        Arc::new(State {
+            needle: needle.to_owned(),
+            seen: Mutex::new(Vec::new()),
         })
     }
-}
 
-pub struct Upstream {
-    pub ip: IpAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Upstream {
-    /// Serves HTTPS on `ip:443` (certificate for `names`) and HTTP on `ip:80` inside `ns`.
-    pub fn start(ns: &Netns, ip: IpAddr, ca: &TestCa, names: &[&str]) -> Upstream {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (chain, key) = ca.leaf(names);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log = seen.clone();
-        ns.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let tls = TcpListener::bind(SocketAddr::new(ip, 443)).await.unwrap();
-                let plain = TcpListener::bind(SocketAddr::new(ip, 80)).await.unwrap();
-                tx.send(()).unwrap();
-                let plain_log = log.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let Ok((s, _)) = plain.accept().await else {
-                            continue;
-                        };
-                        let log = plain_log.clone();
-                        tokio::spawn(serve(s, false, None, log));
-                    }
-                });
-                loop {
-                    let Ok((s, _)) = tls.accept().await else {
-                        continue;
-                    };
-                    let (acceptor, log) = (acceptor.clone(), log.clone());
-                    tokio::spawn(async move {
-                        if let Ok(s) = acceptor.accept(s).await {
-                            let sni = s.get_ref().1.server_name().map(str::to_owned);
-                            serve(s, true, sni, log).await;
-                        }
-                    });
-                }
-            });
-        });
-        rx.recv().expect("upstream failed to start");
-        Upstream { ip, seen }
-    }
-
-    pub fn requests(&self) -> Vec<Seen> {
+    pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
 }
 
-/// One request per connection (the response says `Connection: close`): enough for every client
-/// under test and keeps the server obviously correct.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    tls: bool,
-    sni: Option<String>,
-    log: Arc<Mutex<Vec<Seen>>>,
-) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if buf.len() > 64 * 1024 {
-            return;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+async fn handle(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let mut seen = Seen {
-        tls,
-        sni,
-        head,
-        body: buf[head_end..].to_vec(),
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        version: format!("{:?}", req.version()),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        ..Seen::default()
     };
-    let len: usize = seen
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while seen.body.len() < len {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.body.extend_from_slice(&chunk[..n]),
+    let path = req.uri().path().to_owned();
+    if path == "/ws" {
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+            .unwrap_or_default();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        state.seen.lock().unwrap().push(seen);
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() {
+                    break;
+                }
+                if ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap());
+    }
+    let needle = state.needle.as_bytes().to_vec();
+    // Stream the body, keeping only a window for counting needles across chunks.
+    let mut body = req.into_body();
+    let mut len = 0usize;
+    let mut hits = 0usize;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut head: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(d) = frame.into_data() {
+            len += d.len();
+            if head.len() < 200 {
+                head.extend_from_slice(&d[..d.len().min(200 - head.len())]);
+            }
+            let mut win = std::mem::take(&mut tail);
+            let old = win.len();
+            win.extend_from_slice(&d);
+            // Count matches that end in the new data only.
+            hits += win
+                .windows(needle.len().max(1))
+                .enumerate()
+                .filter(|(i, w)| *w == needle.as_slice() && i + needle.len() > old)
+                .count();
+            let keep = needle.len().saturating_sub(1).min(win.len());
+            tail = win[win.len() - keep..].to_vec();
         }
     }
-    let auth = seen.header("authorization").unwrap_or_default();
-    let body = format!(
-        "authorization={auth}\nbody={}\n",
-        String::from_utf8_lossy(&seen.body)
-    );
-    log.lock().unwrap().push(seen);
-    let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Echo-Auth: {auth}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.write_all(resp.as_bytes()).await;
-    let _ = s.shutdown().await;
+    seen.body_len = len;
+    seen.needle_hits = hits;
+    let auth = seen.header("authorization").unwrap_or("").to_owned();
+    let uri = seen.uri.clone();
+    state.seen.lock().unwrap().push(seen);
+    let resp = match path.as_str() {
+        "/upload" => Response::new(full(format!("len={len} hits={hits}\n"))),
+        "/download" => {
+            let n: usize = uri
+                .split("n=")
+                .nth(1)
+                .and_then(|v| v.split('&').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1024);
+            let unit = format!("<{}>", state.needle);
+            let data: Vec<u8> = unit.bytes().cycle().take(n).collect();
+            let chunks: Vec<Result<Frame<Bytes>, Infallible>> = data
+                .chunks(8191)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                chunks,
+            ))))
+        }
+        "/sse" => {
+            let first = format!("data: first {}\n\n", state.needle);
+            let s = futures_util::stream::iter(vec![first, "data: second\n\n".to_owned()])
+                .enumerate()
+                .then(|(i, ev)| async move {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(ev)))
+                });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(BodyExt::boxed(StreamBody::new(s)))
+                .unwrap()
+        }
+        "/gzip" => Response::builder()
+            .header("content-encoding", "gzip")
+            .body(full(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0]))
+            .unwrap(),
+        _ => Response::builder()
+            .header("x-echo-auth", auth.clone())
+            .header("content-type", "text/plain")
+            .body(full(format!(
+                "auth={auth}\nuri={uri}\nbody_len={len}\nbody_head={}\n",
+                String::from_utf8_lossy(&head)
+            )))
+            .unwrap(),
+    };
+    Ok(resp)
+}
+
+/// Serves HTTPS (`tls = Some`) or plain HTTP on `l` until the runtime stops.
+pub async fn serve(l: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, state: Arc<State>) {
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(state.clone(), req));
+            let b = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(cfg) => {
+                    let Ok(t) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await else {
+                        return;
+                    };
+                    let _ = b.serve_connection_with_upgrades(TokioIo::new(t), svc).await;
+                }
+                None => {
+                    let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
+                }
+            }
+        });
+    }
 }

@@ -79,7 +79,7 @@ impl<B> RewriteBody<B> {
 
     /// Runs the rewriter on `data` (or flushes at the end when `None`). Returns the bytes to emit
     /// and whether an out-of-scope token was seen.
-    fn rewrite(&mut self, data: Option<&[u8]>) -> (Bytes, bool) {
+    fn rewrite(&mut self, data: Option<Bytes>) -> (Bytes, bool) {
         let mut violation = false;
         let snap = &self.snap;
         let record = &self.record;
@@ -145,7 +145,7 @@ where
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let (out, violation) = this.rewrite(Some(&data));
+                        let (out, violation) = this.rewrite(Some(data));
                         if violation && this.refuse_out_of_scope {
                             this.record.with(|f| f.refused = true);
                             return Poll::Ready(Some(Err(Box::new(RefusedOutOfScope))));
@@ -157,8 +157,25 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                     Err(frame) => {
-                        // Trailers end the body: flush what is held back first.
-                        this.pending_trailers = frame.into_trailers().ok();
+                        // Trailers end the body: flush what is held back first. Their values get
+                        // the same treatment as the body.
+                        this.pending_trailers = frame.into_trailers().ok().map(|mut t| {
+                            for (_, v) in t.iter_mut() {
+                                let snap = &this.snap;
+                                let record = &this.record;
+                                let dir = this.dir;
+                                let mut seen = |id: usize, replaced: bool| match dir {
+                                    Direction::Up => record.token(snap.name(id), replaced),
+                                    Direction::Down => record.scrubbed(snap.name(id)),
+                                };
+                                if let Some(nv) = this.rw.rewrite_value(v.as_bytes(), &mut seen)
+                                    && let Ok(hv) = http::HeaderValue::from_bytes(&nv)
+                                {
+                                    *v = hv;
+                                }
+                            }
+                            t
+                        });
                         this.done = true;
                         let (out, _) = this.rewrite(None);
                         if !out.is_empty() {

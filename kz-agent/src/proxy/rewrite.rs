@@ -158,24 +158,34 @@ impl StreamRewriter {
     }
 
     /// Feeds one chunk; returns what can be emitted now. `seen(id, replaced)` is told about each
-    /// match as it becomes final.
-    pub fn push(&mut self, chunk: &[u8], seen: &mut dyn FnMut(usize, bool)) -> Bytes {
-        let Some(ac) = self.pats.ac.clone() else {
-            return Bytes::copy_from_slice(chunk);
+    /// match as it becomes final. A chunk with nothing to replace is passed on without a copy.
+    pub fn push(&mut self, chunk: Bytes, seen: &mut dyn FnMut(usize, bool)) -> Bytes {
+        let pats = self.pats.clone();
+        let Some(ac) = pats.ac.as_ref() else {
+            return chunk;
         };
-        let owned;
-        let buf: &[u8] = if self.carry.is_empty() {
+        let buf: Bytes = if self.carry.is_empty() {
             chunk
         } else {
-            self.carry.extend_from_slice(chunk);
-            owned = std::mem::take(&mut self.carry).freeze();
-            &owned
+            self.carry.extend_from_slice(&chunk);
+            std::mem::take(&mut self.carry).freeze()
         };
-        let hold = self.pats.hold_start(buf, 0);
-        let mut out = BytesMut::with_capacity(buf.len());
+        let mut hold = pats.hold_start(&buf, 0);
+        // Fast path: no match that is final yet.
+        if ac.find(&buf[..]).is_none_or(|m| m.start() >= hold) {
+            self.carry.extend_from_slice(&buf[hold..]);
+            return buf.slice(..hold);
+        }
+        let mut out = BytesMut::with_capacity(buf.len() + 64);
         let mut pos = 0;
-        for m in ac.find_iter(buf) {
-            // A match starting in the held tail may still grow; it is found again next time.
+        for m in ac.find_iter(&buf[..]) {
+            // Held-back candidates inside a final match are consumed by it: the tail to hold is
+            // the earliest possible match start after the last final match.
+            if pos > hold {
+                hold = pats.hold_start(&buf, pos);
+            }
+            // A match starting in the held tail may still grow or lose to a longer one; it is
+            // found again next time.
             if m.start() >= hold {
                 break;
             }
@@ -193,15 +203,17 @@ impl StreamRewriter {
             }
             pos = m.end();
         }
-        // A final match may have ended inside the old hold window: hold again from its end.
-        let hold = if pos > hold {
-            self.pats.hold_start(buf, pos)
-        } else {
-            hold
-        };
+        if pos > hold {
+            hold = pats.hold_start(&buf, pos);
+        }
         out.extend_from_slice(&buf[pos..hold]);
         self.carry.extend_from_slice(&buf[hold..]);
         out.freeze()
+    }
+
+    /// Rewrites one complete value (e.g. a trailer) with this stream's patterns and decisions.
+    pub fn rewrite_value(&self, v: &[u8], seen: &mut dyn FnMut(usize, bool)) -> Option<Vec<u8>> {
+        self.pats.rewrite_all(v, self.decide.as_ref(), seen)
     }
 
     /// End of stream: everything held back is final now.
@@ -251,7 +263,7 @@ mod tests {
         let mut out = Vec::new();
         let mut seen = |_: usize, _: bool| {};
         for c in chunks {
-            out.extend_from_slice(&r.push(c, &mut seen));
+            out.extend_from_slice(&r.push(Bytes::copy_from_slice(c), &mut seen));
         }
         out.extend_from_slice(&r.finish(&mut seen));
         out
@@ -276,16 +288,66 @@ mod tests {
     }
 
     #[test]
+    fn random_splits_match_the_one_shot_rewrite() {
+        use rand::Rng;
+        let pairs = [("aba", "X"), ("abab", "YY"), ("bb", ""), ("ba", "Z")];
+        let pats = Arc::new(
+            Patterns::new(
+                pairs
+                    .iter()
+                    .map(|(f, _)| f.as_bytes().to_vec().into_boxed_slice())
+                    .collect(),
+            )
+            .unwrap(),
+        );
+        let to: Arc<dyn Decide> = Arc::new(Fixed(
+            pairs
+                .iter()
+                .map(|(_, t)| t.as_bytes().to_vec().into_boxed_slice())
+                .collect(),
+        ));
+        let mut rng = rand::rng();
+        for _ in 0..3000 {
+            let len = rng.random_range(0..60);
+            let input: Vec<u8> = (0..len)
+                .map(|_| if rng.random_bool(0.5) { b'a' } else { b'b' })
+                .collect();
+            let want = pats
+                .rewrite_all(&input, to.as_ref(), &mut |_, _| {})
+                .unwrap_or_else(|| input.clone());
+            let mut r = StreamRewriter::new(pats.clone(), to.clone());
+            let mut got = Vec::new();
+            let mut rest = &input[..];
+            let mut splits = Vec::new();
+            while !rest.is_empty() {
+                let n = rng.random_range(1..=rest.len());
+                splits.push(String::from_utf8_lossy(&rest[..n]).into_owned());
+                got.extend_from_slice(&r.push(Bytes::copy_from_slice(&rest[..n]), &mut |_, _| {}));
+                rest = &rest[n..];
+            }
+            got.extend_from_slice(&r.finish(&mut |_, _| {}));
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "chunks {splits:?}"
+            );
+        }
+    }
+
+    #[test]
     fn holds_back_only_possible_prefixes() {
         let mut r = rw(&[("secret-value", "kz_masked_1")]);
         let mut seen = |_: usize, _: bool| {};
         // "data: hi\n\n" cannot start the pattern: emitted whole, nothing held.
-        assert_eq!(&r.push(b"data: hi\n\n", &mut seen)[..], b"data: hi\n\n");
+        assert_eq!(
+            &r.push(Bytes::from_static(b"data: hi\n\n"), &mut seen)[..],
+            b"data: hi\n\n"
+        );
         assert_eq!(r.held(), 0);
-        let out = r.push(b"abc secr", &mut seen);
+        let out = r.push(Bytes::from_static(b"abc secr"), &mut seen);
         assert_eq!(&out[..], b"abc ");
         assert_eq!(r.held(), 4);
-        let out = r.push(b"et-value!", &mut seen);
+        let out = r.push(Bytes::from_static(b"et-value!"), &mut seen);
         assert_eq!(&out[..], b"kz_masked_1!");
     }
 
@@ -294,7 +356,10 @@ mod tests {
         let mut r = rw(&[("aaaaaaaaab", "X")]);
         let mut seen = |_: usize, _: bool| {};
         for _ in 0..10_000 {
-            let _ = r.push(b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", &mut seen);
+            let _ = r.push(
+                Bytes::from_static(b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+                &mut seen,
+            );
             assert!(r.held() < 10);
         }
     }
@@ -311,8 +376,8 @@ mod tests {
         let mut r = StreamRewriter::new(Arc::new(pats), Arc::new(Keep));
         let mut hits = Vec::new();
         let mut seen = |id: usize, rep: bool| hits.push((id, rep));
-        let mut out = r.push(b"a to", &mut seen).to_vec();
-        out.extend_from_slice(&r.push(b"k b", &mut seen));
+        let mut out = r.push(Bytes::from_static(b"a to"), &mut seen).to_vec();
+        out.extend_from_slice(&r.push(Bytes::from_static(b"k b"), &mut seen));
         out.extend_from_slice(&r.finish(&mut seen));
         assert_eq!(out, b"a tok b");
         assert_eq!(hits, vec![(0, false)]);

@@ -51,11 +51,19 @@ impl HostPattern {
     }
 
     pub fn matches(&self, host: &str) -> bool {
-        let h = normalize(host);
+        // Called per request: compare without allocating (patterns are stored lower-case).
+        let h = host
+            .trim_end_matches('.')
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         match self {
-            Self::Exact(e) => *e == h,
-            Self::Suffix(s) => h.len() > s.len() && h.ends_with(s.as_str()),
-            Self::Regex(r) => r.is_match(&h),
+            Self::Exact(e) => e.eq_ignore_ascii_case(h),
+            Self::Suffix(s) => {
+                h.len() > s.len()
+                    && h.is_char_boundary(h.len() - s.len())
+                    && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+            Self::Regex(r) => r.is_match(&h.to_ascii_lowercase()),
         }
     }
 }

@@ -29,7 +29,7 @@ use super::record::{Fields, Record, path_without_query_values};
 use super::rewrite::{Decide, StreamRewriter};
 use super::rules::{Verdict, normalize};
 use super::tls::{ALPN_H1, ALPN_H2};
-use super::tokens::{Snapshot, SwapPlan};
+use super::tokens::{Scrubber, Snapshot, SwapPlan};
 use super::upstream::{self, Offer, Target, Upstream, UpstreamError};
 use crate::audit::AuditEvent;
 
@@ -186,6 +186,10 @@ impl AsyncRead for Prefixed {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
             buf.put_slice(&chunk);
+            if self.prefix.is_empty() {
+                // Release the sniff buffer: idle connections should not keep it alive.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -517,6 +521,16 @@ struct ConnCtx {
     inflight: Arc<AtomicUsize>,
     /// Explicit listener: upstream of the last absolute-form request (keep-alive reuse).
     forward: tokio::sync::Mutex<Option<(String, u16, Arc<Upstream>)>>,
+    /// Swap decisions for the last host and token-table version (a connection's host rarely
+    /// changes, so requests reuse them).
+    plan: std::sync::Mutex<Option<CachedPlan>>,
+}
+
+struct CachedPlan {
+    host: String,
+    version: u64,
+    plan: Arc<SwapPlan>,
+    guarded: bool,
 }
 
 impl ConnCtx {
@@ -529,7 +543,29 @@ impl ConnCtx {
             route,
             inflight: Arc::new(AtomicUsize::new(0)),
             forward: tokio::sync::Mutex::new(None),
+            plan: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The current snapshot, the swap plan for `host`, and whether any token may go to `host`.
+    fn plan_for(&self, host: &str) -> (Arc<Snapshot>, Arc<SwapPlan>, bool) {
+        let snap = self.sh.tokens.snapshot();
+        let mut g = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = g.as_ref()
+            && c.host == host
+            && c.version == snap.version()
+        {
+            return (snap, c.plan.clone(), c.guarded);
+        }
+        let plan = Arc::new(SwapPlan::new(snap.clone(), host));
+        let guarded = snap.any_in_scope(host);
+        *g = Some(CachedPlan {
+            host: host.to_owned(),
+            version: snap.version(),
+            plan: plan.clone(),
+            guarded,
+        });
+        (snap, plan, guarded)
     }
 }
 
@@ -907,8 +943,7 @@ async fn forward(
         fields(&ctx, &req, &host, port),
         Some(Box::new(guard)),
     );
-    let snap = sh.tokens.snapshot();
-    let plan = Arc::new(SwapPlan::new(snap.clone(), &host));
+    let (snap, plan, guarded) = ctx.plan_for(&host);
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
@@ -972,7 +1007,6 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     // Whenever a secret may go to this host, ask for an identity-encoded response so every
     // byte coming back can be scrubbed.
-    let guarded = snap.any_in_scope(&host);
     if guarded {
         parts.headers.insert(
             header::ACCEPT_ENCODING,
@@ -1137,7 +1171,7 @@ async fn respond(
     let sh = ctx.sh.clone();
     let status = resp.status();
     rec.with(|f| f.status = status.as_u16());
-    let scrub = sh.tokens.scrubber();
+    let scrub = Scrubber::for_snapshot(snap.clone());
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade
     {

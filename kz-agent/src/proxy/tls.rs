@@ -342,6 +342,39 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_first_use_mints_once() {
+        let ca = Arc::new(CertAuthority::generate(8).unwrap());
+        let leaves: Vec<Arc<Leaf>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ca.leaf("same.example.com").unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(leaves.iter().all(|l| Arc::ptr_eq(l, &leaves[0])));
+        assert!(verifies(&ca, "same.example.com"));
+    }
+
+    fn verifies(ca: &CertAuthority, host: &str) -> bool {
+        use rustls::client::WebPkiServerVerifier;
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        let leaf = ca.leaf(host).unwrap();
+        v.verify_server_cert(
+            &leaf.key.cert[0],
+            &leaf.key.cert[1..],
+            &ServerName::try_from(host.to_owned()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .is_ok()
+    }
+
+    #[test]
     fn ca_dir_must_be_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("kz-ca-test-{}", std::process::id()));
@@ -356,6 +389,10 @@ mod tests {
         let a = CertAuthority::load_or_create(&dir, 4).unwrap();
         let b = CertAuthority::load_or_create(&dir, 4).unwrap();
         assert_eq!(a.cert_pem(), b.cert_pem());
+        // Leaves minted by the reloaded CA chain to the stored certificate.
+        assert!(verifies(&a, "api.example.com"));
+        assert!(verifies(&b, "api.example.com"));
+        assert!(verifies(&b, "10.0.0.7"));
         let key_mode = std::fs::metadata(dir.join(CA_KEY_FILE))
             .unwrap()
             .permissions()

@@ -129,6 +129,13 @@ pub struct Scrubber {
 }
 
 impl Scrubber {
+    /// A scrubber over one snapshot of the table.
+    pub fn for_snapshot(snap: Arc<Snapshot>) -> Self {
+        Self {
+            plan: Arc::new(ScrubPlan { snap }),
+        }
+    }
+
     /// Scrubs a complete buffer. Borrowed when nothing needed scrubbing.
     pub fn scrub<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         match self
@@ -289,11 +296,7 @@ impl TokenTable {
 
     /// A scrubber over the current contents (call again after inserts to pick them up).
     pub fn scrubber(&self) -> Scrubber {
-        Scrubber {
-            plan: Arc::new(ScrubPlan {
-                snap: self.snapshot(),
-            }),
-        }
+        Scrubber::for_snapshot(self.snapshot())
     }
 }
 

@@ -210,6 +210,30 @@ fn classify_tls(host: &str, e: std::io::Error) -> UpstreamError {
     }
 }
 
+enum SendError {
+    Upstream(UpstreamError),
+    Hyper(hyper::Error),
+}
+
+impl SendError {
+    /// The server closed an idle keep-alive connection just as we used it.
+    fn is_stale_connection(&self) -> bool {
+        match self {
+            Self::Hyper(e) => e.is_canceled() || e.is_incomplete_message() || e.is_closed(),
+            Self::Upstream(_) => false,
+        }
+    }
+}
+
+impl From<SendError> for UpstreamError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Upstream(u) => u,
+            SendError::Hyper(h) => UpstreamError::Http(h.to_string()),
+        }
+    }
+}
+
 /// The upstream of one client connection: connected lazily, redialled when the server closed it.
 pub struct Upstream {
     pub target: Target,
@@ -226,36 +250,73 @@ impl Upstream {
         })
     }
 
+    /// Sends `req`. A bodiless request that fails because a reused keep-alive connection was
+    /// closed by the server in the meantime is replayed once on a fresh connection.
     pub async fn send(
         &self,
         sh: &Shared,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let replay = http_body::Body::is_end_stream(req.body()).then(|| {
+            let mut b = Request::builder()
+                .method(req.method().clone())
+                .uri(req.uri().clone())
+                .version(req.version());
+            if let Some(h) = b.headers_mut() {
+                *h = req.headers().clone();
+            }
+            b
+        });
+        match self.send_once(sh, req).await {
+            Err((e, true)) if e.is_stale_connection() => {
+                match replay.and_then(|b| b.body(super::body::empty()).ok()) {
+                    Some(again) => self.send_once(sh, again).await.map_err(|(e, _)| e.into()),
+                    None => Err(e.into()),
+                }
+            }
+            r => r.map_err(|(e, _)| e.into()),
+        }
+    }
+
+    /// Returns the error and whether the connection had been used before.
+    async fn send_once(
+        &self,
+        sh: &Shared,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, (SendError, bool)> {
         let mut guard = self.sender.lock().await;
         if guard.as_ref().is_some_and(Sender::is_closed) {
             *guard = None;
         }
+        let reused = guard.is_some();
         if guard.is_none() {
-            *guard = Some(connect(sh, &self.target, self.offer).await?);
+            *guard = Some(
+                connect(sh, &self.target, self.offer)
+                    .await
+                    .map_err(|e| (SendError::Upstream(e), false))?,
+            );
         }
-        let http = |e: hyper::Error| UpstreamError::Http(e.to_string());
+        let hyper_err = |e: hyper::Error| (SendError::Hyper(e), reused);
         match guard.as_mut() {
             Some(Sender::H2(s)) => {
                 let mut s = s.clone();
                 drop(guard);
-                s.ready().await.map_err(http)?;
-                s.send_request(req).await.map_err(http)
+                s.ready().await.map_err(hyper_err)?;
+                s.send_request(req).await.map_err(hyper_err)
             }
             Some(Sender::H1(s)) => {
-                s.ready().await.map_err(http)?;
+                s.ready().await.map_err(hyper_err)?;
                 let fut = s.send_request(req);
                 // Requests on one h1 client connection are sequential anyway; holding the lock
                 // until the response head keeps them in order.
-                let r = fut.await.map_err(http);
+                let r = fut.await.map_err(hyper_err);
                 drop(guard);
                 r
             }
-            None => Err(UpstreamError::Http("no upstream connection".into())),
+            None => Err((
+                SendError::Upstream(UpstreamError::Http("no upstream connection".into())),
+                false,
+            )),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod connect;
 mod load;
 mod pdp;
+pub mod proxy;
 pub mod run;
 
 use anyhow::{Result, bail};
@@ -13,6 +14,7 @@ pub fn run(name: &str) -> Result<()> {
         "connect" => connect::run(),
         "run" => run::run(),
         "pdp" => pdp::run(),
-        other => bail!("unknown benchmark {other:?}; available: connect, pdp, run"),
+        "proxy" => proxy::run_bench(),
+        other => bail!("unknown benchmark {other:?}; available: connect, pdp, proxy, run"),
     }
 }

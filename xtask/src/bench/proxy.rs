@@ -1,0 +1,706 @@
+//! `cargo xtask bench proxy`: the swapping proxy against the direct path and its peers, in one
+//! run, on one machine.
+//!
+//! Topology: an upstream netns with nginx (HTTPS h1/h2 on 10.78.0.2:443 with a bench CA, plain
+//! HTTP on :80) and a client netns holding every proxy and the load generator (release builds of
+//! `kz-agent/examples/proxy_{bench_server,loadgen}.rs`). Targets:
+//! - direct: the load generator talks to nginx, sending the real value;
+//! - kz (transparent): connections go to kz's transparent listener, whose original-destination
+//!   lookup names nginx (what the eBPF redirect will provide); masked token in Authorization;
+//! - kz (explicit): CONNECT / absolute-form through kz's explicit listener;
+//! - KeyZero: crate kz-proxy 0.3 run by a harness built outside kz's dependency tree
+//!   (~/.cache/kz/peers/kz-proxy-harness), CONNECT / absolute-form, `upstream_ca` = bench CA;
+//! - mitmproxy: mitmdump (own venv under ~/.cache/kz/peers) with an equivalent swap addon.
+//!
+//! Nothing leaves the two namespaces.
+
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::setup;
+
+const UP_IP: &str = "10.78.0.2";
+const HOST: &str = "bench.test";
+const MASKED: &str = "kz_masked_0123456789abcdef0123456789abcdef";
+const REAL: &str = "sk-bench-real-value-0123456789";
+const MITM_PORT: u16 = 18080;
+
+const HARNESS_TOML: &str = r#"# KeyZero's proxy (crate kz-proxy 0.3) as a process, for `cargo xtask bench proxy`.
+# Deliberately outside kz's workspace and dependency tree.
+[package]
+name = "kz-proxy-harness"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[workspace]
+
+[dependencies]
+kz-proxy = "=0.3.0"
+tokio = { version = "1", features = ["full"] }
+
+[profile.release]
+debug = false
+"#;
+
+const HARNESS_MAIN: &str = r#"//! Runs KeyZero's Sandbox with one string mapping (masked -> real, real from $KZ_BENCH_REAL),
+//! trusting the bench CA upstream. The sandboxed child writes the proxy URL to OUT and copies
+//! the MITM CA to OUT.ca, then waits on stdin; closing stdin ends the harness.
+use kz_proxy::{Sandbox, SandboxConfig, StringMapping};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let (masked, ca, out) = (&a[1], &a[2], &a[3]);
+    let real = std::env::var("KZ_BENCH_REAL").expect("KZ_BENCH_REAL");
+    let cfg = SandboxConfig {
+        strings: vec![StringMapping::new(masked.clone(), real)],
+        upstream_ca: Some(ca.into()),
+        allow_private_connect: true,
+        ..Default::default()
+    };
+    let script = format!("cp \"$SSL_CERT_FILE\" {out}.ca && echo \"$HTTPS_PROXY\" > {out}.tmp && mv {out}.tmp {out} && exec cat");
+    let st = Sandbox::new(cfg)
+        .run("sh", &["-c".to_string(), script])
+        .await
+        .expect("sandbox");
+    std::process::exit(st.code().unwrap_or(1));
+}
+"#;
+
+const MITM_ADDON: &str = r#"# Equivalent of kz's header/body swap for mitmproxy: masked token -> real value.
+import os
+from mitmproxy import http
+
+MASKED = os.environ["KZ_BENCH_MASKED"]
+REAL = os.environ["KZ_BENCH_REAL"]
+
+def request(flow: http.HTTPFlow) -> None:
+    h = flow.request.headers
+    for k in list(h.keys()):
+        vals = h.get_all(k)
+        if any(MASKED in v for v in vals):
+            h.set_all(k, [v.replace(MASKED, REAL) for v in vals])
+    if MASKED in flow.request.path:
+        flow.request.path = flow.request.path.replace(MASKED, REAL)
+    if flow.request.raw_content and MASKED.encode() in flow.request.raw_content:
+        flow.request.content = flow.request.raw_content.replace(MASKED.encode(), REAL.encode())
+"#;
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn peers_dir() -> PathBuf {
+    setup::venv_dir()
+        .parent()
+        .map(|p| p.join("peers"))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/kz/peers"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn netns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
+/// Processes and namespaces to clean up, whatever happens.
+struct Env {
+    client: String,
+    upstream: String,
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for (name, c) in &mut self.children {
+            // Closing stdin stops kz, the KeyZero harness; kill is the fallback.
+            drop(c.stdin.take());
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+                eprintln!("bench: killed {name}");
+            }
+        }
+        for ns in [&self.client, &self.upstream] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Res {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+    requests: u64,
+    bytes: u64,
+    secs: f64,
+}
+
+fn parse(line: &str) -> Option<Res> {
+    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    Some(Res {
+        rps: v["rps"].as_f64()?,
+        p50: v["p50_us"].as_f64()?,
+        p99: v["p99_us"].as_f64()?,
+        errors: v["errors"].as_u64()?,
+        requests: v["requests"].as_u64()?,
+        bytes: v["bytes"].as_u64()?,
+        secs: v["secs"].as_f64()?,
+    })
+}
+
+fn vm(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    ca: PathBuf,
+    /// `--connect` for transparent/direct, `--proxy` for explicit proxies.
+    connect: Option<String>,
+    proxy: Option<String>,
+    plain_connect: Option<String>,
+    plain_bind: Option<&'static str>,
+    token: &'static str,
+    h2: bool,
+}
+
+pub fn run_bench() -> Result<()> {
+    if std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        != Some(true)
+    {
+        bail!("the proxy bench needs root (network namespaces)");
+    }
+    let root = workspace_root();
+    let path = setup::path_with_tools();
+    eprintln!("bench: building kz's bench server and load generator (release)");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .env("PATH", &path)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "kz-agent",
+                "--example",
+                "proxy_bench_server",
+                "--example",
+                "proxy_loadgen",
+            ]),
+    )?;
+    let server_bin = root.join("target/release/examples/proxy_bench_server");
+    let loadgen = root.join("target/release/examples/proxy_loadgen");
+
+    eprintln!("bench: building the KeyZero kz-proxy 0.3 harness (outside kz's tree)");
+    let harness_dir = peers_dir().join("kz-proxy-harness");
+    std::fs::create_dir_all(harness_dir.join("src"))?;
+    std::fs::write(harness_dir.join("Cargo.toml"), HARNESS_TOML)?;
+    std::fs::write(harness_dir.join("src/main.rs"), HARNESS_MAIN)?;
+    run(Command::new("cargo")
+        .current_dir(&harness_dir)
+        .env("PATH", &path)
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--release", "--quiet"]))?;
+    let harness_bin = harness_dir.join("target/release/kz-proxy-harness");
+
+    // mitmproxy gets a venv of its own: it pins old h11/cryptography versions that would break
+    // the test venv's httpx, moto and joserfc.
+    let mitm_venv = peers_dir().join("mitmproxy-venv");
+    let mitmdump = mitm_venv.join("bin/mitmdump");
+    if !mitmdump.exists() {
+        eprintln!("bench: installing mitmproxy into {}", mitm_venv.display());
+        run(Command::new("python3").args(["-m", "venv", mitm_venv.to_str().unwrap_or("")]))?;
+        run(Command::new(mitm_venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "mitmproxy",
+        ]))?;
+    }
+
+    let id = std::process::id();
+    let mut env = Env {
+        client: format!("kzbc{id}"),
+        upstream: format!("kzbu{id}"),
+        dir: std::env::temp_dir().join(format!("kz-bench-proxy-{id}")),
+        children: Vec::new(),
+    };
+    std::fs::create_dir_all(&env.dir)?;
+    let dir = env.dir.clone();
+    for ns in [&env.client, &env.upstream] {
+        run(Command::new("ip").args(["netns", "add", ns]))?;
+        run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+    }
+    let (va, vb) = (format!("kzba{id}"), format!("kzbb{id}"));
+    run(Command::new("ip").args([
+        "link",
+        "add",
+        &va,
+        "netns",
+        &env.client,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        &env.upstream,
+    ]))?;
+    for (ns, dev, cidr) in [
+        (&env.client, &va, "10.78.0.1/24"),
+        (&env.upstream, &vb, "10.78.0.2/24"),
+    ] {
+        run(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]))?;
+        run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
+    }
+    // 127.0.0.2 marks plain-HTTP clients for kz's transparent listener.
+    run(Command::new("ip").args(["-n", &env.client, "addr", "add", "127.0.0.2/8", "dev", "lo"]))
+        .ok();
+
+    // Upstream: nginx with the bench CA's certificate.
+    run(Command::new(&loadgen).args(["certs", dir.to_str().unwrap_or("."), UP_IP, HOST]))?;
+    let big = dir.join("www");
+    std::fs::create_dir_all(&big)?;
+    let f = std::fs::File::create(big.join("big.bin"))?;
+    f.set_len(100 << 20)?;
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  client_body_temp_path {d}/body;
+  sendfile on;
+  default_type text/plain;
+  server {{
+    listen {UP_IP}:443 ssl http2;
+    listen {UP_IP}:80;
+    ssl_certificate {d}/server.pem;
+    ssl_certificate_key {d}/server.key;
+    ssl_session_cache shared:SSL:10m;
+    http2_max_requests 10000000;
+    root {d}/www;
+    location = /small {{ return 200 "hello from nginx\n"; }}
+    location = /upload {{ client_max_body_size 0; return 200 "ok\n"; }}
+    location = /big.bin {{ }}
+  }}
+}}
+"#
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let nginx = netns_cmd(&env.upstream, "nginx")
+        .args([
+            "-c",
+            &format!("{d}/nginx.conf"),
+            "-e",
+            &format!("{d}/nginx-error.log"),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("start nginx")?;
+    env.children.push(("nginx".into(), nginx));
+
+    // kz.
+    let mut kz = netns_cmd(&env.client, &server_bin)
+        .args([
+            "--dst",
+            &format!("{UP_IP}:443"),
+            "--plain-dst",
+            &format!("{UP_IP}:80"),
+            "--upstream-ca",
+            &format!("{d}/ca.pem"),
+            "--ca-out",
+            &format!("{d}/kz-ca.pem"),
+            "--masked",
+            MASKED,
+            "--real-env",
+            "KZ_BENCH_REAL",
+            "--host",
+            UP_IP,
+        ])
+        .env("KZ_BENCH_REAL", REAL)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start kz bench server")?;
+    let mut line = String::new();
+    BufReader::new(kz.stdout.take().context("kz stdout")?).read_line(&mut line)?;
+    let kz_pid = kz.id();
+    env.children.push(("kz".into(), kz));
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    if parts.len() != 3 || parts[0] != "READY" {
+        bail!("kz bench server did not start: {line}");
+    }
+    let (kz_t, kz_x) = (parts[1].to_owned(), parts[2].to_owned());
+
+    // KeyZero.
+    let kzp_out = dir.join("keyzero-url");
+    let keyzero = netns_cmd(&env.client, &harness_bin)
+        .args([
+            MASKED,
+            &format!("{d}/ca.pem"),
+            kzp_out.to_str().unwrap_or(""),
+        ])
+        .env("KZ_BENCH_REAL", REAL)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start KeyZero harness")?;
+    let keyzero_pid = keyzero.id();
+    env.children.push(("keyzero".into(), keyzero));
+
+    // mitmproxy.
+    let mitm_conf = dir.join("mitm");
+    std::fs::create_dir_all(&mitm_conf)?;
+    std::fs::write(dir.join("swap_addon.py"), MITM_ADDON)?;
+    let mitm = netns_cmd(&env.client, &mitmdump)
+        .args([
+            "--quiet",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            &MITM_PORT.to_string(),
+            "--set",
+            &format!("confdir={}", mitm_conf.display()),
+            "--set",
+            &format!("ssl_verify_upstream_trusted_ca={d}/ca.pem"),
+            "--set",
+            "stream_large_bodies=1m",
+            "-s",
+            &format!("{d}/swap_addon.py"),
+        ])
+        .env("KZ_BENCH_REAL", REAL)
+        .env("KZ_BENCH_MASKED", MASKED)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start mitmdump")?;
+    let mitm_pid = mitm.id();
+    env.children.push(("mitmproxy".into(), mitm));
+
+    // Wait for KeyZero's URL and mitmproxy's CA.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(kzp_out.exists() && mitm_conf.join("mitmproxy-ca-cert.pem").exists()) {
+        if Instant::now() > deadline {
+            bail!("KeyZero harness or mitmproxy did not start");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let keyzero_url = std::fs::read_to_string(&kzp_out)?;
+    let keyzero_addr = keyzero_url
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let auth_real = format!("Authorization: Bearer {REAL}");
+    let auth_masked = format!("Authorization: Bearer {MASKED}");
+    let _ = (&auth_real, &auth_masked);
+    let targets = vec![
+        Target {
+            name: "direct",
+            ca: dir.join("ca.pem"),
+            connect: Some(format!("{UP_IP}:443")),
+            proxy: None,
+            plain_connect: Some(format!("{UP_IP}:80")),
+            plain_bind: None,
+            token: REAL,
+            h2: true,
+        },
+        Target {
+            name: "kz",
+            ca: dir.join("kz-ca.pem"),
+            connect: Some(kz_t.clone()),
+            proxy: None,
+            plain_connect: Some(kz_t.clone()),
+            plain_bind: Some("127.0.0.2"),
+            token: MASKED,
+            h2: true,
+        },
+        Target {
+            name: "kz-explicit",
+            ca: dir.join("kz-ca.pem"),
+            connect: None,
+            proxy: Some(kz_x.clone()),
+            plain_connect: None,
+            plain_bind: None,
+            token: MASKED,
+            h2: true,
+        },
+        Target {
+            name: "keyzero",
+            ca: PathBuf::from(format!("{}.ca", kzp_out.display())),
+            connect: None,
+            proxy: Some(keyzero_addr.clone()),
+            plain_connect: None,
+            plain_bind: None,
+            token: MASKED,
+            h2: false,
+        },
+        Target {
+            name: "mitmproxy",
+            ca: mitm_conf.join("mitmproxy-ca-cert.pem"),
+            connect: None,
+            proxy: Some(format!("127.0.0.1:{MITM_PORT}")),
+            plain_connect: None,
+            plain_bind: None,
+            token: MASKED,
+            h2: true,
+        },
+    ];
+
+    let secs = std::env::var("KZ_BENCH_SECS").unwrap_or_else(|_| "5".into());
+    let client = env.client.clone();
+    let load = |t: &Target, scheme: &str, path: &str, extra: &[&str]| -> Result<Option<Res>> {
+        let plain = scheme == "http";
+        let url = format!("{scheme}://{UP_IP}{path}");
+        let mut c = netns_cmd(&client, &loadgen);
+        c.args(["load", "--url", &url, "--ca", t.ca.to_str().unwrap_or("")]);
+        c.args(["--header", &format!("Authorization: Bearer {}", t.token)]);
+        c.args(["--secs", &secs]);
+        match (plain, &t.connect, &t.proxy, &t.plain_connect) {
+            (false, Some(a), _, _) => {
+                c.args(["--connect", a]);
+            }
+            (_, _, Some(p), _) => {
+                c.args(["--proxy", p]);
+            }
+            (true, _, _, Some(a)) => {
+                c.args(["--connect", a]);
+                if let Some(b) = t.plain_bind {
+                    c.args(["--bind", b]);
+                }
+            }
+            _ => return Ok(None),
+        }
+        c.args(extra);
+        let out = c.output().context("run load generator")?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        let r = s.lines().rev().find_map(parse);
+        if r.is_none() {
+            eprintln!(
+                "bench: {} {scheme}{path} {extra:?} produced no result: {}",
+                t.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(r)
+    };
+
+    let scenarios: Vec<(&str, &str, &str, Vec<&str>, bool)> = vec![
+        (
+            "h1 keep-alive HTTPS (16 conns)",
+            "https",
+            "/small",
+            vec!["--conns", "16"],
+            false,
+        ),
+        (
+            "h2 keep-alive HTTPS (4 conns x 8 streams)",
+            "https",
+            "/small",
+            vec!["--h2", "--conns", "4", "--streams", "8"],
+            true,
+        ),
+        (
+            "plain HTTP keep-alive (16 conns)",
+            "http",
+            "/small",
+            vec!["--conns", "16"],
+            false,
+        ),
+        (
+            "single-connection latency (h1 HTTPS)",
+            "https",
+            "/small",
+            vec!["--conns", "1"],
+            false,
+        ),
+        (
+            "new connections/s (full handshakes, 8 conc.)",
+            "https",
+            "/small",
+            vec!["--conns", "8", "--new-conn"],
+            false,
+        ),
+        (
+            "100 MiB upload (h1 HTTPS)",
+            "https",
+            "/upload",
+            vec!["--upload", "104857600"],
+            false,
+        ),
+        (
+            "100 MiB download (h1 HTTPS)",
+            "https",
+            "/big.bin",
+            vec!["--download"],
+            false,
+        ),
+    ];
+    let mut results: BTreeMap<(usize, &str), Res> = BTreeMap::new();
+    for (i, (name, scheme, path, extra, needs_h2)) in scenarios.iter().enumerate() {
+        eprintln!("bench: {name}");
+        for t in &targets {
+            if *needs_h2 && !t.h2 {
+                continue;
+            }
+            if let Some(r) = load(t, scheme, path, extra)? {
+                results.insert((i, t.name), r);
+            }
+        }
+    }
+
+    // Memory: peak RSS so far, then kz's RSS with 1,000 idle keep-alive connections open.
+    let peak: Vec<(&str, Option<u64>)> = vec![
+        ("kz", vm(kz_pid, "VmHWM:")),
+        ("keyzero", vm(keyzero_pid, "VmHWM:")),
+        ("mitmproxy", vm(mitm_pid, "VmHWM:")),
+    ];
+    let before = vm(kz_pid, "VmRSS:");
+    let mut hold = netns_cmd(&env.client, &loadgen)
+        .args([
+            "load",
+            "--url",
+            &format!("https://{UP_IP}/small"),
+            "--ca",
+            &format!("{d}/kz-ca.pem"),
+            "--connect",
+            &kz_t,
+            "--header",
+            &auth_masked,
+            "--hold",
+            "1000",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut held = String::new();
+    BufReader::new(hold.stdout.take().context("hold stdout")?).read_line(&mut held)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let with_1000 = vm(kz_pid, "VmRSS:");
+    if let Some(mut s) = hold.stdin.take() {
+        let _ = s.flush();
+    }
+    let _ = hold.wait();
+
+    // Report.
+    println!();
+    println!("kz proxy benchmark — one run, same machine; upstream nginx in a netns");
+    println!(
+        "(ratios: rps vs direct; 'kz/keyzero' = kz rps over KeyZero's; latency p50/p99 in µs)"
+    );
+    for (i, (name, ..)) in scenarios.iter().enumerate() {
+        println!();
+        println!("== {name}");
+        let direct = results.get(&(i, "direct")).cloned();
+        let kz = results.get(&(i, "kz")).cloned();
+        let keyzero = results.get(&(i, "keyzero")).cloned();
+        for t in &targets {
+            let Some(r) = results.get(&(i, t.name)) else {
+                println!("  {:<12} n/a", t.name);
+                continue;
+            };
+            let single = r.requests == 1;
+            if single {
+                let mbps = r.bytes as f64 / (1 << 20) as f64 / r.secs;
+                let vs = direct
+                    .as_ref()
+                    .map(|d| format!("{:.2}x direct", (d.secs / r.secs)))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<12} {:>8.2} s  {:>8.1} MiB/s  {vs}{}",
+                    t.name,
+                    r.secs,
+                    mbps,
+                    if r.errors > 0 { "  ERRORS" } else { "" }
+                );
+            } else {
+                let vs = direct
+                    .as_ref()
+                    .map(|d| format!("{:.2}x direct", r.rps / d.rps))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<12} {:>9.0} req/s  p50 {:>7.0}  p99 {:>7.0}  {vs}  errors {}",
+                    t.name, r.rps, r.p50, r.p99, r.errors
+                );
+            }
+        }
+        if let (Some(k), Some(z)) = (&kz, &keyzero) {
+            if k.requests > 1 {
+                println!("  kz/keyzero   {:.1}x", k.rps / z.rps);
+            } else {
+                println!("  kz/keyzero   {:.1}x (time)", z.secs / k.secs);
+            }
+        }
+        if let (Some(k), Some(d)) = (&kz, &direct)
+            && k.requests > 1
+        {
+            println!("  kz added p50 {:.0} µs", k.p50 - d.p50);
+        }
+    }
+    println!();
+    println!("== memory");
+    for (name, kb) in peak {
+        match kb {
+            Some(kb) => println!("  {name:<12} peak RSS {:.1} MB", kb as f64 / 1024.0),
+            None => println!("  {name:<12} peak RSS n/a"),
+        }
+    }
+    println!(
+        "  kz RSS before holding: {:.1} MB; with {} held keep-alive connections: {:.1} MB",
+        before.unwrap_or(0) as f64 / 1024.0,
+        held.split_whitespace().nth(1).unwrap_or("?"),
+        with_1000.unwrap_or(0) as f64 / 1024.0
+    );
+    drop(env);
+    Ok(())
+}

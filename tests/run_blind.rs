@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use support::blind_upstream::{TestCa, Upstream};
 use support::dns::{TestDns, Zone};
 use support::netns::{Netns, link};
-use support::blind_upstream::{TestCa, Upstream};
 
 const REAL: &str = "real-secret-7f3a9c1e5b";
 const API: &str = "10.77.0.10";

@@ -644,3 +644,86 @@ fn fallback_as_non_root_uses_an_explicit_proxy_and_require_kernel_refuses() {
         "{e}"
     );
 }
+
+#[test]
+fn native_ipv6_is_intercepted_when_the_config_allows_it() {
+    if !support::require_root() {
+        return;
+    }
+    let client = Netns::new("rb6c");
+    let upstream_ns = Netns::new("rb6u");
+    let (va, vb) = link(&client, "10.77.0.1/24", &upstream_ns, "10.77.0.2/24");
+    for (ns, dev, cidr) in [
+        (&client, &va, "fd77::1/64"),
+        (&upstream_ns, &vb, "fd77::10/64"),
+        (&upstream_ns, &vb, "fd77::66/64"),
+    ] {
+        let out = ns
+            .ip()
+            .args(["addr", "add", cidr, "dev", dev, "nodad"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let ca = TestCa::new();
+    let api6 = Upstream::start(
+        &upstream_ns,
+        "fd77::10".parse().unwrap(),
+        &ca,
+        &["api6.allowed.test"],
+    );
+    let zone = Zone::new(30).host("api6.allowed.test", &["fd77::10"]);
+    let _dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
+    let dir = std::env::temp_dir().join(support::unique_name("kzr6"));
+    std::fs::create_dir_all(&dir).unwrap();
+    ca.write_pem(&dir.join("upstream-ca.pem"));
+    std::fs::write(
+        dir.join(".keyzero.toml"),
+        r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["api6.allowed.test"]
+
+[blind]
+connections = [{ allow = true, host = "api6.allowed.test" }]
+ipv6 = true
+resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#,
+    )
+    .unwrap();
+    let out = client
+        .command(env!("CARGO_BIN_EXE_kz"))
+        .arg("--dir")
+        .arg(&dir)
+        .args(["run", "--blind", "--", "bash", "-c"])
+        .arg(
+            r#"
+            curl -sS -6 --max-time 10 https://api6.allowed.test/v6 -H "Authorization: Bearer $API_KEY"
+            python3 -c '
+import socket, errno
+try:
+    socket.create_connection(("fd77::66", 443), timeout=5); print("CONNECTED")
+except OSError as e:
+    print("connect6:", errno.errorcode.get(e.errno, e.errno))'
+            "#,
+        )
+        .env("KZ_TEST_REAL_KEY", REAL)
+        .env("KZ_AUDIT_LOG", dir.join("audit.jsonl"))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    no_leak(&out);
+    let o = assert_ok(&out);
+    let tok = masked_token(&o);
+    assert!(o.contains(&format!("authorization=Bearer {tok}")), "{o}");
+    assert!(o.contains("connect6: EPERM"), "{o}");
+    let reqs = api6.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(
+        reqs[0].header("authorization").unwrap(),
+        format!("Bearer {REAL}")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,7 +20,7 @@
 //! an error. Every refused name, blocked connect, swap and scope violation is audited.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -329,23 +329,44 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         )
     };
     let dns_rules = rules.clone();
+    // Native IPv6 (`[blind] ipv6 = true`): the kernel sends v6 connects to [::1]:<proxy port>
+    // and v6 DNS to [::1]:<dns port>, so both listen there too, on the same ports.
+    let ipv6 = req.config.ipv6;
     let mut dcfg = DnsConfig::new(loopback, upstream_dns);
     dcfg.ttl_floor = TTL_FLOOR;
-    dcfg.ipv6 = false;
-    let dns = DnsServer::start(
-        dcfg,
-        DnsHooks {
-            allow: Arc::new(move |name: &str| name_allowed(&dns_rules, name)),
-            on_answer,
-            audit: req.audit.clone(),
-            audit_context: context.clone(),
-        },
-    )
-    .await?;
+    dcfg.ipv6 = ipv6;
+    let hooks = DnsHooks {
+        allow: Arc::new(move |name: &str| name_allowed(&dns_rules, name)),
+        on_answer,
+        audit: req.audit.clone(),
+        audit_context: context.clone(),
+    };
+    let dns = DnsServer::start(dcfg.clone(), hooks.clone()).await?;
+    let dns6 = if ipv6 {
+        dcfg.listen = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), dns.local_addr().port());
+        Some(DnsServer::start(dcfg, hooks).await?)
+    } else {
+        None
+    };
 
     let orig = icpt.orig_dst_table();
     pcfg.orig_dst = Some(Arc::new(move |peer| orig.lookup(peer).map(|o| o.dest)));
-    pcfg.transparent_listen = vec![loopback];
+    pcfg.transparent_listen = if ipv6 {
+        // A port free on 127.0.0.1 a moment ago; [::1] is a separate address space.
+        let port = std::net::TcpListener::bind(loopback)
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|source| proxy::ProxyError::Bind {
+                addr: loopback,
+                source,
+            })?;
+        vec![
+            SocketAddr::new(loopback.ip(), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ]
+    } else {
+        vec![loopback]
+    };
     let proxy = proxy::start(pcfg).await?;
     let proxy_port = proxy
         .transparent_addrs
@@ -357,7 +378,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         proxy_port,
         dns_port: dns.local_addr().port(),
         tcp: TcpRedirect::All,
-        ipv6: Ipv6Mode::Deny,
+        ipv6: if ipv6 {
+            Ipv6Mode::Intercept
+        } else {
+            Ipv6Mode::Deny
+        },
         require_allow: true,
         allow_udp: req.config.udp,
         loopback_direct: false,
@@ -406,6 +431,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "interceptor unloaded");
     proxy.shutdown().await;
     phase(t0, "proxy stopped");
+    drop(dns6);
     drop(dns);
     drop(dir);
     code.map_err(|e| BlindError::Child(Box::new(e)))

@@ -661,18 +661,20 @@ fn run_with_openbao() {
 }
 
 #[test]
-fn blind_flag_is_explained_and_not_yet_wired() {
+fn blind_flag_is_explained_and_wired() {
     let p = project(&[(".keyzero.toml", TWO_SECRETS)]);
+    // Blind mode itself is tested end to end in tests/run_blind.rs; here: it runs, and an
+    // unscoped secret with no connection rules gets the loud warning.
     let out = kz(p.path())
-        .args(["run", "--blind", "--", "true"])
+        .args(["run", "--blind", "--", "sh", "-c", "echo $SECRET_A"])
+        .env("KZ_CLI_SRC_A", VALUE_A)
+        .env("KZ_CLI_SRC_B", VALUE_B)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("blind mode is assembled in a later step"),
-        "{}",
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("kz_masked_"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains(VALUE_A) && !stderr(&out).contains(VALUE_A));
+    assert!(stderr(&out).contains("ANY host"), "{}", stderr(&out));
     let out = kz(p.path()).args(["run", "--help"]).output().unwrap();
     let help = stdout(&out);
     assert!(

@@ -33,9 +33,8 @@ use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use crate::intercept::{Interceptor, Ipv6Mode, Policy, TcpRedirect};
 use crate::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
-use crate::run::spawn_and_wait;
 use crate::run::trust::{self, RunDir};
-use crate::secret::Secret;
+use crate::run::{MaskedSecret, spawn_and_wait};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlindError {
@@ -68,21 +67,13 @@ pub enum BlindError {
     Child(Box<super::RunError>),
 }
 
-/// One resolved secret: the variable the child sees, its real value, and where it may go.
-pub struct BlindSecret {
-    pub name: String,
-    pub value: Secret,
-    /// Hosts the real value may be sent to (`name`, `*.suffix`, IP literal); empty = any host
-    /// the connection rules allow.
-    pub hosts: Vec<String>,
-}
-
 pub struct BlindRequest {
-    pub secrets: Vec<BlindSecret>,
+    /// Resolved secrets with their masked tokens ([`super::mask_all`]) and scopes (`hosts`;
+    /// empty = any host the connection rules allow).
+    pub secrets: Vec<MaskedSecret>,
     pub config: BlindConfig,
-    /// Program, arguments, working directory and base environment, as the caller wants them
-    /// (`--clean-env`/`--keep-env` already applied). The masked values and CA variables are
-    /// added here.
+    /// Program, arguments, working directory and base environment. The masked values and CA
+    /// variables are added here, proxy variables removed (or set, in the fallback).
     pub command: std::process::Command,
     pub require_kernel: bool,
     pub audit: Arc<dyn AuditSink>,
@@ -250,14 +241,13 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // 1-2: masked tokens and their scopes.
     let tokens = TokenTable::new();
     for s in std::mem::take(&mut req.secrets) {
-        let masked = TokenTable::generate_masked();
         tokens
-            .insert_named(&s.name, &masked, s.value, s.hosts)
+            .insert_named(&s.name, &s.token, s.value, s.hosts)
             .map_err(|source| BlindError::Token {
                 name: s.name.clone(),
                 source,
             })?;
-        req.command.env(&s.name, &masked);
+        req.command.env(&s.name, &s.token);
     }
 
     let dir = RunDir::create(&id)?;

@@ -40,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
     /// Clear inherited environment, keeping only essential OS vars and resolved secrets
-    #[arg(long)]
+    #[arg(long, conflicts_with = "blind")]
     pub clean_env: bool,
     /// Additional env vars to preserve when using --clean-env (comma-separated)
     #[arg(long, value_delimiter = ',', requires = "clean_env")]
@@ -399,21 +399,11 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
     let secrets = resolve_all(&config, args.only.as_deref()).await?;
     if args.blind {
         let audit = blind::open_audit(args.audit_log.as_deref())?;
+        // KeyZero's rule: --clean-env does not combine with --blind (clap enforces it).
         let mut cmd = std::process::Command::new(program);
-        cmd.args(rest).env_clear().envs(child_env(
-            args.clean_env,
-            args.keep_env.as_deref().unwrap_or_default(),
-            [],
-        ));
+        cmd.args(rest);
         let request = blind::BlindRequest {
-            secrets: secrets
-                .into_iter()
-                .map(|s| blind::BlindSecret {
-                    name: s.name,
-                    value: s.value,
-                    hosts: s.hosts,
-                })
-                .collect(),
+            secrets: mask_all(secrets),
             config: config.blind.clone(),
             command: cmd,
             require_kernel: args.require_kernel,

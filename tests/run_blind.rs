@@ -199,6 +199,9 @@ fn child_sees_only_the_masked_value_and_curl_gets_it_swapped() {
     let out = env.run(
         r#"
         echo "env=$API_KEY"
+        # The whole environment: no_leak() checks the real value is nowhere in it (the env
+        # resolver's source variable included).
+        env | sort
         # cat's own /proc/self/environ (a redirect would be opened before exec, by bash).
         cat /proc/self/environ | tr '\0' '\n' | grep '^API_KEY='
         env | grep -iE '^(https?|all|no)_proxy=' && echo PROXY_VARS_SET

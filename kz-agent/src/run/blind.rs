@@ -238,6 +238,16 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
             .with("open_rules", req.config.is_open()),
     );
 
+    // The agent inherits kz's environment minus anything holding a real credential: an `env`
+    // resolver's source variable (it holds the real value) or a resolver's own login.
+    let removed = scrub_env(&mut req.command, &req.secrets);
+    if !removed.is_empty() {
+        eprintln!(
+            "kz: not passing {} to the agent: they hold real credentials",
+            removed.join(", ")
+        );
+    }
+
     // 1-2: masked tokens and their scopes.
     let tokens = TokenTable::new();
     for s in std::mem::take(&mut req.secrets) {
@@ -428,6 +438,39 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 }
 
 type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+
+/// Credentials kz's resolvers read from the environment. The agent must not inherit them.
+const RESOLVER_CREDENTIALS: &[&str] = &[
+    "VAULT_TOKEN",
+    "VAULT_ROLE_ID",
+    "VAULT_SECRET_ID",
+    "BAO_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
+/// Removes from `cmd`'s environment every inherited variable that holds a secret's real value
+/// (values shorter than 4 bytes are not matched: they would match everything) or a resolver
+/// credential. Returns the names removed.
+fn scrub_env(cmd: &mut std::process::Command, secrets: &[MaskedSecret]) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut removed = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let v = value.as_bytes();
+        let holds_value = secrets.iter().any(|s| {
+            let real = s.value.expose().as_bytes();
+            real.len() >= 4 && v.windows(real.len()).any(|w| w == real)
+        });
+        let name = key.to_string_lossy().into_owned();
+        if holds_value || RESOLVER_CREDENTIALS.contains(&name.as_str()) {
+            cmd.env_remove(&key);
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
 
 /// Adds the run's context (run id, program, mode) to every record that does not set it itself.
 struct ContextSink {

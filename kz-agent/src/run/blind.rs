@@ -618,6 +618,43 @@ mod tests {
     }
 
     #[test]
+    fn a_port_limited_deny_does_not_stop_resolution() {
+        let mut deny = ConnectionRule::deny(HostPattern::host("api.example.com").unwrap());
+        deny.ports = Some(vec![80]);
+        let rules = ConnectionRules(vec![
+            deny,
+            ConnectionRule::allow(HostPattern::host("*.example.com").unwrap()),
+        ]);
+        assert!(name_allowed(&rules, "api.example.com"));
+        assert!(!name_allowed(&rules, "example.org"));
+    }
+
+    #[test]
+    fn context_sink_adds_but_never_overrides() {
+        #[derive(Default)]
+        struct Mem(Mutex<Vec<AuditEvent>>);
+        impl AuditSink for Mem {
+            fn record(&self, e: AuditEvent) -> Result<(), crate::audit::AuditError> {
+                self.0.lock().unwrap().push(e);
+                Ok(())
+            }
+        }
+        let mem = Arc::new(Mem::default());
+        let mut context = Map::new();
+        context.insert("run".into(), "run-1".into());
+        context.insert("mode".into(), "kernel".into());
+        let sink = ContextSink {
+            inner: mem.clone(),
+            context,
+        };
+        sink.record(AuditEvent::new("x").with("mode", "transparent"))
+            .unwrap();
+        let got = mem.0.lock().unwrap()[0].clone();
+        assert_eq!(got.fields["run"], "run-1");
+        assert_eq!(got.fields["mode"], "transparent");
+    }
+
+    #[test]
     fn run_ids_are_valid_cgroup_names_and_unique() {
         let a = run_id();
         let b = run_id();

@@ -350,12 +350,24 @@ except OSError as e:
     print("connect:", errno.errorcode.get(e.errno, e.errno))
 PY
         curl -sS --max-time 5 -o /dev/null https://{DENIED}/ ; echo "curl exit $?"
+        # UDP other than DNS is refused too, even to an allowed host.
+        getent hosts api.allowed.test >/dev/null
+        python3 - <<'PY'
+import socket, errno
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"x", ("{API}", 9999))
+    print("UDP SENT")
+except OSError as e:
+    print("udp:", errno.errorcode.get(e.errno, e.errno))
+PY
         "#
     ));
     let o = assert_ok(&out);
     assert!(o.contains("dns: refused") && !o.contains("RESOLVED"), "{o}");
     assert!(o.contains("connect: EPERM"), "{o}");
     assert!(!o.contains("curl exit 0"), "{o}");
+    assert!(o.contains("udp: EPERM"), "{o}");
     assert!(
         env.denied.requests().is_empty(),
         "the denied host was reached"

@@ -77,6 +77,46 @@ pub struct BlindRequest {
     pub command: std::process::Command,
     pub require_kernel: bool,
     pub audit: Arc<dyn AuditSink>,
+    /// The eBPF loader started early ([`Preload::start`]), so loading overlaps config parsing and
+    /// secret resolution. `None`: loaded when needed.
+    pub preload: Option<Preload>,
+}
+
+/// Loading the eBPF programs (verifier, maps, kernel BTF) is most of blind mode's start-up cost;
+/// starting it on its own thread before the secrets are resolved hides it behind slow resolvers.
+/// Dropping a `Preload` waits for the loader and then unloads (no half-made pins left behind).
+pub struct Preload(Option<std::thread::JoinHandle<Result<Interceptor, String>>>);
+
+impl Preload {
+    /// Starts loading when kz runs as root (otherwise there is nothing to load).
+    pub fn start() -> Preload {
+        if !trust::is_root() {
+            return Preload(None);
+        }
+        let handle = std::thread::Builder::new()
+            .name("kz-ebpf-load".into())
+            .spawn(kernel)
+            .ok();
+        Preload(handle)
+    }
+
+    fn take(mut self) -> Result<Interceptor, String> {
+        match self.0.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err("the eBPF loader thread panicked".to_owned())),
+            None => kernel(),
+        }
+    }
+}
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            // The loaded interceptor (if any) is dropped here, which unloads it.
+            let _ = h.join();
+        }
+    }
 }
 
 /// How long a refused name's addresses stay allowed at least (see [`DnsConfig::ttl_floor`]).
@@ -200,7 +240,11 @@ fn phase(start: std::time::Instant, phase: &str) {
 
 async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<ExitCode, BlindError> {
     let t0 = std::time::Instant::now();
-    let icpt = match kernel() {
+    let loaded = match req.preload.take() {
+        Some(p) => p.take(),
+        None => kernel(),
+    };
+    let icpt = match loaded {
         Ok(i) => Some(i),
         Err(reason) if req.require_kernel => return Err(BlindError::KernelRequired(reason)),
         Err(reason) => {

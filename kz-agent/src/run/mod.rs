@@ -394,6 +394,8 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
     let Some((program, rest)) = args.cmd.split_first() else {
         return Err(RunError::NoCommand);
     };
+    // Blind mode: load the eBPF programs while the config is read and secrets are resolved.
+    let preload = args.blind.then(blind::Preload::start);
     let config = Config::load(dir)?;
     crate::config::commands::print_warnings(&config);
     let secrets = resolve_all(&config, args.only.as_deref()).await?;
@@ -408,6 +410,7 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
             command: cmd,
             require_kernel: args.require_kernel,
             audit,
+            preload,
         };
         return Ok(blind::run(request).await?);
     }

@@ -1,7 +1,9 @@
 //! The DNS resolver of a blind run: the only resolver a sandboxed agent can reach.
 //!
-//! The kernel programs send every UDP/53 datagram of the agent's cgroup here (and TCP/53 when the
-//! interception policy routes it here). For each query:
+//! The kernel programs send every UDP/53 datagram of the agent's cgroup here. (TCP is served too,
+//! for clients that reach this address directly; the kernel does not redirect an agent's TCP/53
+//! here yet, so under interception a truncated UDP answer cannot be retried over TCP.) For each
+//! query:
 //! - the name is checked with an injected allow predicate (the run's connection rules); a denied
 //!   or malformed name gets REFUSED, is never forwarded upstream (so DNS cannot be used to leak
 //!   data to a foreign authoritative server), and is audited;

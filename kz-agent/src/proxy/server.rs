@@ -436,14 +436,32 @@ async fn tls_intercept(
         addr: dst,
         tls: true,
     };
-    let upstream: Result<upstream::Sender, UpstreamError> = if denied {
-        Err(UpstreamError::Http("denied".into()))
+    // Learn the upstream's protocol (and whether it is reachable and genuine) before answering
+    // the client's hello, unless a previous connection already told us.
+    // An h1-only client needs no protocol knowledge; otherwise use what an offer that
+    // included h2 taught us.
+    let known = if denied {
+        None
+    } else if !offers_h2 {
+        Some(false)
     } else {
-        upstream::connect(&sh, &target, offer).await
+        sh.pool.known_h2(&target)
+    };
+    let upstream: Result<Option<upstream::Sender>, UpstreamError> = if denied {
+        Err(UpstreamError::Http("denied".into()))
+    } else if known.is_some() {
+        Ok(None)
+    } else {
+        upstream::connect(&sh, &target, offer).await.map(Some)
+    };
+    let up_h2 = match &upstream {
+        Ok(Some(s)) => s.is_h2(),
+        Ok(None) => known.unwrap_or(false),
+        Err(_) => false,
     };
     let client_alpn: Option<&[u8]> = match &upstream {
         _ if alpn.is_empty() => None,
-        Ok(s) if s.is_h2() => Some(ALPN_H2),
+        Ok(_) if up_h2 && offers_h2 => Some(ALPN_H2),
         Ok(_) if offers_h1 => Some(ALPN_H1),
         Ok(_) => None,
         Err(_) if offers_h1 => Some(ALPN_H1),
@@ -484,7 +502,7 @@ async fn tls_intercept(
         host,
         port: dst.port(),
         denied,
-        upstream: upstream.map(|s| Upstream::new(target, up_offer, Some(s))),
+        upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
     };
     let ctx = ConnCtx::new(sh, stop, peer, kind, route);
     serve_http(ctx, Box::new(tls), true).await;
@@ -1093,14 +1111,9 @@ async fn forward(
                 format!("{host}:{port}")
             }
         });
-    let h2 = up.is_h2().await;
-    let uri = if h2 {
-        let scheme = if tls { "https" } else { "http" };
-        format!("{scheme}://{authority}{new_pq}").parse::<Uri>()
-    } else {
-        new_pq.parse::<Uri>()
-    };
-    let Ok(uri) = uri else {
+    // Absolute form here; the upstream side turns it into what its protocol needs.
+    let scheme = if tls { "https" } else { "http" };
+    let Ok(uri) = format!("{scheme}://{authority}{new_pq}").parse::<Uri>() else {
         rec.with(|f| {
             f.status = 400;
             f.error = Some("swapped_url_invalid".into());
@@ -1111,16 +1124,10 @@ async fn forward(
         );
     };
     parts.uri = uri;
-    if h2 {
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-    } else {
-        parts.version = Version::HTTP_11;
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&authority)
-        {
-            parts.headers.insert(header::HOST, v);
-        }
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, v);
     }
     let method = parts.method.clone();
     let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
@@ -1298,7 +1305,9 @@ pub async fn metrics_loop(sh: Arc<Shared>, l: TcpListener) {
                 let sh = sh.clone();
                 async move {
                     let r = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(body::full(sh.metrics.render(sh.ca.cached())));
+                        let mut r = Response::new(body::full(
+                            sh.metrics.render(sh.ca.cached(), sh.pool.idle()),
+                        ));
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -593,8 +593,21 @@ http {{
             if *needs_h2 && !t.h2 {
                 continue;
             }
-            if let Some(r) = load(t, scheme, path, extra)? {
-                results.insert((i, t.name), r);
+            // Single big transfers are noisy on a shared machine: best of three.
+            let tries = if extra.contains(&"--upload") || extra.contains(&"--download") {
+                3
+            } else {
+                1
+            };
+            for _ in 0..tries {
+                if let Some(r) = load(t, scheme, path, extra)? {
+                    let better = results
+                        .get(&(i, t.name))
+                        .is_none_or(|old| r.errors == 0 && r.secs < old.secs);
+                    if better {
+                        results.insert((i, t.name), r);
+                    }
+                }
             }
         }
     }
@@ -625,7 +638,7 @@ http {{
         .spawn()?;
     let mut held = String::new();
     BufReader::new(hold.stdout.take().context("hold stdout")?).read_line(&mut held)?;
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(1));
     let with_1000 = vm(kz_pid, "VmRSS:");
     if let Some(mut s) = hold.stdin.take() {
         let _ = s.flush();
@@ -657,7 +670,7 @@ http {{
                     .map(|d| format!("{:.2}x direct", (d.secs / r.secs)))
                     .unwrap_or_default();
                 println!(
-                    "  {:<12} {:>8.2} s  {:>8.1} MiB/s  {vs}{}",
+                    "  {:<12} {:>8.3} s  {:>8.1} MiB/s  {vs}{}",
                     t.name,
                     r.secs,
                     mbps,

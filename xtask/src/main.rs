@@ -6,6 +6,7 @@
 //! - `bench <name>`: benchmarks that print ratios against the direct path and peers.
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 
@@ -29,11 +30,20 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (`proxy`: kz's swapping proxy vs direct, KeyZero's kz-proxy, mitmproxy).
-    Bench {
-        /// Which benchmark.
-        name: String,
-    },
+    /// Set up, then show the main job end to end (for now: kernel interception).
+    Demo,
+    /// Set up, then run a benchmark (`connect`, `run`, `proxy`) and print ratios against the direct
+    /// path and peers.
+    Bench { name: String },
+    /// Processes the benchmarks run inside network namespaces and cgroups.
+    #[command(hide = true, subcommand)]
+    BenchHelper(BenchHelper),
+}
+
+#[derive(Subcommand)]
+enum BenchHelper {
+    Serve,
+    Connect { addr: String, n: usize },
 }
 
 fn main() -> ExitCode {
@@ -41,12 +51,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
-        Task::Bench { name } => match name.as_str() {
-            "proxy" => bench::proxy::run_bench(),
-            other => Err(anyhow::anyhow!(
-                "unknown benchmark `{other}`; available: proxy"
-            )),
-        },
+        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Bench { name } => setup::run().and_then(|()| bench::run(&name)),
+        Task::BenchHelper(BenchHelper::Serve) => bench::connect::serve(),
+        Task::BenchHelper(BenchHelper::Connect { addr, n }) => bench::connect::connect(&addr, n),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

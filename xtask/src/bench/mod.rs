@@ -1,4 +1,17 @@
-//! `cargo xtask bench NAME`: benchmarks that compare, in one run, kz with the direct path and
-//! with its peers, and print ratios (never timed unit tests).
+//! `cargo xtask bench <name>`: benchmarks that compare, in one run, the direct path, kz, and
+//! peers doing the same job, and print ratios. Never timed unit tests.
 
+pub mod connect;
 pub mod proxy;
+pub mod run;
+
+use anyhow::{Result, bail};
+
+pub fn run(name: &str) -> Result<()> {
+    match name {
+        "connect" => connect::run(),
+        "run" => run::run(),
+        "proxy" => proxy::run_bench(),
+        other => bail!("unknown benchmark {other:?}; available: connect, run, proxy"),
+    }
+}

@@ -299,7 +299,7 @@ fn load() {
             .boxed();
             let mut s = open(&cfg).await.unwrap();
             let mut req = request(&cfg, body, false);
-            *req.method_mut() = http::Method::POST;
+            *req.method_mut() = http::Method::PUT;
             req.headers_mut().insert(
                 "content-length",
                 (count * 64 * 1024).to_string().parse().unwrap(),

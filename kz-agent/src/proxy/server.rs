@@ -16,7 +16,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -505,7 +504,7 @@ async fn tls_intercept(
         upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
     };
     let ctx = ConnCtx::new(sh, stop, peer, kind, route);
-    serve_http(ctx, Box::new(tls), true).await;
+    serve_http(ctx, Box::new(tls), h2_client).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,48 +586,63 @@ impl ConnCtx {
     }
 }
 
-async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, tls: bool) {
+/// Serves HTTP on a client stream: h2 when ALPN chose it, else h1 (with upgrades). Only the
+/// chosen protocol's connection state is allocated (boxed), which keeps idle connections small.
+async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, h2: bool) {
     let sh = ctx.sh.clone();
     let last = Arc::new(AtomicU64::new(now_ms()));
-    let io = IdleIo {
+    let io = TokioIo::new(IdleIo {
         inner: io,
         last: last.clone(),
-    };
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(sh.limits.header_read_timeout)
-        .max_buf_size(sh.limits.max_header_bytes.max(8192))
-        .max_headers(sh.limits.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    let inflight = ctx.inflight.clone();
-    let stop = ctx.stop.clone();
+    });
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| handle(svc_ctx.clone(), req));
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let idle = idle_watch(&last, &inflight, sh.limits.idle_timeout);
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        let conn = Box::pin(b.serve_connection(io, svc));
+        drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(sh.limits.header_read_timeout)
+            .max_buf_size(sh.limits.max_header_bytes.max(8192))
+            .max_headers(sh.limits.max_headers);
+        let conn = Box::pin(b.serve_connection(io, svc).with_upgrades());
+        drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
+    }
+}
+
+/// Runs a connection until it ends; drains it gracefully on shutdown or when idle.
+async fn drive<C>(
+    ctx: &ConnCtx,
+    last: &AtomicU64,
+    mut conn: Pin<Box<C>>,
+    graceful: impl Fn(Pin<&mut C>),
+) where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    let idle = idle_watch(last, &ctx.inflight, ctx.sh.limits.idle_timeout);
     tokio::pin!(idle);
     let mut draining = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(peer = %ctx.peer, tls, error = %e, "client connection ended with an error");
+                    tracing::debug!(peer = %ctx.peer, error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            _ = stop.reached(DRAIN), if !draining => {
+            _ = ctx.stop.reached(DRAIN), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             _ = &mut idle, if !draining => {
                 tracing::debug!(peer = %ctx.peer, "idle timeout; closing");
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
         }
     }

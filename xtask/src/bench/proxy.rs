@@ -306,7 +306,8 @@ pub fn run_bench() -> Result<()> {
     f.set_len(100 << 20)?;
     let d = dir.display();
     let conf = format!(
-        r#"worker_processes 1;
+        r#"user root;
+worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
@@ -324,10 +325,10 @@ http {{
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     ssl_session_cache shared:SSL:10m;
-    http2_max_requests 10000000;
     root {d}/www;
     location = /small {{ return 200 "hello from nginx\n"; }}
-    location = /upload {{ client_max_body_size 0; return 200 "ok\n"; }}
+    # A real sink: nginx answers a PUT only after the whole body is stored.
+    location = /upload {{ client_max_body_size 0; dav_methods PUT; }}
     location = /big.bin {{ }}
   }}
 }}

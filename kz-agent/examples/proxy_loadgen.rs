@@ -287,10 +287,14 @@ fn load() {
                     let chunk = chunk.clone();
                     async move {
                         if i == count {
-                            if let Some(tx) = tx.take() {
-                                let _ = tx.send(());
-                            }
                             return None;
+                        }
+                        // With a Content-Length the connection may never poll past the last
+                        // chunk, so taking the last chunk is the signal.
+                        if i + 1 == count
+                            && let Some(tx) = tx.take()
+                        {
+                            let _ = tx.send(());
                         }
                         Some((Ok::<_, Infallible>(Frame::data(chunk)), (i + 1, tx)))
                     }

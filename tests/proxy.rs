@@ -393,6 +393,14 @@ fn curl_explicit_connect_and_plain_forward() {
     assert_eq!(seen.uri, "/echo?k=1");
     let recs = env.audit.wait("proxy_request", 3);
     assert!(recs.iter().all(|r| r.fields["mode"] == "explicit"));
+    // An unresolvable CONNECT target is refused on the CONNECT itself (no fallback address).
+    // (This netns has no route out, so the failed lookup cannot leave the machine.)
+    let out = env.curl_x(&["-w", "%{http_connect}", "https://nowhere.invalid/"]);
+    assert!(stdout(&out).ends_with("502"), "{}", stdout(&out));
+    // CONNECT to the proxy's own listener is refused.
+    let own = format!("https://127.0.0.1:{}/", env.explicit.port());
+    let out = env.curl_x(&["-w", "%{http_connect}", &own]);
+    assert!(stdout(&out).ends_with("403"), "{}", stdout(&out));
     env.audit_clean();
 }
 

@@ -138,7 +138,7 @@ async fn serve_conn(sh: Arc<Shared>, stop: Stop, stream: TcpStream, peer: Socket
                 refuse(&sh, peer, None, "no_original_destination");
                 return;
             };
-            if sh.own_addrs.contains(&dst) {
+            if sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
                 refuse(&sh, peer, Some(dst), "destination_is_the_proxy");
                 return;
             }
@@ -694,7 +694,7 @@ async fn handle(
     match &ctx.route {
         Route::Explicit => {
             if req.method() == Method::CONNECT {
-                return Ok(connect(ctx.clone(), req));
+                return Ok(connect_checked(&ctx, req).await);
             }
             let uri = req.uri().clone();
             let (Some(auth), Some("http")) = (uri.authority(), uri.scheme_str()) else {
@@ -837,7 +837,9 @@ fn upstream_failed(
     text(status, format!("kz: {e}"))
 }
 
-fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// CONNECT: check the rules, resolve (an unresolvable target is a 502 here, never a dial to
+/// some fallback address), then intercept the tunnel.
+async fn connect_checked(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(auth) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         return text(
             StatusCode::BAD_REQUEST,
@@ -847,8 +849,30 @@ fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let (host, port) = split_authority(&auth, 443);
     if ctx.sh.rules.check(&host, port) == Verdict::Deny {
         Metrics::inc(&ctx.sh.metrics.connections_denied_total);
-        return denied(&ctx, req, &host, port);
+        return denied(ctx, req, &host, port);
     }
+    let dst = match upstream::resolve(&ctx.sh, &host, port).await {
+        Ok(a) => a,
+        Err(e) => return upstream_failed(ctx, req, &host, port, &e),
+    };
+    if ctx.sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
+        refuse(&ctx.sh, ctx.peer, Some(dst), "destination_is_the_proxy");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("kz: {host}:{port} is the proxy itself"),
+        );
+    }
+    tunnel(ctx, req, host, dst)
+}
+
+/// Not async on purpose: the tunnel serves HTTP again, and an async fn here would make the
+/// request handler's future type contain itself.
+fn tunnel(
+    ctx: &Arc<ConnCtx>,
+    req: Request<Incoming>,
+    host: String,
+    dst: SocketAddr,
+) -> Response<ProxyBody> {
     let sh = ctx.sh.clone();
     let stop = ctx.stop.clone();
     let peer = ctx.peer;
@@ -858,14 +882,6 @@ fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "CONNECT upgrade failed");
                 return;
-            }
-        };
-        let dst = match upstream::resolve(&sh, &host, port).await {
-            Ok(a) => a,
-            Err(e) => {
-                // Still intercept, so the client gets an HTTP 502 it can read.
-                tracing::info!(%peer, host = %host, error = %e, "CONNECT target does not resolve");
-                SocketAddr::from(([0, 0, 0, 0], port))
             }
         };
         intercept(

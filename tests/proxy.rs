@@ -756,6 +756,7 @@ fn websocket_echo_with_swapped_handshake() {
     }
     let env = Env::new(Opts::default());
     let m = env.masked.clone();
+    let m2 = m.clone();
     let kz_ca = std::fs::read_to_string(&env.kz_ca).unwrap();
     let port = env.transparent.port();
     let got = env
@@ -782,6 +783,9 @@ fn websocket_echo_with_swapped_handshake() {
                 let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
                 assert_eq!(resp.status(), 101);
                 let mut echoed = Vec::new();
+                // The upstream's greeting repeats the real value: it arrives scrubbed.
+                let greeting = ws.next().await.unwrap().unwrap().into_text().unwrap();
+                echoed.push(greeting.to_string());
                 for msg in ["hello", "world"] {
                     ws.send(Message::text(msg)).await.unwrap();
                     let r = ws.next().await.unwrap().unwrap();
@@ -793,7 +797,8 @@ fn websocket_echo_with_swapped_handshake() {
         })
         .join()
         .unwrap();
-    assert_eq!(got, vec!["hello", "world"]);
+    assert_eq!(got[0], format!("auth=Bearer {m2}"));
+    assert_eq!(&got[1..], ["hello", "world"]);
     let seen = env.good.last();
     assert_eq!(seen.uri, "/ws");
     assert_eq!(

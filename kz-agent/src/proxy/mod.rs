@@ -25,6 +25,7 @@ pub mod server;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1053,6 +1053,10 @@ async fn forward(
     }
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade && !snap.is_empty() {
+        // No permessage-deflate: compressed frames could hide a real value from the scrubber.
+        parts.headers.remove("sec-websocket-extensions");
+    }
     // Whenever a secret may go to this host, ask for an identity-encoded response so every
     // byte coming back can be scrubbed.
     if guarded {
@@ -1214,17 +1218,43 @@ async fn respond(
     {
         let server = hyper::upgrade::on(&mut resp);
         let rec2 = rec.clone();
+        let snap2 = snap.clone();
+        let rw = scrub.stream();
+        let is_ws = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
         tokio::spawn(async move {
             let (Ok(c), Ok(s)) = (client.await, server.await) else {
                 return;
             };
-            let mut c = TokioIo::new(c);
-            let mut s = TokioIo::new(s);
-            // Frames are opaque here: the handshake was swapped; frame payloads are not.
-            if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                rec2.bytes_up.fetch_add(a, Ordering::Relaxed);
-                rec2.bytes_down.fetch_add(b, Ordering::Relaxed);
-            }
+            let (mut cr, cw) = tokio::io::split(TokioIo::new(c));
+            let (sr, mut sw) = tokio::io::split(TokioIo::new(s));
+            // Up: the handshake was swapped; client frames are masked by the client and pass.
+            let up = async {
+                let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+                n
+            };
+            // Down: WebSocket data frames are scrubbed; other upgraded protocols are refused
+            // for hosts holding secrets (their bytes cannot be scrubbed).
+            let down = async {
+                if !is_ws && !snap2.is_empty() {
+                    return 0;
+                }
+                let mut seen = |id: usize, _| rec2.scrubbed(snap2.name(id));
+                match super::ws::relay_down(sr, cw, rw, &mut seen).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::info!(error = %e, "WebSocket relay closed");
+                        0
+                    }
+                }
+            };
+            let (a, b) = tokio::join!(up, down);
+            rec2.bytes_up.fetch_add(a, Ordering::Relaxed);
+            rec2.bytes_down.fetch_add(b, Ordering::Relaxed);
         });
     }
     let (mut parts, incoming) = resp.into_parts();

@@ -393,6 +393,14 @@ fn curl_explicit_connect_and_plain_forward() {
     assert_eq!(seen.uri, "/echo?k=1");
     let recs = env.audit.wait("proxy_request", 3);
     assert!(recs.iter().all(|r| r.fields["mode"] == "explicit"));
+    // An unresolvable CONNECT target is refused on the CONNECT itself (no fallback address).
+    // (This netns has no route out, so the failed lookup cannot leave the machine.)
+    let out = env.curl_x(&["-w", "%{http_connect}", "https://nowhere.invalid/"]);
+    assert!(stdout(&out).ends_with("502"), "{}", stdout(&out));
+    // CONNECT to the proxy's own listener is refused.
+    let own = format!("https://127.0.0.1:{}/", env.explicit.port());
+    let out = env.curl_x(&["-w", "%{http_connect}", &own]);
+    assert!(stdout(&out).ends_with("403"), "{}", stdout(&out));
     env.audit_clean();
 }
 
@@ -748,6 +756,7 @@ fn websocket_echo_with_swapped_handshake() {
     }
     let env = Env::new(Opts::default());
     let m = env.masked.clone();
+    let m2 = m.clone();
     let kz_ca = std::fs::read_to_string(&env.kz_ca).unwrap();
     let port = env.transparent.port();
     let got = env
@@ -774,6 +783,9 @@ fn websocket_echo_with_swapped_handshake() {
                 let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
                 assert_eq!(resp.status(), 101);
                 let mut echoed = Vec::new();
+                // The upstream's greeting repeats the real value: it arrives scrubbed.
+                let greeting = ws.next().await.unwrap().unwrap().into_text().unwrap();
+                echoed.push(greeting.to_string());
                 for msg in ["hello", "world"] {
                     ws.send(Message::text(msg)).await.unwrap();
                     let r = ws.next().await.unwrap().unwrap();
@@ -785,7 +797,8 @@ fn websocket_echo_with_swapped_handshake() {
         })
         .join()
         .unwrap();
-    assert_eq!(got, vec!["hello", "world"]);
+    assert_eq!(got[0], format!("auth=Bearer {m2}"));
+    assert_eq!(&got[1..], ["hello", "world"]);
     let seen = env.good.last();
     assert_eq!(seen.uri, "/ws");
     assert_eq!(

@@ -277,28 +277,47 @@ fn load() {
         if let Some(n) = opt("--upload") {
             let n: usize = n.parse().unwrap();
             let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
-            let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..n / chunk.len())
-                .map(|_| Ok(Frame::data(chunk.clone())))
-                .collect();
-            let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+            // The upstream may answer before it has read everything: the upload is over when
+            // the last chunk has been taken by the connection *and* the response has arrived.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let count = n / chunk.len();
+            let body = StreamBody::new(futures_util::stream::unfold(
+                (0usize, Some(done_tx)),
+                move |(i, mut tx)| {
+                    let chunk = chunk.clone();
+                    async move {
+                        if i == count {
+                            return None;
+                        }
+                        // With a Content-Length the connection may never poll past the last
+                        // chunk, so taking the last chunk is the signal.
+                        if i + 1 == count
+                            && let Some(tx) = tx.take()
+                        {
+                            let _ = tx.send(());
+                        }
+                        Some((Ok::<_, Infallible>(Frame::data(chunk)), (i + 1, tx)))
+                    }
+                },
+            ))
+            .boxed();
             let mut s = open(&cfg).await.unwrap();
             let mut req = request(&cfg, body, false);
-            *req.method_mut() = http::Method::POST;
+            *req.method_mut() = http::Method::PUT;
             req.headers_mut().insert(
                 "content-length",
-                ((n / chunk.len()) * chunk.len())
-                    .to_string()
-                    .parse()
-                    .unwrap(),
+                (count * 64 * 1024).to_string().parse().unwrap(),
             );
             let t = Instant::now();
             let r = send(&mut s, req).await;
+            let sent = done_rx.await.is_ok();
+            let took = t.elapsed();
             report(
                 1,
-                u64::from(r.is_err()),
-                t.elapsed(),
-                vec![t.elapsed()],
-                n as u64,
+                u64::from(r.is_err() || !sent),
+                took,
+                vec![took],
+                (count * 64 * 1024) as u64,
             );
             return;
         }

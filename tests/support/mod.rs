@@ -5,6 +5,7 @@
 //! - [`unique_name`]: parallel-safe names for cgroups, netns, veths and files.
 //! - [`netns`]: network namespaces with veth links, the home of every upstream test host.
 //! - [`servers`]: real backend servers (OpenBao dev server, moto) on loopback ports.
+//! - [`tls`]: test CAs and server certificates (rcgen); [`upstream`]: an HTTPS echo upstream.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod blind_upstream;

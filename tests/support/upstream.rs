@@ -8,7 +8,7 @@
 //! - `/download?n=N` streams N bytes (chunked, odd-sized chunks) with the needle repeated so that
 //!   it straddles chunk boundaries.
 //! - `/sse`       an event stream: one event with the needle at once, a second 2 s later.
-//! - `/ws`        WebSocket echo.
+//! - `/ws`        WebSocket: a greeting repeating the Authorization header, then echo.
 //! - `/gzip`      a response claiming `Content-Encoding: gzip` whatever was asked.
 
 use std::convert::Infallible;
@@ -106,6 +106,7 @@ async fn handle(
             .map(|k| k.as_bytes().to_vec())
             .unwrap_or_default();
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        let greeting = format!("auth={}", seen.header("authorization").unwrap_or(""));
         state.seen.lock().unwrap().push(seen);
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -116,6 +117,10 @@ async fn handle(
                 None,
             )
             .await;
+            // First a message repeating what arrived (the real value).
+            let _ = ws
+                .send(tokio_tungstenite::tungstenite::Message::text(greeting))
+                .await;
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_close() {
                     break;

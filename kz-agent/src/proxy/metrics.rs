@@ -13,7 +13,7 @@ macro_rules! metrics {
 
         impl Metrics {
             /// The Prometheus text exposition (version 0.0.4).
-            pub fn render(&self, cached_leaves: usize) -> String {
+            pub fn render(&self, cached_leaves: usize, idle_upstreams: usize) -> String {
                 let mut out = String::with_capacity(2048);
                 $(
                     let _ = writeln!(out, "# HELP kz_proxy_{} {}", stringify!($name), $help);
@@ -23,6 +23,9 @@ macro_rules! metrics {
                 let _ = writeln!(out, "# HELP kz_proxy_leaf_cache_entries Minted leaf certificates in the cache.");
                 let _ = writeln!(out, "# TYPE kz_proxy_leaf_cache_entries gauge");
                 let _ = writeln!(out, "kz_proxy_leaf_cache_entries {cached_leaves}");
+                let _ = writeln!(out, "# HELP kz_proxy_upstream_idle_connections Pooled idle upstream connections.");
+                let _ = writeln!(out, "# TYPE kz_proxy_upstream_idle_connections gauge");
+                let _ = writeln!(out, "kz_proxy_upstream_idle_connections {idle_upstreams}");
                 out
             }
         }

@@ -25,6 +25,7 @@ pub mod server;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -85,6 +86,10 @@ pub struct Limits {
     pub max_buffered_body: usize,
     /// Bounded leaf-certificate cache size.
     pub leaf_cache: usize,
+    /// Idle upstream connections kept per (address, verified host).
+    pub upstream_max_idle_per_host: usize,
+    /// Idle upstream connections older than this are closed.
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -100,6 +105,8 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(10),
             max_buffered_body: 1024 * 1024,
             leaf_cache: 1024,
+            upstream_max_idle_per_host: 32,
+            upstream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -158,6 +165,8 @@ pub struct Shared {
     pub orig_dst: Option<OrigDstLookup>,
     pub resolve: Option<HostLookup>,
     pub upstream_tls: tls::Upstream,
+    /// Idle upstream connections shared across client connections.
+    pub pool: Arc<upstream::Pool>,
     pub metrics: Metrics,
     /// Our own listen addresses: a redirect that points back at us is refused, not looped.
     pub own_addrs: Vec<SocketAddr>,
@@ -181,7 +190,9 @@ impl ProxyHandle {
 
     /// Prometheus text exposition of the proxy's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render(self.shared.ca.cached())
+        self.shared
+            .metrics
+            .render(self.shared.ca.cached(), self.shared.pool.idle())
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -238,6 +249,10 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     let transparent_addrs: Vec<_> = transparent.iter().filter_map(addr_of).collect();
     let explicit_addrs: Vec<_> = explicit.iter().filter_map(addr_of).collect();
     let metrics_addr = metrics_l.as_ref().and_then(addr_of);
+    let pool = Arc::new(upstream::Pool::new(
+        cfg.limits.upstream_max_idle_per_host,
+        cfg.limits.upstream_idle_timeout,
+    ));
     let shared = Arc::new(Shared {
         ca: cfg.ca,
         tokens: cfg.tokens,
@@ -247,6 +262,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
         audit: cfg.audit,
         orig_dst: cfg.orig_dst,
         resolve: cfg.resolve,
+        pool,
         upstream_tls,
         metrics: Metrics::default(),
         own_addrs: transparent_addrs
@@ -276,6 +292,13 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(server::metrics_loop(shared.clone(), l)));
     }
+    let pool = shared.pool.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            pool.sweep();
+        }
+    }));
     tracing::info!(?transparent_addrs, ?explicit_addrs, "proxy listening");
     Ok(ProxyHandle {
         transparent_addrs,

@@ -16,7 +16,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -139,7 +138,7 @@ async fn serve_conn(sh: Arc<Shared>, stop: Stop, stream: TcpStream, peer: Socket
                 refuse(&sh, peer, None, "no_original_destination");
                 return;
             };
-            if sh.own_addrs.contains(&dst) {
+            if sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
                 refuse(&sh, peer, Some(dst), "destination_is_the_proxy");
                 return;
             }
@@ -436,14 +435,32 @@ async fn tls_intercept(
         addr: dst,
         tls: true,
     };
-    let upstream: Result<upstream::Sender, UpstreamError> = if denied {
-        Err(UpstreamError::Http("denied".into()))
+    // Learn the upstream's protocol (and whether it is reachable and genuine) before answering
+    // the client's hello, unless a previous connection already told us.
+    // An h1-only client needs no protocol knowledge; otherwise use what an offer that
+    // included h2 taught us.
+    let known = if denied {
+        None
+    } else if !offers_h2 {
+        Some(false)
     } else {
-        upstream::connect(&sh, &target, offer).await
+        sh.pool.known_h2(&target)
+    };
+    let upstream: Result<Option<upstream::Sender>, UpstreamError> = if denied {
+        Err(UpstreamError::Http("denied".into()))
+    } else if known.is_some() {
+        Ok(None)
+    } else {
+        upstream::connect(&sh, &target, offer).await.map(Some)
+    };
+    let up_h2 = match &upstream {
+        Ok(Some(s)) => s.is_h2(),
+        Ok(None) => known.unwrap_or(false),
+        Err(_) => false,
     };
     let client_alpn: Option<&[u8]> = match &upstream {
         _ if alpn.is_empty() => None,
-        Ok(s) if s.is_h2() => Some(ALPN_H2),
+        Ok(_) if up_h2 && offers_h2 => Some(ALPN_H2),
         Ok(_) if offers_h1 => Some(ALPN_H1),
         Ok(_) => None,
         Err(_) if offers_h1 => Some(ALPN_H1),
@@ -484,10 +501,10 @@ async fn tls_intercept(
         host,
         port: dst.port(),
         denied,
-        upstream: upstream.map(|s| Upstream::new(target, up_offer, Some(s))),
+        upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
     };
     let ctx = ConnCtx::new(sh, stop, peer, kind, route);
-    serve_http(ctx, Box::new(tls), true).await;
+    serve_http(ctx, Box::new(tls), h2_client).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,48 +586,63 @@ impl ConnCtx {
     }
 }
 
-async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, tls: bool) {
+/// Serves HTTP on a client stream: h2 when ALPN chose it, else h1 (with upgrades). Only the
+/// chosen protocol's connection state is allocated (boxed), which keeps idle connections small.
+async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, h2: bool) {
     let sh = ctx.sh.clone();
     let last = Arc::new(AtomicU64::new(now_ms()));
-    let io = IdleIo {
+    let io = TokioIo::new(IdleIo {
         inner: io,
         last: last.clone(),
-    };
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(sh.limits.header_read_timeout)
-        .max_buf_size(sh.limits.max_header_bytes.max(8192))
-        .max_headers(sh.limits.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
-    let inflight = ctx.inflight.clone();
-    let stop = ctx.stop.clone();
+    });
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| handle(svc_ctx.clone(), req));
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let idle = idle_watch(&last, &inflight, sh.limits.idle_timeout);
+    if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256);
+        let conn = Box::pin(b.serve_connection(io, svc));
+        drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(sh.limits.header_read_timeout)
+            .max_buf_size(sh.limits.max_header_bytes.max(8192))
+            .max_headers(sh.limits.max_headers);
+        let conn = Box::pin(b.serve_connection(io, svc).with_upgrades());
+        drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
+    }
+}
+
+/// Runs a connection until it ends; drains it gracefully on shutdown or when idle.
+async fn drive<C>(
+    ctx: &ConnCtx,
+    last: &AtomicU64,
+    mut conn: Pin<Box<C>>,
+    graceful: impl Fn(Pin<&mut C>),
+) where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    let idle = idle_watch(last, &ctx.inflight, ctx.sh.limits.idle_timeout);
     tokio::pin!(idle);
     let mut draining = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(peer = %ctx.peer, tls, error = %e, "client connection ended with an error");
+                    tracing::debug!(peer = %ctx.peer, error = %e, "client connection ended with an error");
                 }
                 return;
             }
-            _ = stop.reached(DRAIN), if !draining => {
+            _ = ctx.stop.reached(DRAIN), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             _ = &mut idle, if !draining => {
                 tracing::debug!(peer = %ctx.peer, "idle timeout; closing");
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
         }
     }
@@ -662,7 +694,7 @@ async fn handle(
     match &ctx.route {
         Route::Explicit => {
             if req.method() == Method::CONNECT {
-                return Ok(connect(ctx.clone(), req));
+                return Ok(connect_checked(&ctx, req).await);
             }
             let uri = req.uri().clone();
             let (Some(auth), Some("http")) = (uri.authority(), uri.scheme_str()) else {
@@ -805,7 +837,9 @@ fn upstream_failed(
     text(status, format!("kz: {e}"))
 }
 
-fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// CONNECT: check the rules, resolve (an unresolvable target is a 502 here, never a dial to
+/// some fallback address), then intercept the tunnel.
+async fn connect_checked(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(auth) = req.uri().authority().map(|a| a.as_str().to_owned()) else {
         return text(
             StatusCode::BAD_REQUEST,
@@ -815,8 +849,30 @@ fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let (host, port) = split_authority(&auth, 443);
     if ctx.sh.rules.check(&host, port) == Verdict::Deny {
         Metrics::inc(&ctx.sh.metrics.connections_denied_total);
-        return denied(&ctx, req, &host, port);
+        return denied(ctx, req, &host, port);
     }
+    let dst = match upstream::resolve(&ctx.sh, &host, port).await {
+        Ok(a) => a,
+        Err(e) => return upstream_failed(ctx, req, &host, port, &e),
+    };
+    if ctx.sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
+        refuse(&ctx.sh, ctx.peer, Some(dst), "destination_is_the_proxy");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("kz: {host}:{port} is the proxy itself"),
+        );
+    }
+    tunnel(ctx, req, host, dst)
+}
+
+/// Not async on purpose: the tunnel serves HTTP again, and an async fn here would make the
+/// request handler's future type contain itself.
+fn tunnel(
+    ctx: &Arc<ConnCtx>,
+    req: Request<Incoming>,
+    host: String,
+    dst: SocketAddr,
+) -> Response<ProxyBody> {
     let sh = ctx.sh.clone();
     let stop = ctx.stop.clone();
     let peer = ctx.peer;
@@ -826,14 +882,6 @@ fn connect(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "CONNECT upgrade failed");
                 return;
-            }
-        };
-        let dst = match upstream::resolve(&sh, &host, port).await {
-            Ok(a) => a,
-            Err(e) => {
-                // Still intercept, so the client gets an HTTP 502 it can read.
-                tracing::info!(%peer, host = %host, error = %e, "CONNECT target does not resolve");
-                SocketAddr::from(([0, 0, 0, 0], port))
             }
         };
         intercept(
@@ -1005,6 +1053,10 @@ async fn forward(
     }
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade && !snap.is_empty() {
+        // No permessage-deflate: compressed frames could hide a real value from the scrubber.
+        parts.headers.remove("sec-websocket-extensions");
+    }
     // Whenever a secret may go to this host, ask for an identity-encoded response so every
     // byte coming back can be scrubbed.
     if guarded {
@@ -1093,14 +1145,9 @@ async fn forward(
                 format!("{host}:{port}")
             }
         });
-    let h2 = up.is_h2().await;
-    let uri = if h2 {
-        let scheme = if tls { "https" } else { "http" };
-        format!("{scheme}://{authority}{new_pq}").parse::<Uri>()
-    } else {
-        new_pq.parse::<Uri>()
-    };
-    let Ok(uri) = uri else {
+    // Absolute form here; the upstream side turns it into what its protocol needs.
+    let scheme = if tls { "https" } else { "http" };
+    let Ok(uri) = format!("{scheme}://{authority}{new_pq}").parse::<Uri>() else {
         rec.with(|f| {
             f.status = 400;
             f.error = Some("swapped_url_invalid".into());
@@ -1111,16 +1158,10 @@ async fn forward(
         );
     };
     parts.uri = uri;
-    if h2 {
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(header::HOST);
-    } else {
-        parts.version = Version::HTTP_11;
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&authority)
-        {
-            parts.headers.insert(header::HOST, v);
-        }
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, v);
     }
     let method = parts.method.clone();
     let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
@@ -1177,17 +1218,43 @@ async fn respond(
     {
         let server = hyper::upgrade::on(&mut resp);
         let rec2 = rec.clone();
+        let snap2 = snap.clone();
+        let rw = scrub.stream();
+        let is_ws = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
         tokio::spawn(async move {
             let (Ok(c), Ok(s)) = (client.await, server.await) else {
                 return;
             };
-            let mut c = TokioIo::new(c);
-            let mut s = TokioIo::new(s);
-            // Frames are opaque here: the handshake was swapped; frame payloads are not.
-            if let Ok((a, b)) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                rec2.bytes_up.fetch_add(a, Ordering::Relaxed);
-                rec2.bytes_down.fetch_add(b, Ordering::Relaxed);
-            }
+            let (mut cr, cw) = tokio::io::split(TokioIo::new(c));
+            let (sr, mut sw) = tokio::io::split(TokioIo::new(s));
+            // Up: the handshake was swapped; client frames are masked by the client and pass.
+            let up = async {
+                let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+                n
+            };
+            // Down: WebSocket data frames are scrubbed; other upgraded protocols are refused
+            // for hosts holding secrets (their bytes cannot be scrubbed).
+            let down = async {
+                if !is_ws && !snap2.is_empty() {
+                    return 0;
+                }
+                let mut seen = |id: usize, _| rec2.scrubbed(snap2.name(id));
+                match super::ws::relay_down(sr, cw, rw, &mut seen).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::info!(error = %e, "WebSocket relay closed");
+                        0
+                    }
+                }
+            };
+            let (a, b) = tokio::join!(up, down);
+            rec2.bytes_up.fetch_add(a, Ordering::Relaxed);
+            rec2.bytes_down.fetch_add(b, Ordering::Relaxed);
         });
     }
     let (mut parts, incoming) = resp.into_parts();
@@ -1298,7 +1365,9 @@ pub async fn metrics_loop(sh: Arc<Shared>, l: TcpListener) {
                 let sh = sh.clone();
                 async move {
                     let r = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(body::full(sh.metrics.render(sh.ca.cached())));
+                        let mut r = Response::new(body::full(
+                            sh.metrics.render(sh.ca.cached(), sh.pool.idle()),
+                        ));
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("text/plain; version=0.0.4"),

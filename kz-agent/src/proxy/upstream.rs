@@ -1,8 +1,10 @@
 //! Upstream connections: dial the address kz chose itself, verify TLS against the verified host
 //! name, and speak h1 or h2 as negotiated.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -72,13 +74,6 @@ pub enum Sender {
 impl Sender {
     pub fn is_h2(&self) -> bool {
         matches!(self, Self::H2(_))
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Self::H1(s) => s.is_closed(),
-            Self::H2(s) => s.is_closed(),
-        }
     }
 }
 
@@ -153,6 +148,10 @@ pub async fn connect(sh: &Shared, target: &Target, offer: Offer) -> Result<Sende
     .map_err(|_| UpstreamError::ConnectTimeout { addr: target.addr })?
     .map_err(|e| classify_tls(&target.host, e))?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+    // Only an offer that included h2 says whether the server speaks it.
+    if offer != Offer::H1 {
+        sh.pool.learned(target, h2);
+    }
     if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
@@ -234,24 +233,153 @@ impl From<SendError> for UpstreamError {
     }
 }
 
-/// The upstream of one client connection: connected lazily, redialled when the server closed it.
+/// Idle upstream connections shared by all client connections, keyed by the address dialled
+/// *and* the host name its certificate was verified for: a connection verified for one name is
+/// never reused for another. h1 connections are checked out exclusively and come back when
+/// their response body is done; an h2 connection is shared.
+pub struct Pool {
+    inner: Mutex<PoolInner>,
+    max_idle_per_key: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    host: String,
+    tls: bool,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    h1: HashMap<Key, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    h2: HashMap<Key, http2::SendRequest<ProxyBody>>,
+    /// Protocol last negotiated with each upstream (true = h2): lets a new client connection be
+    /// offered the right ALPN without dialling first.
+    proto: HashMap<Key, bool>,
+}
+
+const MAX_KEYS: usize = 4096;
+
+impl Pool {
+    pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Self {
+        Self {
+            inner: Mutex::new(PoolInner::default()),
+            max_idle_per_key,
+            idle_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(t: &Target) -> Key {
+        Key {
+            addr: t.addr,
+            host: t.host.clone(),
+            tls: t.tls,
+        }
+    }
+
+    /// Whether `target` spoke h2 last time (None: never dialled or forgotten).
+    pub fn known_h2(&self, t: &Target) -> Option<bool> {
+        self.lock().proto.get(&Self::key(t)).copied()
+    }
+
+    fn learned(&self, t: &Target, h2: bool) {
+        let mut g = self.lock();
+        if g.proto.len() >= MAX_KEYS {
+            g.proto.clear();
+        }
+        g.proto.insert(Self::key(t), h2);
+    }
+
+    fn checkout(&self, t: &Target, want_h2: bool) -> Option<Sender> {
+        let key = Self::key(t);
+        let mut g = self.lock();
+        if want_h2 {
+            if let Some(s) = g.h2.get(&key) {
+                if !s.is_closed() {
+                    return Some(Sender::H2(s.clone()));
+                }
+                g.h2.remove(&key);
+            }
+            return None;
+        }
+        let list = g.h1.get_mut(&key)?;
+        while let Some((s, at)) = list.pop() {
+            if !s.is_closed() && at.elapsed() < self.idle_timeout {
+                return Some(Sender::H1(s));
+            }
+        }
+        None
+    }
+
+    fn put(&self, t: &Target, s: Sender) {
+        let key = Self::key(t);
+        let mut g = self.lock();
+        match s {
+            Sender::H2(s) => {
+                if g.h2.len() < MAX_KEYS {
+                    g.h2.insert(key, s);
+                }
+            }
+            Sender::H1(s) => {
+                if !g.h1.contains_key(&key) && g.h1.len() >= MAX_KEYS {
+                    return;
+                }
+                let list = g.h1.entry(key).or_default();
+                if list.len() >= self.max_idle_per_key {
+                    list.remove(0);
+                }
+                list.push((s, Instant::now()));
+            }
+        }
+    }
+
+    /// Drops closed and expired connections (called periodically).
+    pub fn sweep(&self) {
+        let timeout = self.idle_timeout;
+        let mut g = self.lock();
+        g.h1.retain(|_, list| {
+            list.retain(|(s, at)| !s.is_closed() && at.elapsed() < timeout);
+            !list.is_empty()
+        });
+        g.h2.retain(|_, s| !s.is_closed());
+    }
+
+    /// Idle connections held (for metrics).
+    pub fn idle(&self) -> usize {
+        let g = self.lock();
+        g.h1.values().map(Vec::len).sum::<usize>() + g.h2.len()
+    }
+}
+
+/// The upstream of one client connection: which host it was verified for and which protocol
+/// the client side speaks; connections come from the shared [`Pool`] or are dialled.
 pub struct Upstream {
     pub target: Target,
     offer: Offer,
-    sender: tokio::sync::Mutex<Option<Sender>>,
+    want_h2: bool,
+    first: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
+    /// `first`: a connection dialled during the client handshake (used for the first request).
     pub fn new(target: Target, offer: Offer, first: Option<Sender>) -> Arc<Self> {
+        let want_h2 = offer == Offer::H2;
         Arc::new(Self {
             target,
             offer,
-            sender: tokio::sync::Mutex::new(first),
+            want_h2,
+            first: Mutex::new(first),
         })
     }
 
-    /// Sends `req`. A bodiless request that fails because a reused keep-alive connection was
-    /// closed by the server in the meantime is replayed once on a fresh connection.
+    /// Sends `req` (absolute-form URI, Host header set). A bodiless request that fails because
+    /// a pooled keep-alive connection was closed by the server meanwhile is replayed once on a
+    /// fresh connection.
     pub async fn send(
         &self,
         sh: &Shared,
@@ -267,10 +395,13 @@ impl Upstream {
             }
             b
         });
-        match self.send_once(sh, req).await {
+        match self.send_once(sh, req, true).await {
             Err((e, true)) if e.is_stale_connection() => {
                 match replay.and_then(|b| b.body(super::body::empty()).ok()) {
-                    Some(again) => self.send_once(sh, again).await.map_err(|(e, _)| e.into()),
+                    Some(again) => self
+                        .send_once(sh, again, false)
+                        .await
+                        .map_err(|(e, _)| e.into()),
                     None => Err(e.into()),
                 }
             }
@@ -282,46 +413,67 @@ impl Upstream {
     async fn send_once(
         &self,
         sh: &Shared,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
+        allow_pooled: bool,
     ) -> Result<Response<Incoming>, (SendError, bool)> {
-        let mut guard = self.sender.lock().await;
-        if guard.as_ref().is_some_and(Sender::is_closed) {
-            *guard = None;
-        }
-        let reused = guard.is_some();
-        if guard.is_none() {
-            *guard = Some(
-                connect(sh, &self.target, self.offer)
-                    .await
-                    .map_err(|e| (SendError::Upstream(e), false))?,
-            );
-        }
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (sender, reused) = match first {
+            Some(s) => (s, false),
+            None => match allow_pooled
+                .then(|| sh.pool.checkout(&self.target, self.want_h2))
+                .flatten()
+            {
+                Some(s) => (s, true),
+                None => {
+                    let s = connect(sh, &self.target, self.offer)
+                        .await
+                        .map_err(|e| (SendError::Upstream(e), false))?;
+                    (s, false)
+                }
+            },
+        };
         let hyper_err = |e: hyper::Error| (SendError::Hyper(e), reused);
-        match guard.as_mut() {
-            Some(Sender::H2(s)) => {
-                let mut s = s.clone();
-                drop(guard);
+        match sender {
+            Sender::H2(mut s) => {
+                adapt(&mut req, true);
+                if !reused {
+                    sh.pool.put(&self.target, Sender::H2(s.clone()));
+                }
                 s.ready().await.map_err(hyper_err)?;
                 s.send_request(req).await.map_err(hyper_err)
             }
-            Some(Sender::H1(s)) => {
+            Sender::H1(mut s) => {
+                adapt(&mut req, false);
                 s.ready().await.map_err(hyper_err)?;
-                let fut = s.send_request(req);
-                // Requests on one h1 client connection are sequential anyway; holding the lock
-                // until the response head keeps them in order.
-                let r = fut.await.map_err(hyper_err);
-                drop(guard);
-                r
+                let resp = s.send_request(req).await.map_err(hyper_err)?;
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    // Back to the pool once this response's body has been read.
+                    let pool_target = self.target.clone();
+                    let pool = sh.pool.clone();
+                    tokio::spawn(async move {
+                        if s.ready().await.is_ok() {
+                            pool.put(&pool_target, Sender::H1(s));
+                        }
+                    });
+                }
+                Ok(resp)
             }
-            None => Err((
-                SendError::Upstream(UpstreamError::Http("no upstream connection".into())),
-                false,
-            )),
         }
     }
+}
 
-    /// Whether the (current) upstream connection speaks h2.
-    pub async fn is_h2(&self) -> bool {
-        self.sender.lock().await.as_ref().is_some_and(Sender::is_h2)
+/// Request line and headers for the upstream's protocol: h2 wants the absolute URI and no Host
+/// header; h1 wants origin-form and Host.
+fn adapt(req: &mut Request<ProxyBody>, h2: bool) {
+    if h2 {
+        *req.version_mut() = http::Version::HTTP_2;
+        req.headers_mut().remove(http::header::HOST);
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+        if let Some(pq) = req.uri().path_and_query().cloned()
+            && let Ok(u) = http::Uri::try_from(pq.as_str())
+        {
+            *req.uri_mut() = u;
+        }
     }
 }

@@ -306,7 +306,8 @@ pub fn run_bench() -> Result<()> {
     f.set_len(100 << 20)?;
     let d = dir.display();
     let conf = format!(
-        r#"worker_processes 1;
+        r#"user root;
+worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
@@ -324,10 +325,10 @@ http {{
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     ssl_session_cache shared:SSL:10m;
-    http2_max_requests 10000000;
     root {d}/www;
     location = /small {{ return 200 "hello from nginx\n"; }}
-    location = /upload {{ client_max_body_size 0; return 200 "ok\n"; }}
+    # A real sink: nginx answers a PUT only after the whole body is stored.
+    location = /upload {{ client_max_body_size 0; dav_methods PUT; }}
     location = /big.bin {{ }}
   }}
 }}
@@ -593,8 +594,21 @@ http {{
             if *needs_h2 && !t.h2 {
                 continue;
             }
-            if let Some(r) = load(t, scheme, path, extra)? {
-                results.insert((i, t.name), r);
+            // Single big transfers are noisy on a shared machine: best of three.
+            let tries = if extra.contains(&"--upload") || extra.contains(&"--download") {
+                3
+            } else {
+                1
+            };
+            for _ in 0..tries {
+                if let Some(r) = load(t, scheme, path, extra)? {
+                    let better = results
+                        .get(&(i, t.name))
+                        .is_none_or(|old| r.errors == 0 && r.secs < old.secs);
+                    if better {
+                        results.insert((i, t.name), r);
+                    }
+                }
             }
         }
     }
@@ -625,7 +639,7 @@ http {{
         .spawn()?;
     let mut held = String::new();
     BufReader::new(hold.stdout.take().context("hold stdout")?).read_line(&mut held)?;
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(1));
     let with_1000 = vm(kz_pid, "VmRSS:");
     if let Some(mut s) = hold.stdin.take() {
         let _ = s.flush();
@@ -657,7 +671,7 @@ http {{
                     .map(|d| format!("{:.2}x direct", (d.secs / r.secs)))
                     .unwrap_or_default();
                 println!(
-                    "  {:<12} {:>8.2} s  {:>8.1} MiB/s  {vs}{}",
+                    "  {:<12} {:>8.3} s  {:>8.1} MiB/s  {vs}{}",
                     t.name,
                     r.secs,
                     mbps,

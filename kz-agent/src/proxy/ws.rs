@@ -1,0 +1,185 @@
+//! WebSocket relay after a 101: client → server bytes pass as they are (the handshake was
+//! already swapped); server → client data frames are re-framed with their payload scrubbed
+//! (real → masked), so an upstream echoing a secret over a WebSocket does not hand it to the
+//! agent. Compression extensions are stripped from the handshake by the caller, so payloads are
+//! plain; a compressed (RSV1) or oversized frame closes the relay instead of leaking.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::rewrite::StreamRewriter;
+
+/// Largest frame buffered for scrubbing.
+const MAX_FRAME: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("WebSocket frame of {0} bytes is larger than kz scrubs ({MAX_FRAME}); closing")]
+    TooLarge(u64),
+    #[error("compressed WebSocket frame (RSV1) although no extension was negotiated; closing")]
+    Compressed,
+    #[error("WebSocket relay I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Copies server → client, scrubbing data frames. Returns payload bytes relayed.
+pub async fn relay_down<R, W>(
+    mut from: R,
+    mut to: W,
+    mut rw: StreamRewriter,
+    seen: &mut (dyn FnMut(usize, bool) + Send),
+) -> Result<u64, WsError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut total = 0u64;
+    loop {
+        while let Some((b0, payload)) = parse(&mut buf)? {
+            let opcode = b0 & 0x0f;
+            let fin = b0 & 0x80 != 0;
+            let out = if opcode < 8 {
+                // Data (text, binary, continuation): scrub across the message's frames.
+                let mut out = rw.push(payload, seen);
+                if fin {
+                    let tail = rw.finish(seen);
+                    if !tail.is_empty() {
+                        let mut o = BytesMut::from(&out[..]);
+                        o.extend_from_slice(&tail);
+                        out = o.freeze();
+                    }
+                }
+                out
+            } else {
+                payload
+            };
+            total += out.len() as u64;
+            let mut frame = BytesMut::with_capacity(out.len() + 10);
+            frame.put_u8(b0);
+            let n = out.len();
+            if n < 126 {
+                frame.put_u8(n as u8);
+            } else if n <= 0xffff {
+                frame.put_u8(126);
+                frame.put_u16(n as u16);
+            } else {
+                frame.put_u8(127);
+                frame.put_u64(n as u64);
+            }
+            frame.extend_from_slice(&out);
+            to.write_all(&frame).await?;
+        }
+        to.flush().await?;
+        if from.read_buf(&mut buf).await? == 0 {
+            let _ = to.shutdown().await;
+            return Ok(total);
+        }
+    }
+}
+
+/// One complete frame from `buf` (header byte 0 and unmasked payload), if buffered.
+fn parse(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let b0 = buf[0];
+    if b0 & 0x40 != 0 {
+        return Err(WsError::Compressed);
+    }
+    let masked = buf[1] & 0x80 != 0;
+    let len7 = u64::from(buf[1] & 0x7f);
+    let (len, mut at) = match len7 {
+        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (n, 2),
+    };
+    if len > MAX_FRAME {
+        return Err(WsError::TooLarge(len));
+    }
+    let key = if masked {
+        if buf.len() < at + 4 {
+            return Ok(None);
+        }
+        let k = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
+        at += 4;
+        Some(k)
+    } else {
+        None
+    };
+    let len = len as usize;
+    if buf.len() < at + len {
+        buf.reserve(at + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(at);
+    let mut payload = buf.split_to(len);
+    if let Some(k) = key {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= k[i % 4];
+        }
+    }
+    Ok(Some((b0, payload.freeze())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::rewrite::{Fixed, Patterns};
+    use std::sync::Arc;
+
+    fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![b0];
+        if payload.len() < 126 {
+            f.push(payload.len() as u8);
+        } else {
+            f.push(126);
+            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn data_frames_are_scrubbed_across_fragments() {
+        let pats = Arc::new(Patterns::new(vec![b"sk-real".to_vec().into_boxed_slice()]).unwrap());
+        let rw = StreamRewriter::new(
+            pats,
+            Arc::new(Fixed(vec![b"kz_masked_x".to_vec().into_boxed_slice()])),
+        );
+        let mut input = frame(0x01, b"a sk-re"); // text, not final
+        input.extend(frame(0x80, b"al b")); // continuation, final
+        input.extend(frame(0x89, b"ping")); // ping passes
+        input.extend(frame(0x82, &[b'x'; 300])); // binary, 16-bit length
+        let mut out = Vec::new();
+        let n = relay_down(&input[..], &mut out, rw, &mut |_, _| {})
+            .await
+            .unwrap();
+        let mut want = frame(0x01, b"a ");
+        want.extend(frame(0x80, b"kz_masked_x b"));
+        want.extend(frame(0x89, b"ping"));
+        want.extend(frame(0x82, &[b'x'; 300]));
+        assert_eq!(out, want);
+        assert_eq!(n, 2 + 13 + 4 + 300);
+    }
+
+    #[tokio::test]
+    async fn compressed_frames_are_refused() {
+        let pats = Arc::new(Patterns::new(vec![b"x".to_vec().into_boxed_slice()]).unwrap());
+        let rw = StreamRewriter::new(
+            pats,
+            Arc::new(Fixed(vec![b"y".to_vec().into_boxed_slice()])),
+        );
+        let input = frame(0xc1, b"abc");
+        let mut out = Vec::new();
+        assert!(matches!(
+            relay_down(&input[..], &mut out, rw, &mut |_, _| {}).await,
+            Err(WsError::Compressed)
+        ));
+    }
+}

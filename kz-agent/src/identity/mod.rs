@@ -326,6 +326,11 @@ fn static_key(issuer: &str, k: &StaticKey) -> Result<Key, IdentityError> {
     };
     let alg = parse_alg(&k.alg).ok_or_else(|| err(format!("unsupported alg `{}`", k.alg)))?;
     let pem = k.pem.as_deref().unwrap_or("").as_bytes();
+    if pem_is_private(pem) {
+        return Err(err(
+            "`pem` holds a PRIVATE key; put only the public key in a bundle".into(),
+        ));
+    }
     let key = match alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
             let secret = match (&k.secret, &k.secret_env) {
@@ -349,12 +354,6 @@ fn static_key(issuer: &str, k: &StaticKey) -> Result<Key, IdentityError> {
         _ => DecodingKey::from_rsa_pem(pem)
             .map_err(|e| err(format!("`pem` is not an RSA public key: {e}")))?,
     };
-    if !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) && pem_is_private(pem)
-    {
-        return Err(err(
-            "`pem` holds a PRIVATE key; put only the public key in a bundle".into(),
-        ));
-    }
     Ok(Key {
         kid: k.kid.clone(),
         alg,

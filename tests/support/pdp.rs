@@ -1,7 +1,7 @@
 //! PDP test support: a real `kz server start` process with captured stderr, JWT minting with
 //! the fixture keys, curl as the HTTP client, and a loopback upstream that records what it got.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -95,6 +95,7 @@ pub struct Server {
     pub url: String,
     pub proxy_url: Option<String>,
     pub stderr: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -124,15 +125,25 @@ impl Server {
                 line.clear();
             }
         });
-        let mut stdout = child.stdout.take().unwrap();
+        let stdout_buf = Arc::new(Mutex::new(String::new()));
+        let mut out_reader = BufReader::new(child.stdout.take().unwrap());
+        let out_sink = stdout_buf.clone();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
+            let mut line = String::new();
+            while out_reader
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                out_sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
         });
-        let wants_proxy = extra.contains(&"--proxy-listen");
+        let proxy_only = extra.contains(&"--proxy");
+        let wants_proxy = proxy_only || extra.contains(&"--proxy-listen");
         let (mut url, mut proxy_url) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while url.is_none() || (wants_proxy && proxy_url.is_none()) {
+        while (url.is_none() && !proxy_only) || (wants_proxy && proxy_url.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
@@ -149,9 +160,10 @@ impl Server {
         }
         Self {
             child,
-            url: url.unwrap(),
+            url: url.or_else(|| proxy_url.clone()).unwrap(),
             proxy_url,
             stderr,
+            stdout: stdout_buf,
         }
     }
 

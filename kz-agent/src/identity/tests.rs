@@ -230,3 +230,40 @@ async fn leeway_applies_to_exp() {
     iss.leeway_seconds = Some(0);
     assert_eq!(verify(iss, &t).await.unwrap_err(), TokenError::Expired);
 }
+
+#[tokio::test]
+async fn cached_verifications_still_expire_and_tampering_misses_the_cache() {
+    let enc = EncodingKey::from_ec_pem(fixture("agent-es256.key").as_bytes()).unwrap();
+    let mut iss = issuer(
+        IssuerType::Custom,
+        vec![key("k", "ES256", Some(fixture("agent-es256.pub")), None)],
+        &[("service", "svc")],
+    );
+    iss.leeway_seconds = Some(0);
+    let v = Verifier::build(&[iss], 16 * 1024).map_err(|_| ()).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let t = sign(
+        Algorithm::ES256,
+        Some("k"),
+        &enc,
+        &json!({"iss": "https://iss.example", "exp": now + 1, "svc": "a"}),
+    );
+    assert_eq!(v.verify(&t).await.unwrap().service, "a");
+    assert_eq!(v.verify(&t).await.unwrap().service, "a", "cache hit");
+    // Same signature, edited payload: a different cache key, and a bad signature.
+    let parts: Vec<&str> = t.split('.').collect();
+    use base64::Engine as _;
+    let forged_payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"iss": "https://iss.example", "exp": now + 1, "svc": "admin"}).to_string());
+    let forged = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+    assert_eq!(
+        v.verify(&forged).await.unwrap_err(),
+        TokenError::BadSignature
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        v.verify(&t).await.unwrap_err(),
+        TokenError::Expired,
+        "expiry re-checked on a hit"
+    );
+}

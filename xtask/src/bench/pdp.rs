@@ -244,6 +244,7 @@ pub fn run() -> anyhow::Result<()> {
     let (_p3, kz_audit_addr) = start_kz(&kz, &kz_audit_bundle)?;
     let spec = |addr| Spec {
         addr,
+        method: "POST",
         path: "/v1/resolve".into(),
         token: token.clone(),
         body: r#"{"ref":"bench/api-key"}"#.into(),
@@ -267,7 +268,10 @@ pub fn run() -> anyhow::Result<()> {
     println!(
         "PDP resolve benchmark: POST /v1/resolve, ES256 JWT + 3 CEL policies + in-memory resolver"
     );
-    println!("  ({note}; load generator: 1 thread, closed loop, keep-alive HTTP/1.1)");
+    println!("  ({note}; load generator: 1 thread, closed loop, keep-alive HTTP/1.1;");
+    println!(
+        "   the `HTTP ceiling` row is kz's GET /healthz: what this generator and HTTP stack can do at all)"
+    );
     let mut summary = Vec::new();
     for clients in [1usize, 64, 1000] {
         let (warm, measure) = if clients >= 1000 {
@@ -276,6 +280,20 @@ pub fn run() -> anyhow::Result<()> {
             (Duration::from_secs(1), Duration::from_secs(5))
         };
         println!("\n{clients} concurrent client(s):");
+        let ceiling = load::run(
+            Spec {
+                addr: kz_addr,
+                method: "GET",
+                path: "/healthz".into(),
+                token: token.clone(),
+                body: String::new(),
+                expect: "\"ok\"".into(),
+            },
+            clients,
+            warm,
+            measure,
+        )?;
+        row("HTTP ceiling (healthz)", &ceiling);
         let k = load::run(spec(keyzero_addr), clients, warm, measure)?;
         row("KeyZero 0.3", &k);
         let z = load::run(spec(kz_addr), clients, warm, measure)?;

@@ -3,6 +3,7 @@
 
 mod load;
 mod pdp;
+mod wrk;
 
 pub fn run(name: &str) -> anyhow::Result<()> {
     match name {

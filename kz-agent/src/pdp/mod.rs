@@ -495,7 +495,10 @@ impl Pdp {
         }
 
         let Some(resource) = compiled.match_resource(reference) else {
+            // Allowed by policy but nothing to resolve: nothing is released (KeyZero: allowed
+            // false with this error); the deciding policy is kept for the audit trail.
             let msg = "no resource matches ref".to_owned();
+            result.allowed = false;
             result.error = Some(msg.clone());
             event = event.with("outcome", "error").with("error", msg);
             return self.finish(result, event, started);
@@ -698,10 +701,16 @@ resources:
             },
         )
         .unwrap();
-        let refs: Vec<String> = ["app/path", "app/token", "app/missing", "other/x"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let refs: Vec<String> = [
+            "app/path",
+            "app/token",
+            "app/missing",
+            "other/x",
+            "app/none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let r = pdp
             .resolve(&token("bot"), &refs, serde_json::json!({"why": "test"}))
             .await
@@ -735,9 +744,9 @@ resources:
 
         {
             let events = sink.0.lock().unwrap();
-            assert_eq!(events.len(), 4);
+            assert_eq!(events.len(), 5);
             let outcomes: Vec<_> = events.iter().map(|e| e.fields["outcome"].clone()).collect();
-            assert_eq!(outcomes, ["resolved", "issued", "error", "denied"]);
+            assert_eq!(outcomes, ["resolved", "issued", "error", "denied", "error"]);
             let path_value = std::env::var("PATH").unwrap();
             for e in events.iter() {
                 assert!(

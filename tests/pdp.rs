@@ -610,6 +610,20 @@ fn http_errors_and_metrics() {
         "{m}"
     );
     assert_eq!(get(&format!("{}/nope", s.url)).status, 404);
+    // HTTP/2 (prior knowledge) is served too, not only HTTP/1.1.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(format!("{}/healthz", s.url))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
 }
 
 #[test]

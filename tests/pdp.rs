@@ -1000,3 +1000,80 @@ fn keyzero_style_separate_proxy_with_rs256_tokens_and_query_injection() {
         assert_no_secret("server log", &s.logs(), ALL);
     }
 }
+
+#[test]
+fn proxy_verifies_upstream_tls_against_the_configured_ca() {
+    let dir = TempDir::new("tls");
+    let upstream = TlsUpstream::start(&dir);
+    let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
+        .unwrap()
+        .replace("hosts: [api.stripe.com]", "hosts: [localhost]");
+    let b = dir.path("b.yaml");
+    std::fs::write(&b, text).unwrap();
+    let ca = upstream.ca_pem.to_str().unwrap().to_owned();
+    let trusting = Server::start(
+        &b,
+        &[
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--allow-private",
+            "127.0.0.1/32",
+            "--upstream-ca",
+            &ca,
+        ],
+        &env(),
+    );
+    let untrusting = Server::start(
+        &b,
+        &[
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--allow-private",
+            "127.0.0.1/32",
+        ],
+        &env(),
+    );
+    let call = |s: &Server| {
+        let v = resolve(
+            &s.url,
+            Some(&agent_token("billing-bot", "production", &[])),
+            &json!({"ref": "payments/stripe"}),
+        )
+        .json();
+        let tok = result(&v, "payments/stripe")["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // Reverse-proxy style (KeyZero's): the Host header names the upstream, reached over TLS.
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
+            .args(["-H", &format!("Host: localhost:{}", upstream.addr.port())])
+            .args(["-H", &format!("Authorization: Bearer {tok}")])
+            .arg(format!("{}/v1/charges", s.proxy_url.as_deref().unwrap()));
+        curl(cmd)
+    };
+    let r = call(&trusting);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "tls upstream ok");
+    assert_eq!(
+        upstream.seen.lock().unwrap().last().unwrap(),
+        &format!("Bearer {STRIPE}")
+    );
+    let before = upstream.seen.lock().unwrap().len();
+    let r = call(&untrusting);
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (502, json!("upstream_error")),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("TLS"), "{}", r.body);
+    assert_eq!(
+        upstream.seen.lock().unwrap().len(),
+        before,
+        "nothing reached an unverified upstream"
+    );
+    for s in [&trusting, &untrusting] {
+        assert_no_secret("server log", &s.logs(), ALL);
+    }
+}

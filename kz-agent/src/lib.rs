@@ -19,3 +19,4 @@ pub mod proxy;
 pub mod resolve;
 pub mod run;
 pub mod secret;
+pub mod suggest;

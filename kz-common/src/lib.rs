@@ -1,6 +1,232 @@
 //! Types shared by the kz eBPF programs (`kz-ebpf`) and the user-space loader (`kz-agent`).
 //!
 //! Everything here is `#[repr(C)]` plain data: it crosses the kernel/user boundary as map keys
-//! and values, so field order and padding are part of the ABI.
+//! and values, so field order and padding are part of the ABI. Padding is always spelled out as
+//! explicit `_pad` fields (zeroed) because hash-map keys are compared byte for byte.
+//!
+//! Addresses are stored as 16 bytes in network order; IPv4 addresses are stored v4-mapped
+//! (`::ffff:a.b.c.d`) so one key type serves both families.
 #![no_std]
-#![forbid(unsafe_code)]
+// The only unsafe is the `aya::Pod` marker impls below (user feature).
+#![deny(unsafe_code)]
+
+/// Sockets carrying this `SO_MARK` are kz's own and are never intercepted (loop avoidance for a
+/// kz process that lives inside an intercepted cgroup). Setting a mark needs CAP_NET_ADMIN, so an
+/// unprivileged agent cannot use it to escape.
+pub const KZ_SO_MARK: u32 = 0x6b7a_0001;
+
+/// `AF_INET` / `AF_INET6` as stored in [`OrigDst::family`] and [`BlockEvent::family`].
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// IP protocol numbers as stored in [`BlockEvent::proto`].
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Bits of [`CgroupPolicy::flags`].
+pub mod flags {
+    /// Redirect every TCP connect to the proxy; without it only ports in the `PORTS` map are
+    /// redirected and other TCP ports connect directly (subject to the allow/deny checks).
+    pub const ALL_TCP: u32 = 1 << 0;
+    /// Native IPv6 destinations are redirected to `[::1]:proxy_port` like IPv4; without it every
+    /// native IPv6 connect/sendmsg is refused (v4-mapped addresses always take the IPv4 path).
+    pub const V6_INTERCEPT: u32 = 1 << 1;
+    /// A destination must match the allow trie or have a live entry in the allowed-IP map (filled
+    /// by kz's DNS resolver), otherwise the connect fails with EPERM.
+    pub const REQUIRE_ALLOW: u32 = 1 << 2;
+    /// UDP to ports other than 53 is let through (after the deny/allow checks) instead of refused.
+    pub const ALLOW_UDP: u32 = 1 << 3;
+    /// Loopback destinations (127.0.0.0/8, ::1) connect directly instead of being redirected.
+    pub const LOOPBACK_DIRECT: u32 = 1 << 4;
+}
+
+/// Why a connect/sendmsg was refused ([`BlockEvent::reason`]).
+pub mod reason {
+    /// The destination matched the cgroup's deny trie.
+    pub const DENY_CIDR: u8 = 1;
+    /// `REQUIRE_ALLOW` is set and the destination is in neither the allow trie nor the allow map.
+    pub const NOT_ALLOWED: u8 = 2;
+    /// Native IPv6 while the policy lacks `V6_INTERCEPT`.
+    pub const V6_DENIED: u8 = 3;
+    /// UDP to a port other than 53 while the policy lacks `ALLOW_UDP`.
+    pub const UDP_DENIED: u8 = 4;
+    /// The socket's cgroup has programs attached but no policy entry (e.g. a nested cgroup).
+    pub const NO_POLICY: u8 = 5;
+    /// A redirect was due but the policy has no proxy (or DNS) port.
+    pub const NO_TARGET: u8 = 6;
+    /// A raw socket (which would bypass the connect/sendmsg hooks) was refused at creation.
+    pub const RAW_DENIED: u8 = 7;
+}
+
+/// Per-cgroup policy, value of the `POLICY` map keyed by cgroup id (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupPolicy {
+    /// TCP is redirected to `127.0.0.1:proxy_port` (or `[::1]`); host byte order; 0 = none.
+    pub proxy_port: u16,
+    /// UDP/53 is redirected to `127.0.0.1:dns_port`; host byte order; 0 = none.
+    pub dns_port: u16,
+    /// [`flags`] bits.
+    pub flags: u32,
+}
+
+/// Key of the `PORTS` map (listed-ports mode): a TCP port redirected for one cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub cgroup_id: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Data of an IPv4 LPM-trie key: the cgroup id (big-endian, always fully matched) followed by the
+/// address; the trie's prefix length is `64 + cidr prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm4 {
+    pub cgroup_id: [u8; 8],
+    pub addr: [u8; 4],
+}
+
+/// Data of an IPv6 LPM-trie key; see [`Lpm4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm6 {
+    pub cgroup_id: [u8; 8],
+    pub addr: [u8; 16],
+}
+
+/// Key of the `ALLOWED_IPS` map; its value is the expiry as `CLOCK_MONOTONIC` nanoseconds
+/// (`u64::MAX` = never expires).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpKey {
+    pub cgroup_id: u64,
+    /// v4-mapped for IPv4.
+    pub addr: [u8; 16],
+}
+
+/// The destination a process asked for before it was redirected. Value of `ORIG_BY_COOKIE`
+/// (key: socket cookie) and then of `ORIG_BY_PEER` (key: [`PeerKey`], the client's address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// v4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// [`AF_INET`] (also for v4-mapped destinations) or [`AF_INET6`].
+    pub family: u16,
+    /// Process id (thread-group id) that called connect().
+    pub tgid: u32,
+    pub cgroup_id: u64,
+}
+
+/// The client end of a redirected connection as the proxy sees it in `peer_addr()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKey {
+    /// v4-mapped for IPv4 (also when the client socket was AF_INET6 with a v4-mapped address).
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A refused connect/sendmsg, sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEvent {
+    pub cgroup_id: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// Task name, NUL padded.
+    pub comm: [u8; 16],
+    /// Destination, v4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub family: u16,
+    /// IP protocol number: [`PROTO_TCP`], [`PROTO_UDP`], 1 (ICMP ping sockets), 58 (ICMPv6).
+    pub proto: u8,
+    /// One of [`reason`].
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod map_names {
+    pub const POLICY: &str = "KZ_POLICY";
+    pub const PORTS: &str = "KZ_PORTS";
+    pub const ALLOW4: &str = "KZ_ALLOW4";
+    pub const DENY4: &str = "KZ_DENY4";
+    pub const ALLOW6: &str = "KZ_ALLOW6";
+    pub const DENY6: &str = "KZ_DENY6";
+    pub const ALLOWED_IPS: &str = "KZ_ALLOWED_IPS";
+    pub const ORIG_BY_COOKIE: &str = "KZ_ORIG_COOKIE";
+    pub const ORIG_BY_PEER: &str = "KZ_ORIG_PEER";
+    pub const DNS_ORIG: &str = "KZ_DNS_ORIG";
+    pub const EVENTS: &str = "KZ_EVENTS";
+    pub const ALL: [&str; 11] = [
+        POLICY,
+        PORTS,
+        ALLOW4,
+        DENY4,
+        ALLOW6,
+        DENY6,
+        ALLOWED_IPS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_PEER,
+        DNS_ORIG,
+        EVENTS,
+    ];
+}
+
+/// Program names (function names in kz-ebpf; distinct from their section names on purpose).
+pub mod prog_names {
+    pub const CONNECT4: &str = "kz_connect4";
+    pub const CONNECT6: &str = "kz_connect6";
+    pub const SENDMSG4: &str = "kz_sendmsg4";
+    pub const SENDMSG6: &str = "kz_sendmsg6";
+    pub const RECVMSG4: &str = "kz_recvmsg4";
+    pub const RECVMSG6: &str = "kz_recvmsg6";
+    pub const GETPEERNAME4: &str = "kz_getpeername4";
+    pub const GETPEERNAME6: &str = "kz_getpeername6";
+    pub const SOCK_OPS: &str = "kz_sock_ops";
+    pub const SOCK_CREATE: &str = "kz_sock_create";
+}
+
+#[cfg(feature = "user")]
+macro_rules! impl_pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: #[repr(C)] plain data of integers and byte arrays with all padding spelled out
+        // as explicit fields, so every bit pattern is valid and there are no uninitialised bytes.
+        #[allow(unsafe_code)]
+        unsafe impl aya::Pod for $t {}
+    )*};
+}
+
+#[cfg(feature = "user")]
+impl_pod!(
+    CgroupPolicy,
+    PortKey,
+    Lpm4,
+    Lpm6,
+    IpKey,
+    OrigDst,
+    PeerKey,
+    BlockEvent
+);
+
+// Layout checks: the kernel and user space must agree on these sizes.
+const _: () = assert!(core::mem::size_of::<CgroupPolicy>() == 8);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Lpm4>() == 12);
+const _: () = assert!(core::mem::size_of::<Lpm6>() == 24);
+const _: () = assert!(core::mem::size_of::<IpKey>() == 24);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
+const _: () = assert!(core::mem::size_of::<BlockEvent>() == 56);

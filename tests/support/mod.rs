@@ -4,10 +4,13 @@
 //! - [`require_root`]: privileged tests fail loudly when they cannot run (never a silent pass).
 //! - [`unique_name`]: parallel-safe names for cgroups, netns, veths and files.
 //! - [`netns`]: network namespaces with veth links, the home of every upstream test host.
+//! - [`servers`]: real backend servers (OpenBao dev server, moto) on loopback ports.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod intercept;
 pub mod netns;
 pub mod pdp;
+pub mod servers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

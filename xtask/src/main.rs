@@ -6,6 +6,7 @@
 //! - `bench <name>`: benchmarks that print ratios against the direct path and peers.
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 
@@ -29,11 +30,19 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `cargo xtask bench pdp`.
-    Bench {
-        /// Which benchmark (pdp).
-        name: String,
-    },
+    /// Set up, then show the main job end to end (for now: kernel interception).
+    Demo,
+    /// Set up, then run a benchmark (`connect`, `pdp`, `run`) and print ratios against the direct path.
+    Bench { name: String },
+    /// Processes the benchmarks run inside network namespaces and cgroups.
+    #[command(hide = true, subcommand)]
+    BenchHelper(BenchHelper),
+}
+
+#[derive(Subcommand)]
+enum BenchHelper {
+    Serve,
+    Connect { addr: String, n: usize },
 }
 
 fn main() -> ExitCode {
@@ -41,7 +50,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
-        Task::Bench { name } => bench::run(&name),
+        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Bench { name } => setup::run().and_then(|()| bench::run(&name)),
+        Task::BenchHelper(BenchHelper::Serve) => bench::connect::serve(),
+        Task::BenchHelper(BenchHelper::Connect { addr, n }) => bench::connect::connect(&addr, n),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "hyperfine",
+    // The classic transparent-redirect peer in `cargo xtask bench connect`.
+    "iptables",
 ];
 
 /// Python packages for the test servers and the MCP client, in a venv of their own.

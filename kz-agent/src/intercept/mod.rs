@@ -1,1 +1,149 @@
-//! See docs/architecture.md.
+//! Kernel interception: kz's eBPF programs, the cgroups they guard, and their maps.
+//!
+//! One [`Interceptor`] loads the programs once and serves many cgroups. Each cgroup it creates
+//! gets its own [`Policy`] (keyed by cgroup id in the kernel maps):
+//!
+//! - every TCP `connect()` (or only listed ports) is redirected to `127.0.0.1:<proxy_port>`
+//!   (`[::1]` for native IPv6 when [`Ipv6Mode::Intercept`]); the proxy learns the original
+//!   destination from [`OrigDstTable::lookup`] with the accepted socket's `peer_addr()`;
+//! - UDP to port 53 goes to `127.0.0.1:<dns_port>` and replies appear to come from the resolver
+//!   the client asked; other UDP is refused unless [`Policy::allow_udp`];
+//! - destinations in [`Policy::deny`] fail with EPERM at once; with [`Policy::require_allow`] so
+//!   does every destination not in [`Policy::allow`] nor in the allow map that kz's DNS resolver
+//!   fills through [`AllowMap::allow_ip`];
+//! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination,
+//!   reason).
+//!
+//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own, see [`mark_as_kz`]) are never
+//! touched; kz itself runs outside the cgroups it guards, so its upstream connections are never
+//! redirected. `getpeername()` on a redirected socket reports the original destination. Raw
+//! sockets are refused at creation in guarded cgroups; a process in a child cgroup of a guarded
+//! one (which has no policy of its own) is refused everything.
+//!
+//! # Contract for callers
+//! - The proxy listens on `127.0.0.1:<proxy_port>` in the agent's network namespace (and on
+//!   `[::1]` too with [`Ipv6Mode::Intercept`]; a dual-stack `[::]` socket does both) and calls
+//!   [`OrigDstTable::take`] with each accepted socket's `peer_addr()`. No record = not a
+//!   redirected connection: refuse it.
+//! - The DNS resolver listens on UDP `127.0.0.1:<dns_port>` (and `[::1]` for IPv6 resolvers).
+//!   DNS over TCP is ordinary TCP: it goes to the proxy (port 53).
+//! - Not covered: AF_PACKET sockets (need CAP_NET_RAW: do not give the agent that capability).
+//!
+//! # Fail closed
+//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid, start
+//! time and a per-process sequence number; `kz` is the default [`Scope`]); cgroups live under
+//! `<cgroup2>/kz/<instance>/`. If kz is killed, the programs stay attached and the cgroup stays
+//! cut off (its connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
+//! [`Interceptor::remove_cgroup`]) kills what is left in its cgroups, detaches, unpins and removes
+//! everything it made. [`Interceptor::load`] first cleans up what dead instances left behind
+//! ([`cleanup_stale`]), killing their orphaned processes before it detaches anything.
+//!
+//! # Use
+//! ```no_run
+//! # async fn f() -> Result<(), kz_agent::intercept::InterceptError> {
+//! use kz_agent::intercept::{Interceptor, Policy};
+//! let mut icpt = Interceptor::load()?;
+//! let policy = Policy { proxy_port: 15001, dns_port: 15053, ..Policy::default() };
+//! let cg = icpt.create_cgroup("run-1", &policy)?;
+//! let mut cmd = std::process::Command::new("node");
+//! cg.place_child(&mut cmd)?; // the child enters the cgroup before it execs
+//! let orig = icpt.orig_dst_table(); // give to the proxy
+//! let mut events = icpt.block_events()?; // inside a Tokio runtime
+//! # Ok(()) }
+//! ```
+//!
+//! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
+//! [`maps`] (policy and table types), [`loader`] ([`Interceptor`]), [`events`],
+//! [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
+
+pub mod cgroups;
+pub mod demo;
+pub mod doctor;
+pub mod events;
+pub mod hold;
+pub mod loader;
+pub mod logs;
+pub mod maps;
+pub mod pins;
+
+pub use cgroups::Cgroup;
+pub use events::{Block, BlockEvents, BlockReason};
+pub use loader::Interceptor;
+pub use maps::{AllowMap, Cidr, Ipv6Mode, OrigDst, OrigDstTable, Policy, TcpRedirect};
+pub use pins::{Scope, cleanup_stale};
+
+use std::path::PathBuf;
+
+/// What went wrong, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error(
+        "no cgroup v2 hierarchy found at /sys/fs/cgroup/unified or /sys/fs/cgroup: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2,
+    #[error(
+        "bpffs is not mounted at {0}: mount it with `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does)"
+    )]
+    NoBpffs(PathBuf),
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse kz's eBPF object: {0}; rebuild kz (`cargo build`)")]
+    Object(#[source] aya::EbpfError),
+    #[error(
+        "the kernel refused eBPF program {name}: {detail}; run `kz doctor` to see what this kernel supports"
+    )]
+    Program { name: &'static str, detail: String },
+    #[error("eBPF map {name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("cannot pin {path} in bpffs: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error("kz's eBPF object has no {0}: kz-ebpf and kz-agent are out of sync; rebuild kz")]
+    Missing(&'static str),
+    #[error(
+        "invalid cgroup name {0:?}: use 1-64 characters of A-Z a-z 0-9 _ . - not starting with '.'"
+    )]
+    BadName(String),
+    #[error(
+        "invalid CIDR {0:?}: expected an address with an optional prefix, e.g. 10.0.0.0/8, 192.0.2.7 or fd00::/8"
+    )]
+    BadCidr(String),
+    #[error("cgroup id {0} is not one this interceptor created")]
+    UnknownCgroup(u64),
+    #[error("cgroup {0} already exists: pick another name or remove it")]
+    CgroupExists(PathBuf),
+    #[error(
+        "cgroup {0} still has processes after cgroup.kill; its interception stays pinned (fail closed) — kill them and run kz again"
+    )]
+    CgroupBusy(PathBuf),
+    #[error("block events need a Tokio runtime: call block_events() from inside one")]
+    NoRuntime,
+    #[error("block events were already taken: there is one consumer per interceptor")]
+    EventsTaken,
+}
+
+impl InterceptError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        InterceptError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Marks a socket as kz's own ([`kz_common::KZ_SO_MARK`]) so the programs never redirect or
+/// refuse it: for a kz process that itself runs inside an intercepted cgroup. Call before
+/// `connect()`. Needs CAP_NET_ADMIN (which is why an agent cannot use it to escape).
+pub fn mark_as_kz(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::Mark,
+        &kz_common::KZ_SO_MARK,
+    )
+    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))
+}

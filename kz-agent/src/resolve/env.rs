@@ -5,6 +5,9 @@ use crate::secret::Secret;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+/// `prefix`: prepended to every reference.
+pub(super) const SETTINGS: &[&str] = &["prefix"];
+
 #[derive(Debug, Default)]
 pub struct EnvResolver {
     /// Optional prefix prepended to every reference (`prefix = "APP_"`).

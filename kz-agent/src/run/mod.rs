@@ -1,1 +1,478 @@
-//! See docs/architecture.md.
+//! `kz run`: resolve the configured secrets and run a command with them.
+//!
+//! Without `--blind` this is KeyZero's `kz run`: real values in the child's environment. The
+//! pieces blind mode builds on live here too: [`resolve_all`] (concurrent, progress after a
+//! second, every failure listed, never a value), [`TokenMinter`] (masked tokens),
+//! [`child_env`] (`--clean-env`/`--keep-env`) and [`spawn_and_wait`] (signal forwarding, exit
+//! code passthrough).
+
+pub mod commands;
+
+use crate::config::{Config, ConfigError, SecretEntry};
+use crate::resolve::Resolver;
+use crate::secret::Secret;
+use clap::Args;
+use futures_util::future::join_all;
+use rand::RngCore;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Variables `--clean-env` keeps (KeyZero's list).
+pub const ESSENTIAL_VARS: &[&str] = &[
+    "PATH", "HOME", "USER", "SHELL", "TERM", "LANG", "LC_ALL", "TMPDIR", "TZ",
+];
+pub const MASKED_PREFIX: &str = "kz_masked_";
+/// Resolution slower than this gets a progress line on stderr.
+const PROGRESS_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Blind mode (--blind): the command sees only masked tokens (kz_masked_…); kz swaps in the real\nvalue on the wire, only for hosts the secret is scoped to.  Example: kz run --blind -- node agent.js"
+)]
+pub struct RunArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Clear inherited environment, keeping only essential OS vars and resolved secrets
+    #[arg(long, conflicts_with = "blind")]
+    pub clean_env: bool,
+    /// Additional env vars to preserve when using --clean-env (comma-separated)
+    #[arg(long, value_delimiter = ',', requires = "clean_env")]
+    pub keep_env: Option<Vec<String>>,
+    /// Blind mode: the command gets masked tokens, real values are swapped in at the network
+    /// boundary for each secret's hosts only
+    #[arg(long)]
+    pub blind: bool,
+    /// Command and arguments to run
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub cmd: Vec<OsString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Every failed secret, one per line; the messages name secrets and references only.
+    #[error("failed to resolve {} secret(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Resolve(Vec<String>),
+    #[error("blind mode is assembled in a later step; run without --blind for now")]
+    BlindUnavailable,
+    #[error("no command given: kz run [OPTIONS] -- COMMAND [ARGS...]")]
+    NoCommand,
+    #[error("waiting for the command failed: {0}")]
+    Wait(std::io::Error),
+}
+
+/// One resolved secret: the env var name, its value and where it may be used.
+#[derive(Debug, Clone)]
+pub struct ResolvedSecret {
+    pub name: String,
+    pub value: Secret,
+    /// The secret's `hosts` scope (empty = the blind connection rules).
+    pub hosts: Vec<String>,
+    /// The resolver name from the config, for audit records.
+    pub resolver: String,
+}
+
+/// Resolves each selected secret concurrently and reports each outcome, sorted by name; the
+/// error strings are safe to print (no values). Used by `status`; [`resolve_all`] builds on it.
+pub async fn resolve_each(
+    config: &Config,
+    only: Option<&[String]>,
+) -> Result<Vec<(String, Result<Secret, String>)>, RunError> {
+    let selected = config.select(only)?;
+    // Resolvers are built once per name; a resolver that cannot be built fails its secrets.
+    let mut resolvers: BTreeMap<&str, Result<Arc<dyn Resolver>, String>> = BTreeMap::new();
+    for (_, entry) in &selected {
+        resolvers.entry(entry.resolver.as_str()).or_insert_with(|| {
+            config
+                .build_resolvers([*entry])
+                .map_err(|e| e.to_string())
+                .and_then(|mut m| {
+                    m.remove(&entry.resolver)
+                        .ok_or_else(|| "no resolver".into())
+                })
+        });
+    }
+    let pending: Arc<Mutex<BTreeSet<String>>> = Arc::new(Mutex::new(
+        selected.iter().map(|(n, _)| (*n).to_owned()).collect(),
+    ));
+    let lookups = selected.iter().map(|(name, entry)| {
+        let resolver = resolvers.get(entry.resolver.as_str()).cloned();
+        let pending = pending.clone();
+        async move {
+            let outcome = resolve_one(resolver, entry).await;
+            if let Ok(mut p) = pending.lock() {
+                p.remove(*name);
+            }
+            ((*name).to_owned(), outcome)
+        }
+    });
+    let all = join_all(lookups);
+    tokio::pin!(all);
+    let total = selected.len();
+    let mut ticks =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_AFTER, PROGRESS_AFTER);
+    let mut results = loop {
+        tokio::select! {
+            r = &mut all => break r,
+            _ = ticks.tick() => {
+                let waiting: Vec<String> = pending.lock().map(|p| p.iter().cloned().collect()).unwrap_or_default();
+                eprintln!(
+                    "kz: resolving secrets: {}/{total} done, waiting for {}",
+                    total - waiting.len(),
+                    waiting.join(", ")
+                );
+            }
+        }
+    };
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(results)
+}
+
+async fn resolve_one(
+    resolver: Option<Result<Arc<dyn Resolver>, String>>,
+    entry: &SecretEntry,
+) -> Result<Secret, String> {
+    let resolver = match resolver {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return Err(e),
+        None => return Err(format!("unknown resolver '{}'", entry.resolver)),
+    };
+    let value = resolver
+        .resolve(&entry.request())
+        .await
+        .map_err(|e| format!("resolution failed: {e}"))?;
+    if value.is_empty() && !entry.allow_empty {
+        return Err("resolved to empty value (set allow_empty = true if that is intended)".into());
+    }
+    Ok(value)
+}
+
+/// Resolves every selected secret, or fails listing every secret that failed.
+pub async fn resolve_all(
+    config: &Config,
+    only: Option<&[String]>,
+) -> Result<Vec<ResolvedSecret>, RunError> {
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (name, outcome) in resolve_each(config, only).await? {
+        match outcome {
+            Ok(value) => {
+                let entry = &config.secrets[&name];
+                ok.push(ResolvedSecret {
+                    hosts: entry.hosts.clone(),
+                    resolver: entry.resolver.clone(),
+                    name,
+                    value,
+                });
+            }
+            Err(e) => failed.push(format!("secret '{name}': {e}")),
+        }
+    }
+    if failed.is_empty() {
+        Ok(ok)
+    } else {
+        Err(RunError::Resolve(failed))
+    }
+}
+
+/// Mints masked tokens: `kz_masked_` + 32 lowercase hex digits from 128 random bits, never the
+/// same twice within one minter (one per run).
+#[derive(Debug, Default)]
+pub struct TokenMinter {
+    issued: HashSet<String>,
+}
+
+impl TokenMinter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn mint(&mut self) -> String {
+        loop {
+            let token = mint_masked_token();
+            if self.issued.insert(token.clone()) {
+                return token;
+            }
+        }
+    }
+}
+
+/// One masked token from the thread-local CSPRNG (ChaCha, seeded from the OS).
+pub fn mint_masked_token() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{MASKED_PREFIX}{}", hex::encode(bytes))
+}
+
+/// A resolved secret paired with its masked token: one row of blind mode's token table.
+#[derive(Debug, Clone)]
+pub struct MaskedSecret {
+    pub name: String,
+    /// `kz_masked_…`: what the child sees in its environment.
+    pub token: String,
+    pub value: Secret,
+    /// Where the token may be swapped for the value (empty = the blind connection rules; see
+    /// [`crate::config::in_scope`]).
+    pub hosts: Vec<String>,
+    pub resolver: String,
+}
+
+/// Mints one fresh masked token per secret (unique within this run).
+pub fn mask_all(secrets: Vec<ResolvedSecret>) -> Vec<MaskedSecret> {
+    let mut minter = TokenMinter::new();
+    secrets
+        .into_iter()
+        .map(|s| MaskedSecret {
+            token: minter.mint(),
+            name: s.name,
+            value: s.value,
+            hosts: s.hosts,
+            resolver: s.resolver,
+        })
+        .collect()
+}
+
+/// True for strings of the exact masked-token shape.
+pub fn is_masked_token(s: &str) -> bool {
+    s.strip_prefix(MASKED_PREFIX).is_some_and(|hex| {
+        hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The child's environment: the inherited one, or with `clean_env` only [`ESSENTIAL_VARS`] and
+/// `keep_env`; then `vars` (secrets or masked tokens) on top, winning on collision.
+pub fn child_env(
+    clean_env: bool,
+    keep_env: &[String],
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = if clean_env {
+        std::env::vars_os()
+            .filter(|(k, _)| {
+                k.to_str().is_some_and(|k| {
+                    ESSENTIAL_VARS.contains(&k) || keep_env.iter().any(|keep| keep == k)
+                })
+            })
+            .collect()
+    } else {
+        std::env::vars_os().collect()
+    };
+    for (k, v) in vars {
+        env.insert(k.into(), v.into());
+    }
+    env
+}
+
+/// Spawns `cmd`, forwards signals to it and returns its exit status as kz's: the child's code,
+/// or 128 + signal number when a signal killed it. 127/126 when it cannot be started.
+pub async fn spawn_and_wait(
+    mut cmd: tokio::process::Command,
+    program: &Path,
+) -> Result<ExitCode, RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    const FORWARDED: &[(i32, nix::sys::signal::Signal)] = &[
+        (libc_sig::SIGINT, nix::sys::signal::Signal::SIGINT),
+        (libc_sig::SIGTERM, nix::sys::signal::Signal::SIGTERM),
+        (libc_sig::SIGHUP, nix::sys::signal::Signal::SIGHUP),
+        (libc_sig::SIGQUIT, nix::sys::signal::Signal::SIGQUIT),
+        (libc_sig::SIGUSR1, nix::sys::signal::Signal::SIGUSR1),
+        (libc_sig::SIGUSR2, nix::sys::signal::Signal::SIGUSR2),
+        (libc_sig::SIGWINCH, nix::sys::signal::Signal::SIGWINCH),
+    ];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut listeners = Vec::new();
+    for (raw, sig) in FORWARDED {
+        match signal(SignalKind::from_raw(*raw)) {
+            Ok(mut stream) => {
+                let tx = tx.clone();
+                let sig = *sig;
+                listeners.push(tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        if tx.send(sig).is_err() {
+                            break;
+                        }
+                    }
+                }));
+            }
+            Err(e) => tracing::warn!(signal = ?sig, error = %e, "cannot forward this signal"),
+        }
+    }
+    drop(tx);
+    // Handlers are installed before the child exists: a signal that arrives as soon as the
+    // child runs must be forwarded, not kill kz with the default action.
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                _ => 126,
+            };
+            eprintln!("kz: error: cannot run '{}': {e}", program.display());
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        return Err(RunError::Wait(std::io::Error::other(
+            "the child has no pid",
+        )));
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(RunError::Wait)?,
+            Some(sig) = rx.recv() => {
+                // Ctrl-C at a terminal reaches the whole foreground process group, the child
+                // included; forwarding it again would deliver it twice.
+                if sig == nix::sys::signal::Signal::SIGINT && in_terminal_foreground() {
+                    continue;
+                }
+                if let Err(e) = nix::sys::signal::kill(pid, sig) {
+                    tracing::debug!(signal = ?sig, error = %e, "forwarding failed (child gone?)");
+                }
+            }
+        }
+    };
+    for l in listeners {
+        l.abort();
+    }
+    Ok(exit_code(&status))
+}
+
+/// The child's exit status as kz's exit code (128 + signal for a killed child, like shells).
+pub fn exit_code(status: &std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
+    }
+    match status.signal() {
+        Some(sig) => ExitCode::from(u8::try_from(128 + (sig & 0x7f)).unwrap_or(255)),
+        None => ExitCode::from(1),
+    }
+}
+
+/// Signal numbers for tokio's `SignalKind::from_raw` (Linux values).
+mod libc_sig {
+    pub const SIGHUP: i32 = 1;
+    pub const SIGINT: i32 = 2;
+    pub const SIGQUIT: i32 = 3;
+    pub const SIGUSR1: i32 = 10;
+    pub const SIGUSR2: i32 = 12;
+    pub const SIGTERM: i32 = 15;
+    pub const SIGWINCH: i32 = 28;
+}
+
+fn in_terminal_foreground() -> bool {
+    match nix::unistd::tcgetpgrp(std::io::stdin()) {
+        Ok(fg) => fg == nix::unistd::getpgrp(),
+        Err(_) => false,
+    }
+}
+
+/// `kz run` without `--blind`.
+pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError> {
+    if args.blind {
+        return Err(RunError::BlindUnavailable);
+    }
+    let Some((program, rest)) = args.cmd.split_first() else {
+        return Err(RunError::NoCommand);
+    };
+    let config = Config::load(dir)?;
+    crate::config::commands::print_warnings(&config);
+    let secrets = resolve_all(&config, args.only.as_deref()).await?;
+    let env = child_env(
+        args.clean_env,
+        args.keep_env.as_deref().unwrap_or_default(),
+        secrets
+            .iter()
+            .map(|s| (s.name.clone(), s.value.expose().to_owned())),
+    );
+    drop(secrets);
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest).env_clear().envs(&env);
+    spawn_and_wait(cmd, Path::new(program)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_tokens_have_the_documented_shape_and_are_unique() {
+        let mut minter = TokenMinter::new();
+        let tokens: HashSet<String> = (0..1000).map(|_| minter.mint()).collect();
+        assert_eq!(tokens.len(), 1000);
+        for t in &tokens {
+            assert!(is_masked_token(t), "{t}");
+            assert_eq!(t.len(), MASKED_PREFIX.len() + 32);
+        }
+        assert!(!is_masked_token(
+            "kz_masked_ABCDEF0123456789abcdef0123456789"
+        ));
+        assert!(!is_masked_token("kz_masked_abc"));
+    }
+
+    #[test]
+    fn mask_all_pairs_each_secret_with_its_own_token() {
+        let secrets: Vec<ResolvedSecret> = (0..3)
+            .map(|i| ResolvedSecret {
+                name: format!("S{i}"),
+                value: Secret::new(format!("value-{i}")),
+                hosts: vec![format!("h{i}.example.com")],
+                resolver: "env".into(),
+            })
+            .collect();
+        let masked = mask_all(secrets);
+        let tokens: HashSet<&str> = masked.iter().map(|m| m.token.as_str()).collect();
+        assert_eq!(tokens.len(), 3);
+        for (i, m) in masked.iter().enumerate() {
+            assert!(is_masked_token(&m.token));
+            assert_eq!(m.value.expose(), format!("value-{i}"));
+            assert_eq!(m.hosts, vec![format!("h{i}.example.com")]);
+        }
+        // The child env built from the masked rows carries tokens, never values.
+        let env = child_env(
+            false,
+            &[],
+            masked.iter().map(|m| (m.name.clone(), m.token.clone())),
+        );
+        let dump = format!("{env:?}");
+        assert!(!dump.contains("value-0") && dump.contains(&masked[0].token));
+    }
+
+    #[test]
+    fn clean_env_keeps_only_essentials_and_secrets_win() {
+        // Two inherited non-essential variables (test runners always set several).
+        let others: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| !ESSENTIAL_VARS.contains(&k.as_str()))
+            .take(2)
+            .collect();
+        assert_eq!(others.len(), 2, "test needs two inherited variables");
+        let env = child_env(
+            true,
+            &[others[0].clone()],
+            [
+                ("PATH".to_owned(), "override".to_owned()),
+                ("S".to_owned(), "v".to_owned()),
+            ],
+        );
+        assert_eq!(
+            env.get(&OsString::from("PATH")),
+            Some(&OsString::from("override"))
+        );
+        assert_eq!(env.get(&OsString::from("S")), Some(&OsString::from("v")));
+        assert!(env.contains_key(&OsString::from(&others[0])));
+        assert!(!env.contains_key(&OsString::from(&others[1])));
+        let full = child_env(false, &[], []);
+        assert!(full.contains_key(&OsString::from(&others[1])));
+    }
+}

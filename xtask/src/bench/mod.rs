@@ -1,13 +1,19 @@
-//! Benchmarks: `cargo xtask bench NAME`. Each prints kz against the direct path and its peers
-//! in one run, as ratios, on the same machine and inputs.
+//! `cargo xtask bench <name>`: benchmarks that compare, in one run, the direct path, kz, and
+//! peers doing the same job, and print ratios. Never timed unit tests.
 
+pub mod connect;
 mod load;
 mod pdp;
+pub mod run;
 mod wrk;
 
-pub fn run(name: &str) -> anyhow::Result<()> {
+use anyhow::{Result, bail};
+
+pub fn run(name: &str) -> Result<()> {
     match name {
+        "connect" => connect::run(),
         "pdp" => pdp::run(),
-        other => anyhow::bail!("unknown benchmark `{other}`; known: pdp"),
+        "run" => run::run(),
+        other => bail!("unknown benchmark {other:?}; available: connect, pdp, run"),
     }
 }

@@ -1,0 +1,202 @@
+//! The `[blind]` table: what a `kz run --blind` agent may reach.
+//!
+//! KeyZero's `connections = [{allow = true, host = "api.github.com"}, {allow = false, regex =
+//! "..."}]` (ordered, first match wins; a non-empty list denies what matches nothing) plus kz's
+//! kernel-enforcement options, all off by default:
+//! `ipv6` (let the agent use IPv6 natively), `udp` (UDP other than DNS), `non_http_tcp` (TCP
+//! connections that are not HTTP/TLS to allowed hosts), `refuse_on_scope_violation` (refuse a
+//! request carrying a masked token to a host outside its scope instead of sending it masked),
+//! `upstream_ca = "FILE"` (extra CA for upstream TLS), `resolver = "ADDR:PORT"` (upstream DNS;
+//! default: the first nameserver of /etc/resolv.conf).
+
+use regex::Regex;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub enum HostPattern {
+    /// Exact host name, compared case-insensitively.
+    Host(String),
+    Regex(Regex),
+}
+
+impl HostPattern {
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.');
+        match self {
+            HostPattern::Host(h) => h.eq_ignore_ascii_case(host),
+            HostPattern::Regex(re) => re.is_match(host),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectionRule {
+    pub allow: bool,
+    pub pattern: HostPattern,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BlindConfig {
+    pub connections: Vec<ConnectionRule>,
+    pub ipv6: bool,
+    pub udp: bool,
+    pub non_http_tcp: bool,
+    pub refuse_on_scope_violation: bool,
+    /// Absolute path (relative paths are taken from the config file's directory).
+    pub upstream_ca: Option<PathBuf>,
+    pub resolver: Option<SocketAddr>,
+}
+
+/// Keys of `[blind]`, for "did you mean" hints.
+pub const KEYS: &[&str] = &[
+    "connections",
+    "ipv6",
+    "udp",
+    "non_http_tcp",
+    "refuse_on_scope_violation",
+    "upstream_ca",
+    "resolver",
+];
+
+impl BlindConfig {
+    /// The connection policy for `host`: the first matching rule decides; with rules and no
+    /// match the answer is deny. With no rules at all everything is allowed (KeyZero's default;
+    /// callers warn loudly, see [`BlindConfig::is_open`]).
+    pub fn connection_allowed(&self, host: &str) -> bool {
+        if self.connections.is_empty() {
+            return true;
+        }
+        self.connections
+            .iter()
+            .find(|r| r.pattern.matches(host))
+            .is_some_and(|r| r.allow)
+    }
+
+    /// True when no connection rule restricts where the agent (and its tokens) may go.
+    pub fn is_open(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// The upstream DNS server: `resolver`, else the first `nameserver` of /etc/resolv.conf.
+    pub fn dns_upstream(&self) -> Result<SocketAddr, String> {
+        if let Some(r) = self.resolver {
+            return Ok(r);
+        }
+        let path = Path::new("/etc/resolv.conf");
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read {}: {e}; set [blind] resolver = \"ADDR:PORT\"",
+                path.display()
+            )
+        })?;
+        nameserver_from(&text).ok_or_else(|| {
+            format!(
+                "{} lists no nameserver; set [blind] resolver = \"ADDR:PORT\"",
+                path.display()
+            )
+        })
+    }
+}
+
+/// Whether a secret scoped to `hosts` (its `hosts = [..]`) may be swapped in on a connection to
+/// `host`. A secret without `hosts` follows the connection rules ([`BlindConfig::connection_allowed`]).
+/// Scope entries are exact names (case-insensitive) or `*.example.com` (any subdomain, not the
+/// apex).
+pub fn in_scope(blind: &BlindConfig, hosts: &[String], host: &str) -> bool {
+    if hosts.is_empty() {
+        return blind.connection_allowed(host);
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    hosts
+        .iter()
+        .any(|pattern| match pattern.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+            None => pattern.eq_ignore_ascii_case(&host),
+        })
+}
+
+/// The first `nameserver` line of resolv.conf text, port 53.
+pub fn nameserver_from(text: &str) -> Option<SocketAddr> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            // Link-local IPv6 servers may carry a zone (`fe80::1%eth0`); std cannot parse those.
+            rest.split_whitespace().next()?.parse::<IpAddr>().ok()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .next()
+}
+
+/// Parses `resolver = "ADDR:PORT"` (a bare address means port 53).
+pub fn parse_resolver(v: &str) -> Option<SocketAddr> {
+    v.parse::<SocketAddr>()
+        .ok()
+        .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(allow: bool, pattern: HostPattern) -> ConnectionRule {
+        ConnectionRule { allow, pattern }
+    }
+
+    #[test]
+    fn first_match_wins_and_unmatched_is_denied() {
+        let cfg = BlindConfig {
+            connections: vec![
+                rule(false, HostPattern::Host("evil.example.com".into())),
+                rule(
+                    true,
+                    HostPattern::Regex(Regex::new(r"(^|\.)example\.com$").unwrap()),
+                ),
+                rule(true, HostPattern::Host("API.GitHub.com".into())),
+            ],
+            ..Default::default()
+        };
+        assert!(cfg.connection_allowed("api.example.com"));
+        assert!(!cfg.connection_allowed("evil.example.com"));
+        assert!(cfg.connection_allowed("api.github.com."));
+        assert!(!cfg.connection_allowed("pastebin.com"));
+        assert!(BlindConfig::default().connection_allowed("anything"));
+        assert!(BlindConfig::default().is_open());
+    }
+
+    #[test]
+    fn secret_scopes() {
+        let open = BlindConfig::default();
+        let hosts = vec!["api.github.com".to_owned(), "*.example.com".to_owned()];
+        assert!(in_scope(&open, &hosts, "API.github.com"));
+        assert!(in_scope(&open, &hosts, "a.b.example.com"));
+        assert!(!in_scope(&open, &hosts, "example.com"));
+        assert!(!in_scope(&open, &hosts, "evilexample.com"));
+        assert!(!in_scope(&open, &hosts, "github.com"));
+        // Unscoped: the connection rules decide.
+        assert!(in_scope(&open, &[], "anything.org"));
+        let rules = BlindConfig {
+            connections: vec![rule(true, HostPattern::Host("api.github.com".into()))],
+            ..Default::default()
+        };
+        assert!(in_scope(&rules, &[], "api.github.com"));
+        assert!(!in_scope(&rules, &[], "anything.org"));
+    }
+
+    #[test]
+    fn resolv_conf_and_resolver_setting() {
+        let text = "# comment\nsearch lan\nnameserver fe80::1%eth0\nnameserver 10.0.0.2\nnameserver 1.1.1.1\n";
+        assert_eq!(nameserver_from(text), "10.0.0.2:53".parse().ok());
+        assert_eq!(nameserver_from("search x\n"), None);
+        assert_eq!(
+            parse_resolver("127.0.0.1:5353"),
+            "127.0.0.1:5353".parse().ok()
+        );
+        assert_eq!(parse_resolver("::1"), "[::1]:53".parse().ok());
+        assert_eq!(parse_resolver("dns.google"), None);
+    }
+}

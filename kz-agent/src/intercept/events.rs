@@ -1,0 +1,184 @@
+//! Block events: every connect/sendmsg the kernel refused, from the `KZ_EVENTS` ring buffer.
+
+use super::InterceptError;
+use aya::maps::{MapData, RingBuf};
+use kz_common::{AF_INET6, PROTO_TCP, PROTO_UDP, reason};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use tokio::io::unix::AsyncFd;
+
+/// Why the kernel refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockReason {
+    DenyCidr,
+    NotAllowed,
+    Ipv6Denied,
+    UdpDenied,
+    NoPolicy,
+    NoTarget,
+    RawSocketDenied,
+    Unknown(u8),
+}
+
+impl BlockReason {
+    fn from_raw(r: u8) -> BlockReason {
+        match r {
+            reason::DENY_CIDR => BlockReason::DenyCidr,
+            reason::NOT_ALLOWED => BlockReason::NotAllowed,
+            reason::V6_DENIED => BlockReason::Ipv6Denied,
+            reason::UDP_DENIED => BlockReason::UdpDenied,
+            reason::NO_POLICY => BlockReason::NoPolicy,
+            reason::NO_TARGET => BlockReason::NoTarget,
+            reason::RAW_DENIED => BlockReason::RawSocketDenied,
+            other => BlockReason::Unknown(other),
+        }
+    }
+}
+
+/// One refused connect/sendmsg.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Block {
+    pub cgroup_id: u64,
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    /// Task name (at most 15 bytes, as the kernel keeps it).
+    pub comm: String,
+    pub dest: SocketAddr,
+    /// "tcp", "udp", "icmp", "icmpv6" or "other".
+    pub proto: &'static str,
+    pub reason: BlockReason,
+}
+
+impl Block {
+    pub(crate) fn from_raw(e: &kz_common::BlockEvent) -> Block {
+        let end = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+        let v6 = Ipv6Addr::from(e.addr);
+        let ip = match v6.to_ipv4_mapped() {
+            Some(v4) if e.family != AF_INET6 => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        };
+        Block {
+            cgroup_id: e.cgroup_id,
+            tgid: e.tgid,
+            pid: e.pid,
+            comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
+            dest: SocketAddr::new(ip, e.port),
+            proto: match e.proto {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                1 => "icmp",
+                58 => "icmpv6",
+                255 => "raw",
+                _ => "other",
+            },
+            reason: BlockReason::from_raw(e.reason),
+        }
+    }
+}
+
+/// The stream of [`Block`]s. Events are produced whether or not anyone reads; when the ring
+/// (256 KiB, ~4600 events) is full the kernel drops new ones (the refusal itself still happens).
+pub struct BlockEvents {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl BlockEvents {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> Result<BlockEvents, InterceptError> {
+        // SAFETY: the RingBuf owns its map fd for its whole life and `as_raw_fd` always returns
+        // that same fd; the AsyncFd owns the RingBuf, so the fd outlives the registration.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| InterceptError::io("watch", "KZ_EVENTS ring buffer", e.into()))?;
+        Ok(BlockEvents { ring })
+    }
+
+    /// An event already in the ring, without waiting.
+    pub fn try_next(&mut self) -> Option<Block> {
+        let item = self.ring.get_mut().next()?;
+        decode(&item)
+    }
+
+    /// Waits for the next event.
+    pub async fn next(&mut self) -> Result<Block, InterceptError> {
+        loop {
+            if let Some(b) = self.try_next() {
+                return Ok(b);
+            }
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|e| InterceptError::io("wait on", "KZ_EVENTS ring buffer", e))?;
+            if let Some(item) = guard.get_inner_mut().next() {
+                if let Some(b) = decode(&item) {
+                    return Ok(b);
+                }
+                continue;
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<Block> {
+    let size = std::mem::size_of::<kz_common::BlockEvent>();
+    if bytes.len() < size {
+        tracing::warn!(len = bytes.len(), "short block event ignored");
+        return None;
+    }
+    let mut raw = kz_common::BlockEvent::default();
+    // Field-by-field decoding keeps this safe code; the layout is fixed by kz_common.
+    let u32_at =
+        |o: usize| u32::from_ne_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    raw.cgroup_id = u64::from_ne_bytes(bytes[0..8].try_into().ok()?);
+    raw.pid = u32_at(8);
+    raw.tgid = u32_at(12);
+    raw.comm.copy_from_slice(&bytes[16..32]);
+    raw.addr.copy_from_slice(&bytes[32..48]);
+    raw.port = u16::from_ne_bytes([bytes[48], bytes[49]]);
+    raw.family = u16::from_ne_bytes([bytes[50], bytes[51]]);
+    raw.proto = bytes[52];
+    raw.reason = bytes[53];
+    Some(Block::from_raw(&raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_raw_event_and_rejects_short_ones() {
+        let mut ev = kz_common::BlockEvent {
+            cgroup_id: 0x1122_3344_5566_7788,
+            pid: 7,
+            tgid: 6,
+            ..Default::default()
+        };
+        ev.comm[..4].copy_from_slice(b"curl");
+        ev.addr = std::net::Ipv4Addr::new(10, 1, 2, 3)
+            .to_ipv6_mapped()
+            .octets();
+        ev.port = 443;
+        ev.family = kz_common::AF_INET;
+        ev.proto = PROTO_TCP;
+        ev.reason = reason::DENY_CIDR;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&ev.cgroup_id.to_ne_bytes());
+        bytes.extend_from_slice(&ev.pid.to_ne_bytes());
+        bytes.extend_from_slice(&ev.tgid.to_ne_bytes());
+        bytes.extend_from_slice(&ev.comm);
+        bytes.extend_from_slice(&ev.addr);
+        bytes.extend_from_slice(&ev.port.to_ne_bytes());
+        bytes.extend_from_slice(&ev.family.to_ne_bytes());
+        bytes.extend_from_slice(&[ev.proto, ev.reason, 0, 0]);
+        assert_eq!(bytes.len(), std::mem::size_of::<kz_common::BlockEvent>());
+        let b = decode(&bytes).expect("decodes");
+        assert_eq!(b, Block::from_raw(&ev));
+        assert_eq!(b.comm, "curl");
+        assert_eq!(b.dest, "10.1.2.3:443".parse().expect("sa"));
+        assert_eq!(b.reason, BlockReason::DenyCidr);
+        assert_eq!((b.tgid, b.pid, b.proto), (6, 7, "tcp"));
+        assert!(decode(&bytes[..20]).is_none());
+    }
+}

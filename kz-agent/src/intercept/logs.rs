@@ -1,0 +1,52 @@
+//! Forwards the eBPF programs' aya-log records (debug diagnostics) to `tracing` via the `log`
+//! bridge, on a small thread of its own so loading works with or without a Tokio runtime.
+
+use aya::Ebpf;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Stops the forwarding thread when dropped (within one poll timeout).
+pub struct LogThread {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for LogThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts forwarding; `None` when the object has no log ring (nothing to forward).
+pub fn spawn(ebpf: &mut Ebpf) -> Option<LogThread> {
+    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("eBPF log forwarding off: {e}");
+            return None;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name("kz-ebpf-log".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let ready = {
+                    let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
+                    poll(&mut fds, PollTimeout::from(250u16)).unwrap_or(0)
+                };
+                if ready > 0 {
+                    logger.flush();
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(LogThread { stop }),
+        Err(e) => {
+            tracing::warn!("cannot start the eBPF log thread: {e}");
+            None
+        }
+    }
+}

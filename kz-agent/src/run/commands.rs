@@ -1,0 +1,145 @@
+//! `kz export` and `kz status`: KeyZero's commands and output formats.
+
+use super::{RunError, resolve_all, resolve_each};
+use crate::config::Config;
+use crate::config::commands::{FormatArgs, OutputFormat, print_warnings};
+use clap::{Args, ValueEnum};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Zsh,
+    Bash,
+    Fish,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Shell-specific output (fish uses set -gx instead of export)
+    #[arg(long, value_enum, conflicts_with = "format")]
+    pub shell: Option<Shell>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    #[command(flatten)]
+    pub fmt: FormatArgs,
+}
+
+/// Single-quotes a value for POSIX shells and fish (`'` → `'\''`).
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+/// Prints `export NAME='VALUE'` lines (or fish's `set -gx`, or JSON). Values go to stdout by
+/// design; nothing else about them goes anywhere.
+pub async fn export(dir: Option<&Path>, args: &ExportArgs) -> Result<ExitCode, RunError> {
+    let config = Config::load(dir)?;
+    print_warnings(&config);
+    if !std::io::stdout().is_terminal() {
+        eprintln!(
+            "warning: writing secrets to a non-terminal; ensure output is not captured in logs"
+        );
+    }
+    let secrets = resolve_all(&config, args.only.as_deref()).await?;
+    if args.format == OutputFormat::Json && args.shell.is_none() {
+        let mut map = serde_json::Map::new();
+        for s in &secrets {
+            map.insert(s.name.clone(), s.value.expose().into());
+        }
+        let doc = serde_json::json!({"environment": config.environment, "secrets": map});
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lines: Vec<String> = secrets
+        .iter()
+        .map(|s| match args.shell {
+            Some(Shell::Fish) => format!("set -gx {} {}", s.name, quote(s.value.expose())),
+            _ => format!("export {}={}", s.name, quote(s.value.expose())),
+        })
+        .collect();
+    println!("{}", lines.join("\n"));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `****` plus the last four characters for values longer than four (KeyZero's mask).
+fn mask(value: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    if chars.len() > 4 {
+        format!(
+            "****{}",
+            chars[chars.len() - 4..].iter().collect::<String>()
+        )
+    } else {
+        "****".into()
+    }
+}
+
+/// Resolves each secret and shows ✓/✗ per secret; exit 1 when any failed.
+pub async fn status(dir: Option<&Path>, args: &StatusArgs) -> Result<ExitCode, RunError> {
+    let config = Config::load(dir)?;
+    print_warnings(&config);
+    let results = resolve_each(&config, args.only.as_deref()).await?;
+    let all_ok = results.iter().all(|(_, r)| r.is_ok());
+    match args.fmt.format {
+        OutputFormat::Text => {
+            println!("Environment: {}", config.environment);
+            println!("Config: {}", config.file_name);
+            println!();
+            for (name, result) in &results {
+                let resolver = config.secrets[name].resolver.as_str();
+                match result {
+                    Ok(v) => println!("  {name:<20} {resolver:<14} \u{2713}  {}", mask(v.expose())),
+                    Err(e) => println!("  {name:<20} {resolver:<14} \u{2717}  {e}"),
+                }
+            }
+        }
+        OutputFormat::Json => {
+            let list: Vec<_> = results
+                .iter()
+                .map(|(name, result)| {
+                    let e = &config.secrets[name];
+                    let mut v = serde_json::json!({
+                        "name": name, "resolver": e.resolver, "ref": e.reference,
+                        "status": if result.is_ok() { "ok" } else { "error" },
+                    });
+                    if let Err(err) = result {
+                        v["error"] = err.clone().into();
+                    }
+                    v
+                })
+                .collect();
+            let doc = serde_json::json!({"environment": config.environment, "all_ok": all_ok, "secrets": list});
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        }
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_and_masking() {
+        assert_eq!(quote("it's a test"), "'it'\\''s a test'");
+        assert_eq!(mask("hello1234"), "****1234");
+        assert_eq!(mask("ab"), "****");
+        assert_eq!(mask("abcd"), "****");
+    }
+}

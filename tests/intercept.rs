@@ -1,0 +1,891 @@
+//! Kernel interception end to end (root): each test has its own cgroup, a client netns and an
+//! upstream netns; clients are real programs (curl, dig, python) placed in the cgroup.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use kz_agent::intercept::loader::KernelIds;
+use kz_agent::intercept::{BlockReason, Cgroup, Cidr, Interceptor, Policy};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::intercept::*;
+
+fn py(ns: &support::netns::Netns, cg: Option<&Cgroup>, script: &str, args: &[&str]) -> String {
+    let mut all = vec!["-c", script];
+    all.extend_from_slice(args);
+    let out = run_in(ns, cg, &python(), &all);
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_line(&out)
+}
+
+fn connect(
+    ns: &support::netns::Netns,
+    cg: Option<&Cgroup>,
+    fam: &str,
+    host: &str,
+    mark: u32,
+) -> String {
+    py(
+        ns,
+        cg,
+        PY_CONNECT,
+        &[fam, host, &UPSTREAM_PORT.to_string(), &mark.to_string()],
+    )
+}
+
+fn still_loaded(ids: &KernelIds) -> Vec<String> {
+    let progs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect();
+    let maps: Vec<u32> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .map(|m| m.id())
+        .collect();
+    let links: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    let mut left = Vec::new();
+    left.extend(
+        ids.programs
+            .iter()
+            .filter(|i| progs.contains(i))
+            .map(|i| format!("program {i}")),
+    );
+    left.extend(
+        ids.maps
+            .iter()
+            .filter(|i| maps.contains(i))
+            .map(|i| format!("map {i}")),
+    );
+    left.extend(
+        ids.links
+            .iter()
+            .filter(|i| links.contains(i))
+            .map(|i| format!("link {i}")),
+    );
+    left
+}
+
+/// The kernel frees programs and maps after an RCU grace period: poll.
+fn wait_all_gone(ids: &KernelIds) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = still_loaded(ids);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still in the kernel: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn redirected_connect_reveals_original_destination_v4_and_v4_mapped() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let table = icpt.orig_dst_table();
+    let port = topo.serve_redirect_target(move |peer| match table.take(peer) {
+        Some(o) => format!("orig {} tgid {} cg {}", o.dest, o.tgid, o.cgroup_id),
+        None => format!("no record for {peer}"),
+    });
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("od"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+
+    let v4 = connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0);
+    assert!(
+        v4.starts_with(&format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT} tgid ")),
+        "v4 connect must land on the listener with its original destination, got {v4:?}"
+    );
+    assert!(v4.ends_with(&format!("cg {}", cg.id)), "{v4}");
+    let mapped = connect(
+        &topo.client,
+        Some(&cg),
+        "6",
+        &format!("::ffff:{UPSTREAM_IP}"),
+        0,
+    );
+    assert!(
+        mapped.starts_with(&format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT} tgid ")),
+        "v4-mapped connect must take the v4 path, got {mapped:?}"
+    );
+    // getpeername() names what the process asked for, not kz's loopback port.
+    let peer = py(
+        &topo.client,
+        Some(&cg),
+        PY_CONNECT,
+        &["4", UPSTREAM_IP, &UPSTREAM_PORT.to_string(), "0", "peer"],
+    );
+    assert!(
+        peer.ends_with(&format!("peer {UPSTREAM_IP} {UPSTREAM_PORT}")),
+        "{peer}"
+    );
+    let peer = py(
+        &topo.client,
+        Some(&cg),
+        PY_CONNECT,
+        &[
+            "6",
+            &format!("::ffff:{UPSTREAM_IP}"),
+            &UPSTREAM_PORT.to_string(),
+            "0",
+            "peer",
+        ],
+    );
+    assert!(
+        peer.ends_with(&format!("peer ::ffff:{UPSTREAM_IP} {UPSTREAM_PORT}")),
+        "{peer}"
+    );
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "nothing may reach the upstream directly"
+    );
+}
+
+#[test]
+fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let mut events = icpt.block_events().expect("events");
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("dn"),
+            &Policy {
+                proxy_port: 1,
+                deny: vec!["10.231.0.0/24".parse::<Cidr>().unwrap()],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+
+    let mut cmd = topo.client.command("curl");
+    cmd.args([
+        "-sS",
+        "--connect-timeout",
+        "5",
+        &format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/"),
+    ]);
+    cg.place_child(&mut cmd).unwrap();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl must fail to connect: {stderr}"
+    );
+    // curl reports how long the failed connect took ("... after N ms: ..."): measured inside
+    // curl, so a slow process start on a busy machine does not count.
+    let ms: u64 = stderr
+        .split("after ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no elapsed time in curl's error: {stderr}"));
+    assert!(ms < 1000, "EPERM must be immediate, took {ms} ms: {stderr}");
+    let block = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+        .expect("a block event within 5s")
+        .expect("event");
+    assert_eq!(block.tgid, pid, "event carries curl's pid");
+    assert_eq!(block.comm, "curl");
+    assert_eq!(block.cgroup_id, cg.id);
+    assert_eq!(
+        block.dest,
+        format!("{UPSTREAM_IP}:{UPSTREAM_PORT}")
+            .parse::<SocketAddr>()
+            .unwrap()
+    );
+    assert_eq!(block.reason, BlockReason::DenyCidr);
+    assert_eq!(block.proto, "tcp");
+
+    // Python's errno is the kernel's: EPERM (1). Native IPv6 is denied by default policy.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert_eq!(connect(&topo.client, Some(&cg), "6", "fd00::2", 0), "ERR 1");
+    let v6 = rt.block_on(async {
+        loop {
+            let b = events.next().await.unwrap();
+            if b.reason == BlockReason::Ipv6Denied {
+                return b;
+            }
+        }
+    });
+    assert_eq!(v6.dest, "[fd00::2]:8080".parse::<SocketAddr>().unwrap());
+
+    // Raw sockets would bypass the hooks: refused at creation inside, fine outside.
+    assert_eq!(py(&topo.client, Some(&cg), PY_RAW, &[]), "ERR 1");
+    assert_eq!(py(&topo.client, None, PY_RAW, &[]), "CREATED");
+    let raw = rt.block_on(async {
+        loop {
+            let b = events.next().await.unwrap();
+            if b.reason == BlockReason::RawSocketDenied {
+                return b;
+            }
+        }
+    });
+    assert_eq!(raw.proto, "icmp");
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "nothing may reach the upstream"
+    );
+}
+
+#[test]
+fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let (dns_port, queries) = topo.serve_dns([10, 231, 0, 77]);
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("dns"),
+            &Policy {
+                proxy_port: 1,
+                dns_port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // 10.231.0.53 is an address nobody has (inside the test topology): only kz can answer.
+    let resolver = "10.231.0.53";
+
+    // Python: the reply must appear to come from the resolver it asked.
+    let line = py(&topo.client, Some(&cg), PY_DNS, &[resolver]);
+    assert_eq!(line, format!("{resolver} 53 10.231.0.77"));
+    let (name, from) = queries.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(name, "example.test");
+    assert!(
+        from.ip().is_loopback(),
+        "query reached the test resolver via loopback: {from}"
+    );
+
+    // The same through an AF_INET6 socket with a v4-mapped resolver (sendmsg6/recvmsg6).
+    let line = py(
+        &topo.client,
+        Some(&cg),
+        PY_DNS,
+        &[&format!("::ffff:{resolver}")],
+    );
+    assert_eq!(line, format!("::ffff:{resolver} 53 10.231.0.77"));
+
+    // dig: a real resolver client that checks the reply's source.
+    let out = run_in(
+        &topo.client,
+        Some(&cg),
+        "dig",
+        &[
+            &format!("@{resolver}"),
+            "+tries=1",
+            "+time=3",
+            "example.test",
+            "A",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "dig failed: {text}");
+    assert!(text.contains("status: NOERROR"), "{text}");
+    assert!(
+        text.contains("10.231.0.77"),
+        "dig accepted the answer: {text}"
+    );
+    assert!(text.contains(&format!("SERVER: {resolver}#53")), "{text}");
+    assert!(!text.contains("unexpected source"), "{text}");
+
+    // A native IPv6 resolver is refused by default, and answered via [::1] when IPv6 is
+    // intercepted.
+    assert_eq!(py(&topo.client, Some(&cg), PY_DNS, &["fd00::53"]), "ERR 1");
+    let v6_policy = Policy {
+        ipv6: kz_agent::intercept::Ipv6Mode::Intercept,
+        ..icpt.policy(cg.id).unwrap().clone()
+    };
+    icpt.set_policy(cg.id, &v6_policy).unwrap();
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_DNS, &["fd00::53"]),
+        "fd00::53 53 10.231.0.77"
+    );
+
+    // Other UDP (e.g. QUIC) is refused with EPERM; outside the cgroup it is not.
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_UDP, &[UPSTREAM_IP, "443"]),
+        "ERR 1"
+    );
+    assert_eq!(
+        py(&topo.client, None, PY_UDP, &[UPSTREAM_IP, "443"]),
+        "SENT"
+    );
+}
+
+#[test]
+fn processes_outside_the_cgroup_and_kz_marked_sockets_are_untouched() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("ot"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // Control: inside the cgroup, interception is active.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    // Outside the cgroup: direct.
+    assert_eq!(connect(&topo.client, None, "4", UPSTREAM_IP, 0), "upstream");
+    upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
+    // kz's own socket (SO_MARK) inside the cgroup: direct.
+    let mark = kz_common::KZ_SO_MARK;
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, mark),
+        "upstream"
+    );
+    upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
+    // The helper kz's own code uses sets exactly that mark.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    kz_agent::intercept::mark_as_kz(&probe).unwrap();
+    let got = nix::sys::socket::getsockopt(&probe, nix::sys::socket::sockopt::Mark).unwrap();
+    assert_eq!(got, mark);
+    // Any other mark is not kz's.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 7),
+        "redirected"
+    );
+}
+
+fn spawn_hold(name: &str, extra: &[&str]) -> (std::process::Child, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["intercept", "hold", "--name", name])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn kz intercept hold");
+    let mut out = reader(child.stdout.take().unwrap());
+    let line = read_line(&mut out);
+    let desc: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("hold printed {line:?}: {e}"));
+    // Keep reading (and discarding) so the holder never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            sink.clear();
+        }
+    });
+    (child, desc)
+}
+
+fn cgroup_of(desc: &serde_json::Value) -> Cgroup {
+    let path = std::path::PathBuf::from(desc["cgroup_path"].as_str().unwrap());
+    Cgroup {
+        id: desc["cgroup_id"].as_u64().unwrap(),
+        name: path.file_name().unwrap().to_string_lossy().into_owned(),
+        path,
+    }
+}
+
+#[test]
+fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let upstream_hits = topo.serve_upstream();
+    // A scope of its own: other tests' loaders clean up dead instances of the default scope,
+    // and this one must stay dead-but-pinned until the test's own cleanup.
+    let scope = format!("kz-test-{}", support::unique_name("s"));
+    // Nothing listens on the proxy port once kz is gone.
+    let (mut holder, desc) = spawn_hold(
+        &support::unique_name("sk"),
+        &["--proxy-port", "15999", "--scope", &scope],
+    );
+    let cg = cgroup_of(&desc);
+    let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
+    let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
+    assert_eq!(
+        ids.links.len(),
+        10,
+        "eight sock_addr programs, sock_ops and sock_create attached: {ids:?}"
+    );
+
+    holder.kill().unwrap(); // SIGKILL
+    holder.wait().unwrap();
+
+    assert!(
+        pin_dir.join("links").read_dir().unwrap().count() >= 10,
+        "links stay pinned"
+    );
+    assert_eq!(
+        still_loaded(&ids).len(),
+        ids.programs.len() + ids.maps.len() + ids.links.len(),
+        "programs, maps and links stay in the kernel"
+    );
+    // Every way out stays shut: the redirected connect finds no proxy, denied paths stay denied.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 111"
+    );
+    let curl = run_in(
+        &topo.client,
+        Some(&cg),
+        "curl",
+        &[
+            "-sS",
+            "--connect-timeout",
+            "3",
+            &format!("http://{UPSTREAM_IP}:{UPSTREAM_PORT}/"),
+        ],
+    );
+    assert!(!curl.status.success());
+    assert_eq!(
+        py(&topo.client, Some(&cg), PY_UDP, &[UPSTREAM_IP, "443"]),
+        "ERR 1"
+    );
+    assert!(
+        upstream_hits.try_recv().is_err(),
+        "no direct connection may succeed"
+    );
+
+    // An orphan left in the cut-off cgroup.
+    let mut orphan_cmd = topo.client.command("sleep");
+    orphan_cmd.arg("60");
+    cg.place_child(&mut orphan_cmd).unwrap();
+    let mut orphan = orphan_cmd.spawn().unwrap();
+
+    // A restarted kz (same scope) cleans up first: kills the orphan, then unpins and removes
+    // everything the dead instance left.
+    let (mut restarted, _) = spawn_hold(
+        &support::unique_name("sk"),
+        &["--proxy-port", "15999", "--scope", &scope],
+    );
+    let status = orphan.wait().unwrap();
+    assert!(!status.success(), "the orphan was killed");
+    assert!(!pin_dir.exists(), "pins removed");
+    assert!(!cg.path.exists(), "cgroup removed");
+    wait_all_gone(&ids);
+    drop(restarted.stdin.take());
+    assert!(restarted.wait().unwrap().success());
+    let _ = std::fs::remove_dir(format!("/sys/fs/bpf/{scope}"));
+    let _ = std::fs::remove_dir(cg.path.parent().unwrap().parent().unwrap());
+}
+
+#[test]
+fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
+    if !support::require_root() {
+        return;
+    }
+    // In process: drop the interceptor.
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(&support::unique_name("or"), &Policy::default())
+        .expect("cgroup");
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("60");
+    cg.place_child(&mut sleeper).unwrap();
+    let mut sleeper = sleeper.spawn().unwrap();
+    let ids = icpt.kernel_ids();
+    assert_eq!(ids.programs.len(), 10);
+    assert!(
+        ids.maps.len() >= 11,
+        "the 11 kz maps plus aya-log's: {ids:?}"
+    );
+    assert_eq!(ids.links.len(), 10);
+    let pin_dir = icpt.pin_dir().to_path_buf();
+    let instance_cgroups = icpt.cgroup_dir().to_path_buf();
+    assert!(pin_dir.join("maps/KZ_POLICY").exists());
+    drop(icpt);
+    assert!(
+        !sleeper.wait().unwrap().success(),
+        "what was left in the cgroup is killed"
+    );
+    assert!(!pin_dir.exists(), "pins removed");
+    assert!(
+        !cg.path.exists() && !instance_cgroups.exists(),
+        "cgroups removed"
+    );
+    wait_all_gone(&ids);
+
+    // As its own process: closing stdin is the orderly stop.
+    let (mut holder, desc) = spawn_hold(&support::unique_name("oh"), &["--proxy-port", "1"]);
+    let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
+    let cg = cgroup_of(&desc);
+    let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
+    holder.stdin.take().unwrap().flush().unwrap(); // dropped here: EOF
+    assert!(holder.wait().unwrap().success());
+    assert!(!pin_dir.exists() && !cg.path.exists());
+    wait_all_gone(&ids);
+}
+
+#[test]
+fn allow_map_entries_expire_and_policy_updates_apply_at_once() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let upstream_ip: std::net::IpAddr = UPSTREAM_IP.parse().unwrap();
+    let base = Policy {
+        proxy_port: port,
+        require_allow: true,
+        ..Policy::default()
+    };
+    let cg = icpt
+        .create_cgroup(&support::unique_name("al"), &base)
+        .expect("cgroup");
+    // `kz run --blind`'s setting: an IP kz's DNS did not hand out is unreachable.
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    let allow = icpt.allow_map();
+    allow
+        .allow_ip(cg.id, upstream_ip, Some(Duration::from_secs(4)))
+        .unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    std::thread::sleep(Duration::from_millis(4300));
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1",
+        "an expired entry no longer allows"
+    );
+    allow.allow_ip(cg.id, upstream_ip, None).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    allow.revoke_ip(cg.id, upstream_ip);
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // The allow trie does the same for whole networks; deny wins over allow.
+    let subnet: Cidr = "10.231.0.0/24".parse().unwrap();
+    let allowed = Policy {
+        allow: vec![subnet],
+        ..base.clone()
+    };
+    icpt.set_policy(cg.id, &allowed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    let denied = Policy {
+        deny: vec![Cidr::host(upstream_ip)],
+        ..allowed.clone()
+    };
+    icpt.set_policy(cg.id, &denied).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // Listed-ports mode: other ports connect directly.
+    let listed = Policy {
+        proxy_port: port,
+        tcp: kz_agent::intercept::TcpRedirect::Ports(vec![9999]),
+        ..Policy::default()
+    };
+    icpt.set_policy(cg.id, &listed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "upstream"
+    );
+    let listed = Policy {
+        tcp: kz_agent::intercept::TcpRedirect::Ports(vec![UPSTREAM_PORT]),
+        ..listed
+    };
+    icpt.set_policy(cg.id, &listed).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+}
+
+#[test]
+fn native_ipv6_is_intercepted_when_configured() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let table = icpt.orig_dst_table();
+    // One dual-stack listener serves 127.0.0.1 and ::1 on the same port.
+    let (tx, rx) = std::sync::mpsc::channel();
+    topo.client.spawn(move || {
+        let l = std::net::TcpListener::bind("[::]:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let peer = s.peer_addr().unwrap();
+            let line = match table.take(peer) {
+                Some(o) => format!("orig {}\n", o.dest),
+                None => format!("no record for {peer}\n"),
+            };
+            let _ = s.write_all(line.as_bytes());
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("v6"),
+            &Policy {
+                proxy_port: port,
+                ipv6: kz_agent::intercept::Ipv6Mode::Intercept,
+                deny: vec!["fd00:dead::/32".parse().unwrap()],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "6", "fd00::2", 0),
+        "orig [fd00::2]:8080"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 0),
+        format!("orig {UPSTREAM_IP}:{UPSTREAM_PORT}"),
+        "a v4 client seen by a dual-stack proxy as ::ffff:127.0.0.1 is found too"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&cg), "6", "fd00:dead::1", 0),
+        "ERR 1"
+    );
+}
+
+#[test]
+fn doctor_reports_every_check_and_passes_here() {
+    if !support::require_root() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for row in [
+        "kernel",
+        "cgroup v2",
+        "bpffs",
+        "capabilities",
+        "eBPF programs",
+        "build toolchain",
+    ] {
+        assert!(text.contains(row), "row {row} missing:\n{text}");
+    }
+    assert!(
+        out.status.success(),
+        "kz doctor must pass on the CI machine:\n{text}"
+    );
+    assert!(text.contains("interception can work here"));
+}
+
+#[test]
+fn a_nested_cgroup_is_refused_and_cleaned_up_with_its_parent() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let mut events = icpt.block_events().unwrap();
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("ne"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    // A (root) agent makes itself a child cgroup: the programs still run there, and a cgroup
+    // without a policy of its own gets nothing.
+    let nested_path = cg.path.join("escape");
+    std::fs::create_dir(&nested_path).unwrap();
+    let nested = Cgroup {
+        id: std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&nested_path).unwrap()),
+        path: nested_path.clone(),
+        name: "escape".into(),
+    };
+    assert_eq!(
+        connect(&topo.client, Some(&nested), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    let block = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+        .expect("block event")
+        .unwrap();
+    assert_eq!(block.reason, BlockReason::NoPolicy);
+    assert_eq!(block.cgroup_id, nested.id);
+
+    // Orderly removal kills what hides in the child too, before anything is detached.
+    let mut hidden = Command::new("sleep");
+    hidden.arg("60");
+    nested.place_child(&mut hidden).unwrap();
+    let mut hidden = hidden.spawn().unwrap();
+    drop(events);
+    drop(icpt);
+    assert!(
+        !hidden.wait().unwrap().success(),
+        "the hidden process was killed"
+    );
+    assert!(!nested_path.exists() && !cg.path.exists());
+}
+
+#[test]
+fn one_loader_serves_many_cgroups_each_with_its_own_policy() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let mut icpt = Interceptor::load().expect("load");
+    let port = topo.serve_redirect_target(|_| "redirected".into());
+    let redirecting = icpt
+        .create_cgroup(
+            &support::unique_name("ma"),
+            &Policy {
+                proxy_port: port,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup a");
+    let denying = icpt
+        .create_cgroup(
+            &support::unique_name("mb"),
+            &Policy {
+                proxy_port: port,
+                deny: vec![Cidr::host(UPSTREAM_IP.parse().unwrap())],
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup b");
+    assert_eq!(icpt.cgroups().count(), 2);
+    assert_eq!(
+        connect(&topo.client, Some(&redirecting), "4", UPSTREAM_IP, 0),
+        "redirected"
+    );
+    assert_eq!(
+        connect(&topo.client, Some(&denying), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+
+    // Removing one leaves the other guarded.
+    icpt.remove_cgroup(redirecting.id).unwrap();
+    assert!(!redirecting.path.exists());
+    assert_eq!(
+        connect(&topo.client, Some(&denying), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert!(matches!(
+        icpt.remove_cgroup(redirecting.id),
+        Err(kz_agent::intercept::InterceptError::UnknownCgroup(_))
+    ));
+    assert!(matches!(
+        icpt.create_cgroup("../escape", &Policy::default()),
+        Err(kz_agent::intercept::InterceptError::BadName(_))
+    ));
+}
+
+#[test]
+fn doctor_fails_and_says_what_to_do_without_privileges() {
+    if !support::require_root() {
+        return;
+    }
+    // The same binary as an unprivileged user (setpriv from util-linux).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_kz"))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let caps = text
+        .lines()
+        .find(|l| l.starts_with("capabilities"))
+        .unwrap();
+    assert!(
+        caps.contains("FAIL") && caps.contains("run kz as root"),
+        "{caps}"
+    );
+    let progs = text
+        .lines()
+        .find(|l| l.starts_with("eBPF programs"))
+        .unwrap();
+    assert!(progs.contains("FAIL"), "{progs}");
+    assert!(text.contains("interception cannot work here"));
+}
+
+#[test]
+fn two_interceptors_in_one_process_keep_apart() {
+    if !support::require_root() {
+        return;
+    }
+    let mut a = Interceptor::load().expect("load a");
+    let mut b = Interceptor::load().expect("load b");
+    assert_ne!(a.pin_dir(), b.pin_dir());
+    let ca = a.create_cgroup("same-name", &Policy::default()).unwrap();
+    let cb = b.create_cgroup("same-name", &Policy::default()).unwrap();
+    assert_ne!(ca.id, cb.id);
+    let a_pins = a.pin_dir().to_path_buf();
+    drop(a);
+    assert!(!a_pins.exists() && !ca.path.exists());
+    assert!(
+        b.pin_dir().join("maps/KZ_POLICY").exists() && cb.path.exists(),
+        "b untouched"
+    );
+}

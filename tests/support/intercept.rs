@@ -1,0 +1,250 @@
+//! Helpers for the interception tests: a client/upstream netns pair, servers inside them,
+//! clients run inside a cgroup, and a tiny DNS responder.
+
+use super::netns::{Netns, link};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const CLIENT_IP: &str = "10.231.0.1";
+pub const UPSTREAM_IP: &str = "10.231.0.2";
+pub const UPSTREAM_PORT: u16 = 8080;
+
+/// A client namespace and an upstream namespace joined by a veth (10.231.0.0/24).
+pub struct Topo {
+    pub client: Netns,
+    pub upstream: Netns,
+}
+
+impl Topo {
+    pub fn new() -> Topo {
+        let client = Netns::new("kc");
+        let upstream = Netns::new("ku");
+        link(
+            &client,
+            &format!("{CLIENT_IP}/24"),
+            &upstream,
+            &format!("{UPSTREAM_IP}/24"),
+        );
+        Topo { client, upstream }
+    }
+
+    /// An upstream TCP server at UPSTREAM_IP:UPSTREAM_PORT answering "upstream\n"; every
+    /// accepted connection is reported on the returned channel.
+    pub fn serve_upstream(&self) -> mpsc::Receiver<SocketAddr> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        self.upstream.spawn(move || {
+            let l = TcpListener::bind((UPSTREAM_IP, UPSTREAM_PORT)).expect("bind upstream");
+            ready_tx.send(()).unwrap();
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = tx.send(s.peer_addr().unwrap());
+                let _ = s.write_all(b"upstream\n");
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("upstream ready");
+        rx
+    }
+
+    /// A TCP listener on 127.0.0.1:<port> in the CLIENT namespace (where redirected connects
+    /// land). Each accepted connection is answered with `reply(peer)` + "\n".
+    pub fn serve_redirect_target<F>(&self, reply: F) -> u16
+    where
+        F: Fn(SocketAddr) -> String + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        self.client.spawn(move || {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind listener");
+            tx.send(l.local_addr().unwrap().port()).unwrap();
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let peer = s.peer_addr().unwrap();
+                let _ = s.write_all(format!("{}\n", reply(peer)).as_bytes());
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("listener port")
+    }
+
+    /// A DNS responder on 127.0.0.1:<port> in the client namespace answering every A query with
+    /// `answer`. Reports (query name, source address) of each query.
+    pub fn serve_dns(&self, answer: [u8; 4]) -> (u16, mpsc::Receiver<(String, SocketAddr)>) {
+        let (tx, rx) = mpsc::channel();
+        let (port_tx, port_rx) = mpsc::channel();
+        self.client.spawn(move || {
+            // 127.0.0.1 and [::1] on the same port, as kz's resolver will listen.
+            let v4 = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+            let port = v4.local_addr().unwrap().port();
+            let v6 = UdpSocket::bind(("::1", port)).expect("bind dns [::1]");
+            port_tx.send(port).unwrap();
+            let tx6 = tx.clone();
+            std::thread::spawn(move || answer_loop(&v6, answer, &tx6));
+            answer_loop(&v4, answer, &tx);
+        });
+        (
+            port_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("dns port"),
+            rx,
+        )
+    }
+}
+
+fn answer_loop(s: &UdpSocket, answer: [u8; 4], tx: &mpsc::Sender<(String, SocketAddr)>) {
+    let mut buf = [0u8; 1500];
+    loop {
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            return;
+        };
+        if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
+            let _ = tx.send((name, from));
+            let _ = s.send_to(&reply, from);
+        }
+    }
+}
+
+/// Parses one question and builds a response with one A record (enough for dig and Python).
+fn dns_answer(q: &[u8], answer: [u8; 4]) -> Option<(String, Vec<u8>)> {
+    if q.len() < 12 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).into_owned());
+        i += len;
+    }
+    let question_end = i + 4;
+    let question = q.get(12..question_end)?;
+    let mut r = Vec::new();
+    r.extend_from_slice(&q[0..2]); // id
+    r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    r.extend_from_slice(&answer);
+    Some((labels.join("."), r))
+}
+
+/// Runs `program args` inside the client namespace, in `cgroup` when given (entered before
+/// exec), with a timeout.
+pub fn run_in(
+    ns: &Netns,
+    cgroup: Option<&kz_agent::intercept::Cgroup>,
+    program: &str,
+    args: &[&str],
+) -> Output {
+    let mut cmd = ns.command(program);
+    cmd.args(args);
+    if let Some(cg) = cgroup {
+        cg.place_child(&mut cmd).expect("place child");
+    }
+    output_with_timeout(cmd, Duration::from_secs(20))
+}
+
+pub fn output_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} timed out after {timeout:?}");
+        }
+    }
+}
+
+/// Python client snippets; each prints one line.
+pub fn python() -> String {
+    std::env::var("KZ_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Connects (family "4", "6" for v4-mapped/native IPv6), optionally with an SO_MARK, and prints
+/// the first line received, or "ERR <errno>".
+pub const PY_CONNECT: &str = r#"
+import socket, sys, os
+fam, host, port, mark = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET if fam == "4" else socket.AF_INET6, socket.SOCK_STREAM)
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+s.settimeout(5)
+try:
+    s.connect((host, port))
+    line = s.makefile().readline().strip()
+    if len(sys.argv) > 5:
+        print(line, "peer", s.getpeername()[0], s.getpeername()[1])
+    else:
+        print(line)
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// Sends a DNS query for example.test to (host, 53) and prints the reply's source and answer
+/// (an AF_INET6 socket when host has a ':', e.g. a v4-mapped address).
+pub const PY_DNS: &str = r#"
+import socket, sys
+host = sys.argv[1]
+q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x07example\x04test\x00" + b"\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+try:
+    s.sendto(q, (host, 53))
+    data, src = s.recvfrom(1500)
+    print(src[0], src[1], ".".join(str(b) for b in data[-4:]))
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// Sends one UDP datagram to (host, port) and prints "SENT" or "ERR <errno>".
+pub const PY_UDP: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+    print("SENT")
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+pub fn stdout_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Reads one line from a child's stdout.
+pub fn read_line(r: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("read line");
+    line
+}
+
+pub fn reader<R: std::io::Read>(r: R) -> BufReader<R> {
+    BufReader::new(r)
+}
+
+/// Creates a raw ICMP socket; prints "CREATED" or "ERR <errno>".
+pub const PY_RAW: &str = r#"
+import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    print("CREATED")
+except OSError as e:
+    print("ERR", e.errno)
+"#;

@@ -610,6 +610,20 @@ fn http_errors_and_metrics() {
         "{m}"
     );
     assert_eq!(get(&format!("{}/nope", s.url)).status, 404);
+    // HTTP/2 (prior knowledge) is served too, not only HTTP/1.1.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(format!("{}/healthz", s.url))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
 }
 
 #[test]
@@ -817,4 +831,249 @@ resources:
         (401, json!("alg_mismatch"))
     );
     assert_no_secret("server log", &s.logs(), ALL);
+}
+
+#[test]
+fn audit_rotation_keeps_one_chain_and_stdout_sink_chains_too() {
+    let dir = TempDir::new("rot");
+    let log = dir.path("audit.jsonl");
+    let text = std::fs::read_to_string(bundle("audit.yaml"))
+        .unwrap()
+        .replace("/var/log/kz/audit.jsonl", log.to_str().unwrap())
+        .replace("max_bytes: 104857600", "max_bytes: 2000\n  stdout: true");
+    let b = dir.path("b.yaml");
+    std::fs::write(&b, text).unwrap();
+    let tok = agent_token("analytics-bot", "production", &[]);
+    {
+        let s = Server::start(&b, &[], &env());
+        for i in 0..12 {
+            resolve(
+                &s.url,
+                Some(&tok),
+                &json!({"ref": format!("data/warehouse/t{i}")}),
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.stdout.lock().unwrap().lines().count() < 12 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = s.stdout.lock().unwrap().clone();
+        assert_no_secret("audit on stdout", &out, ALL);
+        let stdout_log = dir.path("stdout.jsonl");
+        std::fs::write(&stdout_log, &out).unwrap();
+        let v = kz()
+            .args(["audit", "verify"])
+            .arg(&stdout_log)
+            .output()
+            .unwrap();
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+        assert!(String::from_utf8_lossy(&v.stdout).contains("12 records"));
+    }
+    // A restarted server continues the chain where the files left off.
+    {
+        let s = Server::start(&b, &[], &env());
+        resolve(
+            &s.url,
+            Some(&tok),
+            &json!({"ref": "data/warehouse/after-restart"}),
+        );
+    }
+    let rotated: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl."))
+        .collect();
+    assert!(rotated.len() >= 2, "size rotation produced several files");
+    let v = kz().args(["audit", "verify"]).arg(&log).output().unwrap();
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert!(out.contains("audit log OK: 13 records"), "{out}");
+    for f in std::fs::read_dir(&dir.0).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("audit.jsonl")
+        {
+            assert_no_secret(
+                "rotated audit file",
+                &std::fs::read_to_string(&p).unwrap(),
+                ALL,
+            );
+        }
+    }
+    // Removing the oldest rotated file is detected (the chain no longer starts at seq 0).
+    std::fs::remove_file(dir.path("audit.jsonl.1")).unwrap();
+    let v = kz().args(["audit", "verify"]).arg(&log).output().unwrap();
+    assert_eq!(v.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&v.stderr)
+            .contains("records are missing before this one (expected seq 0")
+    );
+}
+
+#[test]
+fn keyzero_style_separate_proxy_with_rs256_tokens_and_query_injection() {
+    let dir = TempDir::new("sep");
+    let upstream = Upstream::start();
+    let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
+        .unwrap()
+        .replace("hosts: [api.stripe.com]", "hosts: [127.0.0.1]")
+        .replace(
+            "    rule: service == 'billing-bot' && env == 'production' && ref == 'payments/stripe'",
+            "    rule: service == 'billing-bot' && env == 'production' && ref.matches('payments/*')",
+        )
+        + "  - ref: payments/maps\n    resolver: env\n    path: KZ_DEMO_SEARCH_KEY\n    mode: short_lived\n    ttl: 60\n    credential_location: query:key\n    hosts: [127.0.0.1]\n";
+    let b = dir.path("b.yaml");
+    std::fs::write(&b, text).unwrap();
+    let key = fixture("ci-rs256.key");
+    let pdp = Server::start(&b, &["--signing-key", key.to_str().unwrap()], &env());
+    let pubkey = fixture("ci-rs256.pub");
+    let proxy = Server::start(
+        &b,
+        &[
+            "--proxy",
+            "--public-key",
+            pubkey.to_str().unwrap(),
+            "--allow-private",
+            "127.0.0.1/32",
+        ],
+        &env(),
+    );
+    let v = resolve(
+        &pdp.url,
+        Some(&agent_token("billing-bot", "production", &[])),
+        &json!({"refs": ["payments/stripe", "payments/maps"]}),
+    )
+    .json();
+    let stripe_tok = result(&v, "payments/stripe")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let maps_tok = result(&v, "payments/maps")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // KeyZero compatibility: RS256, iss keyzero, aud keyzero-proxy.
+    let header = jsonwebtoken::decode_header(&stripe_tok).unwrap();
+    assert_eq!(header.alg, Algorithm::RS256);
+    let call = |tok: &str, path: &str| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-x", &proxy.url])
+            .args(["-H", &format!("Authorization: Bearer {tok}")])
+            .arg(format!("http://127.0.0.1:{}{path}", upstream.addr.port()));
+        curl(cmd)
+    };
+    let r = call(&stripe_tok, "/v1/charges");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        upstream.seen.lock().unwrap().last().unwrap().0,
+        format!("Bearer {STRIPE}")
+    );
+    let r = call(&maps_tok, "/geo?q=x");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        upstream.seen.lock().unwrap().last().unwrap().1,
+        format!("q=x&key={SEARCH}")
+    );
+    assert!(
+        r.body.contains("query=[q=x&key=[redacted by kz]]"),
+        "{}",
+        r.body
+    );
+    // A kz token signed by another key (the in-memory one of a different PDP) is refused.
+    let other = Server::start(&b, &[], &env());
+    let v = resolve(
+        &other.url,
+        Some(&agent_token("billing-bot", "production", &[])),
+        &json!({"ref": "payments/stripe"}),
+    )
+    .json();
+    let foreign = result(&v, "payments/stripe")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(&foreign, "/v1/charges");
+    assert_eq!(r.status, 401, "{}", r.body);
+    for s in [&pdp, &proxy, &other] {
+        assert_no_secret("server log", &s.logs(), ALL);
+    }
+}
+
+#[test]
+fn proxy_verifies_upstream_tls_against_the_configured_ca() {
+    let dir = TempDir::new("tls");
+    let upstream = TlsUpstream::start(&dir);
+    let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
+        .unwrap()
+        .replace("hosts: [api.stripe.com]", "hosts: [localhost]");
+    let b = dir.path("b.yaml");
+    std::fs::write(&b, text).unwrap();
+    let ca = upstream.ca_pem.to_str().unwrap().to_owned();
+    let trusting = Server::start(
+        &b,
+        &[
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--allow-private",
+            "127.0.0.1/32",
+            "--upstream-ca",
+            &ca,
+        ],
+        &env(),
+    );
+    let untrusting = Server::start(
+        &b,
+        &[
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--allow-private",
+            "127.0.0.1/32",
+        ],
+        &env(),
+    );
+    let call = |s: &Server| {
+        let v = resolve(
+            &s.url,
+            Some(&agent_token("billing-bot", "production", &[])),
+            &json!({"ref": "payments/stripe"}),
+        )
+        .json();
+        let tok = result(&v, "payments/stripe")["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // Reverse-proxy style (KeyZero's): the Host header names the upstream, reached over TLS.
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
+            .args(["-H", &format!("Host: localhost:{}", upstream.addr.port())])
+            .args(["-H", &format!("Authorization: Bearer {tok}")])
+            .arg(format!("{}/v1/charges", s.proxy_url.as_deref().unwrap()));
+        curl(cmd)
+    };
+    let r = call(&trusting);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "tls upstream ok");
+    assert_eq!(
+        upstream.seen.lock().unwrap().last().unwrap(),
+        &format!("Bearer {STRIPE}")
+    );
+    let before = upstream.seen.lock().unwrap().len();
+    let r = call(&untrusting);
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (502, json!("upstream_error")),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("TLS"), "{}", r.body);
+    assert_eq!(
+        upstream.seen.lock().unwrap().len(),
+        before,
+        "nothing reached an unverified upstream"
+    );
+    for s in [&trusting, &untrusting] {
+        assert_no_secret("server log", &s.logs(), ALL);
+    }
 }

@@ -1,7 +1,7 @@
 //! PDP test support: a real `kz server start` process with captured stderr, JWT minting with
 //! the fixture keys, curl as the HTTP client, and a loopback upstream that records what it got.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -95,6 +95,7 @@ pub struct Server {
     pub url: String,
     pub proxy_url: Option<String>,
     pub stderr: Arc<Mutex<String>>,
+    pub stdout: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -124,15 +125,25 @@ impl Server {
                 line.clear();
             }
         });
-        let mut stdout = child.stdout.take().unwrap();
+        let stdout_buf = Arc::new(Mutex::new(String::new()));
+        let mut out_reader = BufReader::new(child.stdout.take().unwrap());
+        let out_sink = stdout_buf.clone();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
+            let mut line = String::new();
+            while out_reader
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                out_sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
         });
-        let wants_proxy = extra.contains(&"--proxy-listen");
+        let proxy_only = extra.contains(&"--proxy");
+        let wants_proxy = proxy_only || extra.contains(&"--proxy-listen");
         let (mut url, mut proxy_url) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while url.is_none() || (wants_proxy && proxy_url.is_none()) {
+        while (url.is_none() && !proxy_only) || (wants_proxy && proxy_url.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
@@ -149,9 +160,10 @@ impl Server {
         }
         Self {
             child,
-            url: url.unwrap(),
+            url: url.or_else(|| proxy_url.clone()).unwrap(),
             proxy_url,
             stderr,
+            stdout: stdout_buf,
         }
     }
 
@@ -427,4 +439,103 @@ pub fn ec_jwk(key_file: &str, kid: &str) -> serde_json::Value {
     let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
                        "x": b(&point[1..33]), "y": b(&point[33..65])})
+}
+
+/// An HTTPS upstream on 127.0.0.1 with a certificate for `localhost` from a fresh test CA.
+/// Records the Authorization header it receives, like [`Upstream`].
+pub struct TlsUpstream {
+    pub addr: std::net::SocketAddr,
+    pub ca_pem: PathBuf,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl TlsUpstream {
+    pub fn start(dir: &TempDir) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let ca_pem = dir.path("upstream-ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let stop = tokio::task::spawn_blocking(move || {
+                    let _ = stop_rx.recv();
+                });
+                let serve = async {
+                    loop {
+                        let (s, _) = listener.accept().await.unwrap();
+                        let (record, acceptor) = (record.clone(), acceptor.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(s).await else {
+                                return;
+                            };
+                            let svc = hyper::service::service_fn(
+                                move |req: hyper::Request<hyper::body::Incoming>| {
+                                    let record = record.clone();
+                                    async move {
+                                        let auth = req
+                                            .headers()
+                                            .get("authorization")
+                                            .map(|v| v.to_str().unwrap_or("").to_owned())
+                                            .unwrap_or_default();
+                                        record.lock().unwrap().push(auth);
+                                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                            http_body_util::Full::new(bytes::Bytes::from(
+                                                "tls upstream ok",
+                                            )),
+                                        ))
+                                    }
+                                },
+                            );
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stop => {}
+                    _ = serve => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            ca_pem,
+            seen,
+            _stop: stop_tx,
+        }
+    }
 }

@@ -790,6 +790,22 @@ fn check_semantics(lb: &LoadedBundle) -> Vec<Problem> {
         {
             out.push(lb.problem(&["resources", &idx, "credential_location"], e));
         }
+        for (j, h) in r.hosts.iter().enumerate() {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            let valid = !bare.is_empty()
+                && bare
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+                && !bare.contains("..");
+            if !valid {
+                out.push(lb.problem(
+                    &["resources", &idx, "hosts", &j.to_string()],
+                    format!(
+                        "host `{h}` is not a host name or address (write `api.example.com` or `*.example.com`, no scheme, port or path)"
+                    ),
+                ));
+            }
+        }
         if r.ttl == Some(0) {
             out.push(lb.problem(&["resources", &idx, "ttl"], "ttl must be at least 1 second"));
         }
@@ -801,6 +817,17 @@ fn check_semantics(lb: &LoadedBundle) -> Vec<Problem> {
                 out.push(lb.problem(
                     &["blind", "connections", &i.to_string()],
                     "a connection rule needs exactly one of `host` or `regex`",
+                ));
+            }
+            if let Some(re) = &rule.regex
+                && let Err(e) = regex::Regex::new(re)
+            {
+                out.push(lb.problem(
+                    &["blind", "connections", &i.to_string(), "regex"],
+                    format!(
+                        "`{re}` is not a valid regex: {}",
+                        e.to_string().replace('\n', " ")
+                    ),
                 ));
             }
         }
@@ -945,6 +972,21 @@ resources:
             msg.contains("unknown identity field `servce` in map; did you mean `service`?"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn blind_regex_and_hosts_are_checked() {
+        let text = GOOD.replace(
+            "    resolver: env\n",
+            "    resolver: env\n    hosts: [\"https://api.example.com/x\", \"*.ok.example\"]\n",
+        ) + "blind:\n  connections:\n    - allow: true\n      regex: \"(unclosed\"\n";
+        let msg = parse("b.yaml", &text).unwrap_err().to_string();
+        assert!(
+            msg.contains("host `https://api.example.com/x` is not a host name"),
+            "{msg}"
+        );
+        assert!(!msg.contains("*.ok.example"), "{msg}");
+        assert!(msg.contains("`(unclosed` is not a valid regex"), "{msg}");
     }
 
     #[test]

@@ -290,6 +290,24 @@ struct IssuerRt {
 pub struct Verifier {
     by_url: HashMap<String, IssuerRt>,
     max_token_bytes: usize,
+    /// Tokens that verified, by SHA-256 of the exact token bytes. An agent presents the same
+    /// JWT for its whole lifetime, so the signature check (the dominant cost of a decision) runs
+    /// once per token instead of once per request. Any change to the token is a different key;
+    /// time claims are re-checked on every hit; a bundle reload starts a new cache; entries
+    /// live at most [`CACHE_MAX_AGE`] so a key removed from a JWKS stops counting soon.
+    cache: std::sync::RwLock<HashMap<[u8; 32], Cached>>,
+}
+
+/// Upper bound on how long one verification is reused.
+pub const CACHE_MAX_AGE: Duration = Duration::from_secs(300);
+const CACHE_MAX_ENTRIES: usize = 16_384;
+
+struct Cached {
+    identity: Identity,
+    exp: u64,
+    nbf: Option<u64>,
+    leeway: u64,
+    at: std::time::Instant,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -326,6 +344,11 @@ fn static_key(issuer: &str, k: &StaticKey) -> Result<Key, IdentityError> {
     };
     let alg = parse_alg(&k.alg).ok_or_else(|| err(format!("unsupported alg `{}`", k.alg)))?;
     let pem = k.pem.as_deref().unwrap_or("").as_bytes();
+    if pem_is_private(pem) {
+        return Err(err(
+            "`pem` holds a PRIVATE key; put only the public key in a bundle".into(),
+        ));
+    }
     let key = match alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
             let secret = match (&k.secret, &k.secret_env) {
@@ -349,12 +372,6 @@ fn static_key(issuer: &str, k: &StaticKey) -> Result<Key, IdentityError> {
         _ => DecodingKey::from_rsa_pem(pem)
             .map_err(|e| err(format!("`pem` is not an RSA public key: {e}")))?,
     };
-    if !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) && pem_is_private(pem)
-    {
-        return Err(err(
-            "`pem` holds a PRIVATE key; put only the public key in a bundle".into(),
-        ));
-    }
     Ok(Key {
         kid: k.kid.clone(),
         alg,
@@ -421,7 +438,46 @@ impl Verifier {
         Ok(Self {
             by_url,
             max_token_bytes,
+            cache: std::sync::RwLock::new(HashMap::new()),
         })
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Result<Identity, TokenError>> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let c = cache.get(digest)?;
+        if c.at.elapsed() > CACHE_MAX_AGE {
+            return None;
+        }
+        let now = jsonwebtoken::get_current_timestamp();
+        if now > c.exp + c.leeway {
+            return Some(Err(TokenError::Expired));
+        }
+        if c.nbf.is_some_and(|nbf| nbf > now + c.leeway) {
+            return Some(Err(TokenError::NotYetValid));
+        }
+        Some(Ok(c.identity.clone()))
+    }
+
+    fn remember(&self, digest: [u8; 32], identity: &Identity, leeway: u64) {
+        let Some(exp) = identity.claims.get("exp").and_then(Value::as_u64) else {
+            return;
+        };
+        let nbf = identity.claims.get("nbf").and_then(Value::as_u64);
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX_ENTRIES {
+            // Crude but bounded: a flood of distinct valid tokens only costs re-verification.
+            cache.clear();
+        }
+        cache.insert(
+            digest,
+            Cached {
+                identity: identity.clone(),
+                exp,
+                nbf,
+                leeway,
+                at: std::time::Instant::now(),
+            },
+        );
     }
 
     pub async fn verify(&self, token: &str) -> Result<Identity, TokenError> {
@@ -433,6 +489,13 @@ impl Verifier {
                 size: token.len(),
                 max: self.max_token_bytes,
             });
+        }
+        let digest: [u8; 32] = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(token.as_bytes()).into()
+        };
+        if let Some(hit) = self.cached(&digest) {
+            return hit;
         }
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(_s), None) =
@@ -466,7 +529,9 @@ impl Verifier {
             KeyRef::Static(key) => check(issuer, key, alg, token)?,
             KeyRef::Jwks(key) => check(issuer, &key, alg, token)?,
         };
-        Ok(map_identity(issuer, claims))
+        let identity = map_identity(issuer, claims);
+        self.remember(digest, &identity, issuer.leeway);
+        Ok(identity)
     }
 
     async fn find_key<'a>(

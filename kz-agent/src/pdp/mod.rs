@@ -495,7 +495,10 @@ impl Pdp {
         }
 
         let Some(resource) = compiled.match_resource(reference) else {
+            // Allowed by policy but nothing to resolve: nothing is released (KeyZero: allowed
+            // false with this error); the deciding policy is kept for the audit trail.
             let msg = "no resource matches ref".to_owned();
+            result.allowed = false;
             result.error = Some(msg.clone());
             event = event.with("outcome", "error").with("error", msg);
             return self.finish(result, event, started);
@@ -600,4 +603,223 @@ pub fn secret_request(reference: &str, spec: &Resource, kind: &str) -> SecretReq
     }
     req.params.insert("ref".into(), reference.to_owned());
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct VecSink(Mutex<Vec<AuditEvent>>);
+
+    impl AuditSink for VecSink {
+        fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+            self.0.lock().unwrap().push(event);
+            Ok(())
+        }
+    }
+
+    struct FailingSink;
+
+    impl AuditSink for FailingSink {
+        fn record(&self, _event: AuditEvent) -> Result<(), AuditError> {
+            Err(AuditError::Io {
+                path: "x".into(),
+                source: std::io::Error::other("disk full"),
+            })
+        }
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../tests/fixtures/keys/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn bundle() -> Compiled {
+        let pem: String = fixture("agent-es256.pub")
+            .lines()
+            .map(|l| format!("          {l}\n"))
+            .collect();
+        let text = format!(
+            r#"version: "1"
+issuers:
+  - name: agents
+    issuer_url: https://id.example
+    static_keys:
+      - kid: k
+        alg: ES256
+        pem: |
+{pem}    map:
+      service: claims.agent_name
+policies:
+  - name: bot
+    rule: service == 'bot' && ref.matches('app/**')
+    effect: allow
+resources:
+  - ref: app/path
+    resolver: env
+    path: PATH
+  - ref: app/token
+    resolver: env
+    mode: short_lived
+    ttl: 60
+  - ref: app/missing
+    resolver: env
+    path: KZ_SURELY_UNSET_VARIABLE
+"#
+        );
+        Compiled::build(bundle::parse("inline.yaml", &text).unwrap()).unwrap()
+    }
+
+    fn token(agent: &str) -> String {
+        let enc =
+            jsonwebtoken::EncodingKey::from_ec_pem(fixture("agent-es256.key").as_bytes()).unwrap();
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k".into());
+        jsonwebtoken::encode(
+            &h,
+            &serde_json::json!({"iss": "https://id.example", "exp": jsonwebtoken::get_current_timestamp() + 60, "agent_name": agent}),
+            &enc,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn in_process_resolve_with_audit() {
+        let sink = Arc::new(VecSink::default());
+        let signer = Arc::new(Signer::generate().unwrap());
+        let pdp = Pdp::new(
+            bundle(),
+            PdpOptions {
+                signer: Some(signer.clone()),
+                proxy_url: Some("http://127.0.0.1:1".into()),
+                audit: Some(sink.clone()),
+            },
+        )
+        .unwrap();
+        let refs: Vec<String> = [
+            "app/path",
+            "app/token",
+            "app/missing",
+            "other/x",
+            "app/none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let r = pdp
+            .resolve(&token("bot"), &refs, serde_json::json!({"why": "test"}))
+            .await
+            .unwrap();
+        let path = &r.results["app/path"];
+        assert!(path.allowed && path.value.as_ref().is_some_and(|v| !v.is_empty()));
+        let tok = &r.results["app/token"];
+        assert_eq!(tok.mode.as_deref(), Some("short_lived"));
+        assert_eq!(tok.ttl, Some(60));
+        let claims = signer
+            .verifier()
+            .verify(tok.token.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(claims.resource, "app/token");
+        assert_eq!(claims.service, "bot");
+        let missing = &r.results["app/missing"];
+        assert!(missing.allowed && missing.value.is_none());
+        assert!(
+            missing
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("KZ_SURELY_UNSET_VARIABLE")
+        );
+        assert_eq!(
+            r.results["other/x"].policy.as_deref(),
+            Some("implicit-deny")
+        );
+        // Debug never shows the value.
+        assert!(format!("{r:?}").contains("[redacted]"));
+
+        {
+            let events = sink.0.lock().unwrap();
+            assert_eq!(events.len(), 5);
+            let outcomes: Vec<_> = events.iter().map(|e| e.fields["outcome"].clone()).collect();
+            assert_eq!(outcomes, ["resolved", "issued", "error", "denied", "error"]);
+            let path_value = std::env::var("PATH").unwrap();
+            for e in events.iter() {
+                assert!(
+                    !serde_json::Value::Object(e.fields.clone())
+                        .to_string()
+                        .contains(&path_value)
+                );
+            }
+        }
+
+        let err = pdp
+            .resolve("x.y.z", &refs, serde_json::Value::Null)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            PdpError::InvalidToken(TokenError::Malformed(_))
+        ));
+        let err = pdp
+            .resolve(
+                &token("bot"),
+                &["a/../b".to_string()],
+                serde_json::Value::Null,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PdpError::InvalidRef { .. }));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_released_when_the_audit_log_cannot_be_written() {
+        let pdp = Pdp::new(
+            bundle(),
+            PdpOptions {
+                audit: Some(Arc::new(FailingSink)),
+                ..PdpOptions::default()
+            },
+        )
+        .unwrap();
+        let r = pdp
+            .resolve(
+                &token("bot"),
+                &["app/path".to_string()],
+                serde_json::Value::Null,
+            )
+            .await
+            .unwrap();
+        let p = &r.results["app/path"];
+        assert!(p.value.is_none());
+        assert!(
+            p.error
+                .as_deref()
+                .unwrap()
+                .contains("audit log cannot be written")
+        );
+    }
+
+    #[test]
+    fn resource_choice_prefers_exact_then_longest_prefix() {
+        let text = r#"version: "1"
+resources:
+  - ref: "a/**"
+    resolver: env
+  - ref: "a/b/*"
+    resolver: env
+  - ref: "a/b/c"
+    resolver: env
+"#;
+        let c = Compiled::build(bundle::parse("r.yaml", text).unwrap()).unwrap();
+        let pick = |r| c.match_resource(r).map(|x| x.spec.ref_pattern.clone());
+        assert_eq!(pick("a/b/c").as_deref(), Some("a/b/c"));
+        assert_eq!(pick("a/b/d").as_deref(), Some("a/b/*"));
+        assert_eq!(pick("a/x/y").as_deref(), Some("a/**"));
+        assert_eq!(pick("b"), None);
+    }
 }

@@ -11,8 +11,11 @@ enum Tok {
     Star,
     /// `?`: exactly one character except `/`.
     One,
-    /// `**`: any run of characters including `/` (whole segments, see `compile`).
+    /// `**` at the end of a pattern: any run of characters including `/`.
     Deep,
+    /// `**/`: nothing, or any run of characters that ends with `/` (whole segments), so
+    /// `a/**/b` matches `a/b` and `a/x/y/b` but not `a/xb`.
+    DeepSlash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +60,12 @@ impl Glob {
             match c {
                 '*' if chars.peek() == Some(&'*') => {
                     chars.next();
-                    // `a/**/b` must also match `a/b`: fold the following '/' into the deep
-                    // token by making it optional (handled in `matches_at`).
-                    toks.push(Tok::Deep);
+                    if chars.peek() == Some(&'/') {
+                        chars.next();
+                        toks.push(Tok::DeepSlash);
+                    } else {
+                        toks.push(Tok::Deep);
+                    }
                 }
                 '*' => toks.push(Tok::Star),
                 '?' => toks.push(Tok::One),
@@ -103,6 +109,8 @@ fn matches_at(toks: &[Tok], text: &[char]) -> bool {
     let mut ok = vec![false; (m + 1) * width];
     ok[m * width + n] = true;
     for i in (0..m).rev() {
+        // For `**/`: is there a k > j with text[k-1] == '/' and tokens i+1.. matching text k..?
+        let mut slash_ahead = false;
         for j in (0..=n).rev() {
             let here = text.get(j);
             let next = |ii: usize, jj: usize| ok[ii * width + jj];
@@ -112,10 +120,10 @@ fn matches_at(toks: &[Tok], text: &[char]) -> bool {
                 Tok::Star => {
                     next(i + 1, j) || (matches!(here, Some(c) if *c != '/') && next(i, j + 1))
                 }
-                Tok::Deep => {
-                    // `**/` may also match nothing at all, so `a/**/b` matches `a/b`.
-                    let skip_slash = toks.get(i + 1) == Some(&Tok::Lit('/')) && next(i + 2, j);
-                    next(i + 1, j) || skip_slash || (here.is_some() && next(i, j + 1))
+                Tok::Deep => next(i + 1, j) || (here.is_some() && next(i, j + 1)),
+                Tok::DeepSlash => {
+                    slash_ahead = slash_ahead || (here == Some(&'/') && next(i + 1, j + 1));
+                    next(i + 1, j) || slash_ahead
                 }
             };
             ok[i * width + j] = v;
@@ -140,6 +148,10 @@ mod tests {
         assert!(m("a/**/b", "a/b"));
         assert!(m("a/**/b", "a/x/y/b"));
         assert!(!m("a/**/b", "a/x/y/c"));
+        // Found by the property test: `**/` must end on a segment boundary.
+        assert!(!m("a/**/b", "a/xb"));
+        assert!(!m("*/**/?b", "///abbb"));
+        assert!(m("**/b", "b") && m("**/b", "x/y/b") && !m("**/b", "xb"));
         assert!(m("a/*/c", "a/b/c"));
         assert!(!m("a/*/c", "a/b/x/c"));
         assert!(m("a/*", "a/"));
@@ -174,6 +186,65 @@ mod tests {
         assert_eq!(g.literal_prefix_len(), "payments/stripe/".len());
         assert!(!g.is_literal());
         assert!(Glob::compile("a/b").unwrap().is_literal());
+    }
+
+    /// The same semantics written as a regex, as an independent reference.
+    fn reference(pattern: &str) -> regex::Regex {
+        let mut re = String::from("^");
+        let chars: Vec<char> = pattern.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            match chars[i] {
+                '*' if chars.get(i + 1) == Some(&'*') => {
+                    if chars.get(i + 2) == Some(&'/') {
+                        re.push_str("(?:.*/)?");
+                        i += 3;
+                    } else {
+                        re.push_str(".*");
+                        i += 2;
+                    }
+                    continue;
+                }
+                '*' => re.push_str("[^/]*"),
+                '?' => re.push_str("[^/]"),
+                c => re.push_str(&regex::escape(&c.to_string())),
+            }
+            i += 1;
+        }
+        re.push('$');
+        regex::Regex::new(&re).unwrap()
+    }
+
+    #[test]
+    fn property_matches_the_regex_reference() {
+        use rand::Rng as _;
+        let mut rng = rand::rng();
+        let segs = ["a", "b", "ab", "*", "?", "**", "a*", "*b", "?b"];
+        let mut checked = 0;
+        for _ in 0..1500 {
+            let n = rng.random_range(1..5);
+            let pattern: Vec<&str> = (0..n)
+                .map(|_| segs[rng.random_range(0..segs.len())])
+                .collect();
+            let pattern = pattern.join("/");
+            let Ok(g) = Glob::compile(&pattern) else {
+                continue;
+            };
+            let re = reference(&pattern);
+            for _ in 0..20 {
+                let len = rng.random_range(0..8);
+                let text: String = (0..len)
+                    .map(|_| ['a', 'b', '/'][rng.random_range(0..3)])
+                    .collect();
+                assert_eq!(
+                    g.matches(&text),
+                    re.is_match(&text),
+                    "pattern {pattern:?} text {text:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 5_000);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Outcome {
 
 pub struct Spec {
     pub addr: SocketAddr,
+    /// `GET` sends no body (the HTTP ceiling row); anything else POSTs `body`.
+    pub method: &'static str,
     pub path: String,
     pub token: String,
     pub body: String,
@@ -48,7 +50,9 @@ async fn client(
         if start >= stop_at {
             break;
         }
-        let req = Request::post(spec.path.as_str())
+        let req = Request::builder()
+            .method(spec.method)
+            .uri(spec.path.as_str())
             .header("host", "bench")
             .header("content-type", "application/json")
             .header("authorization", auth.as_str())

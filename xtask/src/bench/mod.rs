@@ -6,14 +6,15 @@ mod load;
 mod pdp;
 pub mod proxy;
 pub mod run;
+mod wrk;
 
 use anyhow::{Result, bail};
 
 pub fn run(name: &str) -> Result<()> {
     match name {
         "connect" => connect::run(),
-        "run" => run::run(),
         "pdp" => pdp::run(),
+        "run" => run::run(),
         "proxy" => proxy::run_bench(),
         other => bail!("unknown benchmark {other:?}; available: connect, pdp, proxy, run"),
     }

@@ -244,6 +244,7 @@ pub fn run() -> anyhow::Result<()> {
     let (_p3, kz_audit_addr) = start_kz(&kz, &kz_audit_bundle)?;
     let spec = |addr| Spec {
         addr,
+        method: "POST",
         path: "/v1/resolve".into(),
         token: token.clone(),
         body: r#"{"ref":"bench/api-key"}"#.into(),
@@ -264,10 +265,34 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
 
+    let use_wrk = super::wrk::available() && std::env::var_os("KZ_BENCH_HYPER").is_none();
+    let measure_one = |spec: Spec,
+                       clients: usize,
+                       warm: Duration,
+                       measure: Duration|
+     -> anyhow::Result<Outcome> {
+        if use_wrk {
+            // wrk has no warm-up phase: run a short unmeasured pass first.
+            super::wrk::run(&spec, clients, warm.max(Duration::from_secs(1)), &dir)?;
+            super::wrk::run(&spec, clients, measure, &dir)
+        } else {
+            load::run(spec, clients, warm, measure)
+        }
+    };
     println!(
         "PDP resolve benchmark: POST /v1/resolve, ES256 JWT + 3 CEL policies + in-memory resolver"
     );
-    println!("  ({note}; load generator: 1 thread, closed loop, keep-alive HTTP/1.1)");
+    println!(
+        "  ({note}; load generator: {}, 1 thread, closed loop, keep-alive HTTP/1.1;",
+        if use_wrk {
+            "wrk"
+        } else {
+            "hyper client (KZ_BENCH_HYPER)"
+        }
+    );
+    println!(
+        "   the `HTTP ceiling` row is kz's GET /healthz: what this generator and HTTP stack can do at all)"
+    );
     let mut summary = Vec::new();
     for clients in [1usize, 64, 1000] {
         let (warm, measure) = if clients >= 1000 {
@@ -276,11 +301,25 @@ pub fn run() -> anyhow::Result<()> {
             (Duration::from_secs(1), Duration::from_secs(5))
         };
         println!("\n{clients} concurrent client(s):");
-        let k = load::run(spec(keyzero_addr), clients, warm, measure)?;
+        let ceiling = measure_one(
+            Spec {
+                addr: kz_addr,
+                method: "GET",
+                path: "/healthz".into(),
+                token: token.clone(),
+                body: String::new(),
+                expect: "\"ok\"".into(),
+            },
+            clients,
+            warm,
+            measure,
+        )?;
+        row("HTTP ceiling (healthz)", &ceiling);
+        let k = measure_one(spec(keyzero_addr), clients, warm, measure)?;
         row("KeyZero 0.3", &k);
-        let z = load::run(spec(kz_addr), clients, warm, measure)?;
+        let z = measure_one(spec(kz_addr), clients, warm, measure)?;
         row("kz", &z);
-        let za = load::run(spec(kz_audit_addr), clients, warm, measure)?;
+        let za = measure_one(spec(kz_audit_addr), clients, warm, measure)?;
         row("kz + audit log", &za);
         println!(
             "  ratio kz/KeyZero: throughput {:.2}x, p99 {:.2}x (lower is better); with audit: {:.2}x, p99 {:.2}x",

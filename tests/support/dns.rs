@@ -1,0 +1,52 @@
+//! A tiny authoritative DNS server for tests: answers A queries from a fixed table, NXDOMAIN
+//! for anything else, empty NOERROR for other types. Lets a test make a name resolve to any
+//! address (e.g. a private one an SSRF guard must refuse) without touching /etc/hosts or any
+//! outside resolver.
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+
+/// Binds `127.0.0.1:0` on the calling thread's network namespace and serves forever on a
+/// background thread. Returns the bound address.
+pub fn serve(table: &[(&str, Ipv4Addr)]) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+    let addr = sock.local_addr().unwrap();
+    let table: HashMap<String, Ipv4Addr> = table
+        .iter()
+        .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), *a))
+        .collect();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                return;
+            };
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+            reply.metadata.recursion_desired = query.metadata.recursion_desired;
+            reply.metadata.authoritative = true;
+            let Some(q) = query.queries.first().cloned() else {
+                continue;
+            };
+            let name = q.name().to_ascii();
+            let key = name.trim_end_matches('.').to_ascii_lowercase();
+            reply.add_query(q.clone());
+            match table.get(&key) {
+                None => reply.metadata.response_code = ResponseCode::NXDomain,
+                Some(ip) if q.query_type() == RecordType::A => {
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(*ip))));
+                }
+                Some(_) => {}
+            }
+            if let Ok(bytes) = reply.to_vec() {
+                let _ = sock.send_to(&bytes, peer);
+            }
+        }
+    });
+    addr
+}

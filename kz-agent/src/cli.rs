@@ -22,6 +22,16 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The policy decision point: `kz server start --bundle F`, `kz server check --bundle F`.
+    Server {
+        #[command(subcommand)]
+        command: crate::pdp::cli::ServerCommand,
+    },
+    /// Audit log tools: `kz audit verify FILE`.
+    Audit {
+        #[command(subcommand)]
+        command: crate::pdp::cli::AuditCommand,
+    },
 }
 
 /// Runs the parsed command and returns the process exit code.
@@ -32,5 +42,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut cmd, "kz", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Server { command } => crate::pdp::cli::run_server(command),
+        Command::Audit { command } => crate::pdp::cli::run_audit(command),
     }
 }

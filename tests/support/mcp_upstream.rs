@@ -12,14 +12,17 @@ use super::netns::Netns;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 pub struct TestCa {
     pub pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    cert: Certificate,
+    key: KeyPair,
 }
 
 impl TestCa {
@@ -34,7 +37,8 @@ impl TestCa {
         let cert = params.self_signed(&key).unwrap();
         Self {
             pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            cert,
+            key,
         }
     }
 
@@ -43,7 +47,7 @@ impl TestCa {
         let params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         (
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -92,7 +96,9 @@ pub fn spawn(ns: &Netns, bind: SocketAddr, ca: &TestCa, names: &[&str], secret: 
                     let svc = hyper::service::service_fn(move |req| {
                         let seen = seen.clone();
                         let secret = secret.clone();
-                        async move { Ok::<_, std::convert::Infallible>(route(req, &secret, &seen).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(route(req, &secret, &seen).await)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -127,7 +133,12 @@ async fn route(
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().to_string();
     let version = format!("{:?}", req.version());
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let ok = authorization.as_deref() == Some(&format!("Bearer {secret}"))
         || api_key.as_deref() == Some(secret)
         || query.split('&').any(|kv| kv == format!("api_key={secret}"));

@@ -6,6 +6,8 @@
 //! - [`netns`]: network namespaces with veth links, the home of every upstream test host.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod dns;
+pub mod mcp_upstream;
 pub mod netns;
 
 use std::sync::atomic::{AtomicU32, Ordering};

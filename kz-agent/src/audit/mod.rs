@@ -36,10 +36,45 @@ pub enum AuditError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "the audit log {path} ends with a damaged record ({reason}); run `kz audit verify {path}` and move the file aside before restarting"
+    )]
+    DamagedTail { path: String, reason: String },
 }
 
 /// Where audit events go. Implementations must be cheap to call from hot paths (the proxy calls
 /// it once per request) and must serialise appends so the hash chain stays linear.
 pub trait AuditSink: Send + Sync {
     fn record(&self, event: AuditEvent) -> Result<(), AuditError>;
+}
+
+mod chain;
+mod verify;
+
+pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget};
+pub use verify::{VerifyError, VerifyReport, verify_files, verify_path};
+
+/// A sink that drops everything (no `audit:` section in the bundle).
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+impl AuditSink for NullSink {
+    fn record(&self, _event: AuditEvent) -> Result<(), AuditError> {
+        Ok(())
+    }
+}
+
+/// Fans one event out to several sinks (file and stdout).
+pub struct MultiSink(pub Vec<std::sync::Arc<dyn AuditSink>>);
+
+impl AuditSink for MultiSink {
+    fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let mut result = Ok(());
+        for sink in &self.0 {
+            if let Err(e) = sink.record(event.clone()) {
+                result = Err(e);
+            }
+        }
+        result
+    }
 }

@@ -9,6 +9,7 @@
 pub mod authority;
 pub mod dns;
 pub mod fetch;
+mod glue;
 pub mod guard;
 pub mod scrub;
 pub mod server;
@@ -17,12 +18,14 @@ pub use authority::{Authority, Grant, Refusal};
 pub use server::{KzMcp, SERVER_NAME};
 
 use crate::audit::AuditSink;
+use crate::pdp::Pdp;
+use crate::pdp::cli::StartArgs;
 use rmcp::ServiceExt;
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
 };
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,46 +45,83 @@ pub enum McpError {
     Http(std::io::Error),
     #[error("fetch setup: {0}")]
     Fetch(#[from] fetch::FetchError),
+    #[error("--allow-private: '{0}' is not a CIDR such as 10.0.0.0/8 or fd00::/8")]
+    Cidr(String),
+    #[error(
+        "the bundle's audit section writes to stdout, which MCP over stdio uses; set audit.stdout: false (or use --listen)"
+    )]
+    StdoutTaken,
 }
 
-/// `fetch` settings of `kz server start` (flattened into its arguments).
+/// MCP settings of `kz server start` (flattened into its arguments). `fetch` also uses the
+/// command's `--allow-private CIDR` (off by default) and `--upstream-ca FILE`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct FetchArgs {
-    /// Let `fetch` reach this private/loopback/link-local range (CIDR), e.g. an internal API.
-    /// Repeatable. Off by default; cloud metadata addresses stay refused regardless.
-    #[arg(
-        long = "allow-private-cidr",
-        value_name = "CIDR",
-        env = "KZ_MCP_ALLOW_PRIVATE_CIDR",
-        value_delimiter = ','
-    )]
-    pub allow_private_cidr: Vec<ipnet::IpNet>,
+pub struct McpArgs {
+    /// Serve the MCP tools `resolve` and `fetch` (server name `keyzero`) instead of the HTTP
+    /// API: over stdio, or over MCP streamable HTTP at http://ADDR/mcp when --listen is given.
+    #[arg(long, conflicts_with_all = ["proxy", "proxy_listen"])]
+    pub mcp: bool,
     /// Resolve `fetch` destinations with this DNS server (IP:PORT, UDP) instead of the system
     /// resolver.
     #[arg(long = "mcp-dns", value_name = "IP:PORT", env = "KZ_MCP_DNS")]
     pub dns: Option<SocketAddr>,
-    /// Extra CA certificates (PEM) trusted for `fetch` upstreams, besides the system roots.
-    #[arg(long = "upstream-ca", value_name = "FILE", env = "KZ_UPSTREAM_CA")]
-    pub upstream_ca: Option<PathBuf>,
     /// Largest `fetch` response body handed back, in bytes; longer bodies are cut and marked
     /// `truncated`.
     #[arg(long = "mcp-max-body", value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
     pub max_body: usize,
 }
 
-impl FetchArgs {
-    pub fn config(&self) -> Result<fetch::FetchConfig, McpError> {
-        let dns = match self.dns {
-            Some(addr) => dns::Dns::Server(addr),
-            None => dns::Dns::System,
-        };
-        Ok(fetch::FetchConfig::new(
-            guard::Guard::new(self.allow_private_cidr.clone()),
-            dns,
-            self.upstream_ca.as_deref(),
-            self.max_body,
-        )?)
+/// Builds the `fetch` configuration from `kz server start`'s arguments.
+pub fn fetch_config(args: &StartArgs) -> Result<fetch::FetchConfig, McpError> {
+    let mut allow = Vec::new();
+    for cidr in &args.allow_private {
+        allow.push(
+            cidr.parse::<ipnet::IpNet>()
+                .map_err(|_| McpError::Cidr(cidr.clone()))?,
+        );
     }
+    let dns = match args.mcp.dns {
+        Some(addr) => dns::Dns::Server(addr),
+        None => dns::Dns::System,
+    };
+    Ok(fetch::FetchConfig::new(
+        guard::Guard::new(allow),
+        dns,
+        args.upstream_ca.as_deref(),
+        args.mcp.max_body,
+    )?)
+}
+
+/// `kz server start --mcp`: stdio, or streamable HTTP when `--listen` is given.
+pub async fn run(args: &StartArgs, pdp: Arc<Pdp>) -> anyhow::Result<ExitCode> {
+    let fetch = fetch_config(args)?;
+    let audit = pdp.audit();
+    match args.listen {
+        None => {
+            // stdout is the MCP channel: an audit sink writing there would corrupt it.
+            let audit_to_stdout = pdp
+                .current()
+                .loaded
+                .bundle
+                .audit
+                .as_ref()
+                .is_some_and(|a| a.stdout);
+            if audit_to_stdout {
+                return Err(McpError::StdoutTaken.into());
+            }
+            serve_stdio(pdp, audit, fetch).await?;
+        }
+        Some(addr) => {
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                crate::pdp::cli::wait_for_shutdown().await;
+                stop.cancel();
+            });
+            serve_http(addr, pdp, audit, fetch, shutdown).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Serves MCP on stdin/stdout until the client closes the stream.

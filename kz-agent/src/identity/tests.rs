@@ -1,0 +1,1 @@
+// Token-level tests live in tests/pdp.rs (real keys, real HTTP); see there.

@@ -53,17 +53,25 @@ fn setup() -> Option<Env> {
         &up,
         SocketAddr::from((UPSTREAM_IP, 443)),
         &ca,
-        &["api.upstream.test", "other.test"],
+        &["api.upstream.test", "other.test", "flip.test", "mixed.test"],
         &secret,
     );
+    let evil = Ipv4Addr::new(10, 1, 2, 3);
     let table = vec![
-        ("api.upstream.test", UPSTREAM_IP),
-        ("other.test", UPSTREAM_IP),
-        ("evil.test", Ipv4Addr::new(10, 1, 2, 3)),
-        ("meta.test", Ipv4Addr::new(169, 254, 169, 254)),
+        ("api.upstream.test", vec![vec![UPSTREAM_IP]]),
+        ("other.test", vec![vec![UPSTREAM_IP]]),
+        ("evil.test", vec![vec![evil]]),
+        ("meta.test", vec![vec![Ipv4Addr::new(169, 254, 169, 254)]]),
+        // A rebinding attacker: the allowed upstream first, loopback on the next lookup.
+        (
+            "flip.test",
+            vec![vec![UPSTREAM_IP], vec![Ipv4Addr::LOCALHOST]],
+        ),
+        // One good and one private address in the same answer.
+        ("mixed.test", vec![vec![UPSTREAM_IP, evil]]),
     ];
     let dns = cli
-        .spawn(move || support::dns::serve(&table))
+        .spawn(move || support::dns::serve_sets(&table))
         .join()
         .unwrap();
 
@@ -134,7 +142,7 @@ audit:
 }
 
 impl Env {
-    fn kz_args(&self, allow_private: bool) -> Vec<String> {
+    fn kz_args(&self, allow_private: bool, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             env!("CARGO_BIN_EXE_kz").to_owned(),
             "server".into(),
@@ -150,6 +158,7 @@ impl Env {
         if allow_private {
             args.extend(["--allow-private".into(), "10.77.0.0/24".into()]);
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
 
@@ -173,10 +182,14 @@ impl Env {
     }
 
     fn stdio_plan(&self, allow_private: bool, calls: Value) -> Value {
+        self.stdio_plan_with(allow_private, &[], calls)
+    }
+
+    fn stdio_plan_with(&self, allow_private: bool, extra: &[&str], calls: Value) -> Value {
         self.plan(
             json!({
                 "transport": "stdio",
-                "command": self.kz_args(allow_private),
+                "command": self.kz_args(allow_private, extra),
                 "env": {"KZ_MCP_TEST_SECRET": self.secret, "KZ_LOG": "info"},
             }),
             calls,
@@ -474,6 +487,35 @@ fn ssrf_destinations_are_refused() {
 }
 
 #[test]
+fn rebinding_mixed_answers_and_timeouts() {
+    let Some(env) = setup() else { return };
+    let calls = json!([
+        fetch("builder", "api/apikey", "https://flip.test/echo"),
+        fetch("builder", "api/apikey", "https://flip.test/echo"),
+        fetch("builder", "api/apikey", "https://mixed.test/echo"),
+        fetch("builder", "api/apikey", "https://api.upstream.test/slow"),
+    ]);
+    let plan = env.stdio_plan_with(true, &["--mcp-timeout", "3"], calls);
+    let started = std::time::Instant::now();
+    let (report, _) = env.drive(&plan);
+    let r = report["results"].as_array().unwrap();
+    // First lookup answered with the allowed upstream: kz connects to exactly that address (a
+    // client that looked the name up again to connect would now be sent to 127.0.0.1).
+    assert_eq!(ok_fetch(&r[0], "flip 1")["status"], 200);
+    // Next lookup answers loopback: refused before any connection.
+    let t = err_text(&r[1], "flip 2");
+    assert!(t.contains("127.0.0.1") && t.contains("loopback"), "{t}");
+    // Any bad address in an answer refuses the name, even beside a good one.
+    let t = err_text(&r[2], "mixed");
+    assert!(t.contains("10.1.2.3"), "{t}");
+    // The upstream stalls for 30s; the fetch gives up at the configured limit.
+    let t = err_text(&r[3], "slow");
+    assert!(t.contains("timed out after 3s"), "{t}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+    assert_eq!(*env.seen.lock().unwrap(), ["/echo", "/slow"]);
+}
+
+#[test]
 fn private_upstream_refused_without_allow_list() {
     let Some(env) = setup() else { return };
     let calls = json!([fetch(
@@ -490,7 +532,7 @@ fn private_upstream_refused_without_allow_list() {
 #[test]
 fn streamable_http_transport() {
     let Some(env) = setup() else { return };
-    let mut args = env.kz_args(true);
+    let mut args = env.kz_args(true, &[]);
     args.extend(["--listen".into(), "127.0.0.1:0".into()]);
     let mut child = env
         .cli

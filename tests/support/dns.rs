@@ -1,5 +1,6 @@
 //! A tiny authoritative DNS server for tests: answers A queries from a fixed table, NXDOMAIN
-//! for anything else, empty NOERROR for other types. Lets a test make a name resolve to any
+//! for anything else, empty NOERROR for other types. A name may have several answer sets,
+//! served in turn (one per A query) — enough to play a rebinding attacker. Lets a test make a name resolve to any
 //! address (e.g. a private one an SSRF guard must refuse) without touching /etc/hosts or any
 //! outside resolver.
 
@@ -12,12 +13,20 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 /// Binds `127.0.0.1:0` on the calling thread's network namespace and serves forever on a
 /// background thread. Returns the bound address.
 pub fn serve(table: &[(&str, Ipv4Addr)]) -> SocketAddr {
+    let sets: Vec<(&str, Vec<Vec<Ipv4Addr>>)> =
+        table.iter().map(|(n, a)| (*n, vec![vec![*a]])).collect();
+    serve_sets(&sets)
+}
+
+/// Like [`serve`], but each name has answer sets (each a list of A records) served in turn.
+pub fn serve_sets(table: &[(&str, Vec<Vec<Ipv4Addr>>)]) -> SocketAddr {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
     let addr = sock.local_addr().unwrap();
-    let table: HashMap<String, Ipv4Addr> = table
+    let table: HashMap<String, Vec<Vec<Ipv4Addr>>> = table
         .iter()
-        .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), *a))
+        .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), a.clone()))
         .collect();
+    let mut turn: HashMap<String, usize> = HashMap::new();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         loop {
@@ -38,8 +47,12 @@ pub fn serve(table: &[(&str, Ipv4Addr)]) -> SocketAddr {
             reply.add_query(q.clone());
             match table.get(&key) {
                 None => reply.metadata.response_code = ResponseCode::NXDomain,
-                Some(ip) if q.query_type() == RecordType::A => {
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(*ip))));
+                Some(sets) if q.query_type() == RecordType::A => {
+                    let n = turn.entry(key.clone()).or_default();
+                    for ip in &sets[*n % sets.len()] {
+                        reply.add_answer(Record::from_rdata(q.name().clone(), 0, RData::A(A(*ip))));
+                    }
+                    *n += 1;
                 }
                 Some(_) => {}
             }

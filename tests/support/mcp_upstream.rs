@@ -5,7 +5,7 @@
 //! query) and puts what it received in its body and an `x-echo-auth` header. Other routes
 //! exercise the response handling: `/big` (larger than the cap, with the credential at both
 //! ends), `/binary` (non-UTF-8 bytes around the credential), `/redirect-in` (same host),
-//! `/redirect-out` (another host), `/gzip` (a compressed body kz cannot scrub), `/slow`
+//! `/redirect-leak` (same host, the credential in the new URL), `/redirect-out` (another host), `/gzip` (a compressed body kz cannot scrub), `/slow`
 //! (answers after 30s).
 //! Every request path is recorded so a test can prove a refused fetch never arrived.
 
@@ -183,6 +183,11 @@ async fn route(
         "/redirect-in" => resp
             .status(302)
             .header("location", "/echo?from=redirect")
+            .body(Full::default())
+            .unwrap(),
+        "/redirect-leak" => resp
+            .status(307)
+            .header("location", format!("/echo?leak={secret}"))
             .body(Full::default())
             .unwrap(),
         "/redirect-out" => resp

@@ -301,7 +301,7 @@ async fn fetch_inner(
             url = next;
             continue;
         }
-        return finish(config, response, &scrubber, &url).await;
+        return finish(config, response, &scrubber, &url, redirects > 0).await;
     }
 }
 
@@ -317,26 +317,21 @@ fn check_url(url: Url) -> Result<Url, FetchError> {
     if url.scheme() != "https" {
         return Err(FetchError::Scheme(url.scheme().to_owned()));
     }
+    // Messages name the host only: a redirect target chosen by the upstream may carry anything
+    // (even the credential it was sent) in its userinfo, path or query.
     if !url.username().is_empty() || url.password().is_some() {
         return Err(FetchError::BadUrl {
-            url: redact_userinfo(&url),
+            url: format!("https://{}/…", url.host_str().unwrap_or_default()),
             reason: "credentials in the URL are not allowed".to_owned(),
         });
     }
     if url.host().is_none() {
         return Err(FetchError::BadUrl {
-            url: url.to_string(),
+            url: "https://".to_owned(),
             reason: "no host".to_owned(),
         });
     }
     Ok(url)
-}
-
-fn redact_userinfo(url: &Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.to_string()
 }
 
 /// The host as scope patterns see it: a name, or an IP address without brackets.
@@ -519,6 +514,7 @@ async fn finish(
     response: hyper::Response<hyper::body::Incoming>,
     scrubber: &Scrubber,
     url: &Url,
+    redirected: bool,
 ) -> Result<FetchResponse, FetchError> {
     let host = host_of(url);
     let (parts, mut incoming) = response.into_parts();
@@ -545,7 +541,11 @@ async fn finish(
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
         let n = name.as_str();
-        if DROPPED_RESPONSE_HEADERS.contains(&n) || connection_named.iter().any(|c| c == n) {
+        // content-length describes the upstream body, not the (scrubbed, capped) one returned.
+        if DROPPED_RESPONSE_HEADERS.contains(&n)
+            || n == "content-length"
+            || connection_named.iter().any(|c| c == n)
+        {
             continue;
         }
         let value = scrubber.scrub_str(&String::from_utf8_lossy(value.as_bytes()));
@@ -607,7 +607,12 @@ async fn finish(
         body,
         body_encoding,
         truncated,
-        url: url.to_string(),
+        // After redirects this URL was chosen by the upstream: it may echo the credential.
+        url: if redirected {
+            scrubber.scrub_str(url.as_str())
+        } else {
+            url.to_string()
+        },
     })
 }
 

@@ -105,6 +105,10 @@ policies:
   - name: builder-api
     rule: "service == 'builder' && ref.matches('api/**')"
     effect: allow
+  # After the api/** rule: refs that reach it without a `ticket` fail to evaluate (= deny).
+  - name: deploy-ticket
+    rule: "ref == 'ctx/deploy' && context.ticket == 'T-1'"
+    effect: allow
 resources:
   - ref: api/upstream
     resolver: env
@@ -119,6 +123,9 @@ resources:
     resolver: env
     path: KZ_MCP_TEST_SECRET
     credential_location: "query:api_key"
+  - ref: ctx/deploy
+    resolver: env
+    path: KZ_MCP_TEST_SECRET
   - ref: prod/db
     resolver: env
     path: KZ_MCP_TEST_SECRET
@@ -568,6 +575,10 @@ fn streamable_http_transport() {
         fetch("builder", "api/upstream", "https://api.upstream.test/echo"),
         fetch("raw:eyJhbGciOiJub25lIn0.e30.", "api/upstream", "https://api.upstream.test/echo"),
         fetch("builder", "api/apikey", "https://169.254.169.254/"),
+        {"tool": "resolve", "jwt": "builder",
+         "args": {"resource": "ctx/deploy", "context": {"ticket": "T-1"}}},
+        {"tool": "resolve", "jwt": "builder",
+         "args": {"resource": "ctx/deploy", "context": {"ticket": "T-2"}}},
     ]);
     let plan = env.plan(json!({"transport": "http", "url": url}), calls);
     let (report, stderr) = env.drive(&plan);
@@ -596,10 +607,19 @@ fn streamable_http_transport() {
     let t = err_text(&r[3], "alg none");
     assert!(t.contains("invalid_token"), "{t}");
     assert!(err_text(&r[4], "metadata").contains("metadata"));
+    // `context` reaches the policy.
+    let ctx = &r[5]["structured"]["results"]["ctx/deploy"];
+    assert_eq!(ctx["allowed"], true, "{}", r[5]);
+    assert_eq!(ctx["policy"], "deploy-ticket");
+    assert_eq!(
+        r[6]["structured"]["results"]["ctx/deploy"]["allowed"], false,
+        "{}",
+        r[6]
+    );
     let audit = env.audit();
     assert_eq!(
         audit.matches("\"transport\":\"http\"").count(),
-        5,
+        7,
         "{audit}"
     );
     env.assert_no_secret("the audit log", &audit);

@@ -165,6 +165,8 @@ pub async fn serve_http(
     let handler = KzMcp::new(authority, audit, fetch, "http");
     // rmcp checks the Host header against this list (DNS-rebinding defence for local servers);
     // when bound to a specific non-loopback address, that address is a legitimate Host too.
+    // Bound to every interface, the names clients use are unknown, so the check is off: every
+    // tool call still needs a valid JWT, which a rebinding web page does not have.
     let mut hosts = vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
@@ -173,9 +175,12 @@ pub async fn serve_http(
     if !local.ip().is_unspecified() && !local.ip().is_loopback() {
         hosts.push(local.ip().to_string());
     }
-    let config = StreamableHttpServerConfig::default()
+    let mut config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts)
         .with_cancellation_token(shutdown.child_token());
+    if local.ip().is_unspecified() {
+        config = config.disable_allowed_hosts();
+    }
     let service: StreamableHttpService<KzMcp, LocalSessionManager> = StreamableHttpService::new(
         move || Ok(handler.clone()),
         Arc::new(LocalSessionManager::default()),

@@ -558,9 +558,13 @@ async fn finish(
             .or_insert(value);
     }
 
-    // Read at most cap + lookahead bytes: enough to scrub a value straddling the cap; the rest
-    // of an oversized body is never read (the connection is dropped).
-    let want = config.max_body.saturating_add(scrubber.lookahead());
+    // Read at most cap + lookahead (+1, so stopping early always means "longer than the cap"):
+    // enough to scrub a value straddling the cap; the rest of an oversized body is never read
+    // (the connection is dropped).
+    let want = config
+        .max_body
+        .saturating_add(scrubber.lookahead())
+        .saturating_add(1);
     let mut buf: Vec<u8> = Vec::new();
     let mut complete = false;
     while buf.len() < want {
@@ -581,9 +585,6 @@ async fn finish(
                 });
             }
         }
-    }
-    if !complete && buf.len() <= config.max_body {
-        complete = true;
     }
     let (mut bytes, truncated) = scrubber.scrub_capped(&buf, config.max_body, complete);
     if truncated {

@@ -5,6 +5,7 @@
 //! - `demo`: setup, then the main job end to end.
 //! - `bench <name>`: benchmarks that print ratios against the direct path and peers.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -28,6 +29,11 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run a benchmark (`mcp`: the MCP fetch tool vs calling the upstream directly).
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +41,12 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
+        Task::Bench { name } => match name.as_str() {
+            "mcp" => bench::mcp::run_bench(),
+            other => Err(anyhow::anyhow!(
+                "unknown benchmark `{other}`; available: mcp"
+            )),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

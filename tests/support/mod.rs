@@ -9,6 +9,7 @@
 pub mod dns;
 pub mod mcp_upstream;
 pub mod netns;
+pub mod pdp;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -29,9 +29,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (`mcp`: the MCP fetch tool vs calling the upstream directly).
+    /// Run a benchmark: `cargo xtask bench pdp|mcp`.
     Bench {
-        /// Which benchmark.
+        /// Which benchmark (pdp, mcp).
         name: String,
     },
 }
@@ -41,12 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
-        Task::Bench { name } => match name.as_str() {
-            "mcp" => bench::mcp::run_bench(),
-            other => Err(anyhow::anyhow!(
-                "unknown benchmark `{other}`; available: mcp"
-            )),
-        },
+        Task::Bench { name } => bench::run(&name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

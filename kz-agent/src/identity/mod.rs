@@ -224,13 +224,13 @@ impl Mapper {
         }
         // `claims.agent_name`, `claims['x'] + '-' + claims.y`, … are CEL over `claims`. A spec
         // that is not CEL (an Auth0-style URL claim name) is a claim name.
-        match cel_interpreter::Program::compile(spec) {
+        match crate::policy::compile_cel(spec) {
             Ok(p) => Ok(Mapper::Cel(p)),
             Err(_) if !spec.starts_with("claims") => Ok(Mapper::Claim(spec.to_owned())),
-            Err(e) => Err(IdentityError::Mapping {
+            Err(message) => Err(IdentityError::Mapping {
                 issuer: issuer.to_owned(),
                 field: field.to_owned(),
-                message: e.to_string().trim().replace('\n', " "),
+                message,
             }),
         }
     }

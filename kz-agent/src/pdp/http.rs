@@ -53,6 +53,7 @@ pub async fn serve(listener: TcpListener, pdp: Arc<Pdp>) {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .max_buf_size(MAX_HEADER_BYTES)
                 .header_read_timeout(std::time::Duration::from_secs(10));
             builder

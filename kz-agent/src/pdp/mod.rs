@@ -234,12 +234,11 @@ impl Compiled {
         best
     }
 
-    /// Counts as `kz server check` prints them.
+    /// Counts as `kz server check` prints them: exactly KeyZero 0.3's lines.
     pub fn summary(&self) -> String {
         let b = &self.loaded.bundle;
         format!(
-            "  {} issuers loaded\n  {} policies compiled successfully\n  {} resources validated ({} backends)\nbundle OK",
-            b.issuers.len(),
+            "  {} policies compiled successfully\n  {} resources validated ({} backends)\nbundle OK",
             b.policies.len(),
             b.resources.len(),
             b.backends.len()

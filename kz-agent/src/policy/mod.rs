@@ -84,15 +84,15 @@ impl PolicyEngine {
         let mut compiled = Vec::new();
         let mut globs: HashMap<String, Glob> = HashMap::new();
         for p in policies {
-            match Program::compile(&p.rule) {
+            match compile_cel(&p.rule) {
                 Ok(program) => compiled.push(Compiled {
                     name: p.name.clone(),
                     program,
                     effect: p.effect,
                 }),
-                Err(e) => errors.push(PolicyError::Compile {
+                Err(message) => errors.push(PolicyError::Compile {
                     policy: p.name.clone(),
-                    message: e.to_string().trim().replace('\n', " "),
+                    message,
                 }),
             }
             for pattern in literal_match_patterns(&p.rule) {
@@ -221,6 +221,30 @@ fn describe_error(e: &ExecutionError) -> String {
                 s
             }
         }
+    }
+}
+
+/// `Program::compile` that turns a parser panic into an error. cel-parser's generated ANTLR code
+/// hits `unreachable!()` on some malformed input (e.g. a trailing `&&`); bad bundle input must
+/// get a clear error, not take the process down. The panic hook is told to stay quiet for
+/// panics raised inside the parser crates, so no stack trace is printed for them.
+pub fn compile_cel(source: &str) -> Result<Program, String> {
+    static QUIET_PARSER_PANICS: std::sync::Once = std::sync::Once::new();
+    QUIET_PARSER_PANICS.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let from_parser = info.location().is_some_and(|l| {
+                l.file().contains("antlr4rust") || l.file().contains("cel-parser")
+            });
+            if !from_parser {
+                default(info);
+            }
+        }));
+    });
+    match std::panic::catch_unwind(|| Program::compile(source)) {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(e.to_string().trim().replace('\n', " ")),
+        Err(_) => Err("syntax error (the expression is incomplete or malformed)".into()),
     }
 }
 

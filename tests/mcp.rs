@@ -123,6 +123,12 @@ resources:
     resolver: env
     path: KZ_MCP_TEST_SECRET
     credential_location: "query:api_key"
+  - ref: api/short
+    resolver: env
+    path: KZ_MCP_TEST_SECRET
+    mode: short_lived
+    ttl: 60
+    credential_location: "header:X-Api-Key"
   - ref: ctx/deploy
     resolver: env
     path: KZ_MCP_TEST_SECRET
@@ -512,6 +518,8 @@ fn rebinding_mixed_answers_and_timeouts() {
         fetch("builder", "api/apikey", "https://flip.test/echo"),
         fetch("builder", "api/apikey", "https://mixed.test/echo"),
         fetch("builder", "api/apikey", "https://api.upstream.test/slow"),
+        {"tool": "resolve", "jwt": "builder", "args": {"resource": "api/short"}},
+        fetch("builder", "api/short", "https://api.upstream.test/echo"),
     ]);
     let plan = env.stdio_plan_with(true, &["--mcp-timeout", "3"], calls);
     let started = std::time::Instant::now();
@@ -530,7 +538,17 @@ fn rebinding_mixed_answers_and_timeouts() {
     let t = err_text(&r[3], "slow");
     assert!(t.contains("timed out after 3s"), "{t}");
     assert!(started.elapsed() < std::time::Duration::from_secs(25));
-    assert_eq!(*env.seen.lock().unwrap(), ["/echo", "/slow"]);
+    // short_lived resources: `resolve` hands out a kz token, never the value; `fetch` still
+    // injects the real credential (the agent never sees it either way).
+    let short = &r[4]["structured"]["results"]["api/short"];
+    assert_eq!(short["allowed"], true, "{}", r[4]);
+    assert_eq!(short["mode"], "short_lived");
+    assert!(
+        short["token"].is_string() && short.get("value").is_none(),
+        "{short}"
+    );
+    assert_eq!(ok_fetch(&r[5], "short_lived fetch")["status"], 200);
+    assert_eq!(*env.seen.lock().unwrap(), ["/echo", "/slow", "/echo"]);
 }
 
 #[test]

@@ -254,3 +254,119 @@ impl ServerHandler for KzMcp {
             )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditError;
+    use crate::mcp::authority::Grant;
+    use crate::mcp::dns::Dns;
+    use crate::mcp::guard::Guard;
+    use futures_util::future::BoxFuture;
+    use std::sync::Mutex;
+
+    /// Answers like the PDP does for an allowed direct-mode ref.
+    struct Allows;
+
+    impl Authority for Allows {
+        fn resolve<'a>(
+            &'a self,
+            _jwt: &'a str,
+            reference: &'a str,
+            _context: &'a Map<String, Value>,
+        ) -> BoxFuture<'a, Result<Value, Refusal>> {
+            Box::pin(async move {
+                Ok(json!({"results": {reference: {"allowed": true, "value": "sk-unit-secret"}}}))
+            })
+        }
+
+        fn grant<'a>(
+            &'a self,
+            _jwt: &'a str,
+            _reference: &'a str,
+            _context: &'a Map<String, Value>,
+        ) -> BoxFuture<'a, Result<Grant, Refusal>> {
+            Box::pin(async { Err(Refusal::InvalidToken("token expired".into())) })
+        }
+    }
+
+    struct Sink {
+        fail: bool,
+        records: Mutex<Vec<AuditEvent>>,
+    }
+
+    impl AuditSink for Sink {
+        fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+            if self.fail {
+                return Err(AuditError::Io {
+                    path: "/audit.jsonl".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.records.lock().unwrap().push(event);
+            Ok(())
+        }
+    }
+
+    fn server(fail: bool) -> (KzMcp, Arc<Sink>) {
+        let sink = Arc::new(Sink {
+            fail,
+            records: Mutex::default(),
+        });
+        let fetch = FetchConfig::new(Guard::default(), Dns::System, None, 1024).unwrap();
+        (
+            KzMcp::new(Arc::new(Allows), sink.clone(), fetch, "test"),
+            sink,
+        )
+    }
+
+    fn params(resource: &str) -> Parameters<ResolveParams> {
+        Parameters(ResolveParams {
+            jwt: "j".into(),
+            resource: resource.into(),
+            context: HashMap::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn unaudited_answers_are_withheld() {
+        let (ok, sink) = server(false);
+        let r = ok.resolve(params("api/x")).await;
+        assert_eq!(r.is_error, Some(false));
+        assert_eq!(sink.records.lock().unwrap()[0].fields["outcome"], "allowed");
+
+        let (failing, _) = server(true);
+        let r = failing.resolve(params("api/x")).await;
+        assert_eq!(r.is_error, Some(true));
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains("sk-unit-secret"), "{text}");
+        assert!(text.contains("disk full"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn refusals_are_tool_errors_and_audited() {
+        let (srv, sink) = server(false);
+        let r = srv
+            .fetch(Parameters(FetchParams {
+                jwt: "j".into(),
+                resource: "api/x".into(),
+                url: "https://example.com/?q=private".into(),
+                method: "get".into(),
+                headers: HashMap::new(),
+                body: None,
+                context: HashMap::new(),
+            }))
+            .await;
+        assert_eq!(r.is_error, Some(true));
+        assert!(
+            serde_json::to_string(&r)
+                .unwrap()
+                .contains("invalid_token: token expired")
+        );
+        let records = sink.records.lock().unwrap();
+        assert_eq!(records[0].fields["outcome"], "invalid_token");
+        assert_eq!(records[0].fields["method"], "GET");
+        // The audit keeps scheme, host and path; the query is the agent's own data.
+        assert_eq!(records[0].fields["url"], "https://example.com/");
+    }
+}

@@ -344,10 +344,19 @@ fn host_of(url: &Url) -> String {
     }
 }
 
+/// More request headers than any API needs; a bound keeps one call's request small.
+const MAX_AGENT_HEADERS: usize = 64;
+
 fn agent_headers(
     given: &BTreeMap<String, String>,
     location: &Location,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, FetchError> {
+    if given.len() > MAX_AGENT_HEADERS {
+        return Err(FetchError::Header {
+            name: format!("({} headers)", given.len()),
+            reason: format!("at most {MAX_AGENT_HEADERS} headers may be sent"),
+        });
+    }
     let mut out = Vec::new();
     for (name, value) in given {
         let bad = |reason: &str| FetchError::Header {

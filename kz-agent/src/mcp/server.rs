@@ -59,10 +59,15 @@ fn default_method() -> String {
     "GET".to_owned()
 }
 
+/// Upstream requests in flight at once across all clients of this server: an agent looping on
+/// `fetch` queues instead of opening thousands of connections from kz.
+const MAX_CONCURRENT_FETCHES: usize = 32;
+
 struct Inner {
     authority: Arc<dyn Authority>,
     audit: Arc<dyn AuditSink>,
     fetch: FetchConfig,
+    fetch_slots: tokio::sync::Semaphore,
     transport: &'static str,
 }
 
@@ -94,6 +99,7 @@ impl KzMcp {
                 authority,
                 audit,
                 fetch,
+                fetch_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES),
                 transport,
             }),
             tool_router: Self::tool_router(),
@@ -167,6 +173,9 @@ impl KzMcp {
             secret: &grant.secret,
             location,
             hosts: &grant.hosts,
+        };
+        let Ok(_slot) = self.inner.fetch_slots.acquire().await else {
+            return self.refuse(event, "the server is shutting down", "error");
         };
         match fetch::fetch(&self.inner.fetch, &request, &credential).await {
             Ok(response) => {

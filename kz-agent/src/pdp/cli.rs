@@ -14,7 +14,7 @@ use std::time::Duration;
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
     /// Serve the PDP over HTTP (or, with --proxy, the token-exchange proxy).
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Validate a bundle: YAML, schema, every CEL rule, glob, backend and key; print counts.
     Check {
         /// The bundle YAML file.
@@ -28,9 +28,10 @@ pub struct StartArgs {
     /// The bundle YAML file (reloaded on SIGHUP and when the file changes).
     #[arg(long)]
     pub bundle: PathBuf,
-    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// Address to listen on (default 127.0.0.1:8080); port 0 picks a free port (the chosen
+    /// address is printed). With --mcp it selects MCP over streamable HTTP instead of stdio.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// Run the token-exchange proxy instead of the PDP API: it verifies kz tokens and injects the
     /// real credential at the resource's credential_location.
     #[arg(long)]
@@ -55,7 +56,18 @@ pub struct StartArgs {
     /// Extra CA (PEM) trusted for upstream TLS, on top of the system roots.
     #[arg(long)]
     pub upstream_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub mcp: crate::mcp::McpArgs,
 }
+
+impl StartArgs {
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
+    }
+}
+
+const DEFAULT_PORT: u16 = 8080;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -74,7 +86,7 @@ pub fn run_server(cmd: ServerCommand) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(start(args))
+            rt.block_on(start(*args))
         }
     }
 }
@@ -162,9 +174,13 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             audit: None,
         },
     )?);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    if args.mcp.mcp {
+        spawn_reloaders(pdp.clone());
+        return crate::mcp::run(&args, pdp).await;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen_addr())
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {}", args.listen_addr()))?;
     let addr = listener.local_addr()?;
     eprintln!("kz: PDP listening on http://{addr}");
     if let (Some(l), Some(signer)) = (proxy_listener, signer) {

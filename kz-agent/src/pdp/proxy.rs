@@ -646,9 +646,9 @@ pub async fn start_standalone(args: StartArgs) -> anyhow::Result<ExitCode> {
         verifier,
         ProxyOptions::from_args(&args)?,
     ));
-    let listener = TcpListener::bind(args.listen)
+    let listener = TcpListener::bind(args.listen_addr())
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {}", args.listen_addr()))?;
     eprintln!("kz: proxy listening on http://{}", listener.local_addr()?);
     super::cli::spawn_reloaders(pdp);
     tokio::spawn(serve(listener, proxy));

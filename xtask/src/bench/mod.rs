@@ -3,6 +3,7 @@
 
 pub mod connect;
 mod load;
+mod mcp;
 mod pdp;
 pub mod proxy;
 pub mod run;
@@ -16,6 +17,7 @@ pub fn run(name: &str) -> Result<()> {
         "pdp" => pdp::run(),
         "run" => run::run(),
         "proxy" => proxy::run_bench(),
-        other => bail!("unknown benchmark {other:?}; available: connect, pdp, proxy, run"),
+        "mcp" => mcp::run_bench(),
+        other => bail!("unknown benchmark {other:?}; available: connect, mcp, pdp, proxy, run"),
     }
 }

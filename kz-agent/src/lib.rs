@@ -8,7 +8,6 @@ pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod config;
-pub mod daemon;
 pub mod identity;
 pub mod intercept;
 pub mod logging;

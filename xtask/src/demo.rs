@@ -7,6 +7,7 @@
 //! in on the wire and scrubs the echo), then tries the exfiltration host by name (DNS refused) and
 //! by address (EPERM from the kernel). The audit log of the run is printed at the end.
 
+use crate::sandbox::{Cleanup, in_ns, run_ok};
 use crate::setup;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -19,45 +20,6 @@ const API_IP: &str = "10.99.0.10";
 const EXFIL_IP: &str = "10.99.0.66";
 /// The real key only the API and kz ever see (a demo value, not a credential).
 const REAL_KEY: &str = "sk-demo-REAL-7d1f0c2b9e";
-
-/// Deletes what the demo created, whatever happens.
-struct Cleanup {
-    netns: Vec<String>,
-    children: Vec<Child>,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn in_ns(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    c
-}
 
 pub fn run() -> Result<()> {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod sandbox;
 mod setup;
 mod test;
 

@@ -7,54 +7,17 @@
 //! client namespace over stdio and over streamable HTTP with `--allow-private 10.78.0.0/24`.
 //! The client (mcp_bench.py, official MCP SDK + httpx) prints the table and the ratios.
 
+use crate::sandbox::{Cleanup, in_ns, run_ok};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 const CLIENT_SCRIPT: &str = include_str!("mcp_bench.py");
 const UPSTREAM: &str = "10.78.0.2";
 
-struct Cleanup {
-    netns: Vec<String>,
-    children: Vec<Child>,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn in_ns(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    c
-}
-
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    run(Command::new("openssl").current_dir(dir).args(args))
+    run_ok(Command::new("openssl").current_dir(dir).args(args))
 }
 
 pub fn run_bench() -> Result<()> {
@@ -62,7 +25,7 @@ pub fn run_bench() -> Result<()> {
         .map(|d| PathBuf::from(d).join(".."))
         .unwrap_or_else(|_| PathBuf::from("."));
     eprintln!("bench: building kz (release)");
-    run(Command::new(env!("CARGO")).current_dir(&root).args([
+    run_ok(Command::new(env!("CARGO")).current_dir(&root).args([
         "build",
         "--release",
         "-p",
@@ -87,17 +50,17 @@ pub fn run_bench() -> Result<()> {
         dir: dir.clone(),
     };
     for ns in [&cli, &up] {
-        run(Command::new("ip").args(["netns", "add", ns]))?;
+        run_ok(Command::new("ip").args(["netns", "add", ns]))?;
         guard.netns.push(ns.clone());
-        run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+        run_ok(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
     }
     let (va, vb) = (format!("kzbm{pid}a"), format!("kzbm{pid}b"));
-    run(Command::new("ip").args([
+    run_ok(Command::new("ip").args([
         "link", "add", &va, "netns", &cli, "type", "veth", "peer", "name", &vb, "netns", &up,
     ]))?;
     for (ns, dev, cidr) in [(&cli, &va, "10.78.0.1/24"), (&up, &vb, "10.78.0.2/24")] {
-        run(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]))?;
-        run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
+        run_ok(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]))?;
+        run_ok(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
     }
 
     // Test CA, upstream leaf (IP SAN), the agents' ES256 key.

@@ -367,6 +367,53 @@ fn curl_transparent_h1_h2_swaps_header_and_query_and_scrubs_response() {
 }
 
 #[test]
+fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts::default());
+    let m = env.masked.clone();
+    let auth = format!("Authorization: Bearer {m}");
+    let h1 = |urls: &[&str], extra: &[&str]| {
+        let mut a = vec!["--http1.1", "-H", &auth];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(urls);
+        ok(&env.curl_t("api.test", 443, &a))
+    };
+    // Two requests on one client connection, then a second client connection: kz keeps its
+    // upstream connection and reuses it for both.
+    h1(
+        &["https://api.test/echo?n=1", "https://api.test/echo?n=2"],
+        &[],
+    );
+    h1(&["https://api.test/echo?n=3"], &[]);
+    let conns: Vec<u64> = env.good.seen().iter().map(|s| s.conn).collect();
+    assert_eq!(conns.len(), 3);
+    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
+
+    // The upstream drops its connection after answering (as servers drop idle keep-alive
+    // connections); the next request, one with a body to swap, goes out on a new connection.
+    for i in 0..3 {
+        h1(&["https://api.test/hangup"], &[]);
+        let closed = env.good.last().conn;
+        std::thread::sleep(Duration::from_millis(300));
+        let body = format!("token={m}&i={i}");
+        let out = h1(&["https://api.test/echo"], &["--data-binary", &body]);
+        assert!(out.contains(&format!("body_head=token={m}&i={i}")), "{out}");
+        let seen = env.good.last();
+        assert_eq!(seen.method, "POST");
+        assert_eq!(seen.needle_hits, 1);
+        assert_ne!(
+            seen.conn, closed,
+            "a closed upstream connection was used again"
+        );
+    }
+    let recs = env.audit.wait("proxy_request", 9);
+    assert!(recs.iter().all(|r| r.fields["status"] == 200), "{recs:?}");
+    env.audit_clean();
+}
+
+#[test]
 fn curl_explicit_connect_and_plain_forward() {
     if !support::require_root() {
         return;

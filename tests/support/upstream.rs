@@ -10,6 +10,10 @@
 //! - `/sse`       an event stream: one event with the needle at once, a second 2 s later.
 //! - `/ws`        WebSocket: a greeting repeating the Authorization header, then echo.
 //! - `/gzip`      a response claiming `Content-Encoding: gzip` whatever was asked.
+//! - `/hangup`    like `/echo`, then the server closes the connection (as servers do with idle
+//!   keep-alive connections), without saying so in the response.
+//!
+//! Every request is recorded with the id of the connection it came on (`Seen::conn`).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,8 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     pub body_len: usize,
     pub needle_hits: usize,
+    /// Which accepted connection (numbered from 1 per listener) carried the request.
+    pub conn: u64,
 }
 
 impl Seen {
@@ -78,11 +84,19 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).boxed()
 }
 
+/// One accepted connection: its id, and a way for a handler to have the server close it.
+struct Conn {
+    id: u64,
+    hangup: tokio::sync::Notify,
+}
+
 async fn handle(
     state: Arc<State>,
+    conn: Arc<Conn>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut seen = Seen {
+        conn: conn.id,
         method: req.method().to_string(),
         uri: req.uri().to_string(),
         version: format!("{:?}", req.version()),
@@ -170,6 +184,9 @@ async fn handle(
     let auth = seen.header("authorization").unwrap_or("").to_owned();
     let uri = seen.uri.clone();
     state.seen.lock().unwrap().push(seen);
+    if path == "/hangup" {
+        conn.hangup.notify_one();
+    }
     let resp = match path.as_str() {
         "/upload" => Response::new(full(format!("len={len} hits={hits}\n"))),
         "/download" => {
@@ -223,24 +240,42 @@ async fn handle(
 
 /// Serves HTTPS (`tls = Some`) or plain HTTP on `l` until the runtime stops.
 pub async fn serve(l: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, state: Arc<State>) {
+    let mut next_id = 0u64;
     loop {
         let Ok((s, _)) = l.accept().await else {
             continue;
         };
+        next_id += 1;
+        let conn = Arc::new(Conn {
+            id: next_id,
+            hangup: tokio::sync::Notify::new(),
+        });
         let state = state.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), req));
+            let c = conn.clone();
+            let svc = service_fn(move |req| handle(state.clone(), c.clone(), req));
             let b = auto::Builder::new(TokioExecutor::new());
+            // `/hangup`: let the response go out, then drop the connection.
+            let hangup = async {
+                conn.hangup.notified().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             match tls {
                 Some(cfg) => {
                     let Ok(t) = tokio_rustls::TlsAcceptor::from(cfg).accept(s).await else {
                         return;
                     };
-                    let _ = b.serve_connection_with_upgrades(TokioIo::new(t), svc).await;
+                    tokio::select! {
+                        _ = b.serve_connection_with_upgrades(TokioIo::new(t), svc) => {}
+                        () = hangup => {}
+                    }
                 }
                 None => {
-                    let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
+                    tokio::select! {
+                        _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc) => {}
+                        () = hangup => {}
+                    }
                 }
             }
         });

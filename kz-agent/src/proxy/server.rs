@@ -29,7 +29,7 @@ use super::rewrite::{Decide, StreamRewriter};
 use super::rules::{Verdict, normalize};
 use super::tls::{ALPN_H1, ALPN_H2};
 use super::tokens::{Scrubber, Snapshot, SwapPlan};
-use super::upstream::{self, Offer, Target, Upstream, UpstreamError};
+use super::upstream::{self, Offer, Target, Upstream, UpstreamBody, UpstreamError};
 use crate::audit::AuditEvent;
 
 // ---------------------------------------------------------------------------------------------
@@ -347,6 +347,7 @@ async fn intercept(
             },
             Offer::H1,
             None,
+            sh.pool.clone(),
         );
         let route = Route::Plain {
             dst,
@@ -501,7 +502,7 @@ async fn tls_intercept(
         host,
         port: dst.port(),
         denied,
-        upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
+        upstream: upstream.map(|s| Upstream::new(target, up_offer, s, sh.pool.clone())),
     };
     let ctx = ConnCtx::new(sh, stop, peer, kind, route);
     serve_http(ctx, Box::new(tls), h2_client).await;
@@ -721,6 +722,7 @@ async fn handle(
                                 },
                                 Offer::H1,
                                 None,
+                                sh.pool.clone(),
                             );
                             *g = Some((host.clone(), port, u.clone()));
                             u
@@ -1206,7 +1208,7 @@ async fn respond(
     snap: Arc<Snapshot>,
     guarded: bool,
     method: Method,
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
     let sh = ctx.sh.clone();

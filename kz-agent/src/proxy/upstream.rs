@@ -209,27 +209,35 @@ fn classify_tls(host: &str, e: std::io::Error) -> UpstreamError {
     }
 }
 
-enum SendError {
-    Upstream(UpstreamError),
-    Hyper(hyper::Error),
+/// A request that failed on an established connection; `request` is the request back when it
+/// was never written (so it can be sent elsewhere).
+struct SendError {
+    error: String,
+    request: Option<Request<ProxyBody>>,
 }
 
 impl SendError {
-    /// The server closed an idle keep-alive connection just as we used it.
-    fn is_stale_connection(&self) -> bool {
-        match self {
-            Self::Hyper(e) => e.is_canceled() || e.is_incomplete_message() || e.is_closed(),
-            Self::Upstream(_) => false,
+    fn unsent(req: Request<ProxyBody>) -> Self {
+        Self {
+            error: "the connection closed before the request was sent".into(),
+            request: Some(req),
+        }
+    }
+}
+
+impl From<hyper::client::conn::TrySendError<Request<ProxyBody>>> for SendError {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> Self {
+        let request = e.take_message();
+        Self {
+            error: e.into_error().to_string(),
+            request,
         }
     }
 }
 
 impl From<SendError> for UpstreamError {
     fn from(e: SendError) -> Self {
-        match e {
-            SendError::Upstream(u) => u,
-            SendError::Hyper(h) => UpstreamError::Http(h.to_string()),
-        }
+        UpstreamError::Http(e.error)
     }
 }
 
@@ -357,107 +365,165 @@ impl Pool {
 }
 
 /// The upstream of one client connection: which host it was verified for and which protocol
-/// the client side speaks; connections come from the shared [`Pool`] or are dialled.
+/// the client side speaks. Connections come from the shared [`Pool`] or are dialled; an h1
+/// connection goes back to the pool when its response body ends ([`UpstreamBody`]), so no task
+/// or timer is needed per request and idle client connections do not pin upstream ones.
 pub struct Upstream {
     pub target: Target,
     offer: Offer,
     want_h2: bool,
+    pool: Arc<Pool>,
+    /// A connection dialled during the client handshake, for the first request.
     first: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    /// `first`: a connection dialled during the client handshake (used for the first request).
-    pub fn new(target: Target, offer: Offer, first: Option<Sender>) -> Arc<Self> {
+    pub fn new(target: Target, offer: Offer, first: Option<Sender>, pool: Arc<Pool>) -> Arc<Self> {
         let want_h2 = offer == Offer::H2;
         Arc::new(Self {
             target,
             offer,
             want_h2,
+            pool,
             first: Mutex::new(first),
         })
     }
 
-    /// Sends `req` (absolute-form URI, Host header set). A bodiless request that fails because
-    /// a pooled keep-alive connection was closed by the server meanwhile is replayed once on a
-    /// fresh connection.
+    /// Sends `req` (absolute-form URI, Host header set). When a pooled keep-alive connection
+    /// turns out to be closed before the request was written (the server closed it while it was
+    /// idle), the request is sent once more on a fresh connection: hyper hands back a request
+    /// it did not send, so even a request with a body can be retried without copying it.
     pub async fn send(
         &self,
         sh: &Shared,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let replay = http_body::Body::is_end_stream(req.body()).then(|| {
-            let mut b = Request::builder()
-                .method(req.method().clone())
-                .uri(req.uri().clone())
-                .version(req.version());
-            if let Some(h) = b.headers_mut() {
-                *h = req.headers().clone();
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (sender, reused) = self.take(sh).await?;
+        match self.send_on(sh, sender, reused, req).await {
+            Err(SendError {
+                request: Some(unsent),
+                ..
+            }) if reused => {
+                let fresh = connect(sh, &self.target, self.offer).await?;
+                self.send_on(sh, fresh, false, unsent)
+                    .await
+                    .map_err(Into::into)
             }
-            b
-        });
-        match self.send_once(sh, req, true).await {
-            Err((e, true)) if e.is_stale_connection() => {
-                match replay.and_then(|b| b.body(super::body::empty()).ok()) {
-                    Some(again) => self
-                        .send_once(sh, again, false)
-                        .await
-                        .map_err(|(e, _)| e.into()),
-                    None => Err(e.into()),
-                }
-            }
-            r => r.map_err(|(e, _)| e.into()),
+            r => r.map_err(Into::into),
         }
     }
 
-    /// Returns the error and whether the connection had been used before.
-    async fn send_once(
+    /// The handshake's connection, else a pooled one, else a new one; and whether it was used
+    /// before.
+    async fn take(&self, sh: &Shared) -> Result<(Sender, bool), UpstreamError> {
+        if let Some(s) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Ok((s, false));
+        }
+        if let Some(s) = self.pool.checkout(&self.target, self.want_h2) {
+            return Ok((s, true));
+        }
+        Ok((connect(sh, &self.target, self.offer).await?, false))
+    }
+
+    async fn send_on(
         &self,
         sh: &Shared,
+        sender: Sender,
+        reused: bool,
         mut req: Request<ProxyBody>,
-        allow_pooled: bool,
-    ) -> Result<Response<Incoming>, (SendError, bool)> {
-        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (sender, reused) = match first {
-            Some(s) => (s, false),
-            None => match allow_pooled
-                .then(|| sh.pool.checkout(&self.target, self.want_h2))
-                .flatten()
-            {
-                Some(s) => (s, true),
-                None => {
-                    let s = connect(sh, &self.target, self.offer)
-                        .await
-                        .map_err(|e| (SendError::Upstream(e), false))?;
-                    (s, false)
-                }
-            },
-        };
-        let hyper_err = |e: hyper::Error| (SendError::Hyper(e), reused);
+    ) -> Result<Response<UpstreamBody>, SendError> {
         match sender {
             Sender::H2(mut s) => {
                 adapt(&mut req, true);
+                if s.ready().await.is_err() {
+                    return Err(SendError::unsent(req));
+                }
+                // Shared: a new connection goes to the pool for other client connections too.
                 if !reused {
                     sh.pool.put(&self.target, Sender::H2(s.clone()));
                 }
-                s.ready().await.map_err(hyper_err)?;
-                s.send_request(req).await.map_err(hyper_err)
+                let resp = s.try_send_request(req).await.map_err(SendError::from)?;
+                Ok(resp.map(|inner| UpstreamBody { inner, back: None }))
             }
             Sender::H1(mut s) => {
                 adapt(&mut req, false);
-                s.ready().await.map_err(hyper_err)?;
-                let resp = s.send_request(req).await.map_err(hyper_err)?;
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    // Back to the pool once this response's body has been read.
-                    let pool_target = self.target.clone();
-                    let pool = sh.pool.clone();
-                    tokio::spawn(async move {
-                        if s.ready().await.is_ok() {
-                            pool.put(&pool_target, Sender::H1(s));
-                        }
-                    });
+                if s.ready().await.is_err() {
+                    return Err(SendError::unsent(req));
                 }
-                Ok(resp)
+                let resp = s.try_send_request(req).await.map_err(SendError::from)?;
+                // An upgraded connection belongs to the tunnel; one the server is closing is
+                // not worth keeping. Otherwise it is reusable once this body has been read.
+                let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                    && resp.version() == http::Version::HTTP_11
+                    && !resp
+                        .headers()
+                        .get_all(http::header::CONNECTION)
+                        .iter()
+                        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                let back = reusable.then(|| Return {
+                    pool: self.pool.clone(),
+                    target: self.target.clone(),
+                    sender: s,
+                });
+                Ok(resp.map(|inner| UpstreamBody { inner, back }))
             }
+        }
+    }
+}
+
+/// An upstream response body. For h1, the connection goes back to the pool once the body has
+/// been read to its end, from whichever task reads it; a body dropped before its end takes the
+/// connection down with it (its remaining bytes would poison the next response).
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<Return>,
+}
+
+struct Return {
+    pool: Arc<Pool>,
+    target: Target,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        if let Some(r) = self.back.take() {
+            r.pool.put(&r.target, Sender::H1(r.sender));
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        match &r {
+            None => self.finish(),
+            Some(Err(_)) => self.back = None,
+            Some(Ok(_)) => {}
+        }
+        std::task::Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body with nothing to read (HEAD, 204, 304, Content-Length: 0) is never polled.
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.finish();
         }
     }
 }

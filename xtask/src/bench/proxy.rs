@@ -132,8 +132,14 @@ struct Env {
 impl Drop for Env {
     fn drop(&mut self) {
         for (name, c) in &mut self.children {
-            // Closing stdin stops kz, the KeyZero harness; kill is the fallback.
+            // Closing stdin stops kz, the KeyZero harness; nginx wants SIGTERM (a SIGKILLed
+            // master leaves its workers behind); kill is the fallback.
             drop(c.stdin.take());
+            if name == "nginx" {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+            }
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -364,6 +370,8 @@ http {{
             "KZ_BENCH_REAL",
             "--host",
             UP_IP,
+            "--threads",
+            &std::env::var("KZ_BENCH_KZ_THREADS").unwrap_or_else(|_| "2".into()),
         ])
         .env("KZ_BENCH_REAL", REAL)
         .env("RUST_LOG", "warn")
@@ -587,11 +595,32 @@ http {{
             false,
         ),
     ];
+    // KZ_BENCH_TARGETS=direct,kz and KZ_BENCH_SCENARIOS=1,3 (1-based) narrow a run while
+    // profiling; the default is everything, which is what the issue notes quote.
+    let only = |var: &str| -> Option<Vec<String>> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+    };
+    let only_targets = only("KZ_BENCH_TARGETS");
+    let only_scenarios = only("KZ_BENCH_SCENARIOS");
     let mut results: BTreeMap<(usize, &str), Res> = BTreeMap::new();
     for (i, (name, scheme, path, extra, needs_h2)) in scenarios.iter().enumerate() {
+        if only_scenarios
+            .as_ref()
+            .is_some_and(|s| !s.contains(&(i + 1).to_string()))
+        {
+            continue;
+        }
         eprintln!("bench: {name}");
         for t in &targets {
             if *needs_h2 && !t.h2 {
+                continue;
+            }
+            if only_targets
+                .as_ref()
+                .is_some_and(|o| !o.iter().any(|n| n == t.name))
+            {
                 continue;
             }
             // Single big transfers are noisy on a shared machine: best of three.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -999,17 +1000,17 @@ async fn forward(
     let (mut parts, incoming) = req.into_parts();
     let mut violation = false;
 
-    // URL path and query.
+    // URL path and query: `swapped_pq` only when a token was found in them.
     let pq = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let mut new_pq = pq.clone();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut swapped_pq: Option<String> = None;
     if !snap.is_empty() {
         let mut hit = false;
         plan.patterns()
-            .for_each_match(pq.as_bytes(), |_| hit = true);
+            .for_each_match(pq.as_str().as_bytes(), |_| hit = true);
         if hit {
             let enc = UrlEncoded(
                 (0..snap.len())
@@ -1020,8 +1021,11 @@ async fn forward(
                 violation |= !replaced;
                 rec.token(snap.name(id), replaced);
             };
-            if let Some(v) = plan.patterns().rewrite_all(pq.as_bytes(), &enc, &mut seen) {
-                new_pq = String::from_utf8_lossy(&v).into_owned();
+            if let Some(v) = plan
+                .patterns()
+                .rewrite_all(pq.as_str().as_bytes(), &enc, &mut seen)
+            {
+                swapped_pq = Some(String::from_utf8_lossy(&v).into_owned());
             }
         }
         // Header values.
@@ -1128,43 +1132,57 @@ async fn forward(
         }
     };
 
-    // Request line for the upstream's protocol.
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| {
-            if (tls && port == 443) || (!tls && port == 80) {
-                host.clone()
-            } else {
-                format!("{host}:{port}")
+    // Request line for the upstream's protocol, built from parsed parts (the URL is parsed
+    // again only when a token was swapped into it). Absolute form here; the upstream side turns
+    // it into what its protocol needs.
+    let authority = match parts.uri.authority().cloned() {
+        Some(a) => Some(a),
+        None => match parts.headers.get(header::HOST) {
+            Some(h) => Authority::try_from(h.as_bytes()).ok(),
+            None if (tls && port == 443) || (!tls && port == 80) => {
+                Authority::try_from(host.as_str()).ok()
             }
-        });
-    // Absolute form here; the upstream side turns it into what its protocol needs.
-    let scheme = if tls { "https" } else { "http" };
-    let Ok(uri) = format!("{scheme}://{authority}{new_pq}").parse::<Uri>() else {
+            None => Authority::try_from(format!("{host}:{port}")).ok(),
+        },
+    };
+    if authority.is_none() {
         rec.with(|f| {
             f.status = 400;
-            f.error = Some("swapped_url_invalid".into());
+            f.error = Some("host_invalid".into());
         });
         return text(
             StatusCode::BAD_REQUEST,
-            "kz: the request URL is not valid after swapping".into(),
+            "kz: the request's Host is not a valid host[:port]".into(),
         );
+    }
+    let path_and_query = match swapped_pq {
+        None => Some(pq),
+        Some(s) => PathAndQuery::try_from(s).ok(),
     };
-    parts.uri = uri;
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    uri_parts.authority = authority;
+    uri_parts.path_and_query = path_and_query;
+    let uri = match Uri::from_parts(uri_parts) {
+        Ok(u) if u.authority().is_some() && u.path_and_query().is_some() => u,
+        _ => {
+            rec.with(|f| {
+                f.status = 400;
+                f.error = Some("swapped_url_invalid".into());
+            });
+            return text(
+                StatusCode::BAD_REQUEST,
+                "kz: the request URL is not valid after swapping".into(),
+            );
+        }
+    };
     if !parts.headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(&authority)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         parts.headers.insert(header::HOST, v);
     }
+    parts.uri = uri;
     let method = parts.method.clone();
     let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
         Ok(r) => r,

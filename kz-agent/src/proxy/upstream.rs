@@ -536,9 +536,10 @@ fn adapt(req: &mut Request<ProxyBody>, h2: bool) {
         req.headers_mut().remove(http::header::HOST);
     } else {
         *req.version_mut() = http::Version::HTTP_11;
-        if let Some(pq) = req.uri().path_and_query().cloned()
-            && let Ok(u) = http::Uri::try_from(pq.as_str())
-        {
+        // Origin form from the parsed parts: no second parse of the URL.
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        if let Ok(u) = http::Uri::from_parts(parts) {
             *req.uri_mut() = u;
         }
     }

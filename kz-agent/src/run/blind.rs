@@ -394,7 +394,15 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     };
 
     let orig = icpt.orig_dst_table();
-    pcfg.orig_dst = Some(Arc::new(move |peer| orig.lookup(peer).map(|o| o.dest)));
+    // The table is shared by every kz instance; a client address seen in another network
+    // namespace could collide with this run's. Only this run's cgroup's records count (no
+    // record = the proxy refuses the connection).
+    let orig_cgroup = cgroup_id.clone();
+    pcfg.orig_dst = Some(Arc::new(move |peer| {
+        orig.lookup(peer)
+            .filter(|o| orig_cgroup.get() == Some(&o.cgroup_id))
+            .map(|o| o.dest)
+    }));
     pcfg.transparent_listen = if ipv6 {
         // A port free on 127.0.0.1 a moment ago; [::1] is a separate address space.
         let port = std::net::TcpListener::bind(loopback)
@@ -583,8 +591,10 @@ async fn audit_blocks(
     context: Map<String, Value>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
+    // The instance's ring carries only its own cgroup's events (and those of cgroups the agent
+    // nested below it, which are refused everything): all of them are this run's to audit.
     let record = |b: crate::intercept::Block| {
-        if b.cgroup_id != cgroup_id {
+        if b.guard_id != cgroup_id {
             return;
         }
         eprintln!(

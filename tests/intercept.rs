@@ -1187,3 +1187,41 @@ fn concurrent_first_starts_share_one_program_set_and_unload_waits_for_them() {
         ..KernelIds::default()
     });
 }
+
+#[test]
+fn a_child_spawned_into_the_cgroup_is_there_from_its_first_instruction() {
+    if !support::require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(&support::unique_name("sp"), &Policy::default())
+        .expect("cgroup");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    // What the program sees of its cgroup as its very first action, and its exit code.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"cat /proc/self/cgroup > "$OUT"; exit 7"#)
+        .env("OUT", out.path());
+    let mut child = cg
+        .spawn(&cmd)
+        .expect("clone3 into the cgroup works on this kernel");
+    let status = rt.block_on(child.wait()).unwrap();
+    assert_eq!(status.code(), Some(7));
+    let seen = std::fs::read_to_string(out.path()).unwrap();
+    let rel = cg.path.strip_prefix(icpt.cgroup_root()).unwrap();
+    assert!(
+        seen.lines().any(|l| l == format!("0::/{}", rel.display())),
+        "the child was in {} from the start: {seen}",
+        cg.path.display()
+    );
+    // Errors are Command::spawn's: a missing program is NotFound (kz run exits 127 on it).
+    let err = cg
+        .spawn(&Command::new("kz-no-such-program"))
+        .err()
+        .expect("no such program");
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert!(cg.pids().unwrap().is_empty(), "nothing left behind");
+}

@@ -52,8 +52,9 @@
 //! let mut icpt = Interceptor::load()?;
 //! let policy = Policy { proxy_port: 15001, dns_port: 15053, ..Policy::default() };
 //! let cg = icpt.create_cgroup("run-1", &policy)?;
-//! let mut cmd = std::process::Command::new("node");
-//! cg.place_child(&mut cmd)?; // the child enters the cgroup before it execs
+//! let cmd = std::process::Command::new("node");
+//! let child = cg.spawn(&cmd); // born in the cgroup (clone3 CLONE_INTO_CGROUP)
+//! // or: cg.place_child(&mut cmd) to enter it between fork and exec with std's spawn
 //! let orig = icpt.orig_dst_table(); // give to the proxy
 //! let mut events = icpt.block_events()?; // inside a Tokio runtime
 //! # Ok(()) }
@@ -62,7 +63,7 @@
 //! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
 //! [`shared`] (the pinned program set), [`maps`] (policy and table types), [`loader`]
 //! ([`Interceptor`]), [`events`],
-//! [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
+//! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
 
 pub mod cgroups;
 pub mod demo;
@@ -75,6 +76,7 @@ pub mod logs;
 pub mod maps;
 pub mod pins;
 pub mod shared;
+pub mod spawn;
 
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};

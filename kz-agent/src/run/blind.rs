@@ -30,11 +30,12 @@ use serde_json::{Map, Value};
 
 use crate::audit::{AuditEvent, AuditSink, ChainSink, Fsync, SinkTarget};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
+use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use crate::intercept::{Interceptor, Ipv6Mode, Policy, TcpRedirect};
 use crate::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
 use crate::run::trust::{self, RunDir};
-use crate::run::{MaskedSecret, spawn_and_wait};
+use crate::run::{Child, MaskedSecret, spawn_and_wait, wait_forwarding};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlindError {
@@ -73,7 +74,10 @@ pub struct BlindRequest {
     pub secrets: Vec<MaskedSecret>,
     pub config: BlindConfig,
     /// Program, arguments, working directory and base environment. The masked values and CA
-    /// variables are added here, proxy variables removed (or set, in the fallback).
+    /// variables are added here, proxy variables removed (or set, in the fallback). Stdio is
+    /// inherited and `env_clear` is not supported: with kernel interception the child is started
+    /// by [`Cgroup::spawn`], which can only see program, arguments, environment changes and
+    /// working directory.
     pub command: std::process::Command,
     pub require_kernel: bool,
     pub audit: Arc<dyn AuditSink>,
@@ -451,6 +455,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         Value::from(cgroup.path.display().to_string()),
     );
 
+    let cgroup_for_spawn = cgroup.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let events = icpt.block_events()?;
     let audit_task = tokio::spawn(audit_blocks(
@@ -461,11 +466,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         stop_rx,
     ));
 
-    // 4-5: the child enters the cgroup before exec.
-    cgroup.place_child(&mut req.command)?;
+    // 4-5: the child is born in the cgroup (or enters it before exec where clone3 cannot).
     phase(t0, "spawning the child");
-    let code = spawn_and_wait(
-        tokio::process::Command::from(req.command),
+    let command = req.command;
+    let code = wait_forwarding(
+        move || spawn_in(&cgroup_for_spawn, command),
         Path::new(&program),
     )
     .await;
@@ -490,6 +495,22 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 }
 
 type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
+
+/// Starts the agent in its cgroup: born there with clone3 (no cgroup migration, ~10 ms less),
+/// else moved there between fork and exec on kernels or sandboxes that refuse clone3.
+fn spawn_in(cgroup: &Cgroup, mut cmd: std::process::Command) -> std::io::Result<Child> {
+    match cgroup.spawn(&cmd) {
+        Ok(child) => Ok(Child::Cgroup(child)),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::debug!("{e}; entering the cgroup between fork and exec instead");
+            cgroup
+                .place_child(&mut cmd)
+                .map_err(std::io::Error::other)?;
+            tokio::process::Command::from(cmd).spawn().map(Child::Tokio)
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// Credentials kz's resolvers read from the environment. The agent must not inherit them.
 const RESOLVER_CREDENTIALS: &[&str] = &[

@@ -37,13 +37,14 @@ pub fn spawn(program_id: u32) -> Option<LogThread> {
         .name("kz-ebpf-log".into())
         .spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                let ready = {
+                {
                     let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
-                    poll(&mut fds, PollTimeout::from(250u16)).unwrap_or(0)
-                };
-                if ready > 0 {
-                    logger.flush();
+                    let _ = poll(&mut fds, PollTimeout::from(250u16));
                 }
+                // Flush after a timeout too: the ring is shared, and records an earlier instance
+                // left unread keep the kernel from signalling new ones (it wakes a reader only
+                // when the reader has caught up).
+                logger.flush();
             }
         });
     match spawned {

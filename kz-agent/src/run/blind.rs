@@ -7,8 +7,8 @@
 //! 2. the swapping proxy and the DNS resolver start inside this process (kz runs outside the
 //!    cgroup it guards, so its own connections are never redirected);
 //! 3. a cgroup is created for the run with the policy "all TCP to the proxy, UDP/53 to kz's
-//!    resolver, nothing to an address the resolver did not hand out" and the child enters it
-//!    between fork and exec;
+//!    resolver, nothing to an address the resolver did not hand out" and the child is born in it
+//!    (clone3 CLONE_INTO_CGROUP; where that is refused it enters it between fork and exec);
 //! 4. the child's environment carries the masked values and a CA bundle (system roots + this
 //!    run's CA) in every variable common runtimes read; no proxy variables;
 //! 5. signals are forwarded; when the child exits whatever is left in its cgroup is killed, the
@@ -86,9 +86,10 @@ pub struct BlindRequest {
     pub preload: Option<Preload>,
 }
 
-/// Loading the eBPF programs (verifier, maps, kernel BTF) is most of blind mode's start-up cost;
-/// starting it on its own thread before the secrets are resolved hides it behind slow resolvers.
-/// Dropping a `Preload` waits for the loader and then unloads (no half-made pins left behind).
+/// Opening the shared eBPF program set is about a millisecond, but the first run of a kz build
+/// loads and verifies the programs (tens of milliseconds); starting on its own thread before the
+/// secrets are resolved hides either behind slow resolvers. Dropping a `Preload` waits for the
+/// loader and then drops the interceptor (no half-made pins left behind).
 pub struct Preload(Option<std::thread::JoinHandle<Result<Interceptor, String>>>);
 
 impl Preload {

@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! /sys/fs/bpf/<scope>/shared-<build>/{progs,maps}/…     programs and maps, shared (super::shared)
+//! /sys/fs/bpf/<scope>/shared-<build>/rings/<n>          flock'ed by the instance using ring n
 //! /sys/fs/bpf/<scope>/<instance>/links/<cgroup id>-<program>
 //! <cgroup2 root>/<scope>/<instance>/<cgroup name>
 //! ```
 //! `<scope>` is `kz` by default. `<instance>` is `<pid>-<start time in clock ticks>-<seq>` of the
 //! loader, so a later kz can tell a live instance (leave it alone) from a dead one whose pid was
 //! reused (clean up). An instance owns its links and cgroups, and the entries keyed by its cgroup
-//! ids in the shared maps (policy, ports, allow/deny tries, allowed IPs, event routes); a dead
+//! ids in the shared maps (policy, ports, allow/deny tries, allowed IPs); a dead
 //! instance's links keep its cgroups cut off until [`cleanup_stale`] removes all of it.
 
 use super::{InterceptError, cgroups, shared};

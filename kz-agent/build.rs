@@ -1,11 +1,14 @@
 //! Builds kz's eBPF programs (crate `kz-ebpf`) for `bpfel-unknown-none` and leaves the object at
-//! `$OUT_DIR/kz-ebpf`, where `intercept::loader` embeds it.
+//! `$OUT_DIR/kz-ebpf`, where `intercept::shared` embeds it, and its SHA-256 (hex) at
+//! `$OUT_DIR/kz-ebpf.sha256`: the name of the pinned program set this build uses, so a kz built
+//! from other eBPF code never reuses an incompatible set (hashed here, not at every start).
 //!
 //! Same recipe as aya-build 0.2 (`rustup run nightly cargo build -Z build-std=core`), written out
 //! so that (1) a missing toolchain piece is ONE clear error naming `cargo xtask setup`, and
 //! (2) the script reruns only when the eBPF or shared-type sources change: every build of kz-agent
 //! goes through here, so it must be a no-op otherwise.
 
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -126,13 +129,20 @@ fn build() -> Result<(), String> {
         ));
     }
     let object = target_dir.join("bpfel-unknown-none/release/kz-ebpf");
-    let dest = PathBuf::from(env("OUT_DIR")?).join("kz-ebpf");
-    copy_if_changed(&object, &dest)
+    let out = PathBuf::from(env("OUT_DIR")?);
+    let bytes = std::fs::read(&object).map_err(|e| format!("read {}: {e}", object.display()))?;
+    let digest = hex(&sha2::Sha256::digest(&bytes));
+    write_if_changed(&out.join("kz-ebpf"), &bytes)?;
+    write_if_changed(&out.join("kz-ebpf.sha256"), digest.as_bytes())
 }
 
-fn copy_if_changed(from: &Path, to: &Path) -> Result<(), String> {
-    let new = std::fs::read(from).map_err(|e| format!("read {}: {e}", from.display()))?;
-    if std::fs::read(to).ok().as_deref() == Some(new.as_slice()) {
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Leaves the file (and its mtime) alone when the content is the same.
+fn write_if_changed(to: &Path, new: &[u8]) -> Result<(), String> {
+    if std::fs::read(to).ok().as_deref() == Some(new) {
         return Ok(());
     }
     std::fs::write(to, new).map_err(|e| format!("write {}: {e}", to.display()))

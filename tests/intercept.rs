@@ -441,15 +441,31 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     // Nothing listens on the proxy port once kz is gone.
     let (mut holder, desc) = spawn_hold(
         &support::unique_name("sk"),
-        &["--proxy-port", "15999", "--scope", &scope],
+        &[
+            "--proxy-port",
+            "15999",
+            "--scope",
+            &scope,
+            "--ports",
+            "8080,443",
+            "--allow",
+            "10.231.0.0/24",
+            "--deny",
+            "fd00:dead::/32",
+        ],
     );
     let cg = cgroup_of(&desc);
     let pin_dir = std::path::PathBuf::from(desc["pin_dir"].as_str().unwrap());
+    let shared_dir = std::path::PathBuf::from(desc["shared_dir"].as_str().unwrap());
     let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
     assert_eq!(
         ids.links.len(),
         10,
         "eight sock_addr programs, sock_ops and sock_create attached: {ids:?}"
+    );
+    assert!(
+        !cgroup_entries(&shared_dir, cg.id).is_empty(),
+        "the holder wrote its policy"
     );
 
     holder.kill().unwrap(); // SIGKILL
@@ -504,13 +520,95 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     );
     let status = orphan.wait().unwrap();
     assert!(!status.success(), "the orphan was killed");
-    assert!(!pin_dir.exists(), "pins removed");
+    assert!(!pin_dir.exists(), "links unpinned");
     assert!(!cg.path.exists(), "cgroup removed");
-    wait_all_gone(&ids);
+    wait_all_gone(&ids.own());
+    assert_eq!(
+        cgroup_entries(&shared_dir, cg.id),
+        Vec::<String>::new(),
+        "the dead instance's entries are gone from the shared maps"
+    );
+    assert!(
+        still_loaded(&ids).len() >= ids.programs.len(),
+        "the shared programs stay loaded for the next instance"
+    );
     drop(restarted.stdin.take());
     assert!(restarted.wait().unwrap().success());
-    let _ = std::fs::remove_dir(format!("/sys/fs/bpf/{scope}"));
-    let _ = std::fs::remove_dir(cg.path.parent().unwrap().parent().unwrap());
+    unload_scope(&scope, cg.path.parent().unwrap().parent().unwrap());
+}
+
+/// Removes a test scope: its shared program set (`kz intercept unload`), then its directories.
+fn unload_scope(scope: &str, cgroup_parent: &std::path::Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["intercept", "unload", "--scope", scope])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kz intercept unload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !report["removed"].as_array().unwrap().is_empty(),
+        "the scope's set was removed: {report}"
+    );
+    std::fs::remove_dir(format!("/sys/fs/bpf/{scope}")).unwrap();
+    let _ = std::fs::remove_dir(cgroup_parent);
+}
+
+/// Entries keyed by `cgroup_id` in the shared per-cgroup maps of the set in `shared_dir`, named
+/// by map.
+fn cgroup_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> Vec<String> {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData};
+    let open = |name: &str| {
+        let data = MapData::from_pin(shared_dir.join("maps").join(name)).unwrap();
+        Map::from_map_data(data).unwrap()
+    };
+    let mut found = Vec::new();
+    let policy: HashMap<_, u64, kz_common::CgroupPolicy> =
+        HashMap::try_from(open("KZ_POLICY")).unwrap();
+    if policy.get(&cgroup_id, 0).is_ok() {
+        found.push("KZ_POLICY".to_owned());
+    }
+    let ports: HashMap<_, kz_common::PortKey, u8> = HashMap::try_from(open("KZ_PORTS")).unwrap();
+    if ports
+        .keys()
+        .filter_map(Result::ok)
+        .any(|k| k.cgroup_id == cgroup_id)
+    {
+        found.push("KZ_PORTS".to_owned());
+    }
+    for name in ["KZ_ALLOW4", "KZ_DENY4"] {
+        let trie: LpmTrie<_, kz_common::Lpm4, u8> = LpmTrie::try_from(open(name)).unwrap();
+        if trie
+            .keys()
+            .filter_map(Result::ok)
+            .any(|k| u64::from_be_bytes(k.data().cgroup_id) == cgroup_id)
+        {
+            found.push(name.to_owned());
+        }
+    }
+    for name in ["KZ_ALLOW6", "KZ_DENY6"] {
+        let trie: LpmTrie<_, kz_common::Lpm6, u8> = LpmTrie::try_from(open(name)).unwrap();
+        if trie
+            .keys()
+            .filter_map(Result::ok)
+            .any(|k| u64::from_be_bytes(k.data().cgroup_id) == cgroup_id)
+        {
+            found.push(name.to_owned());
+        }
+    }
+    let allowed: HashMap<_, kz_common::IpKey, u64> =
+        HashMap::try_from(open("KZ_ALLOWED_IPS")).unwrap();
+    if allowed
+        .keys()
+        .filter_map(Result::ok)
+        .any(|k| k.cgroup_id == cgroup_id)
+    {
+        found.push("KZ_ALLOWED_IPS".to_owned());
+    }
+    found
 }
 
 #[test]
@@ -529,25 +627,34 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     let mut sleeper = sleeper.spawn().unwrap();
     let ids = icpt.kernel_ids();
     assert_eq!(ids.programs.len(), 10);
-    assert!(
-        ids.maps.len() >= 11,
-        "the 11 kz maps plus aya-log's: {ids:?}"
+    assert_eq!(
+        ids.maps.len(),
+        12,
+        "the 11 kz maps and the event ring: {ids:?}"
     );
     assert_eq!(ids.links.len(), 10);
     let pin_dir = icpt.pin_dir().to_path_buf();
+    let shared_dir = icpt.shared_dir().to_path_buf();
     let instance_cgroups = icpt.cgroup_dir().to_path_buf();
-    assert!(pin_dir.join("maps/KZ_POLICY").exists());
+    assert!(pin_dir.join("links").exists());
+    assert!(shared_dir.join("maps/KZ_POLICY").exists());
+    assert!(!cgroup_entries(&shared_dir, cg.id).is_empty());
     drop(icpt);
     assert!(
         !sleeper.wait().unwrap().success(),
         "what was left in the cgroup is killed"
     );
-    assert!(!pin_dir.exists(), "pins removed");
+    assert!(!pin_dir.exists(), "the instance's pins removed");
     assert!(
         !cg.path.exists() && !instance_cgroups.exists(),
         "cgroups removed"
     );
-    wait_all_gone(&ids);
+    wait_all_gone(&ids.own());
+    assert_eq!(cgroup_entries(&shared_dir, cg.id), Vec::<String>::new());
+    assert!(
+        shared_dir.join("maps/KZ_POLICY").exists() && still_loaded(&ids).len() >= 10,
+        "the shared set stays for the next instance"
+    );
 
     // As its own process: closing stdin is the orderly stop.
     let (mut holder, desc) = spawn_hold(&support::unique_name("oh"), &["--proxy-port", "1"]);
@@ -557,7 +664,8 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     holder.stdin.take().unwrap().flush().unwrap(); // dropped here: EOF
     assert!(holder.wait().unwrap().success());
     assert!(!pin_dir.exists() && !cg.path.exists());
-    wait_all_gone(&ids);
+    wait_all_gone(&ids.own());
+    assert_eq!(cgroup_entries(&shared_dir, cg.id), Vec::<String>::new());
 }
 
 #[test]
@@ -881,11 +989,239 @@ fn two_interceptors_in_one_process_keep_apart() {
     let ca = a.create_cgroup("same-name", &Policy::default()).unwrap();
     let cb = b.create_cgroup("same-name", &Policy::default()).unwrap();
     assert_ne!(ca.id, cb.id);
+    assert_eq!(
+        a.shared_dir(),
+        b.shared_dir(),
+        "one program set serves both"
+    );
+    assert_eq!(a.kernel_ids().programs, b.kernel_ids().programs);
     let a_pins = a.pin_dir().to_path_buf();
     drop(a);
     assert!(!a_pins.exists() && !ca.path.exists());
     assert!(
-        b.pin_dir().join("maps/KZ_POLICY").exists() && cb.path.exists(),
+        b.pin_dir().join("links").exists()
+            && b.shared_dir().join("maps/KZ_POLICY").exists()
+            && cb.path.exists(),
         "b untouched"
     );
+    assert_eq!(cgroup_entries(b.shared_dir(), cb.id), vec!["KZ_POLICY"]);
+}
+
+#[test]
+fn later_instances_reuse_the_shared_set_and_each_hears_only_its_own_blocks() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let _upstream = topo.serve_upstream();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let deny = Policy {
+        proxy_port: 1,
+        deny: vec![Cidr::host(UPSTREAM_IP.parse().unwrap())],
+        ..Policy::default()
+    };
+    let next = |events: &mut kz_agent::intercept::BlockEvents| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+            .expect("a block event within 5s")
+            .expect("event")
+    };
+
+    let mut a = Interceptor::load().expect("load a");
+    let mut b = Interceptor::load().expect("load b");
+    assert_eq!(a.shared_dir(), b.shared_dir());
+    assert_eq!(
+        a.kernel_ids().programs,
+        b.kernel_ids().programs,
+        "the second instance opens the first one's programs"
+    );
+    let mut ea = a.block_events().unwrap();
+    let mut eb = b.block_events().unwrap();
+    let ca = a.create_cgroup(&support::unique_name("ra"), &deny).unwrap();
+    let cb = b.create_cgroup(&support::unique_name("rb"), &deny).unwrap();
+
+    assert_eq!(
+        connect(&topo.client, Some(&ca), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert_eq!(next(&mut ea).cgroup_id, ca.id);
+    assert_eq!(
+        connect(&topo.client, Some(&cb), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert_eq!(next(&mut eb).cgroup_id, cb.id);
+    // The kernel writes the event before the refused call returns: nothing else is coming.
+    assert_eq!(ea.try_next(), None, "a hears nothing of b's cgroup");
+    assert_eq!(eb.try_next(), None, "b hears nothing of a's cgroup");
+
+    // A block a never reads, then a goes away: its ring is reused by a later instance, which
+    // must not report a's leftovers as its own.
+    assert_eq!(
+        connect(&topo.client, Some(&ca), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    let programs = a.kernel_ids().programs;
+    drop(ea);
+    drop(a);
+    let mut c = Interceptor::load().expect("load c");
+    assert_eq!(
+        c.kernel_ids().programs,
+        programs,
+        "the set outlives its users"
+    );
+    let mut ec = c.block_events().unwrap();
+    let cc = c.create_cgroup(&support::unique_name("rc"), &deny).unwrap();
+    assert_eq!(
+        connect(&topo.client, Some(&cc), "4", UPSTREAM_IP, 0),
+        "ERR 1"
+    );
+    assert_eq!(next(&mut ec).cgroup_id, cc.id);
+    assert_eq!(ec.try_next(), None);
+}
+
+#[test]
+fn a_program_set_of_another_build_is_never_used() {
+    if !support::require_root() {
+        return;
+    }
+    let root = kz_agent::intercept::cgroups::cgroup2_root().unwrap();
+    let scope_name = format!("kz-test-{}", support::unique_name("b"));
+    let scope = kz_agent::intercept::Scope::new(&root, &scope_name).unwrap();
+    let first = Interceptor::load_in(&scope).expect("load");
+    let first_programs = first.kernel_ids().programs;
+    let ours = first.shared_dir().to_path_buf();
+    drop(first);
+    // Disguise this build's set as another build's (same layout, other name).
+    let other = scope.pin_root().join("shared-0123456789abcdef");
+    std::fs::rename(&ours, &other).unwrap();
+
+    let second = Interceptor::load_in(&scope).expect("load again");
+    assert_eq!(second.shared_dir(), ours, "this build's own set name");
+    let second_programs = second.kernel_ids().programs;
+    assert!(
+        first_programs.iter().all(|p| !second_programs.contains(p)),
+        "the other build's programs are not reused: {first_programs:?} vs {second_programs:?}"
+    );
+    assert!(
+        !other.exists(),
+        "another build's set is removed when this one loads its own"
+    );
+    drop(second);
+    unload_scope(&scope_name, &scope.cgroup_parent());
+}
+
+#[test]
+fn concurrent_first_starts_share_one_program_set_and_unload_waits_for_them() {
+    if !support::require_root() {
+        return;
+    }
+    let scope = format!("kz-test-{}", support::unique_name("c"));
+    // Started together in a scope with no program set yet: every one of them wants to create it.
+    let mut holders: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_kz"))
+                .args(["intercept", "hold", "--scope", &scope, "--name"])
+                .arg(support::unique_name("cc"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn kz intercept hold")
+        })
+        .collect();
+    // The readers stay open until the holders exit (they print a last line on the way out).
+    let mut outs: Vec<_> = holders
+        .iter_mut()
+        .map(|h| reader(h.stdout.take().unwrap()))
+        .collect();
+    let descs: Vec<serde_json::Value> = outs
+        .iter_mut()
+        .map(|out| {
+            let line = read_line(out);
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("hold printed {line:?}: {e}"))
+        })
+        .collect();
+    let programs: Vec<KernelIds> = descs
+        .iter()
+        .map(|d| serde_json::from_value(d["ids"].clone()).unwrap())
+        .collect();
+    for (d, ids) in descs.iter().zip(&programs) {
+        assert_eq!(d["shared_dir"], descs[0]["shared_dir"]);
+        assert_eq!(ids.programs, programs[0].programs, "one loaded set for all");
+        assert_eq!(ids.links.len(), 10);
+    }
+    let sets: Vec<String> = std::fs::read_dir(format!("/sys/fs/bpf/{scope}"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.contains("shared-"))
+        .collect();
+    assert_eq!(
+        sets.len(),
+        1,
+        "exactly one set, no half-made ones: {sets:?}"
+    );
+
+    // The set is in use: unload refuses and names the users.
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["intercept", "unload", "--scope", &scope])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("are running"), "{err}");
+    assert!(std::path::Path::new(descs[0]["shared_dir"].as_str().unwrap()).exists());
+
+    for mut h in holders {
+        drop(h.stdin.take());
+        assert!(h.wait().unwrap().success());
+    }
+    drop(outs);
+    for ids in &programs {
+        wait_all_gone(&ids.own());
+    }
+    let cg = cgroup_of(&descs[0]);
+    unload_scope(&scope, cg.path.parent().unwrap().parent().unwrap());
+    // Nothing of the set is left in the kernel once it is unpinned and unused.
+    wait_all_gone(&KernelIds {
+        programs: programs[0].programs.clone(),
+        ..KernelIds::default()
+    });
+}
+
+#[test]
+fn a_child_spawned_into_the_cgroup_is_there_from_its_first_instruction() {
+    if !support::require_root() {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let cg = icpt
+        .create_cgroup(&support::unique_name("sp"), &Policy::default())
+        .expect("cgroup");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    // What the program sees of its cgroup as its very first action, and its exit code.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"cat /proc/self/cgroup > "$OUT"; exit 7"#)
+        .env("OUT", out.path());
+    let mut child = cg
+        .spawn(&cmd)
+        .expect("clone3 into the cgroup works on this kernel");
+    let status = rt.block_on(child.wait()).unwrap();
+    assert_eq!(status.code(), Some(7));
+    let seen = std::fs::read_to_string(out.path()).unwrap();
+    let rel = cg.path.strip_prefix(icpt.cgroup_root()).unwrap();
+    assert!(
+        seen.lines().any(|l| l == format!("0::/{}", rel.display())),
+        "the child was in {} from the start: {seen}",
+        cg.path.display()
+    );
+    // Errors are Command::spawn's: a missing program is NotFound (kz run exits 127 on it).
+    let err = cg
+        .spawn(&Command::new("kz-no-such-program"))
+        .err()
+        .expect("no such program");
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert!(cg.pids().unwrap().is_empty(), "nothing left behind");
 }

@@ -68,6 +68,10 @@ pub struct CgroupPolicy {
     pub dns_port: u16,
     /// [`flags`] bits.
     pub flags: u32,
+    /// Index in the `EVENT_RINGS` array of the ring buffer of the kz instance guarding the
+    /// cgroup: where its block events go.
+    pub ring: u32,
+    pub _pad: u32,
 }
 
 /// Key of the `PORTS` map (listed-ports mode): a TCP port redirected for one cgroup.
@@ -134,7 +138,18 @@ pub struct PeerKey {
     pub _pad: [u8; 6],
 }
 
-/// A refused connect/sendmsg, sent through the `EVENTS` ring buffer.
+/// How many cgroups kz can guard at once, over all instances (size of the per-cgroup maps).
+pub const MAX_CGROUPS: u32 = 4096;
+
+/// Size of the `EVENT_RINGS` array: how many kz instances can run at once with block events.
+pub const MAX_EVENT_RINGS: u32 = 1024;
+
+/// Size in bytes of each block-event ring buffer (a power of two, a multiple of the page size;
+/// every ring has this size: the kernel requires the inner maps of one map-of-maps to match).
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+
+/// A refused connect/sendmsg, sent through the ring buffer of the kz instance guarding the
+/// cgroup (`EVENT_RINGS[policy.ring]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockEvent {
@@ -155,6 +170,10 @@ pub struct BlockEvent {
     /// One of [`reason`].
     pub reason: u8,
     pub _pad: [u8; 2],
+    /// The guarded cgroup whose policy applies: `cgroup_id` itself, or its nearest ancestor
+    /// with a policy (a process in a nested cgroup). Rings are reused by later instances, so a
+    /// reader keeps only events of cgroups it guards.
+    pub guard_id: u64,
 }
 
 /// Map names as they appear in the object file and under the pin directory.
@@ -169,7 +188,8 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "KZ_ORIG_COOKIE";
     pub const ORIG_BY_PEER: &str = "KZ_ORIG_PEER";
     pub const DNS_ORIG: &str = "KZ_DNS_ORIG";
-    pub const EVENTS: &str = "KZ_EVENTS";
+    /// Array of maps: block-event ring buffers, one per running kz instance (reused).
+    pub const EVENT_RINGS: &str = "KZ_EVENT_RINGS";
     pub const ALL: [&str; 11] = [
         POLICY,
         PORTS,
@@ -181,7 +201,7 @@ pub mod map_names {
         ORIG_BY_COOKIE,
         ORIG_BY_PEER,
         DNS_ORIG,
-        EVENTS,
+        EVENT_RINGS,
     ];
 }
 
@@ -222,11 +242,11 @@ impl_pod!(
 );
 
 // Layout checks: the kernel and user space must agree on these sizes.
-const _: () = assert!(core::mem::size_of::<CgroupPolicy>() == 8);
+const _: () = assert!(core::mem::size_of::<CgroupPolicy>() == 16);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Lpm4>() == 12);
 const _: () = assert!(core::mem::size_of::<Lpm6>() == 24);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 24);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
-const _: () = assert!(core::mem::size_of::<BlockEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<BlockEvent>() == 64);

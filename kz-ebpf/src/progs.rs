@@ -6,25 +6,30 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_sock, bpf_sock_addr, bpf_sock_ops},
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock, bpf_sock_addr, bpf_sock_ops},
+    btf_maps::{ArrayOfMaps, RingBuf},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use kz_common::{
-    AF_INET, AF_INET6, BlockEvent, CgroupPolicy, IpKey, KZ_SO_MARK, Lpm4, Lpm6, OrigDst, PROTO_TCP,
-    PROTO_UDP, PeerKey, PortKey, flags, reason,
+    AF_INET, AF_INET6, BlockEvent, CgroupPolicy, EVENT_RING_BYTES, IpKey, KZ_SO_MARK, Lpm4, Lpm6,
+    MAX_CGROUPS, MAX_EVENT_RINGS, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, PortKey, flags, reason,
 };
 
+// The hash maps only user space writes are not preallocated: the program set stays pinned for
+// as long as kz is in use, and preallocation would hold their full size in kernel memory (and
+// cost time at the one load) for tables that are almost always nearly empty.
 #[map]
-static KZ_POLICY: HashMap<u64, CgroupPolicy> = HashMap::with_max_entries(4096, 0);
+static KZ_POLICY: HashMap<u64, CgroupPolicy> =
+    HashMap::with_max_entries(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 #[map]
-static KZ_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(16384, 0);
+static KZ_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 #[map]
 static KZ_ALLOW4: LpmTrie<Lpm4, u8> = LpmTrie::with_max_entries(65536, 0);
 #[map]
@@ -35,7 +40,7 @@ static KZ_ALLOW6: LpmTrie<Lpm6, u8> = LpmTrie::with_max_entries(65536, 0);
 static KZ_DENY6: LpmTrie<Lpm6, u8> = LpmTrie::with_max_entries(65536, 0);
 /// Value: expiry in CLOCK_MONOTONIC ns.
 #[map]
-static KZ_ALLOWED_IPS: HashMap<IpKey, u64> = HashMap::with_max_entries(65536, 0);
+static KZ_ALLOWED_IPS: HashMap<IpKey, u64> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 #[map]
 static KZ_ORIG_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 #[map]
@@ -43,8 +48,18 @@ static KZ_ORIG_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::with_max_entries
 /// Socket cookie → the resolver a UDP/53 socket asked (for recvmsg source rewriting).
 #[map]
 static KZ_DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(16384, 0);
-#[map]
-static KZ_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+/// Block-event ring buffers, one per running kz instance: the programs and the other maps are
+/// shared by every instance, but a ring has one reader, so each instance has its own and the
+/// policy of each cgroup names its guard's ring (`CgroupPolicy::ring`). Filling a slot of a
+/// map-of-maps makes the kernel wait for an RCU grace period, so rings stay in their slots and
+/// are reused by later instances instead of being replaced per run.
+type EventRing = RingBuf<BlockEvent, { EVENT_RING_BYTES as usize }>;
+#[btf_map]
+static KZ_EVENT_RINGS: ArrayOfMaps<EventRing, { MAX_EVENT_RINGS as usize }> = ArrayOfMaps::new();
+
+/// Deepest cgroup level searched for a guarded ancestor (kz's cgroups sit at level 3 below the
+/// cgroup2 root; an agent can nest a few more below).
+const MAX_CGROUP_LEVEL: i32 = 16;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_RAW: u32 = 3;
@@ -129,9 +144,12 @@ fn own_socket(sa: *mut bpf_sock_addr) -> bool {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit_block<C: EbpfContext>(
     ctx: &C,
     cgroup_id: u64,
+    guard_id: u64,
+    ring: u32,
     addr: &[u8; 16],
     v4: bool,
     port: u16,
@@ -143,7 +161,10 @@ fn emit_block<C: EbpfContext>(
         ctx,
         "refused {:i} port {} proto {} reason {} cgroup {}", *addr, port, proto, why, cgroup_id
     );
-    if let Some(mut entry) = KZ_EVENTS.reserve::<BlockEvent>(0) {
+    let Some(ring) = KZ_EVENT_RINGS.get(ring) else {
+        return;
+    };
+    if let Some(mut entry) = ring.reserve(0) {
         let pid_tgid = bpf_get_current_pid_tgid();
         entry.write(BlockEvent {
             cgroup_id,
@@ -156,9 +177,51 @@ fn emit_block<C: EbpfContext>(
             proto,
             reason: why,
             _pad: [0; 2],
+            guard_id,
         });
         entry.submit(0);
     }
+}
+
+/// For a cgroup without a policy of its own (or any cgroup, for sock_create): reports to the
+/// guard, the cgroup itself when it has a policy, else its nearest ancestor with one (a process
+/// that moved itself into a child cgroup of a guarded one is refused everything, and its guard
+/// must hear of it).
+#[inline(always)]
+fn emit_block_to_guard<C: EbpfContext>(
+    ctx: &C,
+    cgroup_id: u64,
+    addr: &[u8; 16],
+    v4: bool,
+    port: u16,
+    proto: u8,
+    why: u8,
+) {
+    let guard = guard_of(cgroup_id);
+    // SAFETY: the value is plain data copied out at once.
+    if let Some(policy) = unsafe { KZ_POLICY.get(&guard) } {
+        let ring = policy.ring;
+        emit_block(ctx, cgroup_id, guard, ring, addr, v4, port, proto, why);
+    }
+}
+
+/// `cg` when it has a policy, else its nearest ancestor that has one, else 0.
+#[inline(never)]
+fn guard_of(cg: u64) -> u64 {
+    // SAFETY: map values are only tested for presence.
+    if unsafe { KZ_POLICY.get(&cg) }.is_some() {
+        return cg;
+    }
+    let mut level = MAX_CGROUP_LEVEL;
+    while level >= 0 {
+        // SAFETY: no preconditions; 0 when the task's cgroup is shallower than `level`.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id != 0 && unsafe { KZ_POLICY.get(&id) }.is_some() {
+            return id;
+        }
+        level -= 1;
+    }
+    0
 }
 
 // Each map gets its own lookup call site: the verifier tracks one map per call site.
@@ -243,12 +306,12 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     let policy = match unsafe { KZ_POLICY.get(&cg) } {
         Some(p) => *p,
         None => {
-            emit_block(ctx, cg, addr, v4, port, proto, reason::NO_POLICY);
+            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY);
             return Verdict::Deny;
         }
     };
     let deny = |why: u8| {
-        emit_block(ctx, cg, addr, v4, port, proto, why);
+        emit_block(ctx, cg, cg, policy.ring, addr, v4, port, proto, why);
         Verdict::Deny
     };
     if !v4 && policy.flags & flags::V6_INTERCEPT == 0 {
@@ -597,7 +660,7 @@ pub fn kz_sock_create(ctx: SockContext) -> i32 {
     }
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    emit_block(
+    emit_block_to_guard(
         &ctx,
         cg,
         &[0; 16],

@@ -93,17 +93,18 @@ fn capabilities() -> Result<String, String> {
 }
 
 fn programs() -> Result<String, String> {
-    // The real thing: load every program, create a cgroup, attach and pin, then clean up.
+    // The real thing: open (or load) the shared program set, create a cgroup, attach and pin,
+    // then clean up.
     let mut icpt = Interceptor::load().map_err(|e| e.to_string())?;
     let name = format!("doctor-{}", std::process::id());
     let cg = icpt
         .create_cgroup(&name, &Policy::default())
         .map_err(|e| e.to_string())?;
     icpt.remove_cgroup(cg.id).map_err(|e| e.to_string())?;
-    Ok(
-        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create: load, attach, pin"
-            .into(),
-    )
+    Ok(format!(
+        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create: load, attach, pin (program set {})",
+        icpt.shared_dir().display()
+    ))
 }
 
 fn toolchain() -> Result<String, String> {

@@ -1,10 +1,17 @@
-//! Block events: every connect/sendmsg the kernel refused, from the `KZ_EVENTS` ring buffer.
+//! Block events: every connect/sendmsg the kernel refused in the instance's cgroups, from the
+//! instance's ring buffer (its slot of `KZ_EVENT_RINGS`, see [`super::shared`]).
 
 use super::InterceptError;
 use aya::maps::{MapData, RingBuf};
 use kz_common::{AF_INET6, PROTO_TCP, PROTO_UDP, reason};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
+
+/// The cgroups an instance guards (ids are never reused, so this only grows). Shared between
+/// the interceptor, which adds each cgroup before attaching it, and the event reader.
+pub(crate) type Guards = Arc<Mutex<BTreeSet<u64>>>;
 
 /// Why the kernel refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -38,7 +45,10 @@ impl BlockReason {
 /// One refused connect/sendmsg.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Block {
+    /// The calling task's cgroup.
     pub cgroup_id: u64,
+    /// The guarded cgroup whose policy applied: `cgroup_id`, or the ancestor of a nested cgroup.
+    pub guard_id: u64,
     /// Process id.
     pub tgid: u32,
     /// Thread id.
@@ -61,6 +71,7 @@ impl Block {
         };
         Block {
             cgroup_id: e.cgroup_id,
+            guard_id: e.guard_id,
             tgid: e.tgid,
             pid: e.pid,
             comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
@@ -78,25 +89,41 @@ impl Block {
     }
 }
 
-/// The stream of [`Block`]s. Events are produced whether or not anyone reads; when the ring
-/// (256 KiB, ~4600 events) is full the kernel drops new ones (the refusal itself still happens).
+/// The stream of [`Block`]s of one instance's cgroups (and of cgroups nested below them).
+/// Events are produced whether or not anyone reads; when the ring (256 KiB, ~3600 events) is full
+/// the kernel drops new ones (the refusal itself still happens).
 pub struct BlockEvents {
     ring: AsyncFd<RingBuf<MapData>>,
+    guards: Guards,
+    /// The claim on the ring's slot: no other instance reads it while this reader exists.
+    _slot: Arc<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl BlockEvents {
-    pub(crate) fn new(ring: RingBuf<MapData>) -> Result<BlockEvents, InterceptError> {
+    pub(crate) fn new(
+        ring: RingBuf<MapData>,
+        guards: Guards,
+        slot: Arc<nix::fcntl::Flock<std::fs::File>>,
+    ) -> Result<BlockEvents, InterceptError> {
         // SAFETY: the RingBuf owns its map fd for its whole life and `as_raw_fd` always returns
         // that same fd; the AsyncFd owns the RingBuf, so the fd outlives the registration.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| InterceptError::io("watch", "KZ_EVENTS ring buffer", e.into()))?;
-        Ok(BlockEvents { ring })
+            .map_err(|e| InterceptError::io("watch", "the block-event ring buffer", e.into()))?;
+        Ok(BlockEvents {
+            ring,
+            guards,
+            _slot: slot,
+        })
     }
 
     /// An event already in the ring, without waiting.
     pub fn try_next(&mut self) -> Option<Block> {
-        let item = self.ring.get_mut().next()?;
-        decode(&item)
+        loop {
+            let item = self.ring.get_mut().next()?;
+            if let Some(b) = decode(&item).filter(|b| ours(&self.guards, b)) {
+                return Some(b);
+            }
+        }
     }
 
     /// Waits for the next event.
@@ -105,20 +132,29 @@ impl BlockEvents {
             if let Some(b) = self.try_next() {
                 return Ok(b);
             }
-            let mut guard = self
+            let mut ready = self
                 .ring
                 .readable_mut()
                 .await
-                .map_err(|e| InterceptError::io("wait on", "KZ_EVENTS ring buffer", e))?;
-            if let Some(item) = guard.get_inner_mut().next() {
-                if let Some(b) = decode(&item) {
-                    return Ok(b);
-                }
-                continue;
+                .map_err(|e| InterceptError::io("wait on", "the block-event ring buffer", e))?;
+            let got = ready.get_inner_mut().next().map(|item| decode(&item));
+            match got {
+                Some(Some(b)) if ours(&self.guards, &b) => return Ok(b),
+                Some(_) => {}
+                None => ready.clear_ready(),
             }
-            guard.clear_ready();
         }
     }
+}
+
+/// Whether the event concerns a cgroup of this instance. A ring slot is reused by later
+/// instances: a dead instance's cgroup that could not be cleaned up (still cut off, its policy
+/// naming this slot) may still report here, and is not ours to report.
+fn ours(guards: &Guards, b: &Block) -> bool {
+    guards
+        .lock()
+        .map(|g| g.contains(&b.guard_id))
+        .unwrap_or(false)
 }
 
 fn decode(bytes: &[u8]) -> Option<Block> {
@@ -140,6 +176,7 @@ fn decode(bytes: &[u8]) -> Option<Block> {
     raw.family = u16::from_ne_bytes([bytes[50], bytes[51]]);
     raw.proto = bytes[52];
     raw.reason = bytes[53];
+    raw.guard_id = u64::from_ne_bytes(bytes[56..64].try_into().ok()?);
     Some(Block::from_raw(&raw))
 }
 
@@ -153,6 +190,7 @@ mod tests {
             cgroup_id: 0x1122_3344_5566_7788,
             pid: 7,
             tgid: 6,
+            guard_id: 0x99,
             ..Default::default()
         };
         ev.comm[..4].copy_from_slice(b"curl");
@@ -172,6 +210,7 @@ mod tests {
         bytes.extend_from_slice(&ev.port.to_ne_bytes());
         bytes.extend_from_slice(&ev.family.to_ne_bytes());
         bytes.extend_from_slice(&[ev.proto, ev.reason, 0, 0]);
+        bytes.extend_from_slice(&ev.guard_id.to_ne_bytes());
         assert_eq!(bytes.len(), std::mem::size_of::<kz_common::BlockEvent>());
         let b = decode(&bytes).expect("decodes");
         assert_eq!(b, Block::from_raw(&ev));
@@ -179,6 +218,7 @@ mod tests {
         assert_eq!(b.dest, "10.1.2.3:443".parse().expect("sa"));
         assert_eq!(b.reason, BlockReason::DenyCidr);
         assert_eq!((b.tgid, b.pid, b.proto), (6, 7, "tcp"));
+        assert_eq!(b.guard_id, 0x99);
         assert!(decode(&bytes[..20]).is_none());
     }
 }

@@ -1,5 +1,6 @@
 //! Hidden `kz intercept …` commands: run the loader as its own process (tests kill it with
-//! SIGKILL to check fail-closed behaviour) and clean up stale state by hand.
+//! SIGKILL to check fail-closed behaviour), clean up stale state by hand, and unload the shared
+//! program set.
 
 use super::{Cgroup, Cidr, Interceptor, Ipv6Mode, Policy, Scope, TcpRedirect, cleanup_stale};
 use clap::{Args, Subcommand};
@@ -14,6 +15,13 @@ pub enum InterceptCommand {
     Hold(HoldArgs),
     /// Clean up pins and cgroups left by kz instances that died (kills their processes).
     Cleanup {
+        /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+        #[arg(long, default_value = super::pins::DEFAULT_SCOPE)]
+        scope: String,
+    },
+    /// Remove the pinned eBPF program set (every build's) once no kz instance is running; dead
+    /// instances are cleaned up first. The next kz run loads the programs again.
+    Unload {
         /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
         #[arg(long, default_value = super::pins::DEFAULT_SCOPE)]
         scope: String,
@@ -87,6 +95,19 @@ pub fn run(cmd: InterceptCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        InterceptCommand::Unload { scope } => {
+            let scope = Scope::new(&super::cgroups::cgroup2_root()?, &scope)?;
+            let report = super::shared::unload(&scope)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "removed": report.removed,
+                    "cleaned": report.stale.instances,
+                    "killed": report.stale.killed,
+                })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         InterceptCommand::Hold(args) => hold(&args),
         InterceptCommand::Demo => super::demo::run().map(|()| ExitCode::SUCCESS),
     }
@@ -97,6 +118,7 @@ fn describe(icpt: &Interceptor, cg: &Cgroup) -> serde_json::Value {
         "cgroup_id": cg.id,
         "cgroup_path": cg.path,
         "pin_dir": icpt.pin_dir(),
+        "shared_dir": icpt.shared_dir(),
         "instance_cgroup_dir": icpt.cgroup_dir(),
         "ids": icpt.kernel_ids(),
     })

@@ -1,34 +1,19 @@
-//! [`Interceptor`]: loads kz's eBPF object once and attaches it to the cgroups it creates.
+//! [`Interceptor`]: one kz instance's view of the shared program set, and the cgroups it guards.
 
 use super::InterceptError;
 use super::cgroups::{self, Cgroup};
-use super::events::BlockEvents;
+use super::events::{BlockEvents, Guards};
 use super::logs;
 use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, lpm_key};
 use super::pins::{self, Instance, Scope};
-use aya::Ebpf;
-use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
+use super::shared::{self, RingSlot, SharedSet, map_err, program_err};
+use aya::maps::{MapData, RingBuf, lpm_trie::Key};
+use aya::programs::CgroupAttachMode;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps};
-use kz_common::{CgroupPolicy, Lpm4, Lpm6, PortKey, map_names as mn, prog_names as pn};
+use kz_common::{PortKey, map_names as mn, prog_names as pn};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// kz's eBPF programs, built by kz-agent/build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kz-ebpf"));
-
-/// The cgroup sock_addr programs, attached to every cgroup, in attach order.
-const SOCK_ADDR_PROGS: [&str; 8] = [
-    pn::CONNECT4,
-    pn::CONNECT6,
-    pn::SENDMSG4,
-    pn::SENDMSG6,
-    pn::RECVMSG4,
-    pn::RECVMSG6,
-    pn::GETPEERNAME4,
-    pn::GETPEERNAME6,
-];
 
 /// aya attaches through bpf_link_create on Linux >= 5.7; that syscall rejects any attach flag
 /// (EINVAL) and bpf_links always coexist with other programs, so "Single" (= no flag) is the
@@ -45,74 +30,51 @@ struct CgroupState {
     link_ids: Vec<u32>,
 }
 
-/// Kernel object ids of an interceptor, for checking that they are gone after it is dropped.
+/// Kernel object ids of an interceptor, for checking what is left after it is dropped.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelIds {
+    /// The shared program set: stays loaded (pinned) for the next instance.
     pub programs: Vec<u32>,
+    /// The shared set's maps and the instance's event ring: stay too (the ring is reused).
     pub maps: Vec<u32>,
+    /// Links of the instance's live cgroups: the instance's own, gone with their cgroups.
     pub links: Vec<u32>,
 }
 
-/// The loaded programs and the cgroups they guard. See the module docs for the model.
+impl KernelIds {
+    /// Only what belongs to the instance itself (its links): what must be gone after an orderly
+    /// exit or a stale cleanup.
+    pub fn own(&self) -> KernelIds {
+        KernelIds {
+            links: self.links.clone(),
+            ..KernelIds::default()
+        }
+    }
+}
+
+/// One kz instance: the shared programs and maps (opened, or loaded and pinned by the first
+/// instance of this build), its own event ring, and the cgroups it guards. See the module docs.
 pub struct Interceptor {
-    ebpf: Ebpf,
+    set: SharedSet,
     cgroup_root: PathBuf,
-    /// `/sys/fs/bpf/kz/<instance>`
+    /// `/sys/fs/bpf/<scope>/<instance>`
     pin_dir: PathBuf,
-    /// `<cgroup root>/kz/<instance>`
+    /// `<cgroup root>/<scope>/<instance>`
     cgroup_dir: PathBuf,
-    policy: HashMap<MapData, u64, CgroupPolicy>,
-    ports: HashMap<MapData, PortKey, u8>,
-    allow4: LpmTrie<MapData, Lpm4, u8>,
-    deny4: LpmTrie<MapData, Lpm4, u8>,
-    allow6: LpmTrie<MapData, Lpm6, u8>,
-    deny6: LpmTrie<MapData, Lpm6, u8>,
-    allowed: AllowMap,
-    orig: OrigDstTable,
+    /// This instance's event ring: its slot is written into each cgroup's policy.
+    slot: RingSlot,
     events: Option<RingBuf<MapData>>,
+    /// Ids of every cgroup this instance made (the event reader keeps only theirs).
+    guards: Guards,
     cgroups: BTreeMap<u64, CgroupState>,
-    program_ids: Vec<u32>,
-    map_ids: Vec<u32>,
     /// Forwards the programs' aya-log records to tracing; stops when dropped.
     _log_thread: Option<logs::LogThread>,
 }
 
-fn program_err(name: &'static str, e: ProgramError) -> InterceptError {
-    let detail = match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
-            let log = verifier_log.to_string();
-            // The verifier's conclusion is at the end of its log.
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!("{io_error}; verifier: {}", tail.join(" | "))
-        }
-        other => {
-            // Include the source chain: the syscall's errno is in the source.
-            let mut msg = other.to_string();
-            let mut src = std::error::Error::source(&other);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            msg
-        }
-    };
-    InterceptError::Program { name, detail }
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
-    move |e| InterceptError::Map {
-        name,
-        detail: e.to_string(),
-    }
-}
-
 impl Interceptor {
-    /// Loads the programs on the detected cgroup v2 hierarchy, after cleaning up what dead kz
-    /// instances left behind. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    /// Opens kz's programs on the detected cgroup v2 hierarchy (loading and pinning them when
+    /// this is the first kz instance of this build), after cleaning up what dead kz instances
+    /// left behind. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
     pub fn load() -> Result<Interceptor, InterceptError> {
         Interceptor::load_in(&Scope::detect()?)
     }
@@ -120,7 +82,6 @@ impl Interceptor {
     /// [`Interceptor::load`] in an explicit [`Scope`] (cgroup v2 mount point and state name).
     pub fn load_in(scope: &Scope) -> Result<Interceptor, InterceptError> {
         pins::ensure_bpffs()?;
-        let cgroup_root = scope.cgroup_root.as_path();
         match pins::cleanup_stale(scope) {
             Ok(r) if !r.instances.is_empty() => {
                 tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
@@ -132,7 +93,7 @@ impl Interceptor {
         let instance = Instance::current()?;
         let pin_dir = scope.pin_root().join(instance.name());
         let cgroup_dir = scope.cgroup_parent().join(instance.name());
-        let result = Self::load_inner(cgroup_root, &pin_dir, &cgroup_dir);
+        let result = Self::load_inner(scope, &pin_dir, &cgroup_dir);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&pin_dir);
             let _ = cgroups::remove_tree(&cgroup_dir);
@@ -141,112 +102,42 @@ impl Interceptor {
     }
 
     fn load_inner(
-        cgroup_root: &Path,
+        scope: &Scope,
         pin_dir: &Path,
         cgroup_dir: &Path,
     ) -> Result<Interceptor, InterceptError> {
-        for d in [pin_dir.join("maps"), pin_dir.join("links")] {
-            std::fs::create_dir_all(&d).map_err(|e| InterceptError::io("create", &d, e))?;
-        }
-        std::fs::create_dir_all(cgroup_dir)
-            .map_err(|e| InterceptError::io("create cgroup", cgroup_dir, e))?;
-        // The programs' aya-log statements are debug level: only enabled (and only cost more than
-        // a compare) when kz itself logs at debug.
-        let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) {
-            aya_log::Level::Debug as u8
+        // The programs log refusals at debug level, only in the set loaded for debugging (a
+        // separate set, so a debug run does not make every other run log).
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        let (set, slot) = shared::acquire(scope, debug, |set| {
+            let links = pin_dir.join("links");
+            std::fs::create_dir_all(&links).map_err(|e| InterceptError::io("create", &links, e))?;
+            std::fs::create_dir_all(cgroup_dir)
+                .map_err(|e| InterceptError::io("create cgroup", cgroup_dir, e))?;
+            shared::claim_ring(set)
+        })?;
+        let reader = slot.reader()?;
+        let log_thread = if debug {
+            set.program_ids.first().and_then(|id| logs::spawn(*id))
         } else {
-            aya_log::Level::Warn as u8
+            None
         };
-        let mut ebpf = aya::EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, true)
-            .load(OBJECT)
-            .map_err(InterceptError::Object)?;
-        let mut program_ids = Vec::new();
-        for name in SOCK_ADDR_PROGS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?
-                .try_into()
-                .map_err(|e| program_err(name, e))?;
-            prog.load().map_err(|e| program_err(name, e))?;
-            program_ids.push(prog.info().map_err(|e| program_err(name, e))?.id());
-        }
-        let ops: &mut SockOps = ebpf
-            .program_mut(pn::SOCK_OPS)
-            .ok_or(InterceptError::Missing(pn::SOCK_OPS))?
-            .try_into()
-            .map_err(|e| program_err(pn::SOCK_OPS, e))?;
-        ops.load().map_err(|e| program_err(pn::SOCK_OPS, e))?;
-        program_ids.push(ops.info().map_err(|e| program_err(pn::SOCK_OPS, e))?.id());
-        let create: &mut CgroupSock = ebpf
-            .program_mut(pn::SOCK_CREATE)
-            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
-            .try_into()
-            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
-        create.load().map_err(|e| program_err(pn::SOCK_CREATE, e))?;
-        program_ids.push(
-            create
-                .info()
-                .map_err(|e| program_err(pn::SOCK_CREATE, e))?
-                .id(),
-        );
-
-        let mut map_ids = Vec::new();
-        for name in mn::ALL {
-            let map = ebpf.map(name).ok_or(InterceptError::Missing(name))?;
-            let path = pin_dir.join("maps").join(name);
-            map.pin(&path).map_err(|e| InterceptError::Pin {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            if let Ok(info) = aya::maps::MapInfo::from_pin(&path) {
-                map_ids.push(info.id());
-            }
-        }
-        // The log ring and the .data section (AYA_LOG_LEVEL) are not pinned: the programs hold
-        // them. Their ids are still ours to account for.
-        for (name, map) in ebpf.maps() {
-            if !mn::ALL.contains(&name)
-                && let Ok(id) = map_info(map)
-            {
-                map_ids.push(id);
-            }
-        }
-        let log_thread = logs::spawn(&mut ebpf);
-        let mut take =
-            |name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
-        let policy = HashMap::try_from(take(mn::POLICY)?).map_err(map_err(mn::POLICY))?;
-        let ports = HashMap::try_from(take(mn::PORTS)?).map_err(map_err(mn::PORTS))?;
-        let allow4 = LpmTrie::try_from(take(mn::ALLOW4)?).map_err(map_err(mn::ALLOW4))?;
-        let deny4 = LpmTrie::try_from(take(mn::DENY4)?).map_err(map_err(mn::DENY4))?;
-        let allow6 = LpmTrie::try_from(take(mn::ALLOW6)?).map_err(map_err(mn::ALLOW6))?;
-        let deny6 = LpmTrie::try_from(take(mn::DENY6)?).map_err(map_err(mn::DENY6))?;
-        let allowed = AllowMap::new(
-            HashMap::try_from(take(mn::ALLOWED_IPS)?).map_err(map_err(mn::ALLOWED_IPS))?,
-        );
-        let orig = OrigDstTable::new(
-            HashMap::try_from(take(mn::ORIG_BY_PEER)?).map_err(map_err(mn::ORIG_BY_PEER))?,
-        );
-        let events = RingBuf::try_from(take(mn::EVENTS)?).map_err(map_err(mn::EVENTS))?;
         Ok(Interceptor {
-            ebpf,
-            cgroup_root: cgroup_root.to_path_buf(),
+            set,
+            cgroup_root: scope.cgroup_root.clone(),
             pin_dir: pin_dir.to_path_buf(),
             cgroup_dir: cgroup_dir.to_path_buf(),
-            policy,
-            ports,
-            allow4,
-            deny4,
-            allow6,
-            deny6,
-            allowed,
-            orig,
-            events: Some(events),
+            slot,
+            events: Some(reader),
+            guards: Guards::default(),
             cgroups: BTreeMap::new(),
-            program_ids,
-            map_ids,
             _log_thread: log_thread,
         })
+    }
+
+    /// The shared program set in use, `/sys/fs/bpf/<scope>/shared-<build>`.
+    pub fn shared_dir(&self) -> &Path {
+        &self.set.dir
     }
 
     /// The cgroup v2 mount point in use.
@@ -254,18 +145,17 @@ impl Interceptor {
         &self.cgroup_root
     }
 
-    /// This instance's pin directory, `/sys/fs/bpf/kz/<instance>`.
+    /// This instance's pin directory, `/sys/fs/bpf/<scope>/<instance>` (its links).
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
 
-    /// The parent of this instance's cgroups, `<cgroup root>/kz/<instance>`.
+    /// The parent of this instance's cgroups, `<cgroup root>/<scope>/<instance>`.
     pub fn cgroup_dir(&self) -> &Path {
         &self.cgroup_dir
     }
 
-    /// Creates `<cgroup root>/kz/<instance>/<name>`, writes its policy and attaches the programs
-    /// (links pinned). Processes placed in it afterwards are intercepted.
+    /// Creates `<cgroup root>/<scope>/<instance>/<name>`, writes its policy and attaches the programs (links pinned). Processes placed in it afterwards are intercepted.
     pub fn create_cgroup(&mut self, name: &str, policy: &Policy) -> Result<Cgroup, InterceptError> {
         if !cgroups::valid_name(name) {
             return Err(InterceptError::BadName(name.to_owned()));
@@ -286,6 +176,9 @@ impl Interceptor {
                 link_ids: Vec::new(),
             },
         );
+        if let Ok(mut g) = self.guards.lock() {
+            g.insert(id);
+        }
         // Policy first: an attached cgroup never runs without one (and none means deny anyway).
         let result = self
             .set_policy(id, policy)
@@ -301,70 +194,44 @@ impl Interceptor {
         let file =
             std::fs::File::open(path).map_err(|e| InterceptError::io("open cgroup", path, e))?;
         let links_dir = self.pin_dir.join("links");
+        let not_a_bpf_link = |name: &'static str| {
+            move |e: aya::programs::links::LinkError| InterceptError::Program {
+                name,
+                detail: format!("not a bpf_link (kernel too old for pinning?): {e}"),
+            }
+        };
         let mut fd_links: Vec<(&'static str, FdLink)> = Vec::new();
-        for name in SOCK_ADDR_PROGS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?
-                .try_into()
-                .map_err(|e| program_err(name, e))?;
+        let progs = &mut self.set.progs;
+        for (name, prog) in &mut progs.sock_addr {
+            let name: &'static str = name;
             let link_id = prog
                 .attach(&file, LINK_MODE)
                 .map_err(|e| program_err(name, e))?;
             let link = prog.take_link(link_id).map_err(|e| program_err(name, e))?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(
-                    |e: aya::programs::links::LinkError| InterceptError::Program {
-                        name,
-                        detail: format!("not a bpf_link (kernel too old for pinning?): {e}"),
-                    },
-                )?;
-            fd_links.push((name, fd));
+            fd_links.push((name, link.try_into().map_err(not_a_bpf_link(name))?));
         }
-        let ops: &mut SockOps = self
-            .ebpf
-            .program_mut(pn::SOCK_OPS)
-            .ok_or(InterceptError::Missing(pn::SOCK_OPS))?
-            .try_into()
-            .map_err(|e| program_err(pn::SOCK_OPS, e))?;
+        let ops = &mut progs.sock_ops;
         let link_id = ops
             .attach(&file, LINK_MODE)
             .map_err(|e| program_err(pn::SOCK_OPS, e))?;
         let link = ops
             .take_link(link_id)
             .map_err(|e| program_err(pn::SOCK_OPS, e))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(
-                |e: aya::programs::links::LinkError| InterceptError::Program {
-                    name: pn::SOCK_OPS,
-                    detail: format!("not a bpf_link: {e}"),
-                },
-            )?;
-        fd_links.push((pn::SOCK_OPS, fd));
-        let create: &mut CgroupSock = self
-            .ebpf
-            .program_mut(pn::SOCK_CREATE)
-            .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
-            .try_into()
-            .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
+        fd_links.push((
+            pn::SOCK_OPS,
+            link.try_into().map_err(not_a_bpf_link(pn::SOCK_OPS))?,
+        ));
+        let create = &mut progs.sock_create;
         let link_id = create
             .attach(&file, LINK_MODE)
             .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
         let link = create
             .take_link(link_id)
             .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(
-                |e: aya::programs::links::LinkError| InterceptError::Program {
-                    name: pn::SOCK_CREATE,
-                    detail: format!("not a bpf_link: {e}"),
-                },
-            )?;
-        fd_links.push((pn::SOCK_CREATE, fd));
+        fd_links.push((
+            pn::SOCK_CREATE,
+            link.try_into().map_err(not_a_bpf_link(pn::SOCK_CREATE))?,
+        ));
 
         let state = self
             .cgroups
@@ -395,7 +262,9 @@ impl Interceptor {
             .policy
             .clone();
         for port in policy.ports() {
-            self.ports
+            self.set
+                .maps
+                .ports
                 .insert(port_key(id, *port), 1, 0)
                 .map_err(map_err(mn::PORTS))?;
         }
@@ -404,12 +273,14 @@ impl Interceptor {
                 self.trie_insert(id, cidr, allow)?;
             }
         }
-        self.policy
-            .insert(id, policy.kernel(), 0)
+        self.set
+            .maps
+            .policy
+            .insert(id, policy.kernel(self.slot.index), 0)
             .map_err(map_err(mn::POLICY))?;
         for port in old.ports() {
             if !policy.ports().contains(port) {
-                let _ = self.ports.remove(&port_key(id, *port));
+                let _ = self.set.maps.ports.remove(&port_key(id, *port));
             }
         }
         for (old_list, new_list, allow) in [
@@ -435,17 +306,17 @@ impl Interceptor {
         match lpm_key(id, cidr) {
             LpmKey::V4(p, data) => {
                 let (t, n) = if allow {
-                    (&mut self.allow4, mn::ALLOW4)
+                    (&mut self.set.maps.allow4, mn::ALLOW4)
                 } else {
-                    (&mut self.deny4, mn::DENY4)
+                    (&mut self.set.maps.deny4, mn::DENY4)
                 };
                 t.insert(&Key::new(p, data), 1, 0).map_err(map_err(n))
             }
             LpmKey::V6(p, data) => {
                 let (t, n) = if allow {
-                    (&mut self.allow6, mn::ALLOW6)
+                    (&mut self.set.maps.allow6, mn::ALLOW6)
                 } else {
-                    (&mut self.deny6, mn::DENY6)
+                    (&mut self.set.maps.deny6, mn::DENY6)
                 };
                 t.insert(&Key::new(p, data), 1, 0).map_err(map_err(n))
             }
@@ -456,17 +327,17 @@ impl Interceptor {
         match lpm_key(id, cidr) {
             LpmKey::V4(p, data) => {
                 let t = if allow {
-                    &mut self.allow4
+                    &mut self.set.maps.allow4
                 } else {
-                    &mut self.deny4
+                    &mut self.set.maps.deny4
                 };
                 let _ = t.remove(&Key::new(p, data));
             }
             LpmKey::V6(p, data) => {
                 let t = if allow {
-                    &mut self.allow6
+                    &mut self.set.maps.allow6
                 } else {
-                    &mut self.deny6
+                    &mut self.set.maps.deny6
                 };
                 let _ = t.remove(&Key::new(p, data));
             }
@@ -485,28 +356,37 @@ impl Interceptor {
 
     /// Handle for kz's DNS resolver to let a cgroup reach resolved IPs.
     pub fn allow_map(&self) -> AllowMap {
-        self.allowed.clone()
+        self.set.maps.allowed.clone()
     }
 
     /// Handle for the proxy: original destination by client address.
     pub fn orig_dst_table(&self) -> OrigDstTable {
-        self.orig.clone()
+        self.set.maps.orig.clone()
     }
 
-    /// The stream of refused connects/sendmsgs, once (one consumer). Call inside Tokio.
+    /// The stream of connects/sendmsgs the kernel refused in this instance's cgroups (and in
+    /// cgroups nested below them), once (one consumer). Call inside Tokio.
     pub fn block_events(&mut self) -> Result<BlockEvents, InterceptError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(InterceptError::NoRuntime);
         }
         let ring = self.events.take().ok_or(InterceptError::EventsTaken)?;
-        BlockEvents::new(ring)
+        BlockEvents::new(ring, self.guards.clone(), self.slot.lock.clone())
     }
 
-    /// Ids of this interceptor's kernel objects (programs, maps, and links of live cgroups).
+    /// Ids of the kernel objects in use: the shared programs and maps (with this instance's event
+    /// ring), and this instance's own links of live cgroups.
     pub fn kernel_ids(&self) -> KernelIds {
         KernelIds {
-            programs: self.program_ids.clone(),
-            maps: self.map_ids.clone(),
+            programs: self.set.program_ids.clone(),
+            maps: self
+                .set
+                .maps
+                .ids
+                .iter()
+                .copied()
+                .chain(self.slot.ring.info().map(|i| i.id()))
+                .collect(),
             links: self
                 .cgroups
                 .values()
@@ -534,9 +414,9 @@ impl Interceptor {
                 drop(fd);
             }
         }
-        let _ = self.policy.remove(&id);
+        let _ = self.set.maps.policy.remove(&id);
         for port in state.policy.ports() {
-            let _ = self.ports.remove(&port_key(id, *port));
+            let _ = self.set.maps.ports.remove(&port_key(id, *port));
         }
         for cidr in &state.policy.allow {
             self.trie_remove(id, cidr, true);
@@ -544,23 +424,10 @@ impl Interceptor {
         for cidr in &state.policy.deny {
             self.trie_remove(id, cidr, false);
         }
-        self.allowed.purge(id);
+        let others: Vec<u64> = self.cgroups.keys().copied().collect();
+        self.set.maps.allowed.purge(id, &others);
         cgroups::remove_tree(&state.cgroup.path)
     }
-}
-
-fn map_info(map: &aya::maps::Map) -> Result<u32, aya::maps::MapError> {
-    use aya::maps::Map;
-    let data = match map {
-        Map::RingBuf(m) | Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) => m,
-        Map::LpmTrie(m) => m,
-        _ => {
-            return Err(aya::maps::MapError::InvalidName {
-                name: String::new(),
-            });
-        }
-    };
-    data.info().map(|i| i.id())
 }
 
 fn port_key(cgroup_id: u64, port: u16) -> PortKey {
@@ -572,8 +439,9 @@ fn port_key(cgroup_id: u64, port: u16) -> PortKey {
 }
 
 impl Drop for Interceptor {
-    /// Orderly exit: removes every cgroup (see [`Interceptor::remove_cgroup`]), then the map pins
-    /// and the instance directories. A cgroup that cannot be emptied keeps its pins.
+    /// Orderly exit: removes every cgroup (see [`Interceptor::remove_cgroup`]), then the instance
+    /// directories. A cgroup that cannot be emptied keeps its links. The shared program set stays
+    /// pinned for the next instance (`kz intercept unload` removes it).
     fn drop(&mut self) {
         let ids: Vec<u64> = self.cgroups.keys().copied().collect();
         let mut busy = false;
@@ -592,8 +460,8 @@ impl Drop for Interceptor {
         if let Err(e) = cgroups::remove_tree(&self.cgroup_dir) {
             tracing::warn!("{e}");
         }
-        // The shared parents (`<root>/kz`, `/sys/fs/bpf/kz`) stay: removing them would race with
-        // another instance creating its directories there.
+        // The shared parents (`<root>/<scope>`, `/sys/fs/bpf/<scope>`) stay: removing them would
+        // race with another instance creating its directories there.
     }
 }
 

@@ -1,7 +1,10 @@
 //! Forwards the eBPF programs' aya-log records (debug diagnostics) to `tracing` via the `log`
 //! bridge, on a small thread of its own so loading works with or without a Tokio runtime.
+//!
+//! Only instances that log at debug level forward (they use the debug program set, see
+//! [`super::shared`]). The set's log ring is shared: with several debug instances running at
+//! once, each record reaches one of them. Diagnostics only; block events have rings of their own.
 
-use aya::Ebpf;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -18,9 +21,10 @@ impl Drop for LogThread {
     }
 }
 
-/// Starts forwarding; `None` when the object has no log ring (nothing to forward).
-pub fn spawn(ebpf: &mut Ebpf) -> Option<LogThread> {
-    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+/// Starts forwarding the records of the set `program_id` belongs to; `None` when it has no log
+/// ring (nothing to forward).
+pub fn spawn(program_id: u32) -> Option<LogThread> {
+    let mut logger = match aya_log::EbpfLogger::init_from_id(program_id) {
         Ok(l) => l,
         Err(e) => {
             tracing::debug!("eBPF log forwarding off: {e}");
@@ -33,13 +37,14 @@ pub fn spawn(ebpf: &mut Ebpf) -> Option<LogThread> {
         .name("kz-ebpf-log".into())
         .spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                let ready = {
+                {
                     let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
-                    poll(&mut fds, PollTimeout::from(250u16)).unwrap_or(0)
-                };
-                if ready > 0 {
-                    logger.flush();
+                    let _ = poll(&mut fds, PollTimeout::from(250u16));
                 }
+                // Flush after a timeout too: the ring is shared, and records an earlier instance
+                // left unread keep the kernel from signalling new ones (it wakes a reader only
+                // when the reader has caught up).
+                logger.flush();
             }
         });
     match spawned {

@@ -50,7 +50,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub(crate) fn kernel(&self) -> kz_common::CgroupPolicy {
+    /// The kernel form; `ring` is the guarding instance's slot in `KZ_EVENT_RINGS`.
+    pub(crate) fn kernel(&self, ring: u32) -> kz_common::CgroupPolicy {
         let mut f = 0;
         if self.tcp == TcpRedirect::All {
             f |= flags::ALL_TCP;
@@ -71,6 +72,8 @@ impl Policy {
             proxy_port: self.proxy_port,
             dns_port: self.dns_port,
             flags: f,
+            ring,
+            _pad: 0,
         }
     }
 
@@ -319,7 +322,9 @@ impl AllowMap {
             .insert(key, expiry, 0)
             .map_err(|e| InterceptError::Map {
                 name: kz_common::map_names::ALLOWED_IPS,
-                detail: format!("{e} (the map holds 65536 entries across all cgroups)"),
+                detail: format!(
+                    "{e} (the map holds 65536 entries across all cgroups of all kz instances)"
+                ),
             })
     }
 
@@ -331,14 +336,18 @@ impl AllowMap {
         let _ = lock(&self.map).remove(&key);
     }
 
-    /// Removes every entry of a cgroup, and expired entries of all cgroups.
-    pub(crate) fn purge(&self, cgroup_id: u64) {
+    /// Removes every entry of `cgroup_id`, and the expired entries of the cgroups in
+    /// `expired_of`. Only ever cgroups of the caller: the map is shared with other kz instances,
+    /// which may be renewing their own entries at this very moment.
+    pub(crate) fn purge(&self, cgroup_id: u64, expired_of: &[u64]) {
         let now = monotonic_ns();
         let mut map = lock(&self.map);
         let doomed: Vec<IpKey> = map
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, exp)| k.cgroup_id == cgroup_id || *exp <= now)
+            .filter(|(k, exp)| {
+                k.cgroup_id == cgroup_id || (*exp <= now && expired_of.contains(&k.cgroup_id))
+            })
             .map(|(k, _)| k)
             .collect();
         for k in doomed {
@@ -388,10 +397,10 @@ mod tests {
             require_allow: true,
             ..Policy::default()
         };
-        let k = p.kernel();
-        assert_eq!((k.proxy_port, k.dns_port), (1, 2));
+        let k = p.kernel(7);
+        assert_eq!((k.proxy_port, k.dns_port, k.ring), (1, 2, 7));
         assert_eq!(k.flags, flags::V6_INTERCEPT | flags::REQUIRE_ALLOW);
-        assert_eq!(Policy::default().kernel().flags, flags::ALL_TCP);
+        assert_eq!(Policy::default().kernel(0).flags, flags::ALL_TCP);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Kernel interception: kz's eBPF programs, the cgroups they guard, and their maps.
 //!
-//! One [`Interceptor`] loads the programs once and serves many cgroups. Each cgroup it creates
-//! gets its own [`Policy`] (keyed by cgroup id in the kernel maps):
+//! The programs and their maps are loaded once per kz build and stay pinned in bpffs, shared by
+//! every kz instance ([`shared`]); an [`Interceptor`] (one kz instance) opens them, which costs a
+//! few syscalls instead of the verifier's tens of milliseconds, and serves many cgroups. Each
+//! cgroup it creates gets its own [`Policy`] (keyed by cgroup id in the shared maps):
 //!
 //! - every TCP `connect()` (or only listed ports) is redirected to `127.0.0.1:<proxy_port>`
 //!   (`[::1]` for native IPv6 when [`Ipv6Mode::Intercept`]); the proxy learns the original
@@ -12,7 +14,8 @@
 //!   does every destination not in [`Policy::allow`] nor in the allow map that kz's DNS resolver
 //!   fills through [`AllowMap::allow_ip`];
 //! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination,
-//!   reason).
+//!   reason), through a ring buffer of the instance's own: an instance sees the events of its
+//!   cgroups (and of cgroups nested below them) and no other instance's.
 //!
 //! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own, see [`mark_as_kz`]) are never
 //! touched; kz itself runs outside the cgroups it guards, so its upstream connections are never
@@ -30,13 +33,17 @@
 //! - Not covered: AF_PACKET sockets (need CAP_NET_RAW: do not give the agent that capability).
 //!
 //! # Fail closed
-//! Links and maps are pinned under `/sys/fs/bpf/kz/<instance>/` (instance = loader pid, start
-//! time and a per-process sequence number; `kz` is the default [`Scope`]); cgroups live under
-//! `<cgroup2>/kz/<instance>/`. If kz is killed, the programs stay attached and the cgroup stays
-//! cut off (its connections go to a proxy port nobody serves). Dropping the [`Interceptor`] (or
-//! [`Interceptor::remove_cgroup`]) kills what is left in its cgroups, detaches, unpins and removes
-//! everything it made. [`Interceptor::load`] first cleans up what dead instances left behind
-//! ([`cleanup_stale`]), killing their orphaned processes before it detaches anything.
+//! The program set is pinned under `/sys/fs/bpf/kz/shared-<build>/`; each instance's links under
+//! `/sys/fs/bpf/kz/<instance>/links/` (instance = loader pid, start time and a per-process
+//! sequence number; `kz` is the default [`Scope`]); cgroups live under `<cgroup2>/kz/<instance>/`.
+//! If kz is killed, its links stay pinned, the programs stay attached, its policy entries stay in
+//! the shared maps, and the cgroup stays cut off (its connections go to a proxy port nobody
+//! serves). Dropping the [`Interceptor`] (or [`Interceptor::remove_cgroup`]) kills what is left in
+//! its cgroups, detaches and unpins its links, removes its map entries and cgroups; the shared set
+//! stays. [`Interceptor::load`] first cleans up what dead instances left behind
+//! ([`cleanup_stale`]: their processes are killed before anything is detached, then their links,
+//! map entries and cgroups go). [`shared::unload`] (`kz intercept unload`) removes the shared set
+//! when no instance is running.
 //!
 //! # Use
 //! ```no_run
@@ -45,16 +52,18 @@
 //! let mut icpt = Interceptor::load()?;
 //! let policy = Policy { proxy_port: 15001, dns_port: 15053, ..Policy::default() };
 //! let cg = icpt.create_cgroup("run-1", &policy)?;
-//! let mut cmd = std::process::Command::new("node");
-//! cg.place_child(&mut cmd)?; // the child enters the cgroup before it execs
+//! let cmd = std::process::Command::new("node");
+//! let child = cg.spawn(&cmd); // born in the cgroup (clone3 CLONE_INTO_CGROUP)
+//! // or: cg.place_child(&mut cmd) to enter it between fork and exec with std's spawn
 //! let orig = icpt.orig_dst_table(); // give to the proxy
 //! let mut events = icpt.block_events()?; // inside a Tokio runtime
 //! # Ok(()) }
 //! ```
 //!
 //! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
-//! [`maps`] (policy and table types), [`loader`] ([`Interceptor`]), [`events`],
-//! [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
+//! [`shared`] (the pinned program set), [`maps`] (policy and table types), [`loader`]
+//! ([`Interceptor`]), [`events`],
+//! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
 
 pub mod cgroups;
 pub mod demo;
@@ -66,6 +75,8 @@ pub mod loader;
 pub mod logs;
 pub mod maps;
 pub mod pins;
+pub mod shared;
+pub mod spawn;
 
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
@@ -125,6 +136,14 @@ pub enum InterceptError {
     NoRuntime,
     #[error("block events were already taken: there is one consumer per interceptor")]
     EventsTaken,
+    #[error(
+        "kz instances {0:?} are running and use the shared eBPF programs: stop them, then run `kz intercept unload` again"
+    )]
+    InUse(Vec<String>),
+    #[error(
+        "all {0} block-event rings are in use by running kz instances: wait for some to finish"
+    )]
+    NoEventRing(u32),
 }
 
 impl InterceptError {

@@ -1,14 +1,19 @@
-//! bpffs layout and the cleanup of what dead loaders left behind.
+//! bpffs layout and the cleanup of what dead instances left behind.
 //!
 //! ```text
-//! /sys/fs/bpf/kz/<instance>/maps/<MAP NAME>
-//! /sys/fs/bpf/kz/<instance>/links/<cgroup id>-<program>
-//! <cgroup2 root>/kz/<instance>/<cgroup name>
+//! /sys/fs/bpf/<scope>/shared-<build>/{progs,maps}/…     programs and maps, shared (super::shared)
+//! /sys/fs/bpf/<scope>/shared-<build>/rings/<n>          flock'ed by the instance using ring n
+//! /sys/fs/bpf/<scope>/<instance>/links/<cgroup id>-<program>
+//! <cgroup2 root>/<scope>/<instance>/<cgroup name>
 //! ```
-//! `<instance>` is `<pid>-<start time in clock ticks>-<seq>` of the loader, so a later kz can tell a
-//! live loader (leave it alone) from a dead one whose pid was reused (clean up).
+//! `<scope>` is `kz` by default. `<instance>` is `<pid>-<start time in clock ticks>-<seq>` of the
+//! loader, so a later kz can tell a live instance (leave it alone) from a dead one whose pid was
+//! reused (clean up). An instance owns its links and cgroups, and the entries keyed by its cgroup
+//! ids in the shared maps (policy, ports, allow/deny tries, allowed IPs); a dead
+//! instance's links keep its cgroups cut off until [`cleanup_stale`] removes all of it.
 
-use super::{InterceptError, cgroups};
+use super::{InterceptError, cgroups, shared};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,7 +49,7 @@ impl Scope {
         Scope::new(&cgroups::cgroup2_root()?, DEFAULT_SCOPE)
     }
 
-    /// Directory holding every instance's pins.
+    /// Directory holding the program sets and every instance's pins.
     pub fn pin_root(&self) -> PathBuf {
         Path::new(BPFFS).join(&self.name)
     }
@@ -141,35 +146,71 @@ pub struct StaleReport {
     pub killed: usize,
 }
 
-/// Cleans up after loaders that died without an orderly exit: kills what is left in their
-/// cgroups, then unpins their links and maps (which detaches the programs) and removes the
-/// cgroups. Processes are killed *before* anything is detached, so an orphaned agent is never
-/// let out uncut; if a cgroup cannot be emptied its pins stay and this returns an error.
-pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
-    let pins = scope.pin_root();
-    let cgroups = scope.cgroup_parent();
+/// Names of the instance directories (pins or cgroups) in `scope`, dead and alive.
+fn instance_names(scope: &Scope) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
-    for dir in [&pins, &cgroups] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if let Some(n) = e.file_name().to_str()
-                    && !names.iter().any(|x| x == n)
-                {
-                    names.push(n.to_owned());
-                }
+    for dir in [scope.pin_root(), scope.cgroup_parent()] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if let Some(n) = e.file_name().to_str()
+                && Instance::parse(n).is_some()
+                && !names.iter().any(|x| x == n)
+            {
+                names.push(n.to_owned());
             }
         }
     }
+    names
+}
+
+/// Instances of `scope` whose loader is still running.
+pub fn live_instances(scope: &Scope) -> Vec<String> {
+    instance_names(scope)
+        .into_iter()
+        .filter(|n| Instance::parse(n).is_some_and(|i| i.alive()))
+        .collect()
+}
+
+/// Cleans up after instances that died without an orderly exit: kills what is left in their
+/// cgroups, then unpins their links (which detaches the programs from those cgroups), removes
+/// their entries from this build's shared maps and removes the cgroups. Processes are killed
+/// *before* anything is detached, so an orphaned agent is never let out uncut; if a cgroup
+/// cannot be emptied its links stay and this returns an error.
+pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
+    let dead: Vec<String> = instance_names(scope)
+        .into_iter()
+        .filter(|n| Instance::parse(n).is_some_and(|i| !i.alive()))
+        .collect();
     let mut report = StaleReport::default();
-    for name in names {
-        // Only directories named like an instance are ours to judge.
-        let Some(inst) = Instance::parse(&name) else {
-            continue;
-        };
-        if inst.alive() {
-            continue;
+    if dead.is_empty() {
+        return Ok(report);
+    }
+    // Only this build's sets: another build's maps may have other key layouts (and the next
+    // set that build or this one creates removes them anyway).
+    let mut sets = shared::open_build_maps(scope);
+    for name in dead {
+        let cg_dir = scope.cgroup_parent().join(&name);
+        let pin_dir = scope.pin_root().join(&name);
+        // The dead instance's cgroup ids: its cgroup directories (inode = id; created before any
+        // entry was written and removed after the entries) and its link pins (`<id>-<program>`).
+        let mut ids: BTreeSet<u64> = leaf_cgroups(&cg_dir)
+            .iter()
+            .filter(|d| **d != cg_dir)
+            .filter_map(|d| cgroups::cgroup_id(d).ok())
+            .collect();
+        for e in std::fs::read_dir(pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|id| id.parse().ok())
+            {
+                ids.insert(id);
+            }
         }
-        let cg_dir = cgroups.join(&name);
         if cg_dir.is_dir() {
             report.killed += leaf_cgroups(&cg_dir)
                 .iter()
@@ -179,14 +220,18 @@ pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
                 return Err(InterceptError::CgroupBusy(cg_dir));
             }
         }
-        let pin_dir = pins.join(&name);
-        if pin_dir.exists() {
-            // Unlinking the last reference to a link detaches it; maps go with their programs.
-            std::fs::remove_dir_all(&pin_dir)
-                .map_err(|e| InterceptError::io("remove pins", &pin_dir, e))?;
+        // Unlinking the last reference to a link detaches it. Another instance may be cleaning
+        // up the same one at the same moment: what is already gone is fine.
+        match std::fs::remove_dir_all(&pin_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(InterceptError::io("remove pins", &pin_dir, e)),
+        }
+        for set in &mut sets {
+            set.purge_cgroups(&ids);
         }
         cgroups::remove_tree(&cg_dir)?;
-        tracing::info!(instance = %name, "cleaned up a dead kz instance's pins and cgroups");
+        tracing::info!(instance = %name, cgroups = ids.len(), "cleaned up a dead kz instance's links, map entries and cgroups");
         report.instances.push(name);
     }
     Ok(report)

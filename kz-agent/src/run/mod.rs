@@ -290,6 +290,37 @@ pub async fn spawn_and_wait(
     mut cmd: tokio::process::Command,
     program: &Path,
 ) -> Result<ExitCode, RunError> {
+    wait_forwarding(move || cmd.spawn().map(Child::Tokio), program).await
+}
+
+/// A child kz waits for: started by std/tokio, or born in a cgroup (`kz run --blind`).
+pub(crate) enum Child {
+    Tokio(tokio::process::Child),
+    Cgroup(crate::intercept::spawn::CgroupChild),
+}
+
+impl Child {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Child::Tokio(c) => c.id(),
+            Child::Cgroup(c) => Some(c.id()),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Child::Tokio(c) => c.wait().await,
+            Child::Cgroup(c) => c.wait().await,
+        }
+    }
+}
+
+/// [`spawn_and_wait`] with the spawning left to `spawn` (called once the signal handlers are
+/// in place).
+pub(crate) async fn wait_forwarding(
+    spawn: impl FnOnce() -> std::io::Result<Child>,
+    program: &Path,
+) -> Result<ExitCode, RunError> {
     use tokio::signal::unix::{SignalKind, signal};
     const FORWARDED: &[(i32, nix::sys::signal::Signal)] = &[
         (libc_sig::SIGINT, nix::sys::signal::Signal::SIGINT),
@@ -321,7 +352,7 @@ pub async fn spawn_and_wait(
     drop(tx);
     // Handlers are installed before the child exists: a signal that arrives as soon as the
     // child runs must be forwarded, not kill kz with the default action.
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn() {
         Ok(c) => c,
         Err(e) => {
             let code = match e.kind() {

@@ -608,7 +608,10 @@ async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, h2: bool) {
         drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
+        // Flattened writes: head and a small body leave in one TLS record and one syscall
+        // (vectored writes make rustls seal one record per buffer).
+        b.writev(false)
+            .timer(TokioTimer::new())
             .header_read_timeout(sh.limits.header_read_timeout)
             .max_buf_size(sh.limits.max_header_bytes.max(8192))
             .max_headers(sh.limits.max_headers);

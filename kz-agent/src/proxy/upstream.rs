@@ -174,6 +174,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (send, conn) = http1::Builder::new()
+        .writev(false) // one TLS record for head + small body (see server.rs)
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Http(e.to_string()))?;

@@ -579,23 +579,20 @@ fn cgroup_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> Vec<String> {
     {
         found.push("KZ_PORTS".to_owned());
     }
-    for name in ["KZ_ALLOW4", "KZ_DENY4"] {
-        let trie: LpmTrie<_, kz_common::Lpm4, u8> = LpmTrie::try_from(open(name)).unwrap();
-        if trie
-            .keys()
+    // Whether an LPM trie holds a key of this cgroup (`id` reads a key's cgroup id).
+    fn trie_has<K: aya::Pod>(map: Map, cgroup_id: u64, id: impl Fn(&K) -> [u8; 8]) -> bool {
+        let trie: LpmTrie<_, K, u8> = LpmTrie::try_from(map).unwrap();
+        trie.keys()
             .filter_map(Result::ok)
-            .any(|k| u64::from_be_bytes(k.data().cgroup_id) == cgroup_id)
-        {
+            .any(|k| u64::from_be_bytes(id(&k.data())) == cgroup_id)
+    }
+    for name in ["KZ_ALLOW4", "KZ_DENY4"] {
+        if trie_has(open(name), cgroup_id, |k: &kz_common::Lpm4| k.cgroup_id) {
             found.push(name.to_owned());
         }
     }
     for name in ["KZ_ALLOW6", "KZ_DENY6"] {
-        let trie: LpmTrie<_, kz_common::Lpm6, u8> = LpmTrie::try_from(open(name)).unwrap();
-        if trie
-            .keys()
-            .filter_map(Result::ok)
-            .any(|k| u64::from_be_bytes(k.data().cgroup_id) == cgroup_id)
-        {
+        if trie_has(open(name), cgroup_id, |k: &kz_common::Lpm6| k.cgroup_id) {
             found.push(name.to_owned());
         }
     }

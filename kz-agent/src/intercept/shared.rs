@@ -475,32 +475,25 @@ fn pin_new_set(dir: &Path, debug: bool) -> Result<(), InterceptError> {
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(InterceptError::Object)?;
-    for (name, _) in SOCK_ADDR_PROGS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(InterceptError::Missing(name))?
-            .try_into()
-            .map_err(|e| program_err(name, e))?;
-        prog.load().map_err(|e| program_err(name, e))?;
-        let path = progs.join(name);
-        prog.pin(&path).map_err(pin_err(&path))?;
+    // Each program type has its own inherent `load`; the steps around it are the same.
+    macro_rules! load_and_pin {
+        ($name:expr, $ty:ty) => {{
+            let name = $name;
+            let prog: &mut $ty = ebpf
+                .program_mut(name)
+                .ok_or(InterceptError::Missing(name))?
+                .try_into()
+                .map_err(|e| program_err(name, e))?;
+            prog.load().map_err(|e| program_err(name, e))?;
+            let path = progs.join(name);
+            prog.pin(&path).map_err(pin_err(&path))?;
+        }};
     }
-    let ops: &mut SockOps = ebpf
-        .program_mut(pn::SOCK_OPS)
-        .ok_or(InterceptError::Missing(pn::SOCK_OPS))?
-        .try_into()
-        .map_err(|e| program_err(pn::SOCK_OPS, e))?;
-    ops.load().map_err(|e| program_err(pn::SOCK_OPS, e))?;
-    let path = progs.join(pn::SOCK_OPS);
-    ops.pin(&path).map_err(pin_err(&path))?;
-    let create: &mut CgroupSock = ebpf
-        .program_mut(pn::SOCK_CREATE)
-        .ok_or(InterceptError::Missing(pn::SOCK_CREATE))?
-        .try_into()
-        .map_err(|e| program_err(pn::SOCK_CREATE, e))?;
-    create.load().map_err(|e| program_err(pn::SOCK_CREATE, e))?;
-    let path = progs.join(pn::SOCK_CREATE);
-    create.pin(&path).map_err(pin_err(&path))?;
+    for (name, _) in SOCK_ADDR_PROGS {
+        load_and_pin!(name, CgroupSockAddr);
+    }
+    load_and_pin!(pn::SOCK_OPS, SockOps);
+    load_and_pin!(pn::SOCK_CREATE, CgroupSock);
     for name in mn::ALL {
         let map = ebpf.map(name).ok_or(InterceptError::Missing(name))?;
         let path = maps.join(name);

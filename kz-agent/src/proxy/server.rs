@@ -348,7 +348,6 @@ async fn intercept(
             },
             Offer::H1,
             None,
-            sh.pool.clone(),
         );
         let route = Route::Plain {
             dst,
@@ -503,7 +502,7 @@ async fn tls_intercept(
         host,
         port: dst.port(),
         denied,
-        upstream: upstream.map(|s| Upstream::new(target, up_offer, s, sh.pool.clone())),
+        upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
     };
     let ctx = ConnCtx::new(sh, stop, peer, kind, route);
     serve_http(ctx, Box::new(tls), h2_client).await;
@@ -726,7 +725,6 @@ async fn handle(
                                 },
                                 Offer::H1,
                                 None,
-                                sh.pool.clone(),
                             );
                             *g = Some((host.clone(), port, u.clone()));
                             u
@@ -1044,12 +1042,9 @@ async fn forward(
                 match HeaderValue::from_bytes(&v) {
                     Ok(hv) => *value = hv,
                     Err(_) => {
-                        rec.with(|f| {
-                            f.status = 400;
-                            f.error = Some("swapped_header_invalid".into());
-                        });
-                        return text(
-                            StatusCode::BAD_REQUEST,
+                        return bad_request(
+                            &rec,
+                            "swapped_header_invalid",
                             "kz: a swapped header value is not a valid header".into(),
                         );
                     }
@@ -1091,12 +1086,9 @@ async fn forward(
                 let data = match incoming.collect().await {
                     Ok(c) => c.to_bytes(),
                     Err(e) => {
-                        rec.with(|f| {
-                            f.status = 400;
-                            f.error = Some("request_body_read_failed".into());
-                        });
-                        return text(
-                            StatusCode::BAD_REQUEST,
+                        return bad_request(
+                            &rec,
+                            "request_body_read_failed",
                             format!("kz: reading the request body failed: {e}"),
                         );
                     }
@@ -1149,12 +1141,9 @@ async fn forward(
         },
     };
     if authority.is_none() {
-        rec.with(|f| {
-            f.status = 400;
-            f.error = Some("host_invalid".into());
-        });
-        return text(
-            StatusCode::BAD_REQUEST,
+        return bad_request(
+            &rec,
+            "host_invalid",
             "kz: the request's Host is not a valid host[:port]".into(),
         );
     }
@@ -1169,12 +1158,9 @@ async fn forward(
     let uri = match Uri::from_parts(uri_parts) {
         Ok(u) if u.authority().is_some() && u.path_and_query().is_some() => u,
         _ => {
-            rec.with(|f| {
-                f.status = 400;
-                f.error = Some("swapped_url_invalid".into());
-            });
-            return text(
-                StatusCode::BAD_REQUEST,
+            return bad_request(
+                &rec,
+                "swapped_url_invalid",
                 "kz: the request URL is not valid after swapping".into(),
             );
         }
@@ -1207,6 +1193,15 @@ async fn forward(
         }
     };
     respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
+}
+
+/// A 400 for a request kz could not forward, noted in its audit record as `error`.
+fn bad_request(rec: &Record, error: &str, msg: String) -> Response<ProxyBody> {
+    rec.with(|f| {
+        f.status = 400;
+        f.error = Some(error.to_owned());
+    });
+    text(StatusCode::BAD_REQUEST, msg)
 }
 
 fn refused(rec: &Arc<Record>, host: &str) -> Response<ProxyBody> {

@@ -373,19 +373,17 @@ pub struct Upstream {
     pub target: Target,
     offer: Offer,
     want_h2: bool,
-    pool: Arc<Pool>,
     /// A connection dialled during the client handshake, for the first request.
     first: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    pub fn new(target: Target, offer: Offer, first: Option<Sender>, pool: Arc<Pool>) -> Arc<Self> {
+    pub fn new(target: Target, offer: Offer, first: Option<Sender>) -> Arc<Self> {
         let want_h2 = offer == Offer::H2;
         Arc::new(Self {
             target,
             offer,
             want_h2,
-            pool,
             first: Mutex::new(first),
         })
     }
@@ -420,7 +418,7 @@ impl Upstream {
         if let Some(s) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Ok((s, false));
         }
-        if let Some(s) = self.pool.checkout(&self.target, self.want_h2) {
+        if let Some(s) = sh.pool.checkout(&self.target, self.want_h2) {
             return Ok((s, true));
         }
         Ok((connect(sh, &self.target, self.offer).await?, false))
@@ -462,7 +460,7 @@ impl Upstream {
                         .iter()
                         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                 let back = reusable.then(|| Return {
-                    pool: self.pool.clone(),
+                    pool: sh.pool.clone(),
                     target: self.target.clone(),
                     sender: s,
                 });

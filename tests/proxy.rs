@@ -371,7 +371,14 @@ fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
     if !support::require_root() {
         return;
     }
-    let env = Env::new(Opts::default());
+    // One worker thread: upstream pools are per worker, and this test is about reuse.
+    let env = Env::new(Opts {
+        limits: Some(proxy::Limits {
+            workers: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let m = env.masked.clone();
     let auth = format!("Authorization: Bearer {m}");
     let h1 = |urls: &[&str], extra: &[&str]| {
@@ -410,6 +417,53 @@ fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
     }
     let recs = env.audit.wait("proxy_request", 9);
     assert!(recs.iter().all(|r| r.fields["status"] == 200), "{recs:?}");
+    env.audit_clean();
+}
+
+#[test]
+fn concurrent_h2_clients_get_their_own_upstream_connection_and_later_ones_reuse_it() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts {
+        limits: Some(proxy::Limits {
+            workers: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let auth = format!("Authorization: Bearer {}", env.masked);
+    let h2 = |url: &str| ok(&env.curl_t("api.test", 443, &["--http2", "-H", &auth, url]));
+    // Two h2 clients at once (each SSE response lasts 2 s): one upstream connection each, so
+    // neither client's streams queue behind the other's on one connection.
+    std::thread::scope(|s| {
+        let a = s.spawn(|| h2("https://api.test/sse?c=a"));
+        let b = s.spawn(|| h2("https://api.test/sse?c=b"));
+        for out in [a.join().unwrap(), b.join().unwrap()] {
+            assert!(out.contains("data: second"), "{out}");
+        }
+    });
+    let sse: Vec<u64> = env
+        .good
+        .seen()
+        .iter()
+        .filter(|s| s.uri.contains("/sse"))
+        .map(|s| s.conn)
+        .collect();
+    assert_eq!(sse.len(), 2);
+    assert_ne!(
+        sse[0], sse[1],
+        "two concurrent h2 clients shared one upstream connection"
+    );
+    // Both clients are gone: the next ones reuse those connections instead of dialling.
+    for _ in 0..2 {
+        h2("https://api.test/echo");
+        let conn = env.good.last().conn;
+        assert!(
+            sse.contains(&conn),
+            "a new upstream connection was dialled: {conn} not in {sse:?}"
+        );
+    }
     env.audit_clean();
 }
 

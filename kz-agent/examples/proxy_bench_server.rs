@@ -48,8 +48,8 @@ fn main() {
     let real = std::env::var(arg("--real-env").expect("--real-env")).expect("real value env");
     let host = arg("--host").expect("--host");
     let threads: usize = arg("--threads").map_or(2, |t| t.parse().unwrap());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+    // The proxy serves on its own worker threads; this runtime only starts and stops it.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -65,6 +65,7 @@ fn main() {
         cfg.explicit_listen = vec!["127.0.0.1:0".parse().unwrap()];
         cfg.upstream_ca = arg("--upstream-ca").map(Into::into);
         cfg.limits.max_connections = 20_000;
+        cfg.limits.workers = threads;
         cfg.orig_dst = Some(Arc::new(move |peer: SocketAddr| {
             // Only the peer address is passed (as from the interception map), so the bench
             // marks plain-HTTP clients by their source address: 127.0.0.2.

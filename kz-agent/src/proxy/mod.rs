@@ -60,6 +60,8 @@ pub enum ProxyError {
         "the proxy has no listener; configure at least one transparent or explicit listen address"
     )]
     NoListener,
+    #[error("cannot start the proxy's worker threads: {0}; check the process and thread limits")]
+    Workers(std::io::Error),
 }
 
 /// Limits that keep bad or slow clients from holding resources.
@@ -90,6 +92,10 @@ pub struct Limits {
     pub upstream_max_idle_per_host: usize,
     /// Idle upstream connections older than this are closed.
     pub upstream_idle_timeout: Duration,
+    /// Threads serving connections, each with a single-threaded runtime of its own (0: one per
+    /// available core, at most 8). A connection stays on the thread that accepted it, with the
+    /// tasks hyper spawns for it: no work stealing, no cross-thread wake-ups per request.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -107,6 +113,7 @@ impl Default for Limits {
             leaf_cache: 1024,
             upstream_max_idle_per_host: 32,
             upstream_idle_timeout: Duration::from_secs(60),
+            workers: 0,
         }
     }
 }
@@ -165,11 +172,33 @@ pub struct Shared {
     pub orig_dst: Option<OrigDstLookup>,
     pub resolve: Option<HostLookup>,
     pub upstream_tls: tls::Upstream,
-    /// Idle upstream connections shared across client connections.
-    pub pool: Arc<upstream::Pool>,
+    /// Idle upstream connections, one pool per worker thread: a connection is reused by the
+    /// thread that runs its task, so a request never wakes another thread.
+    pools: Vec<Arc<upstream::Pool>>,
+    /// The worker threads' runtimes and how many client connections each serves.
+    workers: Vec<tokio::runtime::Handle>,
+    load: Vec<std::sync::atomic::AtomicUsize>,
     pub metrics: Metrics,
     /// Our own listen addresses: a redirect that points back at us is refused, not looped.
     pub own_addrs: Vec<SocketAddr>,
+}
+
+thread_local! {
+    /// Index of the worker thread this is (0 elsewhere).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl Shared {
+    /// The upstream pool of the current worker thread.
+    pub fn pool(&self) -> &Arc<upstream::Pool> {
+        let i = WORKER.with(std::cell::Cell::get);
+        &self.pools[i % self.pools.len()]
+    }
+
+    /// Idle upstream connections over all workers.
+    pub fn idle_upstream(&self) -> usize {
+        self.pools.iter().map(|p| p.idle()).sum()
+    }
 }
 
 /// A running proxy.
@@ -179,7 +208,9 @@ pub struct ProxyHandle {
     pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: server::Stop,
+    /// Tasks on the caller's runtime (metrics listener, pool sweeper).
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ProxyHandle {
@@ -192,7 +223,7 @@ impl ProxyHandle {
     pub fn metrics_text(&self) -> String {
         self.shared
             .metrics
-            .render(self.shared.ca.cached(), self.shared.pool.idle())
+            .render(self.shared.ca.cached(), self.shared.idle_upstream())
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -223,6 +254,20 @@ impl ProxyHandle {
     }
 }
 
+impl Drop for ProxyHandle {
+    /// Dropping the handle (after `shutdown`, or instead of it) ends every connection and stops
+    /// the worker threads; their runtimes are dropped without waiting for blocking lookups.
+    fn drop(&mut self) {
+        self.stop.kill();
+        for t in &self.tasks {
+            t.abort();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
 /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     if cfg.transparent_listen.is_empty() && cfg.explicit_listen.is_empty() {
@@ -234,7 +279,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
             .map_err(|source| ProxyError::Bind { addr, source })?;
         l.set_nonblocking(true)
             .map_err(|source| ProxyError::Bind { addr, source })?;
-        tokio::net::TcpListener::from_std(l).map_err(|source| ProxyError::Bind { addr, source })
+        Ok::<_, ProxyError>(l)
     };
     let mut transparent = Vec::new();
     for a in &cfg.transparent_listen {
@@ -244,15 +289,38 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     for a in &cfg.explicit_listen {
         explicit.push(bind(*a)?);
     }
-    let metrics_l = cfg.metrics_listen.map(bind).transpose()?;
-    let addr_of = |l: &tokio::net::TcpListener| l.local_addr().ok();
+    let metrics_l = cfg
+        .metrics_listen
+        .map(|addr| {
+            tokio::net::TcpListener::from_std(bind(addr)?)
+                .map_err(|source| ProxyError::Bind { addr, source })
+        })
+        .transpose()?;
+    let addr_of = |l: &std::net::TcpListener| l.local_addr().ok();
     let transparent_addrs: Vec<_> = transparent.iter().filter_map(addr_of).collect();
     let explicit_addrs: Vec<_> = explicit.iter().filter_map(addr_of).collect();
-    let metrics_addr = metrics_l.as_ref().and_then(addr_of);
-    let pool = Arc::new(upstream::Pool::new(
-        cfg.limits.upstream_max_idle_per_host,
-        cfg.limits.upstream_idle_timeout,
-    ));
+    let metrics_addr = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
+    let n_workers = match cfg.limits.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        n => n,
+    };
+    let mut runtimes = Vec::with_capacity(n_workers);
+    for _ in 0..n_workers {
+        runtimes.push(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ProxyError::Workers)?,
+        );
+    }
+    let pools = (0..n_workers)
+        .map(|_| {
+            Arc::new(upstream::Pool::new(
+                cfg.limits.upstream_max_idle_per_host,
+                cfg.limits.upstream_idle_timeout,
+            ))
+        })
+        .collect();
     let shared = Arc::new(Shared {
         ca: cfg.ca,
         tokens: cfg.tokens,
@@ -262,7 +330,9 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
         audit: cfg.audit,
         orig_dst: cfg.orig_dst,
         resolve: cfg.resolve,
-        pool,
+        pools,
+        workers: runtimes.iter().map(|r| r.handle().clone()).collect(),
+        load: (0..n_workers).map(|_| Default::default()).collect(),
         upstream_tls,
         metrics: Metrics::default(),
         own_addrs: transparent_addrs
@@ -272,31 +342,23 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
             .collect(),
     });
     let stop = server::Stop::new(shared.limits.max_connections);
+    let listeners: Vec<_> = transparent
+        .into_iter()
+        .map(|l| (l, server::Kind::Transparent))
+        .chain(explicit.into_iter().map(|l| (l, server::Kind::Explicit)))
+        .collect();
+    let workers = start_workers(&shared, &stop, runtimes, listeners)?;
     let mut tasks = Vec::new();
-    for l in transparent {
-        tasks.push(tokio::spawn(server::accept_loop(
-            shared.clone(),
-            stop.clone(),
-            l,
-            server::Kind::Transparent,
-        )));
-    }
-    for l in explicit {
-        tasks.push(tokio::spawn(server::accept_loop(
-            shared.clone(),
-            stop.clone(),
-            l,
-            server::Kind::Explicit,
-        )));
-    }
     if let Some(l) = metrics_l {
         tasks.push(tokio::spawn(server::metrics_loop(shared.clone(), l)));
     }
-    let pool = shared.pool.clone();
+    let sweep = shared.clone();
     tasks.push(tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            pool.sweep();
+            for p in &sweep.pools {
+                p.sweep();
+            }
         }
     }));
     tracing::info!(?transparent_addrs, ?explicit_addrs, "proxy listening");
@@ -307,5 +369,49 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
         shared,
         stop,
         tasks,
+        workers,
     })
+}
+
+/// Starts the worker threads. Each accepts from every listener (the kernel wakes one of the
+/// threads waiting); a thread that already serves more connections than another hands the new
+/// one over (see `server::accept_loop`), so a few long keep-alive connections spread evenly.
+fn start_workers(
+    shared: &Arc<Shared>,
+    stop: &server::Stop,
+    runtimes: Vec<tokio::runtime::Runtime>,
+    listeners: Vec<(std::net::TcpListener, server::Kind)>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
+    let mut threads = Vec::with_capacity(runtimes.len());
+    for (i, rt) in runtimes.into_iter().enumerate() {
+        let mut mine = Vec::with_capacity(listeners.len());
+        for (l, kind) in &listeners {
+            mine.push((l.try_clone().map_err(ProxyError::Workers)?, *kind));
+        }
+        let (sh, stop) = (shared.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("kz-proxy-{i}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(i));
+                rt.block_on(async {
+                    for (l, kind) in mine {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                let task =
+                                    server::accept_loop(sh.clone(), stop.clone(), l, kind, i);
+                                tokio::spawn(task);
+                            }
+                            Err(e) => tracing::error!(error = %e, "proxy worker cannot listen"),
+                        }
+                    }
+                    stop.killed().await;
+                });
+                // Connections still open are dropped here; a DNS lookup in flight on the
+                // blocking pool is not waited for.
+                rt.shutdown_background();
+            })
+            .map_err(ProxyError::Workers)?;
+        threads.push(t);
+    }
+    Ok(threads)
 }

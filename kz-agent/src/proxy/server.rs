@@ -68,13 +68,20 @@ impl Stop {
         let mut rx = self.tx.subscribe();
         let _ = rx.wait_for(|v| *v >= level).await;
     }
+
+    /// Resolves once every connection has been told to close.
+    pub async fn killed(&self) {
+        self.reached(KILL).await;
+    }
 }
 
-struct ActiveGuard(Arc<Shared>);
+/// One client connection served by worker `.1`: counted in the metrics and the worker's load.
+struct ActiveGuard(Arc<Shared>, usize);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         Metrics::dec(&self.0.metrics.connections_active);
+        self.0.load[self.1].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -93,9 +100,17 @@ impl Kind {
     }
 }
 
-pub async fn accept_loop(sh: Arc<Shared>, stop: Stop, l: TcpListener, kind: Kind) {
+/// Accepts until the proxy drains, on worker `me`. A connection is served here unless another
+/// worker has fewer connections; then it moves there (a thread that was busy when the kernel
+/// woke it would otherwise keep what it accepted, and long keep-alive connections would stay
+/// unevenly spread for their whole life).
+pub async fn accept_loop(sh: Arc<Shared>, stop: Stop, l: TcpListener, kind: Kind, me: usize) {
     loop {
-        let (stream, peer) = match l.accept().await {
+        let accepted = tokio::select! {
+            r = l.accept() => r,
+            _ = stop.reached(DRAIN) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -113,18 +128,52 @@ pub async fn accept_loop(sh: Arc<Shared>, stop: Stop, l: TcpListener, kind: Kind
         let _ = stream.set_nodelay(true);
         Metrics::inc(&sh.metrics.connections_total);
         Metrics::inc(&sh.metrics.connections_active);
-        let sh = sh.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
+        let to = least_loaded(&sh, me);
+        sh.load[to].fetch_add(1, Ordering::Relaxed);
+        let active = ActiveGuard(sh.clone(), to);
+        let there = (to != me).then(|| sh.workers[to].clone());
+        let (sh, stop) = (sh.clone(), stop.clone());
+        let serve = async move |stream: TcpStream| {
             let _permit = permit;
-            let _active = ActiveGuard(sh.clone());
+            let _active = active;
             let killed = stop.clone();
             tokio::select! {
                 _ = serve_conn(sh, stop, stream, peer, kind) => {}
                 _ = killed.reached(KILL) => {}
             }
-        });
+        };
+        let Some(there) = there else {
+            tokio::spawn(serve(stream));
+            continue;
+        };
+        // The socket is registered with this thread's reactor: re-register it over there.
+        match stream.into_std() {
+            Ok(std) => {
+                there.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(s) => serve(s).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot move a connection to another worker")
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot move a connection to another worker"),
+        }
     }
+}
+
+/// The worker with the fewest connections, `me` on a tie.
+fn least_loaded(sh: &Shared, me: usize) -> usize {
+    let mut best = me;
+    let mut min = sh.load[me].load(Ordering::Relaxed);
+    for (i, l) in sh.load.iter().enumerate() {
+        let n = l.load(Ordering::Relaxed);
+        if n < min {
+            (best, min) = (i, n);
+        }
+    }
+    best
 }
 
 async fn serve_conn(sh: Arc<Shared>, stop: Stop, stream: TcpStream, peer: SocketAddr, kind: Kind) {
@@ -445,7 +494,7 @@ async fn tls_intercept(
     } else if !offers_h2 {
         Some(false)
     } else {
-        sh.pool.known_h2(&target)
+        sh.pool().known_h2(&target)
     };
     let upstream: Result<Option<upstream::Sender>, UpstreamError> = if denied {
         Err(UpstreamError::Http("denied".into()))
@@ -628,7 +677,15 @@ async fn drive<C>(
 ) where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
 {
-    let idle = idle_watch(last, &ctx.inflight, ctx.sh.limits.idle_timeout);
+    let limits = &ctx.sh.limits;
+    // The idle check ticks at least twice per header-read timeout. Why: hyper arms a timer
+    // for every request head; when that timer is the runtime's earliest, arming it wakes the
+    // runtime's driver through its eventfd (a write and an extra epoll round per request).
+    // With this tick pending, a head timer is never the earliest.
+    let tick = (limits.idle_timeout / 4)
+        .min(limits.header_read_timeout / 2)
+        .max(Duration::from_millis(50));
+    let idle = idle_watch(last, &ctx.inflight, limits.idle_timeout, tick);
     tokio::pin!(idle);
     let mut draining = false;
     loop {
@@ -652,8 +709,7 @@ async fn drive<C>(
     }
 }
 
-async fn idle_watch(last: &AtomicU64, inflight: &AtomicUsize, timeout: Duration) {
-    let tick = (timeout / 4).max(Duration::from_millis(50));
+async fn idle_watch(last: &AtomicU64, inflight: &AtomicUsize, timeout: Duration, tick: Duration) {
     loop {
         tokio::time::sleep(tick).await;
         let idle_for = now_ms().saturating_sub(last.load(Ordering::Relaxed));
@@ -1384,7 +1440,7 @@ pub async fn metrics_loop(sh: Arc<Shared>, l: TcpListener) {
                 async move {
                     let r = if req.uri().path() == "/metrics" {
                         let mut r = Response::new(body::full(
-                            sh.metrics.render(sh.ca.cached(), sh.pool.idle()),
+                            sh.metrics.render(sh.ca.cached(), sh.idle_upstream()),
                         ));
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,

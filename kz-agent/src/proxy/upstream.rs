@@ -150,7 +150,7 @@ pub async fn connect(sh: &Shared, target: &Target, offer: Offer) -> Result<Sende
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     // Only an offer that included h2 says whether the server speaks it.
     if offer != Offer::H1 {
-        sh.pool.learned(target, h2);
+        sh.pool().learned(target, h2);
     }
     if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -245,7 +245,10 @@ impl From<SendError> for UpstreamError {
 /// Idle upstream connections shared by all client connections, keyed by the address dialled
 /// *and* the host name its certificate was verified for: a connection verified for one name is
 /// never reused for another. h1 connections are checked out exclusively and come back when
-/// their response body is done; an h2 connection is shared.
+/// their response body is done. An h2 connection is leased to a client connection for its
+/// whole life, so concurrent h2 clients get one upstream connection each (as many as they
+/// opened themselves, up to `max_idle_per_key`, then they share): one shared connection would
+/// put every stream's TLS and framing on one task, i.e. one core.
 pub struct Pool {
     inner: Mutex<PoolInner>,
     max_idle_per_key: usize,
@@ -262,13 +265,39 @@ struct Key {
 #[derive(Default)]
 struct PoolInner {
     h1: HashMap<Key, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
-    h2: HashMap<Key, http2::SendRequest<ProxyBody>>,
+    h2: HashMap<Key, Vec<H2Conn>>,
     /// Protocol last negotiated with each upstream (true = h2): lets a new client connection be
     /// offered the right ALPN without dialling first.
     proto: HashMap<Key, bool>,
 }
 
 const MAX_KEYS: usize = 4096;
+
+/// A pooled h2 connection; `users` is held by each client connection leasing it, so its strong
+/// count minus one is the number of client connections on it.
+struct H2Conn {
+    send: http2::SendRequest<ProxyBody>,
+    users: Arc<()>,
+}
+
+/// A client connection's hold on a pooled h2 connection.
+struct H2Lease {
+    send: http2::SendRequest<ProxyBody>,
+    _users: Arc<()>,
+}
+
+impl H2Conn {
+    fn users(&self) -> usize {
+        Arc::strong_count(&self.users) - 1
+    }
+
+    fn lease(&self) -> H2Lease {
+        H2Lease {
+            send: self.send.clone(),
+            _users: self.users.clone(),
+        }
+    }
+}
 
 impl Pool {
     pub fn new(max_idle_per_key: usize, idle_timeout: Duration) -> Self {
@@ -304,47 +333,56 @@ impl Pool {
         g.proto.insert(Self::key(t), h2);
     }
 
-    fn checkout(&self, t: &Target, want_h2: bool) -> Option<Sender> {
+    /// An idle h1 connection to `t`.
+    fn checkout_h1(&self, t: &Target) -> Option<http1::SendRequest<ProxyBody>> {
         let key = Self::key(t);
         let mut g = self.lock();
-        if want_h2 {
-            if let Some(s) = g.h2.get(&key) {
-                if !s.is_closed() {
-                    return Some(Sender::H2(s.clone()));
-                }
-                g.h2.remove(&key);
-            }
-            return None;
-        }
         let list = g.h1.get_mut(&key)?;
         while let Some((s, at)) = list.pop() {
             if !s.is_closed() && at.elapsed() < self.idle_timeout {
-                return Some(Sender::H1(s));
+                return Some(s);
             }
         }
         None
     }
 
-    fn put(&self, t: &Target, s: Sender) {
+    /// An h2 connection to `t` no client connection holds; or, once `max_idle_per_key` are
+    /// open, the least shared one. None: dial a new one.
+    fn lease_h2(&self, t: &Target) -> Option<H2Lease> {
         let key = Self::key(t);
         let mut g = self.lock();
-        match s {
-            Sender::H2(s) => {
-                if g.h2.len() < MAX_KEYS {
-                    g.h2.insert(key, s);
-                }
-            }
-            Sender::H1(s) => {
-                if !g.h1.contains_key(&key) && g.h1.len() >= MAX_KEYS {
-                    return;
-                }
-                let list = g.h1.entry(key).or_default();
-                if list.len() >= self.max_idle_per_key {
-                    list.remove(0);
-                }
-                list.push((s, Instant::now()));
-            }
+        let list = g.h2.get_mut(&key)?;
+        list.retain(|c| !c.send.is_closed());
+        let least = list.iter().min_by_key(|c| c.users())?;
+        (least.users() == 0 || list.len() >= self.max_idle_per_key).then(|| least.lease())
+    }
+
+    /// Adds a new h2 connection to `t` and leases it to the caller.
+    fn add_h2(&self, t: &Target, send: http2::SendRequest<ProxyBody>) -> H2Lease {
+        let conn = H2Conn {
+            send,
+            users: Arc::new(()),
+        };
+        let lease = conn.lease();
+        let key = Self::key(t);
+        let mut g = self.lock();
+        if g.h2.contains_key(&key) || g.h2.len() < MAX_KEYS {
+            g.h2.entry(key).or_default().push(conn);
         }
+        lease
+    }
+
+    fn put_h1(&self, t: &Target, s: http1::SendRequest<ProxyBody>) {
+        let key = Self::key(t);
+        let mut g = self.lock();
+        if !g.h1.contains_key(&key) && g.h1.len() >= MAX_KEYS {
+            return;
+        }
+        let list = g.h1.entry(key).or_default();
+        if list.len() >= self.max_idle_per_key {
+            list.remove(0);
+        }
+        list.push((s, Instant::now()));
     }
 
     /// Drops closed and expired connections (called periodically).
@@ -355,26 +393,40 @@ impl Pool {
             list.retain(|(s, at)| !s.is_closed() && at.elapsed() < timeout);
             !list.is_empty()
         });
-        g.h2.retain(|_, s| !s.is_closed());
+        let max = self.max_idle_per_key;
+        g.h2.retain(|_, list| {
+            list.retain(|c| !c.send.is_closed());
+            // Unleased connections beyond the per-host bound (left by a burst of clients).
+            let mut unleased = list.iter().filter(|c| c.users() == 0).count();
+            list.retain(|c| {
+                let drop = c.users() == 0 && unleased > max;
+                unleased -= usize::from(drop);
+                !drop
+            });
+            !list.is_empty()
+        });
     }
 
-    /// Idle connections held (for metrics).
+    /// Idle connections held (for metrics): h1 ones in the pool, h2 ones no client holds.
     pub fn idle(&self) -> usize {
         let g = self.lock();
-        g.h1.values().map(Vec::len).sum::<usize>() + g.h2.len()
+        g.h1.values().map(Vec::len).sum::<usize>()
+            + g.h2.values().flatten().filter(|c| c.users() == 0).count()
     }
 }
 
 /// The upstream of one client connection: which host it was verified for and which protocol
-/// the client side speaks. Connections come from the shared [`Pool`] or are dialled; an h1
-/// connection goes back to the pool when its response body ends ([`UpstreamBody`]), so no task
-/// or timer is needed per request and idle client connections do not pin upstream ones.
+/// the client side speaks. h1 connections come from the shared [`Pool`] or are dialled, and go
+/// back to the pool when their response body ends ([`UpstreamBody`]), so no task or timer is
+/// needed per request and idle client connections do not pin upstream ones. An h2 connection
+/// is leased from the pool for the client connection's life.
 pub struct Upstream {
     pub target: Target,
     offer: Offer,
     want_h2: bool,
     /// A connection dialled during the client handshake, for the first request.
     first: Mutex<Option<Sender>>,
+    h2: Mutex<Option<H2Lease>>,
 }
 
 impl Upstream {
@@ -385,6 +437,7 @@ impl Upstream {
             offer,
             want_h2,
             first: Mutex::new(first),
+            h2: Mutex::new(None),
         })
     }
 
@@ -398,37 +451,60 @@ impl Upstream {
         req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (sender, reused) = self.take(sh).await?;
-        match self.send_on(sh, sender, reused, req).await {
+        match self.send_on(sh, sender, req).await {
             Err(SendError {
                 request: Some(unsent),
                 ..
             }) if reused => {
-                let fresh = connect(sh, &self.target, self.offer).await?;
-                self.send_on(sh, fresh, false, unsent)
-                    .await
-                    .map_err(Into::into)
+                let fresh = self.dial(sh).await?;
+                self.send_on(sh, fresh, unsent).await.map_err(Into::into)
             }
             r => r.map_err(Into::into),
         }
     }
 
-    /// The handshake's connection, else a pooled one, else a new one; and whether it was used
-    /// before.
+    /// The handshake's connection, else this client connection's h2 lease or a pooled
+    /// connection, else a new one; and whether it was used before.
     async fn take(&self, sh: &Shared) -> Result<(Sender, bool), UpstreamError> {
-        if let Some(s) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Ok((s, false));
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = first {
+            return Ok((self.adopt(sh, s), false));
         }
-        if let Some(s) = sh.pool.checkout(&self.target, self.want_h2) {
-            return Ok((s, true));
+        if self.want_h2 {
+            let mut held = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = held.as_ref().filter(|l| !l.send.is_closed()) {
+                return Ok((Sender::H2(l.send.clone()), true));
+            }
+            *held = sh.pool().lease_h2(&self.target);
+            if let Some(l) = held.as_ref() {
+                return Ok((Sender::H2(l.send.clone()), true));
+            }
+        } else if let Some(s) = sh.pool().checkout_h1(&self.target) {
+            return Ok((Sender::H1(s), true));
         }
-        Ok((connect(sh, &self.target, self.offer).await?, false))
+        Ok((self.dial(sh).await?, false))
+    }
+
+    async fn dial(&self, sh: &Shared) -> Result<Sender, UpstreamError> {
+        // Boxed: the handshake futures are kilobytes, and every request's future (which hyper
+        // moves into a task per h2 stream) would otherwise carry them.
+        let s = Box::pin(connect(sh, &self.target, self.offer)).await?;
+        Ok(self.adopt(sh, s))
+    }
+
+    /// A new h2 connection joins the pool, leased to this client connection.
+    fn adopt(&self, sh: &Shared, s: Sender) -> Sender {
+        if let Sender::H2(send) = &s {
+            let lease = sh.pool().add_h2(&self.target, send.clone());
+            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+        }
+        s
     }
 
     async fn send_on(
         &self,
         sh: &Shared,
         sender: Sender,
-        reused: bool,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match sender {
@@ -436,10 +512,6 @@ impl Upstream {
                 adapt(&mut req, true);
                 if s.ready().await.is_err() {
                     return Err(SendError::unsent(req));
-                }
-                // Shared: a new connection goes to the pool for other client connections too.
-                if !reused {
-                    sh.pool.put(&self.target, Sender::H2(s.clone()));
                 }
                 let resp = s.try_send_request(req).await.map_err(SendError::from)?;
                 Ok(resp.map(|inner| UpstreamBody { inner, back: None }))
@@ -460,7 +532,7 @@ impl Upstream {
                         .iter()
                         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
                 let back = reusable.then(|| Return {
-                    pool: sh.pool.clone(),
+                    pool: sh.pool().clone(),
                     target: self.target.clone(),
                     sender: s,
                 });
@@ -487,7 +559,7 @@ struct Return {
 impl UpstreamBody {
     fn finish(&mut self) {
         if let Some(r) = self.back.take() {
-            r.pool.put(&r.target, Sender::H1(r.sender));
+            r.pool.put_h1(&r.target, r.sender);
         }
     }
 }

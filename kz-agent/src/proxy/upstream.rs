@@ -2,8 +2,11 @@
 //! name, and speak h1 or h2 as negotiated.
 
 use std::collections::HashMap;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -67,8 +70,52 @@ pub enum Offer {
 }
 
 pub enum Sender {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(H1),
     H2(http2::SendRequest<ProxyBody>),
+}
+
+/// An h1 upstream connection driven by the task using it, not by a task of its own: the
+/// request's task polls the connection while it waits for the response head, and the response
+/// body polls it while it is read (in the client connection's task). A request then crosses no
+/// task boundary on its way out and back. Idle in the pool, nobody polls it; it is polled
+/// before reuse, which notices a connection the server closed meanwhile (a read of EOF).
+pub struct H1 {
+    send: http1::SendRequest<ProxyBody>,
+    /// None once the connection has ended (or was handed to a task after an upgrade).
+    conn: Option<SyncConn>,
+}
+
+type ConnFuture = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// The connection future, made `Sync` for response bodies (which must be): it is only ever
+/// reached through `&mut`, so the mutex is never locked.
+struct SyncConn(Mutex<ConnFuture>);
+
+impl SyncConn {
+    fn get(&mut self) -> &mut ConnFuture {
+        self.0.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl H1 {
+    /// Polls the connection; false once it has ended.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(c) = self.conn.as_mut()
+            && let Poll::Ready(r) = c.get().as_mut().poll(cx)
+        {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream h1 connection ended");
+            }
+            // Dropping the dispatcher fails what is still waiting on it.
+            self.conn = None;
+        }
+        self.conn.is_some()
+    }
+
+    /// Whether an idle connection is still usable (the server may have closed it).
+    fn alive(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop())) && !self.send.is_closed()
+    }
 }
 
 impl Sender {
@@ -178,12 +225,10 @@ where
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Http(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream h1 connection ended");
-        }
-    });
-    Ok(Sender::H1(send))
+    Ok(Sender::H1(H1 {
+        send,
+        conn: Some(SyncConn(Mutex::new(Box::pin(conn.with_upgrades())))),
+    }))
 }
 
 fn classify_tls(host: &str, e: std::io::Error) -> UpstreamError {
@@ -264,7 +309,7 @@ struct Key {
 
 #[derive(Default)]
 struct PoolInner {
-    h1: HashMap<Key, Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    h1: HashMap<Key, Vec<(H1, Instant)>>,
     h2: HashMap<Key, Vec<H2Conn>>,
     /// Protocol last negotiated with each upstream (true = h2): lets a new client connection be
     /// offered the right ALPN without dialling first.
@@ -334,13 +379,13 @@ impl Pool {
     }
 
     /// An idle h1 connection to `t`.
-    fn checkout_h1(&self, t: &Target) -> Option<http1::SendRequest<ProxyBody>> {
+    fn checkout_h1(&self, t: &Target) -> Option<H1> {
         let key = Self::key(t);
         let mut g = self.lock();
         let list = g.h1.get_mut(&key)?;
-        while let Some((s, at)) = list.pop() {
-            if !s.is_closed() && at.elapsed() < self.idle_timeout {
-                return Some(s);
+        while let Some((mut c, at)) = list.pop() {
+            if at.elapsed() < self.idle_timeout && c.alive() {
+                return Some(c);
             }
         }
         None
@@ -372,7 +417,7 @@ impl Pool {
         lease
     }
 
-    fn put_h1(&self, t: &Target, s: http1::SendRequest<ProxyBody>) {
+    fn put_h1(&self, t: &Target, s: H1) {
         let key = Self::key(t);
         let mut g = self.lock();
         if !g.h1.contains_key(&key) && g.h1.len() >= MAX_KEYS {
@@ -390,7 +435,7 @@ impl Pool {
         let timeout = self.idle_timeout;
         let mut g = self.lock();
         g.h1.retain(|_, list| {
-            list.retain(|(s, at)| !s.is_closed() && at.elapsed() < timeout);
+            list.retain_mut(|(c, at)| at.elapsed() < timeout && c.alive());
             !list.is_empty()
         });
         let max = self.max_idle_per_key;
@@ -514,52 +559,78 @@ impl Upstream {
                     return Err(SendError::unsent(req));
                 }
                 let resp = s.try_send_request(req).await.map_err(SendError::from)?;
-                Ok(resp.map(|inner| UpstreamBody { inner, back: None }))
+                Ok(resp.map(|inner| UpstreamBody { inner, h1: None }))
             }
-            Sender::H1(mut s) => {
+            Sender::H1(mut c) => {
                 adapt(&mut req, false);
-                if s.ready().await.is_err() {
+                let ready = poll_fn(|cx| {
+                    if !c.drive(cx) {
+                        return Poll::Ready(false);
+                    }
+                    c.send.poll_ready(cx).map(|r| r.is_ok())
+                })
+                .await;
+                if !ready {
                     return Err(SendError::unsent(req));
                 }
-                let resp = s.try_send_request(req).await.map_err(SendError::from)?;
-                // An upgraded connection belongs to the tunnel; one the server is closing is
-                // not worth keeping. Otherwise it is reusable once this body has been read.
-                let reusable = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                let mut sent = std::pin::pin!(c.send.try_send_request(req));
+                let resp = poll_fn(|cx| {
+                    c.drive(cx);
+                    sent.as_mut().poll(cx)
+                })
+                .await
+                .map_err(SendError::from)?;
+                // An upgraded connection belongs to the tunnel: a task of its own drives it
+                // through the hand-over. One the server is closing is not worth keeping.
+                // Otherwise it is reusable once this body has been read.
+                let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                if upgraded && let Some(mut conn) = c.conn.take() {
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.get().await {
+                            tracing::debug!(error = %e, "upstream h1 connection ended");
+                        }
+                    });
+                }
+                let reusable = !upgraded
                     && resp.version() == http::Version::HTTP_11
                     && !resp
                         .headers()
                         .get_all(http::header::CONNECTION)
                         .iter()
                         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                let back = reusable.then(|| Return {
-                    pool: sh.pool().clone(),
-                    target: self.target.clone(),
-                    sender: s,
+                let h1 = Some(BodyConn {
+                    conn: c,
+                    back: reusable.then(|| (sh.pool().clone(), self.target.clone())),
                 });
-                Ok(resp.map(|inner| UpstreamBody { inner, back }))
+                Ok(resp.map(|inner| UpstreamBody { inner, h1 }))
             }
         }
     }
 }
 
-/// An upstream response body. For h1, the connection goes back to the pool once the body has
-/// been read to its end, from whichever task reads it; a body dropped before its end takes the
-/// connection down with it (its remaining bytes would poison the next response).
+/// An upstream response body. For h1 it drives its connection while it is read (see [`H1`]),
+/// and gives the connection back to the pool once read to its end; a body dropped before its
+/// end takes the connection down with it (its remaining bytes would poison the next response).
 pub struct UpstreamBody {
     inner: Incoming,
-    back: Option<Return>,
+    h1: Option<BodyConn>,
 }
 
-struct Return {
-    pool: Arc<Pool>,
-    target: Target,
-    sender: http1::SendRequest<ProxyBody>,
+struct BodyConn {
+    conn: H1,
+    /// Where the connection goes once the body is done; None: it is not reusable.
+    back: Option<(Arc<Pool>, Target)>,
 }
 
 impl UpstreamBody {
     fn finish(&mut self) {
-        if let Some(r) = self.back.take() {
-            r.pool.put_h1(&r.target, r.sender);
+        if let Some(BodyConn {
+            conn,
+            back: Some((pool, target)),
+        }) = self.h1.take()
+            && conn.conn.is_some()
+        {
+            pool.put_h1(&target, conn);
         }
     }
 }
@@ -572,10 +643,13 @@ impl http_body::Body for UpstreamBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(b) = self.h1.as_mut() {
+            b.conn.drive(cx);
+        }
         let r = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
         match &r {
             None => self.finish(),
-            Some(Err(_)) => self.back = None,
+            Some(Err(_)) => self.h1 = None,
             Some(Ok(_)) => {}
         }
         std::task::Poll::Ready(r)

@@ -47,7 +47,8 @@ fn main() {
     let masked = arg("--masked").expect("--masked");
     let real = std::env::var(arg("--real-env").expect("--real-env")).expect("real value env");
     let host = arg("--host").expect("--host");
-    let threads: usize = arg("--threads").map_or(2, |t| t.parse().unwrap());
+    // 0: the proxy's default worker count.
+    let threads: usize = arg("--threads").map_or(0, |t| t.parse().unwrap());
     // The proxy serves on its own worker threads; this runtime only starts and stops it.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

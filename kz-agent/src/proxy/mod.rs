@@ -92,8 +92,10 @@ pub struct Limits {
     pub upstream_max_idle_per_host: usize,
     /// Idle upstream connections older than this are closed.
     pub upstream_idle_timeout: Duration,
-    /// Threads serving connections, each with a single-threaded runtime of its own (0: one per
-    /// available core, at most 8). A connection stays on the thread that accepted it, with the
+    /// Threads serving connections, each with a single-threaded runtime of its own (0: half the
+    /// available cores, at least 1 and at most 8: the proxy shares the machine with the agent
+    /// it serves, whose requests cost CPU too; on the 2-core bench machine one worker carried
+    /// more requests than two). A connection stays on the thread that accepted it, with the
     /// tasks hyper spawns for it: no work stealing, no cross-thread wake-ups per request.
     pub workers: usize,
 }
@@ -301,7 +303,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     let explicit_addrs: Vec<_> = explicit.iter().filter_map(addr_of).collect();
     let metrics_addr = metrics_l.as_ref().and_then(|l| l.local_addr().ok());
     let n_workers = match cfg.limits.workers {
-        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+        0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8)),
         n => n,
     };
     let mut runtimes = Vec::with_capacity(n_workers);

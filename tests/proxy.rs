@@ -945,6 +945,83 @@ fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
     (out, t.elapsed())
 }
 
+/// An h2 client that opens streams and resets them at once (CVE-2023-44487, "rapid reset"),
+/// over TLS to the transparent listener. Returns how many streams it opened and how the
+/// connection ended.
+async fn rapid_reset(addr: SocketAddr, ca_pem: String, streams: usize) -> (usize, String) {
+    let cfg = support::tls::client_config(&ca_pem, &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut client, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut opened = 0;
+    for _ in 0..streams {
+        let Ok(c) = client.clone().ready().await else {
+            break;
+        };
+        client = c;
+        let req = http::Request::get("https://api.test/echo")
+            .body(())
+            .unwrap();
+        match client.send_request(req, false) {
+            Ok((_resp, mut body)) => {
+                body.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let end = match tokio::time::timeout(Duration::from_secs(10), conn).await {
+        Ok(Ok(Ok(()))) => "closed cleanly".to_owned(),
+        Ok(Ok(Err(e))) => format!("{e}"),
+        Ok(Err(e)) => format!("task: {e}"),
+        Err(_) => "still open after 10 s".to_owned(),
+    };
+    (opened, end)
+}
+
+#[test]
+fn h2_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts::default());
+    let ca_pem = std::fs::read_to_string(&env.kz_ca).unwrap();
+    let (opened, end) = raw(&env, move |a| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(rapid_reset(a, ca_pem, 5000))
+    });
+    // kz ends the connection (GOAWAY ENHANCE_YOUR_CALM: too many streams reset before they were
+    // served, or refused beyond the stream limit) instead of serving the flood, and the resets
+    // never turn into upstream requests. Without the two limits the connection stays open.
+    assert!(
+        opened > 100,
+        "the client could not even start: {opened} streams, {end}"
+    );
+    assert_ne!(end, "still open after 10 s", "the flood was not cut off");
+    let upstream = env.good.seen().len();
+    assert!(
+        upstream < 50,
+        "{upstream} of {opened} reset streams reached the upstream"
+    );
+    // Other clients are still served.
+    let auth = format!("Authorization: Bearer {}", env.masked);
+    let out = ok(&env.curl_t(
+        "api.test",
+        443,
+        &["--http2", "-H", &auth, "https://api.test/echo"],
+    ));
+    assert!(out.contains("auth=Bearer"), "{out}");
+    env.audit_clean();
+}
+
 #[test]
 fn slowloris_garbage_tls_and_oversized_headers() {
     if !support::require_root() {

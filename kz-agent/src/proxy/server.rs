@@ -651,7 +651,12 @@ async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, h2: bool) {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(sh.limits.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(256)
+            // Rapid reset (CVE-2023-44487): a client that resets streams faster than they are
+            // served, or keeps opening streams past the limit, gets GOAWAY instead of a stream
+            // of cancelled upstream requests (tests/proxy.rs, h2_rapid_reset_…).
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024);
         let conn = Box::pin(b.serve_connection(io, svc));
         drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
     } else {

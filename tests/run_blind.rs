@@ -333,6 +333,54 @@ fn out_of_scope_host_receives_the_masked_token() {
 }
 
 #[test]
+fn an_allow_rule_naming_an_address_lets_the_agent_dial_it_without_dns() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // The address is allowed by a rule of its own and is in the secret's scope; nothing
+    // resolves it, so the kernel must know it from the start.
+    std::fs::write(
+        env.dir.join(".keyzero.toml"),
+        format!(
+            r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["{OTHER}"]
+
+[blind]
+connections = [{{ allow = true, host = "{OTHER}" }}]
+resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#
+        ),
+    )
+    .unwrap();
+    let out = env.run(&format!(
+        r#"
+        curl -sS --max-time 10 http://{OTHER}/x -H "Authorization: Bearer $API_KEY"; echo "curl exit $?"
+        python3 - <<'PY'
+import socket, errno
+try:
+    socket.create_connection(("{DENIED}", 80), timeout=5)
+    print("CONNECTED")
+except OSError as e:
+    print("connect:", errno.errorcode.get(e.errno, e.errno))
+PY
+        "#
+    ));
+    let o = assert_ok(&out);
+    assert!(o.contains("curl exit 0"), "{o}");
+    assert!(o.contains("connect: EPERM"), "{o}");
+    upstream_got_real(&env.other, false);
+    assert!(
+        env.denied.requests().is_empty(),
+        "the denied host was reached"
+    );
+}
+
+#[test]
 fn denied_host_dns_refused_and_literal_ip_gets_eperm() {
     if !support::require_root() {
         return;

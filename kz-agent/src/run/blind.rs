@@ -32,7 +32,7 @@ use crate::audit::{AuditEvent, AuditSink, ChainSink, Fsync, SinkTarget};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
-use crate::intercept::{Interceptor, Ipv6Mode, Policy, TcpRedirect};
+use crate::intercept::{Cidr, Interceptor, Ipv6Mode, Policy, TcpRedirect};
 use crate::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
 use crate::run::trust::{self, RunDir};
 use crate::run::{Child, MaskedSecret, spawn_and_wait, wait_forwarding};
@@ -216,6 +216,26 @@ pub fn name_allowed(rules: &ConnectionRules, name: &str) -> bool {
         }
     }
     false
+}
+
+/// Addresses named literally by allow rules (`host = "10.0.0.5"`): the agent reaches them
+/// without asking kz's DNS, so the kernel must know them from the start. An address an earlier
+/// deny rule names is left out (first match wins); port limits are the proxy's to enforce.
+fn literal_ips_allowed(rules: &ConnectionRules) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for r in &rules.0 {
+        if let HostPattern::Exact(h) = &r.pattern
+            && let Ok(ip) = h
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            && r.allow
+            && name_allowed(rules, h)
+        {
+            out.push(Cidr::host(ip));
+        }
+    }
+    out
 }
 
 /// Why kernel interception cannot work here, or the loaded interceptor.
@@ -443,7 +463,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         require_allow: true,
         allow_udp: req.config.udp,
         loopback_direct: false,
-        allow: Vec::new(),
+        allow: literal_ips_allowed(&rules),
         deny: Vec::new(),
     };
     phase(t0, "proxy and DNS listening");

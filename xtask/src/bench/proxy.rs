@@ -206,6 +206,9 @@ struct Target {
     plain_bind: Option<&'static str>,
     token: &'static str,
     h2: bool,
+    /// Run the load generator under `kz run --blind` (the whole product: eBPF redirect, the
+    /// `kz` binary's proxy, the hash-chained audit log on disk).
+    blind: bool,
 }
 
 pub fn run_bench() -> Result<()> {
@@ -236,10 +239,13 @@ pub fn run_bench() -> Result<()> {
                 "proxy_bench_server",
                 "--example",
                 "proxy_loadgen",
+                "--bin",
+                "kz",
             ]),
     )?;
     let server_bin = root.join("target/release/examples/proxy_bench_server");
     let loadgen = root.join("target/release/examples/proxy_loadgen");
+    let kz_bin = root.join("target/release/kz");
 
     eprintln!("bench: building the KeyZero kz-proxy 0.3 harness (outside kz's tree)");
     let harness_dir = peers_dir().join("kz-proxy-harness");
@@ -344,6 +350,24 @@ http {{
 "#
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
+
+    // kz-blind's project: one secret scoped to nginx's address, the only host it may reach.
+    let blind_dir = dir.join("blind");
+    std::fs::create_dir_all(&blind_dir)?;
+    std::fs::write(
+        blind_dir.join(".keyzero.toml"),
+        format!(
+            r#"[secrets.BENCH]
+resolver = "env"
+ref = "KZ_BENCH_REAL"
+hosts = ["{UP_IP}"]
+
+[blind]
+connections = [{{ allow = true, host = "{UP_IP}" }}]
+upstream_ca = "{d}/ca.pem"
+"#
+        ),
+    )?;
     let nginx = netns_cmd(&env.upstream, "nginx")
         .args([
             "-c",
@@ -467,6 +491,7 @@ http {{
             plain_bind: None,
             token: REAL,
             h2: true,
+            blind: false,
         },
         Target {
             name: "kz",
@@ -477,6 +502,18 @@ http {{
             plain_bind: Some("127.0.0.2"),
             token: MASKED,
             h2: true,
+            blind: false,
+        },
+        Target {
+            name: "kz-blind",
+            ca: PathBuf::new(),
+            connect: None,
+            proxy: None,
+            plain_connect: None,
+            plain_bind: None,
+            token: "",
+            h2: true,
+            blind: true,
         },
         Target {
             name: "kz-explicit",
@@ -487,6 +524,7 @@ http {{
             plain_bind: None,
             token: MASKED,
             h2: true,
+            blind: false,
         },
         Target {
             name: "keyzero",
@@ -497,6 +535,7 @@ http {{
             plain_bind: None,
             token: MASKED,
             h2: false,
+            blind: false,
         },
         Target {
             name: "mitmproxy",
@@ -507,6 +546,7 @@ http {{
             plain_bind: None,
             token: MASKED,
             h2: true,
+            blind: false,
         },
     ];
 
@@ -515,6 +555,29 @@ http {{
     let load = |t: &Target, scheme: &str, path: &str, extra: &[&str]| -> Result<Option<Res>> {
         let plain = scheme == "http";
         let url = format!("{scheme}://{UP_IP}{path}");
+        if t.blind {
+            // The agent's view: it dials nginx's address with the masked value kz put in its
+            // environment, trusting the CA bundle kz gave it; the kernel redirects it to kz.
+            let mut c = netns_cmd(&client, &kz_bin);
+            c.arg("--dir").arg(&blind_dir);
+            c.args(["run", "--blind", "--", "sh", "-c"]);
+            c.arg(r#"exec "$@" --ca "$SSL_CERT_FILE" --header "Authorization: Bearer $BENCH""#);
+            c.arg("sh").arg(&loadgen);
+            c.args(["load", "--url", &url, "--secs", &secs]);
+            c.args(extra);
+            c.env("KZ_BENCH_REAL", REAL)
+                .env("KZ_AUDIT_LOG", blind_dir.join("audit.jsonl"));
+            let out = c.output().context("run kz run --blind")?;
+            let s = String::from_utf8_lossy(&out.stdout);
+            let r = s.lines().rev().find_map(parse);
+            if r.as_ref().is_none_or(|r| r.errors > 0) {
+                eprintln!(
+                    "bench: kz-blind {scheme}{path} {extra:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            return Ok(r);
+        }
         let mut c = netns_cmd(&client, &loadgen);
         c.args(["load", "--url", &url, "--ca", t.ca.to_str().unwrap_or("")]);
         c.args(["--header", &format!("Authorization: Bearer {}", t.token)]);
@@ -668,6 +731,14 @@ http {{
                 results.insert((i, t), r);
             }
         }
+    }
+
+    // kz-blind leaves the shared eBPF program set pinned; remove it (no instance is alive).
+    if targets.iter().any(|t| t.blind) {
+        let _ = Command::new(&kz_bin)
+            .args(["intercept", "unload"])
+            .stdout(Stdio::null())
+            .status();
     }
 
     // Memory: peak RSS so far, then kz's RSS with 1,000 idle keep-alive connections open.

@@ -347,6 +347,14 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     pcfg.upstream_ca = req.config.upstream_ca.clone();
     pcfg.refuse_out_of_scope = req.config.refuse_on_scope_violation;
     pcfg.limits.drain_timeout = PROXY_DRAIN;
+    // Proxy worker threads (default: half the cores); for agents that make many parallel
+    // requests on a machine with cores to spare.
+    if let Some(n) = std::env::var("KZ_PROXY_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        pcfg.limits.workers = n;
+    }
     pcfg.resolve = Some(host_lookup(answers.clone(), upstream_dns));
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
 
@@ -370,8 +378,10 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
             Path::new(&program),
         )
         .await;
-        audit_end(&*req.audit, &code);
+        // In-flight requests finish (and are audited) as the proxy stops: the run's end comes
+        // after them.
         proxy.shutdown().await;
+        audit_end(&*req.audit, &code);
         drop(dir);
         return code.map_err(|e| BlindError::Child(Box::new(e)));
     };
@@ -499,7 +509,6 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // Blocks the child caused just before it exited are still audited.
     let _ = stop_tx.send(());
     let _ = audit_task.await;
-    audit_end(&*req.audit, &code);
     phase(t0, "child exited");
     if let Err(e) = icpt.remove_cgroup(cgroup.id) {
         eprintln!("kz: {e}");
@@ -509,6 +518,8 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "interceptor unloaded");
     proxy.shutdown().await;
     phase(t0, "proxy stopped");
+    // After the records of requests that finished while the proxy stopped.
+    audit_end(&*req.audit, &code);
     drop(dns6);
     drop(dns);
     drop(dir);

@@ -567,6 +567,9 @@ upstream_ca = "{d}/ca.pem"
             c.args(extra);
             c.env("KZ_BENCH_REAL", REAL)
                 .env("KZ_AUDIT_LOG", blind_dir.join("audit.jsonl"));
+            if let Ok(n) = std::env::var("KZ_BENCH_KZ_THREADS") {
+                c.env("KZ_PROXY_WORKERS", n);
+            }
             let out = c.output().context("run kz run --blind")?;
             let s = String::from_utf8_lossy(&out.stdout);
             let r = s.lines().rev().find_map(parse);

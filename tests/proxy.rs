@@ -73,6 +73,20 @@ struct Opts {
     limits: Option<proxy::Limits>,
 }
 
+impl Opts {
+    /// One worker thread: upstream pools are per worker, so tests about connection reuse pin
+    /// every client connection to the same pool.
+    fn one_worker() -> Self {
+        Opts {
+            limits: Some(proxy::Limits {
+                workers: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
 struct Env {
     client: Netns,
     _up: Netns,
@@ -371,14 +385,7 @@ fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
     if !support::require_root() {
         return;
     }
-    // One worker thread: upstream pools are per worker, and this test is about reuse.
-    let env = Env::new(Opts {
-        limits: Some(proxy::Limits {
-            workers: 1,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let env = Env::new(Opts::one_worker());
     let m = env.masked.clone();
     let auth = format!("Authorization: Bearer {m}");
     let h1 = |urls: &[&str], extra: &[&str]| {
@@ -425,13 +432,7 @@ fn concurrent_h2_clients_get_their_own_upstream_connection_and_later_ones_reuse_
     if !support::require_root() {
         return;
     }
-    let env = Env::new(Opts {
-        limits: Some(proxy::Limits {
-            workers: 1,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let env = Env::new(Opts::one_worker());
     let auth = format!("Authorization: Bearer {}", env.masked);
     let h2 = |url: &str| ok(&env.curl_t("api.test", 443, &["--http2", "-H", &auth, url]));
     // Two h2 clients at once (each SSE response lasts 2 s): one upstream connection each, so

@@ -332,6 +332,21 @@ fn out_of_scope_host_receives_the_masked_token() {
     );
 }
 
+/// A shell snippet that tries a TCP connection from Python and prints `CONNECTED` or
+/// `connect: <errno name>` (EPERM when the kernel refuses it).
+fn py_connect(ip: &str, port: u16) -> String {
+    format!(
+        r#"python3 - <<'PY'
+import socket, errno
+try:
+    socket.create_connection(("{ip}", {port}), timeout=5)
+    print("CONNECTED")
+except OSError as e:
+    print("connect:", errno.errorcode.get(e.errno, e.errno))
+PY"#
+    )
+}
+
 #[test]
 fn an_allow_rule_naming_an_address_lets_the_agent_dial_it_without_dns() {
     if !support::require_root() {
@@ -360,15 +375,9 @@ upstream_ca = "upstream-ca.pem"
     let out = env.run(&format!(
         r#"
         curl -sS --max-time 10 http://{OTHER}/x -H "Authorization: Bearer $API_KEY"; echo "curl exit $?"
-        python3 - <<'PY'
-import socket, errno
-try:
-    socket.create_connection(("{DENIED}", 80), timeout=5)
-    print("CONNECTED")
-except OSError as e:
-    print("connect:", errno.errorcode.get(e.errno, e.errno))
-PY
-        "#
+        {connect}
+        "#,
+        connect = py_connect(DENIED, 80)
     ));
     let o = assert_ok(&out);
     assert!(o.contains("curl exit 0"), "{o}");
@@ -389,14 +398,7 @@ fn denied_host_dns_refused_and_literal_ip_gets_eperm() {
     let out = env.run(&format!(
         r#"
         getent hosts denied.test && echo RESOLVED || echo "dns: refused"
-        python3 - <<'PY'
-import socket, errno
-try:
-    socket.create_connection(("{DENIED}", 443), timeout=5)
-    print("CONNECTED")
-except OSError as e:
-    print("connect:", errno.errorcode.get(e.errno, e.errno))
-PY
+        {connect}
         curl -sS --max-time 5 -o /dev/null https://{DENIED}/ ; echo "curl exit $?"
         # UDP other than DNS is refused too, even to an allowed host.
         getent hosts api.allowed.test >/dev/null
@@ -409,7 +411,8 @@ try:
 except OSError as e:
     print("udp:", errno.errorcode.get(e.errno, e.errno))
 PY
-        "#
+        "#,
+        connect = py_connect(DENIED, 443)
     ));
     let o = assert_ok(&out);
     assert!(o.contains("dns: refused") && !o.contains("RESOLVED"), "{o}");

@@ -147,19 +147,13 @@ pub async fn accept_loop(sh: Arc<Shared>, stop: Stop, l: TcpListener, kind: Kind
             continue;
         };
         // The socket is registered with this thread's reactor: re-register it over there.
-        match stream.into_std() {
-            Ok(std) => {
-                there.spawn(async move {
-                    match TcpStream::from_std(std) {
-                        Ok(s) => serve(s).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot move a connection to another worker")
-                        }
-                    }
-                });
+        let moved = stream.into_std();
+        there.spawn(async move {
+            match moved.and_then(TcpStream::from_std) {
+                Ok(s) => serve(s).await,
+                Err(e) => tracing::warn!(error = %e, "cannot move a connection to another worker"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot move a connection to another worker"),
-        }
+        });
     }
 }
 

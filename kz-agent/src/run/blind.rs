@@ -221,21 +221,18 @@ pub fn name_allowed(rules: &ConnectionRules, name: &str) -> bool {
 /// Addresses named literally by allow rules (`host = "10.0.0.5"`): the agent reaches them
 /// without asking kz's DNS, so the kernel must know them from the start. An address an earlier
 /// deny rule names is left out (first match wins); port limits are the proxy's to enforce.
+/// Exact patterns are normalized (`[v6]` brackets already gone).
 fn literal_ips_allowed(rules: &ConnectionRules) -> Vec<Cidr> {
-    let mut out = Vec::new();
-    for r in &rules.0 {
-        if let HostPattern::Exact(h) = &r.pattern
-            && let Ok(ip) = h
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-            && r.allow
-            && name_allowed(rules, h)
-        {
-            out.push(Cidr::host(ip));
-        }
-    }
-    out
+    rules
+        .0
+        .iter()
+        .filter(|r| r.allow)
+        .filter_map(|r| match &r.pattern {
+            HostPattern::Exact(h) if name_allowed(rules, h) => h.parse::<IpAddr>().ok(),
+            _ => None,
+        })
+        .map(Cidr::host)
+        .collect()
 }
 
 /// Why kernel interception cannot work here, or the loaded interceptor.

@@ -555,7 +555,7 @@ upstream_ca = "{d}/ca.pem"
     let load = |t: &Target, scheme: &str, path: &str, extra: &[&str]| -> Result<Option<Res>> {
         let plain = scheme == "http";
         let url = format!("{scheme}://{UP_IP}{path}");
-        if t.blind {
+        let mut c = if t.blind {
             // The agent's view: it dials nginx's address with the masked value kz put in its
             // environment, trusting the CA bundle kz gave it; the kernel redirects it to kz.
             let mut c = netns_cmd(&client, &kz_bin);
@@ -564,49 +564,41 @@ upstream_ca = "{d}/ca.pem"
             c.arg(r#"exec "$@" --ca "$SSL_CERT_FILE" --header "Authorization: Bearer $BENCH""#);
             c.arg("sh").arg(&loadgen);
             c.args(["load", "--url", &url, "--secs", &secs]);
-            c.args(extra);
             c.env("KZ_BENCH_REAL", REAL)
                 .env("KZ_AUDIT_LOG", blind_dir.join("audit.jsonl"));
             if let Ok(n) = std::env::var("KZ_BENCH_KZ_THREADS") {
                 c.env("KZ_PROXY_WORKERS", n);
             }
-            let out = c.output().context("run kz run --blind")?;
-            let s = String::from_utf8_lossy(&out.stdout);
-            let r = s.lines().rev().find_map(parse);
-            if r.as_ref().is_none_or(|r| r.errors > 0) {
-                eprintln!(
-                    "bench: kz-blind {scheme}{path} {extra:?} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            return Ok(r);
-        }
-        let mut c = netns_cmd(&client, &loadgen);
-        c.args(["load", "--url", &url, "--ca", t.ca.to_str().unwrap_or("")]);
-        c.args(["--header", &format!("Authorization: Bearer {}", t.token)]);
-        c.args(["--secs", &secs]);
-        match (plain, &t.connect, &t.proxy, &t.plain_connect) {
-            (false, Some(a), _, _) => {
-                c.args(["--connect", a]);
-            }
-            (_, _, Some(p), _) => {
-                c.args(["--proxy", p]);
-            }
-            (true, _, _, Some(a)) => {
-                c.args(["--connect", a]);
-                if let Some(b) = t.plain_bind {
-                    c.args(["--bind", b]);
+            c
+        } else {
+            let mut c = netns_cmd(&client, &loadgen);
+            c.args(["load", "--url", &url, "--ca", t.ca.to_str().unwrap_or("")]);
+            c.args(["--header", &format!("Authorization: Bearer {}", t.token)]);
+            c.args(["--secs", &secs]);
+            match (plain, &t.connect, &t.proxy, &t.plain_connect) {
+                (false, Some(a), _, _) => {
+                    c.args(["--connect", a]);
                 }
+                (_, _, Some(p), _) => {
+                    c.args(["--proxy", p]);
+                }
+                (true, _, _, Some(a)) => {
+                    c.args(["--connect", a]);
+                    if let Some(b) = t.plain_bind {
+                        c.args(["--bind", b]);
+                    }
+                }
+                _ => return Ok(None),
             }
-            _ => return Ok(None),
-        }
+            c
+        };
         c.args(extra);
-        let out = c.output().context("run load generator")?;
+        let out = c.output().with_context(|| format!("run {}", t.name))?;
         let s = String::from_utf8_lossy(&out.stdout);
         let r = s.lines().rev().find_map(parse);
-        if r.is_none() {
+        if r.as_ref().is_none_or(|r| r.errors > 0) {
             eprintln!(
-                "bench: {} {scheme}{path} {extra:?} produced no result: {}",
+                "bench: {} {scheme}{path} {extra:?} failed: {}",
                 t.name,
                 String::from_utf8_lossy(&out.stderr)
             );

@@ -427,6 +427,92 @@ fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
     env.audit_clean();
 }
 
+/// `clients` h1 connections over TLS to the transparent listener; `rounds` times, each sends one
+/// slow request and all wait for every answer. Returns the statuses.
+async fn concurrent_rounds(
+    addr: SocketAddr,
+    ca_pem: String,
+    masked: String,
+    clients: usize,
+    rounds: usize,
+) -> Vec<u16> {
+    use http_body_util::{BodyExt, Empty};
+    let cfg = support::tls::client_config(&ca_pem, &[b"http/1.1"]);
+    let mut senders = Vec::new();
+    for _ in 0..clients {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    let mut statuses = Vec::new();
+    for round in 0..rounds {
+        let calls = senders.iter_mut().map(|s| {
+            let req = http::Request::get(format!("/slow?round={round}"))
+                .header("host", "api.test")
+                .header("authorization", format!("Bearer {masked}"))
+                .body(Empty::new())
+                .unwrap();
+            async move {
+                let resp = s.send_request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                resp.into_body().collect().await.unwrap();
+                status
+            }
+        });
+        statuses.extend(futures_util::future::join_all(calls).await);
+    }
+    statuses
+}
+
+#[test]
+fn many_busy_client_connections_keep_their_upstream_connections() {
+    if !support::require_root() {
+        return;
+    }
+    // 48 client connections (more than the idle pool once kept per host) send a slow request
+    // at the same time, three rounds: 48 upstream connections are in flight at once. Between
+    // rounds they all wait in the pool, and the later rounds reuse them. A pool bounded below
+    // the concurrency closed the surplus and dialled again every round (a TLS handshake per
+    // request), which cut throughput 18-fold at 64 connections in `cargo xtask bench proxy`.
+    let env = Env::new(Opts::one_worker());
+    let (ca_pem, masked) = (
+        std::fs::read_to_string(&env.kz_ca).unwrap(),
+        env.masked.clone(),
+    );
+    let statuses = raw(&env, move |a| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(concurrent_rounds(a, ca_pem, masked, 48, 3))
+    });
+    assert_eq!(statuses.len(), 144);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let conns: std::collections::BTreeSet<u64> = env
+        .good
+        .seen()
+        .iter()
+        .filter(|s| s.uri.starts_with("/slow"))
+        .map(|s| s.conn)
+        .collect();
+    assert!(
+        (2..=48).contains(&conns.len()),
+        "144 requests on 48 busy client connections used {} upstream connections",
+        conns.len()
+    );
+    env.audit_clean();
+}
+
 #[test]
 fn concurrent_h2_clients_get_their_own_upstream_connection_and_later_ones_reuse_it() {
     if !support::require_root() {

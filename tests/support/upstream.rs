@@ -187,6 +187,10 @@ async fn handle(
     if path == "/hangup" {
         conn.hangup.notify_one();
     }
+    if path == "/slow" {
+        // Holds the exchange open so concurrent clients are all in flight at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let resp = match path.as_str() {
         "/upload" => Response::new(full(format!("len={len} hits={hits}\n"))),
         "/download" => {

@@ -101,7 +101,7 @@ pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
                 .ok_or_else(|| missing("prev"))?
                 .to_owned();
             let body = Value::Object(rec).to_string();
-            if record_hash(&rec_prev, &body) != hash {
+            if record_hash(&rec_prev, body.as_bytes()) != hash {
                 return Err(VerifyError::Tampered {
                     path: shown,
                     line: line_no,

@@ -445,6 +445,44 @@ PY
 }
 
 #[test]
+fn dns_over_tcp_goes_to_kz_resolver_whatever_resolver_the_agent_names() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // The test DNS server itself would answer denied.test; kz's resolver refuses it. Without the
+    // TCP/53 redirect, the connection to the resolver's address was refused (it is not on the
+    // allow list) or reached the proxy.
+    let out = env.run(
+        r#"
+        echo "allowed: $(dig +tcp +short +time=3 +tries=1 @10.77.0.2 api.allowed.test)"
+        dig +tcp +time=3 +tries=1 @10.77.0.2 denied.test | grep -o 'status: [A-Z]*' | sed 's/^/denied: /'
+        python3 - <<'PY'
+import socket
+s = socket.create_connection(("10.77.0.2", 53), timeout=3)
+print("peer:", "%s:%d" % s.getpeername())
+PY
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains(&format!("allowed: {API}")), "{o}");
+    assert!(o.contains("denied: status: REFUSED"), "{o}");
+    assert!(o.contains("peer: 10.77.0.2:53"), "{o}");
+    let q = env.dns.questions();
+    assert!(
+        !q.iter().any(|q| q.contains("denied")),
+        "denied name forwarded: {q:?}"
+    );
+    let audit = env.audit();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "dns_refused" && e["transport"] == "tcp"),
+        "no dns_refused over tcp: {audit:?}"
+    );
+}
+
+#[test]
 fn grandchildren_stay_inside_and_are_killed_at_the_end() {
     if !support::require_root() {
         return;

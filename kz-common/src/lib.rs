@@ -64,7 +64,8 @@ pub mod reason {
 pub struct CgroupPolicy {
     /// TCP is redirected to `127.0.0.1:proxy_port` (or `[::1]`); host byte order; 0 = none.
     pub proxy_port: u16,
-    /// UDP/53 is redirected to `127.0.0.1:dns_port`; host byte order; 0 = none.
+    /// UDP/53 and TCP/53 are redirected to `127.0.0.1:dns_port` (kz's resolver listens on both);
+    /// host byte order; 0 = none.
     pub dns_port: u16,
     /// [`flags`] bits.
     pub flags: u32,

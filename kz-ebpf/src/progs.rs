@@ -336,6 +336,21 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
         }
         return Verdict::Redirect(policy.dns_port);
     }
+    // DNS over TCP (stub resolvers retry there when a UDP answer is truncated, and `dig +tcp`,
+    // DoT-less tools and some runtimes start there): kz's resolver listens on the same port
+    // number for TCP. Without this the connection went to the proxy, or was refused because
+    // the resolver's address is not on the allow list.
+    if tcp && port == DNS_PORT && hook == Hook::Connect {
+        if policy.dns_port == 0 {
+            return deny(reason::NO_TARGET);
+        }
+        // SAFETY: as above. Recorded for getpeername.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if KZ_DNS_ORIG.insert(&cookie, &record, 0).is_err() {
+            return deny(reason::NO_TARGET);
+        }
+        return Verdict::Redirect(policy.dns_port);
+    }
     if in_trie(cg, addr, v4, false) {
         return deny(reason::DENY_CIDR);
     }

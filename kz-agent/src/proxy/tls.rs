@@ -280,9 +280,11 @@ pub struct Upstream {
     pub h2: Arc<ClientConfig>,
 }
 
-impl Upstream {
-    /// System roots (rustls-native-certs) plus `extra_ca` (PEM) when given.
-    pub fn new(extra_ca: Option<&PathBuf>) -> Result<Self, TlsError> {
+/// The system's root certificates, read and parsed once per process (~3 ms for a Debian
+/// bundle: most of the proxy's start-up).
+pub fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
@@ -290,6 +292,25 @@ impl Upstream {
         }
         let (added, _ignored) = roots.add_parsable_certificates(native.certs);
         tracing::debug!(added, "system roots loaded for upstream TLS");
+        roots
+    })
+}
+
+/// Starts [`system_roots`] on a thread of its own, so `kz run --blind` parses them while it
+/// reads its config and resolves secrets; the proxy then finds them ready (or waits for the
+/// rest).
+pub fn preload_system_roots() {
+    let _ = std::thread::Builder::new()
+        .name("kz-roots".into())
+        .spawn(|| {
+            system_roots();
+        });
+}
+
+impl Upstream {
+    /// System roots (rustls-native-certs) plus `extra_ca` (PEM) when given.
+    pub fn new(extra_ca: Option<&PathBuf>) -> Result<Self, TlsError> {
+        let mut roots = system_roots().clone();
         if let Some(path) = extra_ca {
             let err = |reason: String| TlsError::ExtraCa {
                 path: path.display().to_string(),

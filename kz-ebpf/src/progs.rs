@@ -324,27 +324,17 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         cgroup_id: cg,
     };
-    // DNS goes to kz's resolver whatever resolver the client named: that is the point.
-    if !tcp && protocol == IPPROTO_UDP && port == DNS_PORT {
+    // DNS goes to kz's resolver whatever resolver the client named: that is the point. Over
+    // UDP, and over TCP too (stub resolvers retry there when an answer is truncated; `dig +tcp`
+    // starts there); the resolver listens on the same port number for both.
+    let dns_udp = !tcp && protocol == IPPROTO_UDP;
+    let dns_tcp = tcp && hook == Hook::Connect;
+    if port == DNS_PORT && (dns_udp || dns_tcp) {
         if policy.dns_port == 0 {
             return deny(reason::NO_TARGET);
         }
-        // SAFETY: the context is a socket context, as bpf_get_socket_cookie requires.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if KZ_DNS_ORIG.insert(&cookie, &record, 0).is_err() {
-            return deny(reason::NO_TARGET);
-        }
-        return Verdict::Redirect(policy.dns_port);
-    }
-    // DNS over TCP (stub resolvers retry there when a UDP answer is truncated, and `dig +tcp`,
-    // DoT-less tools and some runtimes start there): kz's resolver listens on the same port
-    // number for TCP. Without this the connection went to the proxy, or was refused because
-    // the resolver's address is not on the allow list.
-    if tcp && port == DNS_PORT && hook == Hook::Connect {
-        if policy.dns_port == 0 {
-            return deny(reason::NO_TARGET);
-        }
-        // SAFETY: as above. Recorded for getpeername.
+        // SAFETY: the context is a socket context, as bpf_get_socket_cookie requires. The
+        // record serves recvmsg (UDP) and getpeername (both).
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if KZ_DNS_ORIG.insert(&cookie, &record, 0).is_err() {
             return deny(reason::NO_TARGET);

@@ -165,11 +165,9 @@ impl FetchConfig {
 }
 
 pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, FetchError> {
-    let mut roots = rustls::RootCertStore::empty();
-    // Unreadable individual system certificates are skipped (rustls-native-certs reports them
-    // as errors alongside the ones it could load); an empty store only matters if no extra CA.
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
+    // Unreadable individual system certificates are skipped; an empty store only matters if
+    // no extra CA.
+    let mut roots = crate::proxy::tls::system_roots().clone();
     if let Some(path) = extra_ca {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<_, _>>())

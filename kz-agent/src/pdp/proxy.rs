@@ -168,10 +168,7 @@ fn refuse(status: StatusCode, error: &'static str, message: impl Into<String>) -
 }
 
 fn tls_connector(extra_ca: Option<&PathBuf>) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+    let mut roots = crate::proxy::tls::system_roots().clone();
     if let Some(path) = extra_ca {
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {

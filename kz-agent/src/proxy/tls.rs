@@ -281,7 +281,8 @@ pub struct Upstream {
 }
 
 /// The system's root certificates, read and parsed once per process (~3 ms for a Debian
-/// bundle: most of the proxy's start-up).
+/// bundle: most of the proxy's start-up) for every TLS client kz runs: the proxy's upstreams,
+/// the Vault/OpenBao/AWS resolvers, JWKS fetches and the PDP's proxy.
 pub fn system_roots() -> &'static rustls::RootCertStore {
     static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
     ROOTS.get_or_init(|| {
@@ -291,7 +292,7 @@ pub fn system_roots() -> &'static rustls::RootCertStore {
             tracing::warn!(error = %e, "some system root certificates could not be loaded");
         }
         let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, "system roots loaded for upstream TLS");
+        tracing::debug!(added, "system root certificates loaded");
         roots
     })
 }

@@ -14,7 +14,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Resolver responses are small JSON documents; anything bigger is refused, not buffered.
@@ -53,21 +53,6 @@ impl std::fmt::Debug for HttpClient {
     }
 }
 
-/// The platform's trust roots, loaded once per process (parsing them costs milliseconds).
-fn native_roots() -> &'static RootCertStore {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let mut store = RootCertStore::empty();
-        let loaded = rustls_native_certs::load_native_certs();
-        for err in &loaded.errors {
-            tracing::debug!(error = %err, "skipping unreadable system root certificate");
-        }
-        let (added, ignored) = store.add_parsable_certificates(loaded.certs);
-        tracing::debug!(added, ignored, "loaded system root certificates");
-        store
-    })
-}
-
 impl HttpClient {
     /// `extra_ca`: a PEM file of CA certificates trusted in addition to the system roots (a
     /// private Vault's CA, a test CA). `base_url`: the endpoint; for a plain-http one the
@@ -82,7 +67,7 @@ impl HttpClient {
         let mut roots = if base_url.starts_with("http://") {
             RootCertStore::empty()
         } else {
-            native_roots().clone()
+            crate::proxy::tls::system_roots().clone()
         };
         if let Some(path) = extra_ca {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)

@@ -427,9 +427,6 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
     };
     // Blind mode: load the eBPF programs while the config is read and secrets are resolved.
     let preload = args.blind.then(blind::Preload::start);
-    if args.blind {
-        crate::proxy::tls::preload_system_roots();
-    }
     let config = Config::load(dir)?;
     crate::config::commands::print_warnings(&config);
     let secrets = resolve_all(&config, args.only.as_deref()).await?;

@@ -48,6 +48,19 @@ pub struct ChainSink {
     inner: Mutex<Inner>,
 }
 
+/// A record without its `hash` key as the chain hashes it: compact JSON, keys sorted.
+/// Serialised straight into bytes: `Value`'s `Display` goes through `core::fmt` a string at a
+/// time, which cost the proxy more per request than the hash and the write together.
+/// Serialising a map of strings to a Vec cannot fail; the fallback (same bytes) only keeps the
+/// line whole if that ever changes.
+pub(crate) fn canonical_body(m: &Map<String, Value>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut out, m).is_err() {
+        out = Value::Object(m.clone()).to_string().into_bytes();
+    }
+    out
+}
+
 /// Hash of one record (without its `hash` key) chained to the previous hash.
 pub(crate) fn record_hash(prev: &str, body_without_hash: &[u8]) -> String {
     let mut h = Sha256::new();
@@ -251,14 +264,7 @@ impl ChainSink {
         m.insert("seq".into(), Value::from(seq));
         m.insert("prev".into(), Value::from(prev));
         m.remove("hash");
-        // Straight into bytes: `Value`'s Display goes through `core::fmt` a string at a time,
-        // which cost the proxy more per request than the hash and the write together. Same
-        // bytes either way (compact, keys sorted). Serialising a map of strings to a Vec cannot
-        // fail; the fallback only keeps the line whole if that ever changes.
-        let mut line = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut line, &m).is_err() {
-            line = Value::Object(m).to_string().into_bytes();
-        }
+        let mut line = canonical_body(&m);
         let hash = record_hash(prev, &line);
         // Append `"hash":"…"` as the last key; sorted order is restored on parse by verify.
         line.pop();

@@ -1,7 +1,7 @@
 //! `kz audit verify FILE`: walks the chain (rotated files first) and reports the first record
 //! that was edited, deleted, inserted or reordered.
 
-use super::chain::{GENESIS, record_hash, rotated_files};
+use super::chain::{GENESIS, canonical_body, record_hash, rotated_files};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -98,10 +98,8 @@ pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
             let rec_prev = rec
                 .get("prev")
                 .and_then(Value::as_str)
-                .ok_or_else(|| missing("prev"))?
-                .to_owned();
-            let body = Value::Object(rec).to_string();
-            if record_hash(&rec_prev, body.as_bytes()) != hash {
+                .ok_or_else(|| missing("prev"))?;
+            if record_hash(rec_prev, &canonical_body(&rec)) != hash {
                 return Err(VerifyError::Tampered {
                     path: shown,
                     line: line_no,

@@ -437,15 +437,9 @@ async fn concurrent_rounds(
     rounds: usize,
 ) -> Vec<u16> {
     use http_body_util::{BodyExt, Empty};
-    let cfg = support::tls::client_config(&ca_pem, &[b"http/1.1"]);
     let mut senders = Vec::new();
     for _ in 0..clients {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let tls = tls_to_api(addr, &ca_pem, b"http/1.1").await;
         let (send, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
             hyper_util::rt::TokioIo::new(tls),
         )
@@ -489,13 +483,7 @@ fn many_busy_client_connections_keep_their_upstream_connections() {
         std::fs::read_to_string(&env.kz_ca).unwrap(),
         env.masked.clone(),
     );
-    let statuses = raw(&env, move |a| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(concurrent_rounds(a, ca_pem, masked, 48, 3))
-    });
+    let statuses = raw_async(&env, move |a| concurrent_rounds(a, ca_pem, masked, 48, 3));
     assert_eq!(statuses.len(), 144);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let conns: std::collections::BTreeSet<u64> = env
@@ -1017,6 +1005,37 @@ fn raw<F: FnOnce(SocketAddr) -> R + Send + 'static, R: Send + 'static>(env: &Env
     env.client.spawn(move || f(addr)).join().unwrap()
 }
 
+/// Like [`raw`] for an async client: runs it on a runtime of its own in the client namespace.
+fn raw_async<F, Fut, R>(env: &Env, f: F) -> R
+where
+    F: FnOnce(SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = R>,
+    R: Send + 'static,
+{
+    raw(env, move |a| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f(a))
+    })
+}
+
+/// A TLS connection to the transparent listener for `api.test`, offering `alpn`.
+async fn tls_to_api(
+    addr: SocketAddr,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = support::tls::client_config(ca_pem, &[alpn]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// Reads until EOF or error; returns what arrived and how long it took.
 fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
     let t = Instant::now();
@@ -1036,13 +1055,7 @@ fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
 /// over TLS to the transparent listener. Returns how many streams it opened and how the
 /// connection ended.
 async fn rapid_reset(addr: SocketAddr, ca_pem: String, streams: usize) -> (usize, String) {
-    let cfg = support::tls::client_config(&ca_pem, &[b"h2"]);
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tls_to_api(addr, &ca_pem, b"h2").await;
     let (mut client, conn) = h2::client::handshake(tls).await.unwrap();
     let conn = tokio::spawn(conn);
     let mut opened = 0;
@@ -1078,13 +1091,7 @@ fn h2_rapid_reset_flood_is_cut_off_and_the_proxy_keeps_serving() {
     }
     let env = Env::new(Opts::default());
     let ca_pem = std::fs::read_to_string(&env.kz_ca).unwrap();
-    let (opened, end) = raw(&env, move |a| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(rapid_reset(a, ca_pem, 5000))
-    });
+    let (opened, end) = raw_async(&env, move |a| rapid_reset(a, ca_pem, 5000));
     // kz ends the connection (GOAWAY ENHANCE_YOUR_CALM: too many streams reset before they were
     // served, or refused beyond the stream limit) instead of serving the flood; without the two
     // limits the connection stays open. Streams accepted before their reset arrived do reach

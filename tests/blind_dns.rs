@@ -66,8 +66,8 @@ fn setup(ipv6: bool) -> Env {
     config.upstream_timeout = Duration::from_millis(800);
     config.ttl_floor = Duration::from_secs(300);
     config.ipv6 = ipv6;
-    let mut context = serde_json::Map::new();
-    context.insert("run".into(), "test-run-1".into());
+    let mut context = kz_agent::audit::Fields::default();
+    context.insert("run", "test-run-1".into());
     let sink = answers.clone();
     let hooks = DnsHooks {
         allow: Arc::new(|name: &str| name == "allowed.test" || name.ends_with(".allowed.test")),

@@ -48,15 +48,19 @@ pub struct ChainSink {
     inner: Mutex<Inner>,
 }
 
-/// A record without its `hash` key as the chain hashes it: compact JSON, keys sorted.
+/// A record without its `hash` key as the chain hashes it: compact JSON, keys sorted (a
+/// `serde_json::Map` when `kz audit verify` reads a record back, [`super::Fields`] when the sink
+/// writes one; both give the same bytes).
 /// Serialised straight into bytes: `Value`'s `Display` goes through `core::fmt` a string at a
 /// time, which cost the proxy more per request than the hash and the write together.
-/// Serialising a map of strings to a Vec cannot fail; the fallback (same bytes) only keeps the
-/// line whole if that ever changes.
-pub(crate) fn canonical_body(m: &Map<String, Value>) -> Vec<u8> {
+/// Serialising string-keyed maps to a Vec cannot fail; the fallback only keeps the line whole
+/// if that ever changes.
+pub(crate) fn canonical_body(m: &impl serde::Serialize) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     if serde_json::to_writer(&mut out, m).is_err() {
-        out = Value::Object(m.clone()).to_string().into_bytes();
+        out = serde_json::to_value(m)
+            .map(|v| v.to_string().into_bytes())
+            .unwrap_or_else(|_| b"{}".to_vec());
     }
     out
 }
@@ -259,11 +263,11 @@ impl ChainSink {
     /// Builds the chained line for `event` (exposed for tests and for `kz audit verify`'s docs).
     fn line(seq: u64, prev: &str, event: AuditEvent) -> (Vec<u8>, String) {
         let mut m = event.fields;
-        m.insert("kind".into(), Value::from(event.kind));
-        m.insert("time".into(), Value::from(rfc3339_now()));
-        m.insert("seq".into(), Value::from(seq));
-        m.insert("prev".into(), Value::from(prev));
         m.remove("hash");
+        m.insert("kind", Value::from(event.kind));
+        m.insert("time", Value::from(rfc3339_now()));
+        m.insert("seq", Value::from(seq));
+        m.insert("prev", Value::from(prev));
         let mut line = canonical_body(&m);
         let hash = record_hash(prev, &line);
         // Append `"hash":"…"` as the last key; sorted order is restored on parse by verify.

@@ -3,6 +3,9 @@
 //! Producers (PDP, proxy, interception, MCP) build an [`AuditEvent`] and hand it to an
 //! [`AuditSink`]. The sink owns ordering and the hash chain, so producers stay simple.
 
+use std::borrow::Cow;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 /// What happened, with its details. `kind` is a stable snake_case name
@@ -11,21 +14,126 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEvent {
     pub kind: &'static str,
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
 }
 
 impl AuditEvent {
     pub fn new(kind: &'static str) -> Self {
         Self {
             kind,
-            fields: Map::new(),
+            fields: Fields::default(),
         }
     }
 
     /// Builder-style field setter.
-    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.fields.insert(key.to_owned(), value.into());
+    pub fn with(mut self, key: impl Into<Cow<'static, str>>, value: impl Into<Value>) -> Self {
+        self.fields.insert(key, value.into());
         self
+    }
+}
+
+/// An audit record's fields: a list that a later `insert` of the same key overrides, written
+/// with its keys sorted (the chain's canonical form, the same bytes as a `serde_json::Map`).
+/// Why not a map: the proxy builds one record per request, and a `BTreeMap` of owned keys cost
+/// it an allocation per field plus the tree's nodes; here a literal key allocates nothing and
+/// the one sort happens when the record is written.
+#[derive(Debug, Clone, Default)]
+pub struct Fields(Vec<(Cow<'static, str>, Value)>);
+
+impl Fields {
+    /// Sets `key`, replacing an earlier value.
+    pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
+        self.0.push((key.into(), value));
+    }
+
+    /// Sets `key` only if nothing set it yet.
+    pub fn insert_if_absent(&mut self, key: Cow<'static, str>, value: impl FnOnce() -> Value) {
+        if !self.contains_key(&key) {
+            self.0.push((key, value()));
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == key)
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
+    }
+
+    /// The current value of every key, sorted by key.
+    pub fn sorted(&self) -> Vec<(&str, &Value)> {
+        let mut v: Vec<(&str, &Value)> = self.0.iter().map(|(k, v)| (k.as_ref(), v)).collect();
+        // Stable: of equal keys the last set stays last, and dedup keeps the first of a run.
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.reverse();
+        v.dedup_by(|a, b| a.0 == b.0);
+        v.reverse();
+        v
+    }
+
+    /// Every entry as set, in order (an overridden key appears more than once).
+    pub fn iter(&self) -> impl Iterator<Item = (&Cow<'static, str>, &Value)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.sorted()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.clone()))
+            .collect()
+    }
+}
+
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.sorted() == other.sorted()
+    }
+}
+
+impl std::ops::Index<&str> for Fields {
+    type Output = Value;
+    /// `Value::Null` for a key that is not set, as `serde_json::Value` indexes.
+    fn index(&self, key: &str) -> &Value {
+        static NULL: Value = Value::Null;
+        self.get(key).unwrap_or(&NULL)
+    }
+}
+
+impl<K: Into<Cow<'static, str>>> Extend<(K, Value)> for Fields {
+    fn extend<I: IntoIterator<Item = (K, Value)>>(&mut self, iter: I) {
+        self.0.extend(iter.into_iter().map(|(k, v)| (k.into(), v)));
+    }
+}
+
+impl IntoIterator for Fields {
+    type Item = (Cow<'static, str>, Value);
+    type IntoIter = std::vec::IntoIter<Self::Item>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<K: Into<Cow<'static, str>>> FromIterator<(K, Value)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
+        let mut f = Self::default();
+        f.extend(iter);
+        f
+    }
+}
+
+impl Serialize for Fields {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sorted = self.sorted();
+        let mut m = s.serialize_map(Some(sorted.len()))?;
+        for (k, v) in sorted {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
     }
 }
 
@@ -76,5 +184,56 @@ impl AuditSink for MultiSink {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_serialise_as_the_map_verify_reads_back() {
+        // Unsorted keys, an override, and strings that need escaping: the bytes must be the
+        // ones a `serde_json::Map` with the same final contents gives, or chains would not verify.
+        let mut f = Fields::default();
+        let mut m = Map::new();
+        for (k, v) in [
+            ("status", Value::from(200)),
+            ("host", Value::from("api.example.com")),
+            ("path", Value::from("/a?\"q\"=\u{1}\n")),
+            ("status", Value::from(502)),
+            ("é", Value::from(vec!["x", "y"])),
+            ("bytes_up", Value::from(0)),
+            ("Host", Value::Null),
+        ] {
+            f.insert(k, v.clone());
+            m.insert(k.to_owned(), v);
+        }
+        f.insert(String::from("dynamic"), Value::from(1.5));
+        m.insert("dynamic".into(), Value::from(1.5));
+        assert_eq!(
+            serde_json::to_vec(&f).unwrap(),
+            serde_json::to_vec(&m).unwrap()
+        );
+        assert_eq!(f.to_map(), m);
+        assert_eq!(f["status"], 502);
+        assert_eq!(f["missing"], Value::Null);
+        assert_eq!(f.sorted().len(), 7);
+    }
+
+    #[test]
+    fn insert_if_absent_keeps_what_is_set_and_remove_drops_every_copy() {
+        let mut f = Fields::default();
+        f.insert("mode", "transparent".into());
+        f.insert_if_absent("mode".into(), || "kernel".into());
+        f.insert_if_absent("run".into(), || "run-1".into());
+        assert_eq!(f["mode"], "transparent");
+        assert_eq!(f["run"], "run-1");
+        f.insert("mode", "explicit".into());
+        f.remove("mode");
+        assert!(!f.contains_key("mode"));
+        let mut g = Fields::default();
+        g.insert("run", "run-1".into());
+        assert_eq!(f, g);
     }
 }

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
-use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -115,7 +114,7 @@ pub struct DnsHooks {
     pub allow: AllowName,
     pub on_answer: OnAnswer,
     pub audit: Arc<dyn AuditSink>,
-    pub audit_context: Map<String, Value>,
+    pub audit_context: crate::audit::Fields,
 }
 
 /// A running resolver. Dropping it (or [`DnsServer::shutdown`]) stops it.
@@ -474,9 +473,7 @@ fn refuse(
 ) {
     tracing::info!(name, %qtype, %peer, reason, "dns: refused");
     let mut event = AuditEvent::new("dns_refused");
-    for (k, v) in &shared.hooks.audit_context {
-        event.fields.insert(k.clone(), v.clone());
-    }
+    event.fields.extend(shared.hooks.audit_context.clone());
     let event = event
         .with("name", name)
         .with("qtype", qtype.to_string())

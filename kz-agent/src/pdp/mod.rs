@@ -750,8 +750,8 @@ resources:
             let path_value = std::env::var("PATH").unwrap();
             for e in events.iter() {
                 assert!(
-                    !serde_json::Value::Object(e.fields.clone())
-                        .to_string()
+                    !serde_json::to_string(&e.fields)
+                        .unwrap()
                         .contains(&path_value)
                 );
             }

@@ -96,8 +96,8 @@ impl Record {
     }
 }
 
-fn list(s: &BTreeSet<String>) -> Value {
-    Value::Array(s.iter().cloned().map(Value::String).collect())
+fn list(s: &mut BTreeSet<String>) -> Value {
+    Value::Array(std::mem::take(s).into_iter().map(Value::String).collect())
 }
 
 impl Drop for Record {
@@ -106,35 +106,33 @@ impl Drop for Record {
         let up = self.bytes_up.load(Ordering::Relaxed);
         let down = self.bytes_down.load(Ordering::Relaxed);
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // The fields are the record's last use: their strings move into the event.
+        let violation = (!f.out_of_scope.is_empty()).then(|| {
+            AuditEvent::new("token_out_of_scope")
+                .with("host", f.host.as_str())
+                .with("method", f.method.as_str())
+                .with("path", f.path.as_str())
+                .with("secrets", list(&mut f.out_of_scope.clone()))
+                .with("refused", f.refused)
+        });
         let mut ev = AuditEvent::new("proxy_request")
-            .with("host", f.host.as_str())
+            .with("host", std::mem::take(&mut f.host))
             .with("port", f.port)
-            .with("method", f.method.as_str())
-            .with("path", f.path.as_str())
+            .with("method", std::mem::take(&mut f.method))
+            .with("path", std::mem::take(&mut f.path))
             .with("status", f.status)
             .with("mode", f.mode)
             .with("protocol", f.protocol)
-            .with("swapped", list(&f.swapped))
-            .with("out_of_scope", list(&f.out_of_scope))
-            .with("scrubbed", list(&f.scrubbed))
+            .with("swapped", list(&mut f.swapped))
+            .with("out_of_scope", list(&mut f.out_of_scope))
+            .with("scrubbed", list(&mut f.scrubbed))
             .with("bytes_up", up)
             .with("bytes_down", down)
             .with("duration_ms", (ms * 1000.0).round() / 1000.0);
-        if let Some(e) = &f.error {
-            ev = ev.with("error", e.as_str());
+        if let Some(e) = f.error.take() {
+            ev = ev.with("error", e);
         }
-        let mut events = vec![ev];
-        if !f.out_of_scope.is_empty() {
-            events.push(
-                AuditEvent::new("token_out_of_scope")
-                    .with("host", f.host.as_str())
-                    .with("method", f.method.as_str())
-                    .with("path", f.path.as_str())
-                    .with("secrets", list(&f.out_of_scope))
-                    .with("refused", f.refused),
-            );
-        }
-        for ev in events {
+        for ev in std::iter::once(ev).chain(violation) {
             if let Err(e) = self.shared.audit.record(ev) {
                 Metrics::inc(&self.shared.metrics.audit_errors_total);
                 tracing::error!(error = %e, "audit record lost");

@@ -26,9 +26,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::audit::{AuditEvent, AuditSink, ChainSink, Fsync, SinkTarget};
+use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
@@ -281,11 +281,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "interceptor loaded");
     let id = run_id();
     let program = req.command.get_program().to_string_lossy().into_owned();
-    let mut context = Map::new();
-    context.insert("run".into(), Value::from(id.clone()));
-    context.insert("program".into(), Value::from(program.clone()));
+    let mut context = Fields::default();
+    context.insert("run", Value::from(id.clone()));
+    context.insert("program", Value::from(program.clone()));
     context.insert(
-        "run_mode".into(),
+        "run_mode",
         Value::from(if icpt.is_some() {
             "kernel"
         } else {
@@ -480,10 +480,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "cgroup created and attached");
     // The cell is fresh: set() cannot fail.
     let _ = cgroup_id.set(cgroup.id);
-    context.insert(
-        "cgroup".into(),
-        Value::from(cgroup.path.display().to_string()),
-    );
+    context.insert("cgroup", Value::from(cgroup.path.display().to_string()));
 
     let cgroup_for_spawn = cgroup.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -579,13 +576,13 @@ fn scrub_env(cmd: &mut std::process::Command, secrets: &[MaskedSecret]) -> Vec<S
 /// Adds the run's context (run id, program, mode) to every record that does not set it itself.
 struct ContextSink {
     inner: Arc<dyn AuditSink>,
-    context: Map<String, Value>,
+    context: Fields,
 }
 
 impl AuditSink for ContextSink {
     fn record(&self, mut event: AuditEvent) -> Result<(), crate::audit::AuditError> {
-        for (k, v) in &self.context {
-            event.fields.entry(k.clone()).or_insert_with(|| v.clone());
+        for (k, v) in self.context.iter() {
+            event.fields.insert_if_absent(k.clone(), || v.clone());
         }
         self.inner.record(event)
     }
@@ -640,7 +637,7 @@ async fn audit_blocks(
     mut events: crate::intercept::BlockEvents,
     cgroup_id: u64,
     audit: Arc<dyn AuditSink>,
-    context: Map<String, Value>,
+    context: Fields,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     // The instance's ring carries only its own cgroup's events (and those of cgroups the agent
@@ -746,9 +743,9 @@ mod tests {
             }
         }
         let mem = Arc::new(Mem::default());
-        let mut context = Map::new();
-        context.insert("run".into(), "run-1".into());
-        context.insert("mode".into(), "kernel".into());
+        let mut context = Fields::default();
+        context.insert("run", "run-1".into());
+        context.insert("mode", "kernel".into());
         let sink = ContextSink {
             inner: mem.clone(),
             context,

@@ -83,8 +83,9 @@ pub struct Limits {
     /// Time given to in-flight requests on shutdown.
     pub drain_timeout: Duration,
     /// Bodies with a Content-Length up to this size are rewritten in one piece so the new
-    /// Content-Length is exact; larger or chunked bodies stream (Content-Length is then dropped
-    /// and the body is sent chunked / as h2 DATA frames).
+    /// Content-Length is exact; larger or chunked bodies stream. Toward a host some token may
+    /// be swapped to, a larger body's Content-Length is then dropped (it is sent chunked / as
+    /// h2 DATA frames); elsewhere nothing can change its length and it is kept.
     pub max_buffered_body: usize,
     /// Bounded leaf-certificate cache size.
     pub leaf_cache: usize,

@@ -1167,7 +1167,12 @@ async fn forward(
                 body::full(out)
             }
             _ => {
-                parts.headers.remove(header::CONTENT_LENGTH);
+                // Only a swap changes a body's length, and none can happen toward a host no
+                // token may go to: there the length stays exact (object stores refuse chunked
+                // uploads). Elsewhere it is known only at the end: chunked / h2 DATA frames.
+                if guarded {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
                 let rw = StreamRewriter::new(plan.patterns().clone(), plan.clone());
                 RewriteBody::new(
                     incoming,

@@ -112,7 +112,10 @@ impl Drop for Record {
                 .with("host", f.host.as_str())
                 .with("method", f.method.as_str())
                 .with("path", f.path.as_str())
-                .with("secrets", list(&mut f.out_of_scope.clone()))
+                .with(
+                    "secrets",
+                    f.out_of_scope.iter().cloned().collect::<Vec<_>>(),
+                )
                 .with("refused", f.refused)
         });
         let mut ev = AuditEvent::new("proxy_request")

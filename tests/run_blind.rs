@@ -134,12 +134,18 @@ upstream_ca = "upstream-ca.pem"
         );
     }
 
+    /// The run's records, once their hash chain checks out as `kz audit verify` checks it
+    /// (the proxy's, the resolver's and the interceptor's records all go into one chain).
     fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.audit_path())
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(self.audit_path())
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+            .collect();
+        let report = kz_agent::audit::verify_path(&self.audit_path())
+            .unwrap_or_else(|e| panic!("the run's audit log does not verify: {e}"));
+        assert_eq!(report.records, records.len() as u64);
+        records
     }
 }
 

@@ -32,6 +32,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 pub use rules::{ConnectionRule, ConnectionRules, HostPattern, RuleError, Verdict};
 pub use tls::{CertAuthority, TlsError};
 pub use tokens::{Scrubber, TokenError, TokenTable};
@@ -44,8 +46,11 @@ use metrics::Metrics;
 pub type OrigDstLookup = Arc<dyn Fn(SocketAddr) -> Option<SocketAddr> + Send + Sync>;
 
 /// Name resolution consulted before the system resolver (e.g. kz's own DNS answers, or a test's
-/// fixed map): `(host, port) → address`.
-pub type HostLookup = Arc<dyn Fn(&str, u16) -> Option<SocketAddr> + Send + Sync>;
+/// fixed map): `(host, port) → address`, `None` to fall through. A future because a lookup may
+/// wait on a DNS server: it runs on a proxy worker, where blocking would stall every connection
+/// that worker serves. One that knows the answer returns `ready`.
+pub type HostLookup =
+    Arc<dyn Fn(&str, u16) -> BoxFuture<'static, Option<SocketAddr>> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

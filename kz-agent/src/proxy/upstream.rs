@@ -130,7 +130,7 @@ pub async fn resolve(sh: &Shared, host: &str, port: u16) -> Result<SocketAddr, U
         return Ok(SocketAddr::new(ip, port));
     }
     if let Some(f) = &sh.resolve
-        && let Some(a) = f(host, port)
+        && let Some(a) = f(host, port).await
     {
         return Ok(a);
     }
@@ -150,7 +150,7 @@ pub async fn resolve(sh: &Shared, host: &str, port: u16) -> Result<SocketAddr, U
 /// All addresses `host` resolves to (override first), for checking a plain-HTTP Host header.
 pub async fn resolve_all(sh: &Shared, host: &str, port: u16) -> Vec<SocketAddr> {
     if let Some(f) = &sh.resolve
-        && let Some(a) = f(host, port)
+        && let Some(a) = f(host, port).await
     {
         return vec![a];
     }

@@ -620,16 +620,16 @@ fn host_lookup(answers: Answers, upstream: SocketAddr) -> proxy::HostLookup {
             .ok()
             .and_then(|a| a.get(&host).and_then(|ips| ips.first().copied()))
         {
-            return Some(SocketAddr::new(ip, port));
+            return Box::pin(std::future::ready(Some(SocketAddr::new(ip, port))));
         }
-        let query = || dns::lookup_blocking(upstream, &host, Duration::from_secs(3));
-        let ips = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(query)
-            }
-            _ => query(),
-        };
-        ips.first().map(|ip| SocketAddr::new(*ip, port))
+        // A name the agent did not resolve through kz (a Host header, an SNI to a literal
+        // address): ask the upstream server on the blocking pool. Asked inline, a silent server
+        // stalled the proxy worker, and every connection on it, for the whole timeout.
+        Box::pin(async move {
+            let query = move || dns::lookup_blocking(upstream, &host, Duration::from_secs(3));
+            let ips = tokio::task::spawn_blocking(query).await.unwrap_or_default();
+            ips.first().map(|ip| SocketAddr::new(*ip, port))
+        })
     })
 }
 
@@ -691,6 +691,35 @@ async fn audit_blocks(
 mod tests {
     use super::*;
     use crate::config::blind::ConnectionRule as CfgRule;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_name_kz_did_not_resolve_is_looked_up_without_stalling_the_worker() {
+        // A DNS server that never answers, and one name the agent resolved through kz.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let answers = Answers::default();
+        let known: IpAddr = "10.1.2.3".parse().unwrap();
+        answers
+            .lock()
+            .unwrap()
+            .insert("api.test".into(), vec![known]);
+        let lookup = host_lookup(answers, silent.local_addr().unwrap());
+
+        assert_eq!(
+            lookup("API.test.", 443).await,
+            Some(SocketAddr::new(known, 443))
+        );
+        // The miss waits on the server; the proxy worker (this single-threaded runtime) keeps
+        // running meanwhile. Asked inline, the call itself took the whole 3 s timeout.
+        let started = std::time::Instant::now();
+        let pending = lookup("unknown.test", 80);
+        let tick = tokio::time::timeout(Duration::from_millis(100), pending).await;
+        assert!(tick.is_err(), "a silent server cannot have answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the lookup held the runtime for {:?}",
+            started.elapsed()
+        );
+    }
 
     fn cfg(rules: Vec<(bool, ConfigPattern)>) -> BlindConfig {
         BlindConfig {

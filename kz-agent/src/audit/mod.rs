@@ -41,7 +41,8 @@ impl AuditEvent {
 pub struct Fields(Vec<(Cow<'static, str>, Value)>);
 
 impl Fields {
-    /// Sets `key`, replacing an earlier value.
+    /// Sets `key`, overriding an earlier value (which stays in the list, unwritten: records
+    /// set each key a fixed number of times, so appending beats searching).
     pub fn insert(&mut self, key: impl Into<Cow<'static, str>>, value: Value) {
         self.0.push((key.into(), value));
     }

@@ -405,6 +405,61 @@ upstream_ca = "upstream-ca.pem"
 }
 
 #[test]
+fn a_plain_http_host_claim_is_checked_once_per_connection() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // The agent dials an address it may reach and names the host only in its Host header, a
+    // name it never resolved through kz: kz asks the DNS server whether that name has this
+    // address before it swaps a token scoped to the name.
+    std::fs::write(
+        env.dir.join(".keyzero.toml"),
+        format!(
+            r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["other.allowed.test"]
+
+[blind]
+connections = [
+  {{ allow = true, host = "{OTHER}" }},
+  {{ allow = true, host = "other.allowed.test" }},
+]
+resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#
+        ),
+    )
+    .unwrap();
+    let out = env.run(&format!(
+        r#"
+        curl -sS --max-time 10 -o /dev/null -o /dev/null -o /dev/null \
+          -H "Host: other.allowed.test" -H "Authorization: Bearer $API_KEY" \
+          http://{OTHER}/a http://{OTHER}/b http://{OTHER}/c
+        echo "curl exit $?"
+        "#
+    ));
+    let o = assert_ok(&out);
+    assert!(o.contains("curl exit 0"), "{o}");
+    let reqs = env.other.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    for r in &reqs {
+        assert_eq!(r.header("authorization").unwrap(), format!("Bearer {REAL}"));
+    }
+    // Three requests on one keep-alive connection, one question: the answer holds for the
+    // connection, as a certificate does for a TLS one.
+    let asked: Vec<String> = env
+        .dns
+        .questions()
+        .into_iter()
+        .filter(|q| q.starts_with("other.allowed.test "))
+        .collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+}
+
+#[test]
 fn denied_host_dns_refused_and_literal_ip_gets_eperm() {
     if !support::require_root() {
         return;

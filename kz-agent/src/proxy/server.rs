@@ -585,6 +585,9 @@ struct ConnCtx {
     /// Swap decisions for the last host and token-table version (a connection's host rarely
     /// changes, so requests reuse them).
     plan: std::sync::Mutex<Option<CachedPlan>>,
+    /// Plain HTTP: the last Host claim and the host it was verified as. Like a TLS
+    /// connection's certificate, the check holds for the connection (it may cost a DNS query).
+    plain_host: std::sync::Mutex<Option<(String, String)>>,
 }
 
 struct CachedPlan {
@@ -605,6 +608,7 @@ impl ConnCtx {
             inflight: Arc::new(AtomicUsize::new(0)),
             forward: tokio::sync::Mutex::new(None),
             plan: std::sync::Mutex::new(None),
+            plain_host: std::sync::Mutex::new(None),
         })
     }
 
@@ -811,7 +815,7 @@ async fn handle(
         } => {
             let host = match fixed_host {
                 Some(h) => h.clone(),
-                None => verify_plain_host(&sh, &req, *dst).await,
+                None => verify_plain_host(&ctx, &req, *dst).await,
             };
             if sh.rules.check(&host, dst.port()) == Verdict::Deny {
                 return Ok(denied(&ctx, req, &host, dst.port()));
@@ -823,30 +827,37 @@ async fn handle(
 
 /// Plain HTTP has no certificate: the Host header counts only if it resolves to the address the
 /// client actually connected to. Otherwise the host is the bare IP (and tokens scoped to names
-/// are not swapped).
-async fn verify_plain_host(sh: &Shared, req: &Request<Incoming>, dst: SocketAddr) -> String {
-    let claimed = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let ip = dst.ip().to_string();
-    let Some(claimed) = claimed else { return ip };
-    let (name, _) = split_authority(&claimed, dst.port());
-    if let Ok(addr) = name.parse::<std::net::IpAddr>() {
-        return if addr == dst.ip() { name } else { ip };
+/// are not swapped). Checked once per connection and claim.
+async fn verify_plain_host(ctx: &ConnCtx, req: &Request<Incoming>, dst: SocketAddr) -> String {
+    let claimed = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let Some(claimed) = claimed else {
+        return dst.ip().to_string();
+    };
+    let cache = || ctx.plain_host.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((c, verified)) = cache().as_ref()
+        && c == claimed
+    {
+        return verified.clone();
     }
-    let addrs = upstream::resolve_all(sh, &name, dst.port()).await;
-    if addrs.iter().any(|a| a.ip() == dst.ip()) {
-        name
-    } else {
-        ip
-    }
+    let (name, _) = split_authority(claimed, dst.port());
+    let verified = match name.parse::<std::net::IpAddr>() {
+        Ok(addr) if addr == dst.ip() => name,
+        Ok(_) => dst.ip().to_string(),
+        Err(_) => {
+            let addrs = upstream::resolve_all(&ctx.sh, &name, dst.port()).await;
+            if addrs.iter().any(|a| a.ip() == dst.ip()) {
+                name
+            } else {
+                dst.ip().to_string()
+            }
+        }
+    };
+    *cache() = Some((claimed.to_owned(), verified.clone()));
+    verified
 }
 
 fn fields(ctx: &ConnCtx, req: &Request<Incoming>, host: &str, port: u16) -> Fields {

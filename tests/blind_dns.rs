@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kz_agent::audit::{AuditError, AuditEvent, AuditSink};
+use kz_agent::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
 use kz_agent::intercept::dns::{DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use support::dns::{TestDns, Zone};
 use support::netns::{Netns, link};
@@ -66,7 +66,7 @@ fn setup(ipv6: bool) -> Env {
     config.upstream_timeout = Duration::from_millis(800);
     config.ttl_floor = Duration::from_secs(300);
     config.ipv6 = ipv6;
-    let mut context = kz_agent::audit::Fields::default();
+    let mut context = Fields::default();
     context.insert("run", "test-run-1".into());
     let sink = answers.clone();
     let hooks = DnsHooks {
@@ -75,8 +75,10 @@ fn setup(ipv6: bool) -> Env {
             sink.lock().unwrap().push((name.to_owned(), ips.to_vec()));
             Ok(())
         }),
-        audit: audit.clone(),
-        audit_context: context,
+        audit: Arc::new(WithContext {
+            inner: audit.clone(),
+            context,
+        }),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     client.spawn(move || {

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// What happened, with its details. `kind` is a stable snake_case name
 /// (`decision`, `proxy_request`, `token_out_of_scope`, `connect_blocked`, `mcp_call`, …).
@@ -81,13 +81,6 @@ impl Fields {
     pub fn iter(&self) -> impl Iterator<Item = (&Cow<'static, str>, &Value)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
-
-    pub fn to_map(&self) -> Map<String, Value> {
-        self.sorted()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.clone()))
-            .collect()
-    }
 }
 
 impl PartialEq for Fields {
@@ -102,28 +95,6 @@ impl std::ops::Index<&str> for Fields {
     fn index(&self, key: &str) -> &Value {
         static NULL: Value = Value::Null;
         self.get(key).unwrap_or(&NULL)
-    }
-}
-
-impl<K: Into<Cow<'static, str>>> Extend<(K, Value)> for Fields {
-    fn extend<I: IntoIterator<Item = (K, Value)>>(&mut self, iter: I) {
-        self.0.extend(iter.into_iter().map(|(k, v)| (k.into(), v)));
-    }
-}
-
-impl IntoIterator for Fields {
-    type Item = (Cow<'static, str>, Value);
-    type IntoIter = std::vec::IntoIter<Self::Item>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
-    }
-}
-
-impl<K: Into<Cow<'static, str>>> FromIterator<(K, Value)> for Fields {
-    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
-        let mut f = Self::default();
-        f.extend(iter);
-        f
     }
 }
 
@@ -173,6 +144,22 @@ impl AuditSink for NullSink {
     }
 }
 
+/// Adds `context` (e.g. a run's id, program and mode) to every record that does not set those
+/// keys itself, then passes it on.
+pub struct WithContext {
+    pub inner: std::sync::Arc<dyn AuditSink>,
+    pub context: Fields,
+}
+
+impl AuditSink for WithContext {
+    fn record(&self, mut event: AuditEvent) -> Result<(), AuditError> {
+        for (k, v) in self.context.iter() {
+            event.fields.insert_if_absent(k.clone(), || v.clone());
+        }
+        self.inner.record(event)
+    }
+}
+
 /// Fans one event out to several sinks (file and stdout).
 pub struct MultiSink(pub Vec<std::sync::Arc<dyn AuditSink>>);
 
@@ -191,6 +178,7 @@ impl AuditSink for MultiSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     #[test]
     fn fields_serialise_as_the_map_verify_reads_back() {
@@ -216,7 +204,7 @@ mod tests {
             serde_json::to_vec(&f).unwrap(),
             serde_json::to_vec(&m).unwrap()
         );
-        assert_eq!(f.to_map(), m);
+        assert_eq!(serde_json::to_value(&f).unwrap(), Value::Object(m));
         assert_eq!(f["status"], 502);
         assert_eq!(f["missing"], Value::Null);
         assert_eq!(f.sorted().len(), 7);

@@ -107,14 +107,13 @@ impl DnsConfig {
     }
 }
 
-/// What the resolver calls out to. `audit_context` is merged into every audit record (e.g. the
-/// run id, command and cgroup) so a denial says who tried.
+/// What the resolver calls out to. Records say who tried through `audit` itself (e.g. an
+/// [`crate::audit::WithContext`] adding the run id and program).
 #[derive(Clone)]
 pub struct DnsHooks {
     pub allow: AllowName,
     pub on_answer: OnAnswer,
     pub audit: Arc<dyn AuditSink>,
-    pub audit_context: crate::audit::Fields,
 }
 
 /// A running resolver. Dropping it (or [`DnsServer::shutdown`]) stops it.
@@ -472,9 +471,7 @@ fn refuse(
     transport: Transport,
 ) {
     tracing::info!(name, %qtype, %peer, reason, "dns: refused");
-    let mut event = AuditEvent::new("dns_refused");
-    event.fields.extend(shared.hooks.audit_context.clone());
-    let event = event
+    let event = AuditEvent::new("dns_refused")
         .with("name", name)
         .with("qtype", qtype.to_string())
         .with("client", peer.to_string())

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget};
+use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget, WithContext};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
@@ -294,9 +294,9 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     );
 
     // Every record of this run (the proxy's included) says which run and program it was.
-    req.audit = Arc::new(ContextSink {
+    req.audit = Arc::new(WithContext {
         inner: req.audit.clone(),
-        context: context.clone(),
+        context,
     });
     let names: Vec<&str> = req.secrets.iter().map(|s| s.name.as_str()).collect();
     audit(
@@ -417,7 +417,6 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         allow: Arc::new(move |name: &str| name_allowed(&dns_rules, name)),
         on_answer,
         audit: req.audit.clone(),
-        audit_context: context.clone(),
     };
     let dns = DnsServer::start(dcfg.clone(), hooks.clone()).await?;
     let dns6 = if ipv6 {
@@ -480,7 +479,6 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "cgroup created and attached");
     // The cell is fresh: set() cannot fail.
     let _ = cgroup_id.set(cgroup.id);
-    context.insert("cgroup", Value::from(cgroup.path.display().to_string()));
 
     let cgroup_for_spawn = cgroup.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
@@ -489,7 +487,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         events,
         cgroup.id,
         req.audit.clone(),
-        context.clone(),
+        cgroup.path.display().to_string(),
         stop_rx,
     ));
 
@@ -573,21 +571,6 @@ fn scrub_env(cmd: &mut std::process::Command, secrets: &[MaskedSecret]) -> Vec<S
     removed
 }
 
-/// Adds the run's context (run id, program, mode) to every record that does not set it itself.
-struct ContextSink {
-    inner: Arc<dyn AuditSink>,
-    context: Fields,
-}
-
-impl AuditSink for ContextSink {
-    fn record(&self, mut event: AuditEvent) -> Result<(), crate::audit::AuditError> {
-        for (k, v) in self.context.iter() {
-            event.fields.insert_if_absent(k.clone(), || v.clone());
-        }
-        self.inner.record(event)
-    }
-}
-
 fn audit(sink: &dyn AuditSink, event: AuditEvent) {
     if let Err(e) = sink.record(event) {
         eprintln!("kz: {e}");
@@ -637,7 +620,7 @@ async fn audit_blocks(
     mut events: crate::intercept::BlockEvents,
     cgroup_id: u64,
     audit: Arc<dyn AuditSink>,
-    context: Fields,
+    cgroup: String,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     // The instance's ring carries only its own cgroup's events (and those of cgroups the agent
@@ -650,9 +633,9 @@ async fn audit_blocks(
             "kz: blocked {} connection from {} (pid {}) to {}: {:?}",
             b.proto, b.comm, b.tgid, b.dest, b.reason
         );
-        let mut event = AuditEvent::new("connect_blocked");
-        event.fields.extend(context.clone());
-        let event = event
+        // `audit` adds the run's context; the cgroup is known only from here on.
+        let event = AuditEvent::new("connect_blocked")
+            .with("cgroup", cgroup.clone())
             .with("pid", b.tgid)
             .with("tid", b.pid)
             .with("comm", b.comm)
@@ -775,7 +758,7 @@ mod tests {
         let mut context = Fields::default();
         context.insert("run", "run-1".into());
         context.insert("mode", "kernel".into());
-        let sink = ContextSink {
+        let sink = WithContext {
             inner: mem.clone(),
             context,
         };

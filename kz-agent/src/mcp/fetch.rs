@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -169,22 +169,8 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, Fetch
     // no extra CA.
     let mut roots = crate::proxy::tls::system_roots().clone();
     if let Some(path) = extra_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| {
-                FetchError::TlsSetup(format!("cannot read CA file {}: {e}", path.display()))
-            })?;
-        if certs.is_empty() {
-            return Err(FetchError::TlsSetup(format!(
-                "CA file {} holds no PEM certificate",
-                path.display()
-            )));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| FetchError::TlsSetup(format!("CA file {}: {e}", path.display())))?;
-        }
+        crate::proxy::tls::add_ca_file(&mut roots, path)
+            .map_err(|e| FetchError::TlsSetup(e.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

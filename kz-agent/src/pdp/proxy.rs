@@ -170,12 +170,7 @@ fn refuse(status: StatusCode, error: &'static str, message: impl Into<String>) -
 fn tls_connector(extra_ca: Option<&PathBuf>) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let mut roots = crate::proxy::tls::system_roots().clone();
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots
-                .add(cert.with_context(|| format!("parsing {}", path.display()))?)
-                .with_context(|| format!("adding {} as a CA", path.display()))?;
-        }
+        crate::proxy::tls::add_ca_file(&mut roots, path)?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

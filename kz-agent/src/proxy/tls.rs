@@ -52,10 +52,48 @@ pub enum TlsError {
     Rcgen(#[from] rcgen::Error),
     #[error("TLS configuration failed: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error(
-        "cannot read the extra upstream CA file {path}: {reason}; it must be a PEM file with at least one certificate"
-    )]
-    ExtraCa { path: String, reason: String },
+    #[error("extra upstream CA: {0}; it must be a PEM file with at least one certificate")]
+    ExtraCa(#[from] CaFileError),
+}
+
+/// Why a CA file (PEM) could not be added to a set of trusted roots.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read CA file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("CA file {path} is not valid PEM: {reason}")]
+    Pem { path: String, reason: String },
+    #[error("CA file {path} holds no certificate")]
+    Empty { path: String },
+    #[error("CA file {path} has an unusable certificate: {reason}")]
+    Unusable { path: String, reason: String },
+}
+
+/// Adds every certificate in the PEM file `path` to `roots` (an extra CA for a private Vault, a
+/// test upstream…). A file without a certificate is an error: trusting nothing extra is never
+/// what the user meant.
+pub fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), CaFileError> {
+    let shown = || path.display().to_string();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| CaFileError::Read {
+            path: shown(),
+            reason: e.to_string(),
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaFileError::Pem {
+            path: shown(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(CaFileError::Empty { path: shown() });
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| CaFileError::Unusable {
+            path: shown(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -313,20 +351,7 @@ impl Upstream {
     pub fn new(extra_ca: Option<&PathBuf>) -> Result<Self, TlsError> {
         let mut roots = system_roots().clone();
         if let Some(path) = extra_ca {
-            let err = |reason: String| TlsError::ExtraCa {
-                path: path.display().to_string(),
-                reason,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| err(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| err(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(err("no certificate found".into()));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| err(e.to_string()))?;
-            }
+            add_ca_file(&mut roots, path)?;
         }
         let roots = Arc::new(roots);
         let make = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, TlsError> {

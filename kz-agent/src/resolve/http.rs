@@ -11,8 +11,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,34 +68,8 @@ impl HttpClient {
             crate::proxy::tls::system_roots().clone()
         };
         if let Some(path) = extra_ca {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| {
-                    ResolveError::Config(format!(
-                        "{backend}: cannot read CA file {}: {e}",
-                        path.display()
-                    ))
-                })?
-                .collect::<Result<_, _>>()
-                .map_err(|e| {
-                    ResolveError::Config(format!(
-                        "{backend}: CA file {} is not valid PEM: {e}",
-                        path.display()
-                    ))
-                })?;
-            if certs.is_empty() {
-                return Err(ResolveError::Config(format!(
-                    "{backend}: CA file {} holds no certificate",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    ResolveError::Config(format!(
-                        "{backend}: CA file {} has an unusable certificate: {e}",
-                        path.display()
-                    ))
-                })?;
-            }
+            crate::proxy::tls::add_ca_file(&mut roots, path)
+                .map_err(|e| ResolveError::Config(format!("{backend}: {e}")))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)

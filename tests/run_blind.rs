@@ -71,24 +71,12 @@ impl Env {
         let dir = std::env::temp_dir().join(support::unique_name("kzrb"));
         std::fs::create_dir_all(&dir).unwrap();
         ca.write_pem(&dir.join("upstream-ca.pem"));
-        std::fs::write(
-            dir.join(".keyzero.toml"),
-            r#"
-[secrets.API_KEY]
-resolver = "env"
-ref = "KZ_TEST_REAL_KEY"
-hosts = ["api.allowed.test"]
-
-[blind]
-connections = [
-  { allow = true, host = "api.allowed.test" },
-  { allow = true, host = "other.allowed.test" },
-]
-resolver = "10.77.0.2:53"
-upstream_ca = "upstream-ca.pem"
-"#,
-        )
-        .unwrap();
+        write_config(
+            &dir,
+            "api.allowed.test",
+            &["api.allowed.test", "other.allowed.test"],
+            "",
+        );
         Env {
             client,
             _upstream_ns: upstream_ns,
@@ -153,6 +141,30 @@ impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The project's `.keyzero.toml` in `dir`: `API_KEY` from the environment, scoped to
+/// `secret_host`; the agent may connect to `allowed`; `extra` adds `[blind]` keys.
+fn write_config(dir: &Path, secret_host: &str, allowed: &[&str], extra: &str) {
+    let connections: String = allowed
+        .iter()
+        .map(|h| format!("  {{ allow = true, host = \"{h}\" }},\n"))
+        .collect();
+    let toml = format!(
+        r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["{secret_host}"]
+
+[blind]
+connections = [
+{connections}]
+{extra}resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#
+    );
+    std::fs::write(dir.join(".keyzero.toml"), toml).unwrap();
 }
 
 fn text(out: &Output) -> (String, String) {
@@ -370,23 +382,7 @@ fn an_allow_rule_naming_an_address_lets_the_agent_dial_it_without_dns() {
     let env = Env::new();
     // The address is allowed by a rule of its own and is in the secret's scope; nothing
     // resolves it, so the kernel must know it from the start.
-    std::fs::write(
-        env.dir.join(".keyzero.toml"),
-        format!(
-            r#"
-[secrets.API_KEY]
-resolver = "env"
-ref = "KZ_TEST_REAL_KEY"
-hosts = ["{OTHER}"]
-
-[blind]
-connections = [{{ allow = true, host = "{OTHER}" }}]
-resolver = "10.77.0.2:53"
-upstream_ca = "upstream-ca.pem"
-"#
-        ),
-    )
-    .unwrap();
+    write_config(&env.dir, OTHER, &[OTHER], "");
     let out = env.run(&format!(
         r#"
         curl -sS --max-time 10 http://{OTHER}/x -H "Authorization: Bearer $API_KEY"; echo "curl exit $?"
@@ -413,26 +409,12 @@ fn a_plain_http_host_claim_is_checked_once_per_connection() {
     // The agent dials an address it may reach and names the host only in its Host header, a
     // name it never resolved through kz: kz asks the DNS server whether that name has this
     // address before it swaps a token scoped to the name.
-    std::fs::write(
-        env.dir.join(".keyzero.toml"),
-        format!(
-            r#"
-[secrets.API_KEY]
-resolver = "env"
-ref = "KZ_TEST_REAL_KEY"
-hosts = ["other.allowed.test"]
-
-[blind]
-connections = [
-  {{ allow = true, host = "{OTHER}" }},
-  {{ allow = true, host = "other.allowed.test" }},
-]
-resolver = "10.77.0.2:53"
-upstream_ca = "upstream-ca.pem"
-"#
-        ),
-    )
-    .unwrap();
+    write_config(
+        &env.dir,
+        "other.allowed.test",
+        &[OTHER, "other.allowed.test"],
+        "",
+    );
     let out = env.run(&format!(
         r#"
         curl -sS --max-time 10 -o /dev/null -o /dev/null -o /dev/null \
@@ -843,22 +825,12 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
     let dir = std::env::temp_dir().join(support::unique_name("kzr6"));
     std::fs::create_dir_all(&dir).unwrap();
     ca.write_pem(&dir.join("upstream-ca.pem"));
-    std::fs::write(
-        dir.join(".keyzero.toml"),
-        r#"
-[secrets.API_KEY]
-resolver = "env"
-ref = "KZ_TEST_REAL_KEY"
-hosts = ["api6.allowed.test"]
-
-[blind]
-connections = [{ allow = true, host = "api6.allowed.test" }]
-ipv6 = true
-resolver = "10.77.0.2:53"
-upstream_ca = "upstream-ca.pem"
-"#,
-    )
-    .unwrap();
+    write_config(
+        &dir,
+        "api6.allowed.test",
+        &["api6.allowed.test"],
+        "ipv6 = true\n",
+    );
     let out = client
         .command(env!("CARGO_BIN_EXE_kz"))
         .arg("--dir")

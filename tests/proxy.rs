@@ -194,15 +194,12 @@ impl Env {
                     }
                     let d = dst.clone();
                     cfg.orig_dst = Some(Arc::new(move |_peer| Some(*d.lock().unwrap())));
-                    cfg.resolve = Some(Arc::new(|host: &str, port: u16| {
-                        let known = match host {
-                            "api.test" | "other.test" => {
-                                Some(SocketAddr::new(GOOD.parse().unwrap(), port))
-                            }
-                            "evil.test" => Some(SocketAddr::new(EVIL.parse().unwrap(), port)),
-                            _ => None,
-                        };
-                        Box::pin(std::future::ready(known))
+                    cfg.resolve = Some(proxy::known_hosts(|host, port| match host {
+                        "api.test" | "other.test" => {
+                            Some(SocketAddr::new(GOOD.parse().unwrap(), port))
+                        }
+                        "evil.test" => Some(SocketAddr::new(EVIL.parse().unwrap(), port)),
+                        _ => None,
                     }));
                     let h = proxy::start(cfg).await.unwrap();
                     info_tx

@@ -77,9 +77,8 @@ fn main() {
             }
         }));
         let host2 = host.clone();
-        cfg.resolve = Some(Arc::new(move |h: &str, port: u16| {
-            let known = (h == host2).then(|| SocketAddr::new(dst.ip(), port));
-            Box::pin(std::future::ready(known))
+        cfg.resolve = Some(proxy::known_hosts(move |h, port| {
+            (h == host2).then(|| SocketAddr::new(dst.ip(), port))
         }));
         let h = proxy::start(cfg).await.unwrap();
         println!("READY {} {}", h.transparent_addrs[0], h.explicit_addrs[0]);

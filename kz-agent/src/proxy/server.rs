@@ -844,18 +844,14 @@ async fn verify_plain_host(ctx: &ConnCtx, req: &Request<Incoming>, dst: SocketAd
         return verified.clone();
     }
     let (name, _) = split_authority(claimed, dst.port());
-    let verified = match name.parse::<std::net::IpAddr>() {
-        Ok(addr) if addr == dst.ip() => name,
-        Ok(_) => dst.ip().to_string(),
-        Err(_) => {
-            let addrs = upstream::resolve_all(&ctx.sh, &name, dst.port()).await;
-            if addrs.iter().any(|a| a.ip() == dst.ip()) {
-                name
-            } else {
-                dst.ip().to_string()
-            }
-        }
+    let holds = match name.parse::<std::net::IpAddr>() {
+        Ok(addr) => addr == dst.ip(),
+        Err(_) => upstream::resolve_all(&ctx.sh, &name, dst.port())
+            .await
+            .iter()
+            .any(|a| a.ip() == dst.ip()),
     };
+    let verified = if holds { name } else { dst.ip().to_string() };
     *cache() = Some((claimed.to_owned(), verified.clone()));
     verified
 }

@@ -73,6 +73,7 @@ pub fn run() -> Result<()> {
         nightly,
     )?;
     step("bpf-linker linked to the nightly's libLLVM", bpf_linker)?;
+    step("cargo-nextest (the test runner)", nextest)?;
     step("Debian packages", apt)?;
     step("bpffs at /sys/fs/bpf", bpffs)?;
     step("Python venv with the test servers", venv)?;
@@ -180,6 +181,34 @@ fn bpf_linker() -> Result<String> {
         bail!("cargo install bpf-linker failed ({status})");
     }
     std::fs::write(&stamp, stamp_value).with_context(|| format!("write {}", stamp.display()))?;
+    Ok(format!("built {}", binary.display()))
+}
+
+const NEXTEST_VERSION: &str = "0.9.151";
+
+/// The suite runs under nextest (a process per test). Built from the Rust registry into the
+/// tools directory, like bpf-linker: a fresh machine has no prebuilt binary to download.
+fn nextest() -> Result<String> {
+    let binary = tools_dir().join("bin/cargo-nextest");
+    let wanted = format!("cargo-nextest {NEXTEST_VERSION}");
+    if binary.exists()
+        && output(&binary.to_string_lossy(), &["nextest", "--version"])
+            .is_ok_and(|v| v.starts_with(&wanted))
+    {
+        return Ok(format!("present ({})", binary.display()));
+    }
+    let root = tools_dir().to_string_lossy().into_owned();
+    sh(
+        "cargo",
+        &[
+            "+stable",
+            "install",
+            &format!("cargo-nextest@{NEXTEST_VERSION}"),
+            "--locked",
+            "--root",
+            &root,
+        ],
+    )?;
     Ok(format!("built {}", binary.display()))
 }
 

@@ -665,8 +665,23 @@ fn blind_flag_is_explained_and_wired() {
     let p = project(&[(".keyzero.toml", TWO_SECRETS)]);
     // Blind mode itself is tested end to end in tests/run_blind.rs; here: it runs, and an
     // unscoped secret with no connection rules gets the loud warning.
+    // As root the agent may not be root: it runs as root of its own user namespace (nobody
+    // outside), which must be able to enter the project directory.
+    std::fs::set_permissions(
+        p.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let out = kz(p.path())
-        .args(["run", "--blind", "--", "sh", "-c", "echo $SECRET_A"])
+        .args([
+            "run",
+            "--blind",
+            "--allow-root-agent",
+            "--",
+            "sh",
+            "-c",
+            "echo $SECRET_A",
+        ])
         .env("KZ_CLI_SRC_A", VALUE_A)
         .env("KZ_CLI_SRC_B", VALUE_B)
         .output()

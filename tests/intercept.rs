@@ -5,7 +5,7 @@
 mod support;
 
 use kz_agent::intercept::loader::KernelIds;
-use kz_agent::intercept::{BlockReason, Cgroup, Cidr, Interceptor, Policy};
+use kz_agent::intercept::{BlockReason, Cgroup, Cidr, Interceptor, Policy, UnixSockets};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -212,10 +212,20 @@ fn denied_cidr_fails_with_eperm_at_once_and_reports_pid_and_comm() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no elapsed time in curl's error: {stderr}"));
     assert!(ms < 1000, "EPERM must be immediate, took {ms} ms: {stderr}");
+    // (glibc first asks nscd over its unix socket, refused too: skip that event.)
     let block = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
-        .expect("a block event within 5s")
-        .expect("event");
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let b = events.next().await.expect("event");
+                    if b.proto != "unix" {
+                        return b;
+                    }
+                }
+            })
+            .await
+        })
+        .expect("a block event within 5s");
     assert_eq!(block.tgid, pid, "event carries curl's pid");
     assert_eq!(block.comm, "curl");
     assert_eq!(block.cgroup_id, cg.id);
@@ -375,23 +385,73 @@ fn processes_outside_the_cgroup_and_kz_marked_sockets_are_untouched() {
     // Outside the cgroup: direct.
     assert_eq!(connect(&topo.client, None, "4", UPSTREAM_IP, 0), "upstream");
     upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
-    // kz's own socket (SO_MARK) inside the cgroup: direct.
+    // The mark alone is not kz's: a (root) agent that sets KZ_SO_MARK itself is redirected
+    // like any other socket. (Before sockets had to be registered this went out direct.)
     let mark = kz_common::KZ_SO_MARK;
     assert_eq!(
         connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, mark),
+        "redirected",
+        "a socket with kz's mark set by plain setsockopt must not bypass interception"
+    );
+    assert!(upstream_hits.try_recv().is_err());
+    // kz's own socket (mark_as_kz: the mark and a registration in the socket's storage),
+    // used inside the cgroup: direct.
+    assert_eq!(
+        connect_held(&topo.client, &cg, |sock| {
+            kz_agent::intercept::mark_as_kz(&sock).expect("mark_as_kz");
+            let got = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::Mark).unwrap();
+            assert_eq!(got, mark);
+        }),
         "upstream"
     );
     upstream_hits.recv_timeout(Duration::from_secs(5)).unwrap();
-    // The helper kz's own code uses sets exactly that mark.
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    kz_agent::intercept::mark_as_kz(&probe).unwrap();
-    let got = nix::sys::socket::getsockopt(&probe, nix::sys::socket::sockopt::Mark).unwrap();
-    assert_eq!(got, mark);
+    // A registered socket without the mark (someone cleared it) is not exempt either.
+    assert_eq!(
+        connect_held(&topo.client, &cg, |sock| {
+            kz_agent::intercept::mark_as_kz(&sock).expect("mark_as_kz");
+            nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &0).unwrap();
+        }),
+        "redirected"
+    );
     // Any other mark is not kz's.
     assert_eq!(
         connect(&topo.client, Some(&cg), "4", UPSTREAM_IP, 7),
         "redirected"
     );
+}
+
+/// Runs [`PY_CONNECT_HELD`] in `cg`: the socket is made inside the cgroup, handed to `prepare`
+/// (a duplicate taken with pidfd_getfd, the same kernel socket), then connected to the upstream.
+fn connect_held(
+    ns: &support::netns::Netns,
+    cg: &Cgroup,
+    prepare: impl FnOnce(std::os::fd::OwnedFd),
+) -> String {
+    let mut cmd = ns.command(&python());
+    cmd.args([
+        "-c",
+        PY_CONNECT_HELD,
+        UPSTREAM_IP,
+        &UPSTREAM_PORT.to_string(),
+    ]);
+    cg.place_child(&mut cmd).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = reader(child.stdout.take().unwrap());
+    let line = read_line(&mut out);
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(parts.first(), Some(&"FD"), "{line:?}");
+    prepare(take_fd(
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+    ));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let result = read_line(&mut out).trim().to_owned();
+    assert!(child.wait().unwrap().success());
+    result
 }
 
 fn spawn_hold(name: &str, extra: &[&str]) -> (std::process::Child, serde_json::Value) {
@@ -452,6 +512,12 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
             "10.231.0.0/24",
             "--deny",
             "fd00:dead::/32",
+            "--unix-allow",
+            "/run/kz-test.sock",
+            "--unix-allow",
+            "/run/kz-test/",
+            "--unix-allow",
+            "@kz-test",
         ],
     );
     let cg = cgroup_of(&desc);
@@ -460,8 +526,8 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     let ids: KernelIds = serde_json::from_value(desc["ids"].clone()).unwrap();
     assert_eq!(
         ids.links.len(),
-        10,
-        "eight sock_addr programs, sock_ops and sock_create attached: {ids:?}"
+        14,
+        "ten sock_addr programs, sock_ops, sock_create and the two unix ones attached: {ids:?}"
     );
     assert!(
         !cgroup_entries(&shared_dir, cg.id).is_empty(),
@@ -472,7 +538,7 @@ fn sigkill_of_loader_leaves_cgroup_cut_off_and_restart_cleans_up() {
     holder.wait().unwrap();
 
     assert!(
-        pin_dir.join("links").read_dir().unwrap().count() >= 10,
+        pin_dir.join("links").read_dir().unwrap().count() >= 14,
         "links stay pinned"
     );
     assert_eq!(
@@ -596,6 +662,22 @@ fn cgroup_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> Vec<String> {
             found.push(name.to_owned());
         }
     }
+    if trie_has(
+        open("KZ_UNIX_PATHS"),
+        cgroup_id,
+        |k: &kz_common::UnixPathKey| k.cgroup_id,
+    ) {
+        found.push("KZ_UNIX_PATHS".to_owned());
+    }
+    let abstracts: HashMap<_, kz_common::UnixAbstractKey, u8> =
+        HashMap::try_from(open("KZ_UNIX_ABSTRACT")).unwrap();
+    if abstracts
+        .keys()
+        .filter_map(Result::ok)
+        .any(|k| k.cgroup_id == cgroup_id)
+    {
+        found.push("KZ_UNIX_ABSTRACT".to_owned());
+    }
     let allowed: HashMap<_, kz_common::IpKey, u64> =
         HashMap::try_from(open("KZ_ALLOWED_IPS")).unwrap();
     if allowed
@@ -616,26 +698,40 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     // In process: drop the interceptor.
     let mut icpt = Interceptor::load().expect("load");
     let cg = icpt
-        .create_cgroup(&support::unique_name("or"), &Policy::default())
+        .create_cgroup(
+            &support::unique_name("or"),
+            &Policy {
+                unix: UnixSockets::Only(vec![
+                    "/run/kz-test.sock".parse().unwrap(),
+                    "@kz-test".parse().unwrap(),
+                ]),
+                ..Policy::default()
+            },
+        )
         .expect("cgroup");
     let mut sleeper = Command::new("sleep");
     sleeper.arg("60");
     cg.place_child(&mut sleeper).unwrap();
     let mut sleeper = sleeper.spawn().unwrap();
     let ids = icpt.kernel_ids();
-    assert_eq!(ids.programs.len(), 10);
+    assert_eq!(ids.programs.len(), 14);
     assert_eq!(
         ids.maps.len(),
-        12,
-        "the 11 kz maps and the event ring: {ids:?}"
+        15,
+        "the 14 kz maps and the event ring: {ids:?}"
     );
-    assert_eq!(ids.links.len(), 10);
+    assert_eq!(ids.links.len(), 14);
     let pin_dir = icpt.pin_dir().to_path_buf();
     let shared_dir = icpt.shared_dir().to_path_buf();
     let instance_cgroups = icpt.cgroup_dir().to_path_buf();
     assert!(pin_dir.join("links").exists());
     assert!(shared_dir.join("maps/KZ_POLICY").exists());
-    assert!(!cgroup_entries(&shared_dir, cg.id).is_empty());
+    let entries = cgroup_entries(&shared_dir, cg.id);
+    assert!(
+        entries.contains(&"KZ_UNIX_PATHS".to_owned())
+            && entries.contains(&"KZ_UNIX_ABSTRACT".to_owned()),
+        "{entries:?}"
+    );
     drop(icpt);
     assert!(
         !sleeper.wait().unwrap().success(),
@@ -649,7 +745,7 @@ fn orderly_exit_leaves_no_links_maps_pins_or_cgroups() {
     wait_all_gone(&ids.own());
     assert_eq!(cgroup_entries(&shared_dir, cg.id), Vec::<String>::new());
     assert!(
-        shared_dir.join("maps/KZ_POLICY").exists() && still_loaded(&ids).len() >= 10,
+        shared_dir.join("maps/KZ_POLICY").exists() && still_loaded(&ids).len() >= 14,
         "the shared set stays for the next instance"
     );
 
@@ -824,10 +920,23 @@ fn doctor_reports_every_check_and_passes_here() {
         "bpffs",
         "capabilities",
         "eBPF programs",
+        "redirect+allow",
+        "mark ownership",
+        "inbound (bind)",
+        "unix sockets",
         "build toolchain",
     ] {
         assert!(text.contains(row), "row {row} missing:\n{text}");
     }
+    // This kernel (>= 6.7) enforces unix-socket rules, and says so.
+    let unix = text
+        .lines()
+        .find(|l| l.starts_with("unix sockets"))
+        .unwrap();
+    assert!(
+        unix.contains(" ok ") && unix.contains("connect_unix"),
+        "{unix}"
+    );
     assert!(
         out.status.success(),
         "kz doctor must pass on the CI machine:\n{text}"
@@ -1144,7 +1253,7 @@ fn concurrent_first_starts_share_one_program_set_and_unload_waits_for_them() {
     for (d, ids) in descs.iter().zip(&programs) {
         assert_eq!(d["shared_dir"], descs[0]["shared_dir"]);
         assert_eq!(ids.programs, programs[0].programs, "one loaded set for all");
-        assert_eq!(ids.links.len(), 10);
+        assert_eq!(ids.links.len(), 14);
     }
     let sets: Vec<String> = std::fs::read_dir(format!("/sys/fs/bpf/{scope}"))
         .unwrap()
@@ -1203,7 +1312,7 @@ fn a_child_spawned_into_the_cgroup_is_there_from_its_first_instruction() {
         .arg(r#"cat /proc/self/cgroup > "$OUT"; exit 7"#)
         .env("OUT", out.path());
     let mut child = cg
-        .spawn(&cmd)
+        .spawn(&cmd, None)
         .expect("clone3 into the cgroup works on this kernel");
     let status = rt.block_on(child.wait()).unwrap();
     assert_eq!(status.code(), Some(7));
@@ -1216,9 +1325,325 @@ fn a_child_spawned_into_the_cgroup_is_there_from_its_first_instruction() {
     );
     // Errors are Command::spawn's: a missing program is NotFound (kz run exits 127 on it).
     let err = cg
-        .spawn(&Command::new("kz-no-such-program"))
+        .spawn(&Command::new("kz-no-such-program"), None)
         .err()
         .expect("no such program");
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert!(cg.pids().unwrap().is_empty(), "nothing left behind");
+}
+
+/// Starts [`PY_LISTEN`] in `cg`; returns the child and its "LISTEN <addr> <port>" or "ERR" line.
+fn listen_in(
+    ns: &support::netns::Netns,
+    cg: &Cgroup,
+    fam: &str,
+    host: &str,
+) -> (std::process::Child, String) {
+    let mut cmd = ns.command(&python());
+    cmd.args(["-c", PY_LISTEN, fam, host, "0"]);
+    cg.place_child(&mut cmd).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut reader(child.stdout.take().unwrap()))
+        .trim()
+        .to_owned();
+    (child, line)
+}
+
+/// Connects to `addr` from the network namespace `ns` (a thread of this process there) and
+/// returns the first line read, or the error kind.
+fn reach_from(ns: &support::netns::Netns, addr: SocketAddr) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let got = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => {
+                let mut line = String::new();
+                let _ = std::io::BufRead::read_line(&mut reader(s), &mut line);
+                line.trim().to_owned()
+            }
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        let _ = tx.send(got);
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+fn port_of(line: &str) -> u16 {
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_agent_listens_on_loopback_only() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    let mut events = icpt.block_events().expect("events");
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("li"),
+            &Policy {
+                proxy_port: 1,
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    let bind = |fam: &str, proto: &str, host: &str, port: &str| {
+        py(&topo.client, Some(&cg), PY_BIND, &[fam, proto, host, port])
+    };
+
+    // A server on a specific outside address: EPERM, reported with pid, comm, address, port.
+    let mut cmd = topo.client.command(&python());
+    cmd.args(["-c", PY_BIND, "4", "tcp", CLIENT_IP, "18080"]);
+    cg.place_child(&mut cmd).unwrap();
+    let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        stdout_line(&out),
+        "ERR 1",
+        "bind to {CLIENT_IP} must be refused"
+    );
+    let block = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.next()).await })
+        .expect("a block event within 5s")
+        .unwrap();
+    assert_eq!(block.reason, BlockReason::BindDenied);
+    assert_eq!((block.tgid, block.comm.as_str()), (pid, "python3"));
+    assert_eq!(
+        block.dest,
+        format!("{CLIENT_IP}:18080").parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(block.proto, "tcp");
+
+    // The wildcard address is rewritten to loopback: dev servers keep working on this machine.
+    assert_eq!(
+        bind("4", "tcp", "0.0.0.0", "0").split(' ').nth(1),
+        Some("127.0.0.1")
+    );
+    assert_eq!(bind("6", "tcp", "::", "0").split(' ').nth(1), Some("::1"));
+    assert_eq!(
+        bind("6", "tcp", "::ffff:0.0.0.0", "0").split(' ').nth(1),
+        Some("::ffff:127.0.0.1"),
+        "v4-mapped takes the v4 rules"
+    );
+    assert_eq!(
+        bind("6", "tcp", &format!("::ffff:{CLIENT_IP}"), "0"),
+        "ERR 1"
+    );
+    assert_eq!(bind("6", "tcp", "fd00::1", "0"), "ERR 1");
+    assert!(bind("4", "tcp", "127.0.0.1", "0").starts_with("BOUND 127.0.0.1 "));
+    // UDP: a client's source port anywhere is fine; a server port outside loopback is not.
+    assert!(bind("4", "udp", "0.0.0.0", "0").starts_with("BOUND 0.0.0.0 "));
+    assert!(bind("4", "udp", CLIENT_IP, "0").starts_with(&format!("BOUND {CLIENT_IP} ")));
+    assert_eq!(bind("4", "udp", CLIENT_IP, "15353"), "ERR 1");
+    assert_eq!(bind("4", "udp", "0.0.0.0", "15353"), "ERR 1");
+    assert_eq!(
+        bind("6", "udp", &format!("::ffff:{CLIENT_IP}"), "15353"),
+        "ERR 1"
+    );
+    assert_eq!(
+        bind("4", "udp", "127.0.0.1", "15353"),
+        "BOUND 127.0.0.1 15353"
+    );
+
+    // A real listener on the wildcard address: reachable from this machine, not from another.
+    let (mut server, line) = listen_in(&topo.client, &cg, "4", "0.0.0.0");
+    assert!(line.starts_with("LISTEN 127.0.0.1 "), "{line}");
+    let port = port_of(&line);
+    let outside: SocketAddr = format!("{CLIENT_IP}:{port}").parse().unwrap();
+    assert_eq!(reach_from(&topo.upstream, outside), "ConnectionRefused");
+    let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(reach_from(&topo.client, local), "hello");
+    drop(server.stdin.take());
+    server.wait().unwrap();
+
+    // listen() without bind() lets the kernel bind the wildcard address (no bind hook runs):
+    // the listener is confined to the loopback device instead.
+    for fam in ["4", "6"] {
+        let (mut server, line) = listen_in(&topo.client, &cg, fam, "-");
+        assert!(line.starts_with("LISTEN "), "{line}");
+        let port = port_of(&line);
+        let outside: SocketAddr = format!("{CLIENT_IP}:{port}").parse().unwrap();
+        assert_ne!(reach_from(&topo.upstream, outside), "hello", "family {fam}");
+        let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert_eq!(reach_from(&topo.client, local), "hello", "family {fam}");
+        drop(server.stdin.take());
+        server.wait().unwrap();
+    }
+}
+
+/// The next event about a unix socket, within 5 s.
+fn next_unix(
+    rt: &tokio::runtime::Runtime,
+    events: &mut kz_agent::intercept::BlockEvents,
+) -> kz_agent::intercept::Block {
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let b = events.next().await.expect("event");
+                if b.proto == "unix" {
+                    return b;
+                }
+            }
+        })
+        .await
+    })
+    .expect("a unix block event within 5s")
+}
+
+#[test]
+fn unix_sockets_outside_the_allow_list_are_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let topo = Topo::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let mut icpt = Interceptor::load().expect("load");
+    assert_eq!(
+        icpt.unix_guard(),
+        &kz_agent::intercept::UnixGuard::Enforced,
+        "this kernel has the unix hooks"
+    );
+    let mut events = icpt.block_events().expect("events");
+    // A docker-like daemon socket (a real listening server outside the cgroup) and an allowed
+    // one, in directories of their own; an abstract one in the agent's network namespace.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let allowed_dir = dir.path().join("allowed");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::create_dir(&allowed_dir).unwrap();
+    let docker = run.join("docker.sock");
+    let app = run.join("app.sock");
+    let in_dir = allowed_dir.join("svc.sock");
+    for (path, reply) in [(&docker, "docker"), (&app, "app"), (&in_dir, "svc")] {
+        serve_unix_stream(path.to_str().unwrap(), reply);
+    }
+    let dgram = run.join("log.sock");
+    let _dgram_server = std::os::unix::net::UnixDatagram::bind(&dgram).unwrap();
+    let abstract_name = format!("@kz-test-{}", support::unique_name("ab"));
+    let allowed_abstract = format!("{abstract_name}-ok");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (a, b) = (abstract_name.clone(), allowed_abstract.clone());
+    topo.client.spawn(move || {
+        serve_unix_stream(&a, "abstract");
+        serve_unix_stream(&b, "abstract-ok");
+        tx.send(()).unwrap();
+        std::thread::park();
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let docker_s = docker.to_str().unwrap();
+    // Control: outside the cgroup everything answers.
+    assert_eq!(
+        py(&topo.client, None, PY_UNIX, &["stream", docker_s]),
+        "docker"
+    );
+    assert_eq!(
+        py(&topo.client, None, PY_UNIX, &["stream", &abstract_name]),
+        "abstract"
+    );
+
+    let cg = icpt
+        .create_cgroup(
+            &support::unique_name("ux"),
+            &Policy {
+                proxy_port: 1,
+                unix: UnixSockets::Only(vec![
+                    app.to_str().unwrap().parse().unwrap(),
+                    format!("{}/", allowed_dir.display()).parse().unwrap(),
+                    allowed_abstract.parse().unwrap(),
+                ]),
+                ..Policy::default()
+            },
+        )
+        .expect("cgroup");
+    let unix = |args: &[&str]| py(&topo.client, Some(&cg), PY_UNIX, args);
+
+    // The daemon socket: EPERM, reported with pid, comm and the path.
+    let mut cmd = topo.client.command(&python());
+    cmd.args(["-c", PY_UNIX, "stream", docker_s]);
+    cg.place_child(&mut cmd).unwrap();
+    let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        stdout_line(&out),
+        "ERR 1",
+        "the daemon socket must be refused"
+    );
+    let block = next_unix(&rt, &mut events);
+    assert_eq!(block.reason, BlockReason::UnixDenied);
+    assert_eq!((block.tgid, block.comm.as_str()), (pid, "python3"));
+    assert_eq!(block.path.as_deref(), Some(docker_s));
+    assert_eq!((block.op, block.cgroup_id), ("unix_connect", cg.id));
+
+    // What the rules allow still connects: an exact path, a socket below an allowed directory,
+    // an allowed abstract name.
+    assert_eq!(unix(&["stream", app.to_str().unwrap()]), "app");
+    assert_eq!(unix(&["stream", in_dir.to_str().unwrap()]), "svc");
+    assert_eq!(unix(&["stream", &allowed_abstract]), "abstract-ok");
+
+    // Another abstract name: refused, and named in the event.
+    assert_eq!(unix(&["stream", &abstract_name]), "ERR 1");
+    assert_eq!(
+        next_unix(&rt, &mut events).path.as_deref(),
+        Some(abstract_name.as_str())
+    );
+    // Datagrams: an addressed send and a connect() of a datagram socket are checked too.
+    assert_eq!(unix(&["dgram", dgram.to_str().unwrap()]), "ERR 1");
+    assert_eq!(next_unix(&rt, &mut events).op, "unix_send");
+
+    // Other names for sockets: a relative path and `..` are refused even for an allowed socket
+    // (they could name anything), and so is a symlink the agent plants outside the rules.
+    let run_s = run.to_str().unwrap();
+    assert_eq!(unix(&["stream", "app.sock", run_s]), "ERR 1");
+    assert_eq!(
+        next_unix(&rt, &mut events).path.as_deref(),
+        Some("app.sock")
+    );
+    let dotdot = format!("{}/../allowed/svc.sock", run.display());
+    assert_eq!(unix(&["stream", &dotdot]), "ERR 1");
+    let twice = format!("{}//app.sock", run.display());
+    assert_eq!(unix(&["stream", &twice]), "ERR 1");
+    let planted = dir.path().join("innocent.sock");
+    std::os::unix::fs::symlink(&docker, &planted).unwrap();
+    assert_eq!(unix(&["stream", planted.to_str().unwrap()]), "ERR 1");
+    // The agent's own server is reached like any other: refused outside the rules, fine inside
+    // (an allowed directory must be one the agent cannot write, see docs/architecture.md).
+    let own = run.join("own.sock");
+    assert_eq!(
+        py(
+            &topo.client,
+            Some(&cg),
+            PY_UNIX_SELF,
+            &[own.to_str().unwrap()]
+        ),
+        "ERR 1"
+    );
+    let own_ok = allowed_dir.join("own.sock");
+    assert_eq!(
+        py(
+            &topo.client,
+            Some(&cg),
+            PY_UNIX_SELF,
+            &[own_ok.to_str().unwrap()]
+        ),
+        "own"
+    );
+
+    // Removing the rules closes the allowed paths too; UnixSockets::Any opens everything.
+    let mut policy = icpt.policy(cg.id).unwrap().clone();
+    policy.unix = UnixSockets::Only(Vec::new());
+    icpt.set_policy(cg.id, &policy).unwrap();
+    assert_eq!(unix(&["stream", app.to_str().unwrap()]), "ERR 1");
+    policy.unix = UnixSockets::Any;
+    icpt.set_policy(cg.id, &policy).unwrap();
+    assert_eq!(unix(&["stream", docker_s]), "docker");
 }

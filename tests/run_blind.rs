@@ -1,221 +1,17 @@
-//! `kz run --blind -- CMD` end to end, as root, with real clients under kz.
-//!
-//! Layout per test: a client netns where kz runs (nsenter) and an upstream netns joined by a veth.
-//! The upstream netns holds the test DNS server (10.77.0.2:53) and three hosts, each serving
-//! HTTPS on 443 and HTTP on 80 with certificates from a test CA:
-//! - api.allowed.test   10.77.0.10  allowed, in API_KEY's scope
-//! - other.allowed.test 10.77.0.11  allowed, out of API_KEY's scope
-//! - denied.test        10.77.0.66  not allowed by `[blind] connections`
-//!
-//! kz's config points `[blind] resolver` at the test DNS server and `upstream_ca` at the test CA.
+//! `kz run --blind -- CMD` end to end, as root, with real clients under kz (the agent runs as
+//! the unprivileged test user). The network and hosts: tests/support/blind_env.rs.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::blind_env::*;
 use support::blind_upstream::{TestCa, Upstream};
 use support::dns::{TestDns, Zone};
 use support::netns::{Netns, link};
-
-const REAL: &str = "real-secret-7f3a9c1e5b";
-const API: &str = "10.77.0.10";
-const OTHER: &str = "10.77.0.11";
-const DENIED: &str = "10.77.0.66";
-
-struct Env {
-    client: Netns,
-    _upstream_ns: Netns,
-    dir: PathBuf,
-    api: Upstream,
-    other: Upstream,
-    denied: Upstream,
-    dns: TestDns,
-}
-
-impl Env {
-    fn new() -> Env {
-        let client = Netns::new("rbc");
-        let upstream_ns = Netns::new("rbu");
-        let (_, vb) = link(&client, "10.77.0.1/24", &upstream_ns, "10.77.0.2/24");
-        for ip in [API, OTHER, DENIED] {
-            let out = upstream_ns
-                .ip()
-                .args(["addr", "add", &format!("{ip}/24"), "dev", &vb])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-        }
-        let ca = TestCa::new();
-        let api = Upstream::start(
-            &upstream_ns,
-            API.parse().unwrap(),
-            &ca,
-            &["api.allowed.test"],
-        );
-        let other = Upstream::start(
-            &upstream_ns,
-            OTHER.parse().unwrap(),
-            &ca,
-            &["other.allowed.test"],
-        );
-        let denied = Upstream::start(&upstream_ns, DENIED.parse().unwrap(), &ca, &["denied.test"]);
-        let zone = Zone::new(30)
-            .host("api.allowed.test", &[API])
-            .host("other.allowed.test", &[OTHER])
-            .host("denied.test", &[DENIED]);
-        let dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
-
-        let dir = std::env::temp_dir().join(support::unique_name("kzrb"));
-        std::fs::create_dir_all(&dir).unwrap();
-        ca.write_pem(&dir.join("upstream-ca.pem"));
-        write_config(
-            &dir,
-            "api.allowed.test",
-            &["api.allowed.test", "other.allowed.test"],
-            "",
-        );
-        Env {
-            client,
-            _upstream_ns: upstream_ns,
-            dir,
-            api,
-            other,
-            denied,
-            dns,
-        }
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.dir.join("audit.jsonl")
-    }
-
-    /// `kz run --blind -- sh -c SCRIPT` inside the client netns, as root.
-    fn kz(&self, extra: &[&str], script: &str) -> Command {
-        let mut cmd = self.client.command(env!("CARGO_BIN_EXE_kz"));
-        cmd.arg("--dir")
-            .arg(&self.dir)
-            .args(["run", "--blind"])
-            .args(extra)
-            .args(["--", "bash", "-c", script])
-            .env("KZ_TEST_REAL_KEY", REAL)
-            .env("KZ_AUDIT_LOG", self.audit_path())
-            .env("KZ_LOG", "info")
-            .current_dir(&self.dir);
-        cmd
-    }
-
-    fn run(&self, script: &str) -> Output {
-        let out = self.kz(&[], script).output().unwrap();
-        no_leak(&out);
-        out
-    }
-
-    /// kz's resolver never passed a name containing `needle` to the upstream DNS server.
-    fn assert_never_forwarded(&self, needle: &str) {
-        let q = self.dns.questions();
-        assert!(
-            !q.iter().any(|q| q.contains(needle)),
-            "a refused name was forwarded: {q:?}"
-        );
-    }
-
-    /// The run's records, once their hash chain checks out as `kz audit verify` checks it
-    /// (the proxy's, the resolver's and the interceptor's records all go into one chain).
-    fn audit(&self) -> Vec<serde_json::Value> {
-        let records: Vec<serde_json::Value> = std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let report = kz_agent::audit::verify_path(&self.audit_path())
-            .unwrap_or_else(|e| panic!("the run's audit log does not verify: {e}"));
-        assert_eq!(report.records, records.len() as u64);
-        records
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The project's `.keyzero.toml` in `dir`: `API_KEY` from the environment, scoped to
-/// `secret_host`; the agent may connect to `allowed`; `extra` adds `[blind]` keys.
-fn write_config(dir: &Path, secret_host: &str, allowed: &[&str], extra: &str) {
-    let connections: String = allowed
-        .iter()
-        .map(|h| format!("  {{ allow = true, host = \"{h}\" }},\n"))
-        .collect();
-    let toml = format!(
-        r#"
-[secrets.API_KEY]
-resolver = "env"
-ref = "KZ_TEST_REAL_KEY"
-hosts = ["{secret_host}"]
-
-[blind]
-connections = [
-{connections}]
-{extra}resolver = "10.77.0.2:53"
-upstream_ca = "upstream-ca.pem"
-"#
-    );
-    std::fs::write(dir.join(".keyzero.toml"), toml).unwrap();
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The real value appears nowhere the child or the operator's terminal can see.
-fn no_leak(out: &Output) {
-    let (o, e) = text(out);
-    assert!(!o.contains(REAL), "real value in the child's output:\n{o}");
-    assert!(!e.contains(REAL), "real value on stderr:\n{e}");
-}
-
-fn masked_token(s: &str) -> String {
-    let i = s.find("kz_masked_").expect("no masked token in output");
-    let tok = &s[i..i + "kz_masked_".len() + 32];
-    assert!(
-        tok["kz_masked_".len()..]
-            .chars()
-            .all(|c| c.is_ascii_hexdigit())
-    );
-    tok.to_owned()
-}
-
-fn assert_ok(out: &Output) -> String {
-    let (o, e) = text(out);
-    assert!(
-        out.status.success(),
-        "kz failed: {:?}\nstdout:\n{o}\nstderr:\n{e}",
-        out.status
-    );
-    o
-}
-
-/// The last request the upstream saw carried `Authorization: Bearer <REAL>`.
-fn upstream_got_real(up: &Upstream, tls: bool) {
-    let reqs = up.requests();
-    let req = reqs
-        .iter()
-        .rev()
-        .find(|r| r.tls == tls)
-        .unwrap_or_else(|| panic!("no request (tls={tls}): {reqs:?}"));
-    assert_eq!(
-        req.header("authorization").as_deref(),
-        Some(&*format!("Bearer {REAL}")),
-        "{req:?}"
-    );
-}
 
 #[test]
 fn child_sees_only_the_masked_value_and_curl_gets_it_swapped() {
@@ -556,10 +352,22 @@ fn grandchildren_stay_inside_and_are_killed_at_the_end() {
         .unwrap()
         .trim_start_matches("grandchild: ");
     assert_eq!(me, gc, "{o}");
-    assert!(me.contains("kz"), "child not in a kz cgroup: {me}");
+    // Both see the root of the agent's cgroup namespace: the run's cgroup.
+    assert_eq!(me, "0::/", "{o}");
     assert!(
         o.contains("PermissionError") || o.contains("Operation not permitted"),
         "{o}"
+    );
+    // From outside, the grandchild's refused connect names the run's cgroup.
+    let blocked = env
+        .audit()
+        .into_iter()
+        .find(|r| r["kind"] == "connect_blocked")
+        .expect("the grandchild's refused connect is audited");
+    let cgroup_dir = blocked["cgroup"].as_str().unwrap().to_owned();
+    assert!(
+        cgroup_dir.contains("/kz/"),
+        "child not in a kz cgroup: {cgroup_dir}"
     );
     let pid: u32 = o
         .lines()
@@ -569,9 +377,10 @@ fn grandchildren_stay_inside_and_are_killed_at_the_end() {
         .unwrap();
     assert!(!running(pid), "grandchild {pid} survived the run");
     // The cgroup is gone.
-    let cg = me.trim_start_matches("0::");
-    assert!(cg.len() > 1);
-    assert!(!cgroup_exists(cg), "cgroup {cg} left behind");
+    assert!(
+        !Path::new(&cgroup_dir).exists(),
+        "cgroup {cgroup_dir} left behind"
+    );
 }
 
 #[test]
@@ -657,13 +466,18 @@ fn sigkill_of_kz_leaves_the_child_cut_off_and_the_next_run_cleans_up() {
         return;
     }
     let env = Env::new();
+    // The agent (the unprivileged test user) writes its results into the project directory.
+    std::fs::set_permissions(
+        &env.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let flag = env.dir.join("after-kill");
     let mut child = env
         .kz(
             &[],
             &format!(
                 r#"echo ready
-                grep '^0::' /proc/self/cgroup > {dir}/cgroup
                 echo $$ > {dir}/childpid
                 while [ ! -e {flag} ]; do sleep 0.05; done
                 python3 - > {dir}/result 2>&1 <<'PY'
@@ -715,8 +529,13 @@ PY
         .parse()
         .unwrap();
     assert!(running(orphan));
-    let cg = std::fs::read_to_string(env.dir.join("cgroup")).unwrap();
-    let cg = cg.trim().trim_start_matches("0::").to_owned();
+    // Its cgroup as the host sees it (the agent's own view is its cgroup namespace's root).
+    let cg = std::fs::read_to_string(format!("/proc/{orphan}/cgroup")).unwrap();
+    let cg = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_owned();
     let out = env.run("true");
     assert_ok(&out);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -822,8 +641,8 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
     );
     let zone = Zone::new(30).host("api6.allowed.test", &["fd77::10"]);
     let _dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
-    let dir = std::env::temp_dir().join(support::unique_name("kzr6"));
-    std::fs::create_dir_all(&dir).unwrap();
+    support::agent_user();
+    let dir = support::agent_readable_dir("kzr6");
     ca.write_pem(&dir.join("upstream-ca.pem"));
     write_config(
         &dir,
@@ -835,7 +654,8 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
         .command(env!("CARGO_BIN_EXE_kz"))
         .arg("--dir")
         .arg(&dir)
-        .args(["run", "--blind", "--", "bash", "-c"])
+        .args(["run", "--blind", "--user", support::AGENT_USER])
+        .args(["--", "bash", "-c"])
         .arg(
             r#"
             curl -sS -6 --max-time 10 https://api6.allowed.test/v6 -H "Authorization: Bearer $API_KEY"

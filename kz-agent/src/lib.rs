@@ -8,6 +8,8 @@ pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod contain;
+pub mod harden;
 pub mod identity;
 pub mod intercept;
 pub mod logging;

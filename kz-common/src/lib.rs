@@ -10,14 +10,20 @@
 // The only unsafe is the `aya::Pod` marker impls below (user feature).
 #![deny(unsafe_code)]
 
-/// Sockets carrying this `SO_MARK` are kz's own and are never intercepted (loop avoidance for a
-/// kz process that lives inside an intercepted cgroup). Setting a mark needs CAP_NET_ADMIN, so an
-/// unprivileged agent cannot use it to escape.
+/// Part of how kz's own sockets are told apart (loop avoidance for a kz process that lives inside
+/// an intercepted cgroup): a socket is exempt only when it carries this `SO_MARK` *and* kz
+/// registered it in the `OWN_SOCKETS` socket storage (see `kz_agent::intercept::mark_as_kz`).
+/// The mark alone opens nothing: an agent with CAP_NET_ADMIN can set any mark.
 pub const KZ_SO_MARK: u32 = 0x6b7a_0001;
+
+/// Value kz stores in a socket's `OWN_SOCKETS` storage to register it as its own.
+pub const OWN_SOCKET: u32 = 0x6b7a_6f77;
 
 /// `AF_INET` / `AF_INET6` as stored in [`OrigDst::family`] and [`BlockEvent::family`].
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+/// `AF_UNIX`, as stored in [`BlockEvent::family`] for unix-socket events.
+pub const AF_UNIX: u16 = 1;
 
 /// IP protocol numbers as stored in [`BlockEvent::proto`].
 pub const PROTO_TCP: u8 = 6;
@@ -38,6 +44,14 @@ pub mod flags {
     pub const ALLOW_UDP: u32 = 1 << 3;
     /// Loopback destinations (127.0.0.0/8, ::1) connect directly instead of being redirected.
     pub const LOOPBACK_DIRECT: u32 = 1 << 4;
+    /// bind()/listen() on any address is let through. Without it TCP binds to the wildcard
+    /// address are rewritten to loopback, TCP binds to other non-loopback addresses and UDP
+    /// binds of a non-zero port outside loopback are refused, and a listener the kernel bound
+    /// itself (listen() without bind()) is confined to the loopback device.
+    pub const LISTEN_ANY: u32 = 1 << 5;
+    /// Unix sockets are not checked. Without it a connect or addressed send to a unix socket is
+    /// refused unless its address matches the cgroup's rules (`UNIX_PATHS`, `UNIX_ABSTRACT`).
+    pub const UNIX_ANY: u32 = 1 << 6;
 }
 
 /// Why a connect/sendmsg was refused ([`BlockEvent::reason`]).
@@ -56,6 +70,27 @@ pub mod reason {
     pub const NO_TARGET: u8 = 6;
     /// A raw socket (which would bypass the connect/sendmsg hooks) was refused at creation.
     pub const RAW_DENIED: u8 = 7;
+    /// A bind() to a non-loopback address (TCP), or of a non-zero port outside loopback (UDP),
+    /// while the policy lacks `LISTEN_ANY`.
+    pub const BIND_DENIED: u8 = 8;
+    /// A connect/send to a unix socket address no rule allows (or a relative or unplain path).
+    pub const UNIX_DENIED: u8 = 9;
+}
+
+/// What a [`BlockEvent`] is about ([`BlockEvent::op`]).
+pub mod op {
+    /// connect() of an IP socket.
+    pub const CONNECT: u8 = 0;
+    /// sendmsg()/sendto() of an IP socket.
+    pub const SENDMSG: u8 = 1;
+    /// bind() of an IP socket.
+    pub const BIND: u8 = 2;
+    /// Creation of a socket (raw sockets).
+    pub const CREATE: u8 = 3;
+    /// connect() of a unix socket (any type).
+    pub const UNIX_CONNECT: u8 = 4;
+    /// sendmsg()/sendto() with an address on a unix datagram socket.
+    pub const UNIX_SEND: u8 = 5;
 }
 
 /// Per-cgroup policy, value of the `POLICY` map keyed by cgroup id (`u64`).
@@ -149,10 +184,10 @@ pub const MAX_EVENT_RINGS: u32 = 1024;
 /// every ring has this size: the kernel requires the inner maps of one map-of-maps to match).
 pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 
-/// A refused connect/sendmsg, sent through the ring buffer of the kz instance guarding the
+/// A refused connect/sendmsg/bind, socket creation or unix-socket connect/send, sent through the ring buffer of the kz instance guarding the
 /// cgroup (`EVENT_RINGS[policy.ring]`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockEvent {
     pub cgroup_id: u64,
     /// Thread id.
@@ -170,11 +205,89 @@ pub struct BlockEvent {
     pub proto: u8,
     /// One of [`reason`].
     pub reason: u8,
-    pub _pad: [u8; 2],
+    /// One of [`op`].
+    pub op: u8,
+    /// Bytes of `path` in use (unix sockets; 0 otherwise).
+    pub path_len: u8,
     /// The guarded cgroup whose policy applies: `cgroup_id` itself, or its nearest ancestor
     /// with a policy (a process in a nested cgroup). Rings are reused by later instances, so a
     /// reader keeps only events of cgroups it guards.
     pub guard_id: u64,
+    /// Unix sockets: the `sun_path` the process passed (a leading NUL: abstract).
+    pub path: [u8; UNIX_PATH_MAX],
+    pub _pad: [u8; 4],
+}
+
+impl Default for BlockEvent {
+    fn default() -> BlockEvent {
+        BlockEvent {
+            cgroup_id: 0,
+            pid: 0,
+            tgid: 0,
+            comm: [0; 16],
+            addr: [0; 16],
+            port: 0,
+            family: 0,
+            proto: 0,
+            reason: 0,
+            op: 0,
+            path_len: 0,
+            guard_id: 0,
+            path: [0; UNIX_PATH_MAX],
+            _pad: [0; 4],
+        }
+    }
+}
+
+/// Size of `sun_path` in `struct sockaddr_un`.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// Bytes of path in a [`UnixPathKey`]: `sun_path` (108) padded with NULs, so the programs can
+/// look a few bytes past any position while they check components.
+pub const UNIX_KEY_PATH: usize = 128;
+
+/// Data of a `UNIX_PATHS` LPM-trie key: the cgroup id (big-endian, always fully matched), then
+/// the path, NUL padded. An exact rule's prefix covers the path and its terminating NUL
+/// (`64 + 8 * (len + 1)`); a directory rule's ends with its `/` (`64 + 8 * len`). Value:
+/// [`UNIX_ALLOW`] or [`UNIX_DENY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPathKey {
+    pub cgroup_id: [u8; 8],
+    pub path: [u8; UNIX_KEY_PATH],
+}
+
+impl Default for UnixPathKey {
+    fn default() -> UnixPathKey {
+        UnixPathKey {
+            cgroup_id: [0; 8],
+            path: [0; UNIX_KEY_PATH],
+        }
+    }
+}
+
+/// Values of `UNIX_PATHS`.
+pub const UNIX_ALLOW: u8 = 1;
+pub const UNIX_DENY: u8 = 2;
+
+/// Key of the `UNIX_ABSTRACT` map: an allowed abstract socket name (without the leading NUL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixAbstractKey {
+    pub cgroup_id: u64,
+    pub len: u32,
+    /// NUL padded (abstract names may contain NULs: `len` tells them apart).
+    pub name: [u8; UNIX_PATH_MAX],
+}
+
+impl Default for UnixAbstractKey {
+    fn default() -> UnixAbstractKey {
+        UnixAbstractKey {
+            cgroup_id: 0,
+            len: 0,
+            name: [0; UNIX_PATH_MAX],
+        }
+    }
 }
 
 /// Map names as they appear in the object file and under the pin directory.
@@ -191,7 +304,11 @@ pub mod map_names {
     pub const DNS_ORIG: &str = "KZ_DNS_ORIG";
     /// Array of maps: block-event ring buffers, one per running kz instance (reused).
     pub const EVENT_RINGS: &str = "KZ_EVENT_RINGS";
-    pub const ALL: [&str; 11] = [
+    /// Socket storage: kz's own sockets (see [`super::OWN_SOCKET`]).
+    pub const OWN_SOCKETS: &str = "KZ_OWN_SOCKETS";
+    pub const UNIX_PATHS: &str = "KZ_UNIX_PATHS";
+    pub const UNIX_ABSTRACT: &str = "KZ_UNIX_ABSTRACT";
+    pub const ALL: [&str; 14] = [
         POLICY,
         PORTS,
         ALLOW4,
@@ -203,6 +320,9 @@ pub mod map_names {
         ORIG_BY_PEER,
         DNS_ORIG,
         EVENT_RINGS,
+        OWN_SOCKETS,
+        UNIX_PATHS,
+        UNIX_ABSTRACT,
     ];
 }
 
@@ -218,6 +338,12 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "kz_getpeername6";
     pub const SOCK_OPS: &str = "kz_sock_ops";
     pub const SOCK_CREATE: &str = "kz_sock_create";
+    pub const BIND4: &str = "kz_bind4";
+    pub const BIND6: &str = "kz_bind6";
+    /// cgroup/connect_unix (loaded by hand: aya 0.14 lacks the attach type).
+    pub const UNIX_CONNECT: &str = "kz_unix_connect";
+    /// cgroup/sendmsg_unix (likewise).
+    pub const UNIX_SENDMSG: &str = "kz_unix_sendmsg";
 }
 
 #[cfg(feature = "user")]
@@ -239,7 +365,9 @@ impl_pod!(
     IpKey,
     OrigDst,
     PeerKey,
-    BlockEvent
+    BlockEvent,
+    UnixPathKey,
+    UnixAbstractKey
 );
 
 // Layout checks: the kernel and user space must agree on these sizes.
@@ -250,4 +378,6 @@ const _: () = assert!(core::mem::size_of::<Lpm6>() == 24);
 const _: () = assert!(core::mem::size_of::<IpKey>() == 24);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
-const _: () = assert!(core::mem::size_of::<BlockEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<BlockEvent>() == 176);
+const _: () = assert!(core::mem::size_of::<UnixPathKey>() == 136);
+const _: () = assert!(core::mem::size_of::<UnixAbstractKey>() == 120);

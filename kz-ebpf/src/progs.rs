@@ -4,22 +4,27 @@
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock, bpf_sock_addr, bpf_sock_ops},
-    btf_maps::{ArrayOfMaps, RingBuf},
+    btf_maps::{ArrayOfMaps, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated,
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use kz_common::{
-    AF_INET, AF_INET6, BlockEvent, CgroupPolicy, EVENT_RING_BYTES, IpKey, KZ_SO_MARK, Lpm4, Lpm6,
-    MAX_CGROUPS, MAX_EVENT_RINGS, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey, PortKey, flags, reason,
+    AF_INET, AF_INET6, AF_UNIX, BlockEvent, CgroupPolicy, EVENT_RING_BYTES, IpKey, KZ_SO_MARK,
+    Lpm4, Lpm6, MAX_CGROUPS, MAX_EVENT_RINGS, OWN_SOCKET, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey,
+    PortKey, UNIX_ALLOW, UNIX_KEY_PATH, UNIX_PATH_MAX, UnixAbstractKey, UnixPathKey, flags, op,
+    reason,
 };
 
 // The hash maps only user space writes are not preallocated: the program set stays pinned for
@@ -57,6 +62,31 @@ type EventRing = RingBuf<BlockEvent, { EVENT_RING_BYTES as usize }>;
 #[btf_map]
 static KZ_EVENT_RINGS: ArrayOfMaps<EventRing, { MAX_EVENT_RINGS as usize }> = ArrayOfMaps::new();
 
+/// kz's own sockets: `mark_as_kz` stores [`OWN_SOCKET`] here, keyed by the socket itself.
+/// Socket storage rather than a table of socket cookies: an entry lives and dies with its
+/// socket (no ageing, no stale entry a later socket could inherit, no table to fill), only a
+/// holder of the pinned map (root with CAP_BPF, who could detach the programs anyway) can write
+/// it, and the registration sticks to the socket, not to a process or cgroup: kz's own cgroup
+/// could not tell its sockets apart, since a kz inside a guarded cgroup shares it with the agent.
+#[btf_map]
+static KZ_OWN_SOCKETS: SkStorage<u32> = SkStorage::new();
+
+/// Unix-socket rules of each cgroup: socket paths (exact: the prefix covers the terminating
+/// NUL) and directories (the prefix ends with the `/`), keyed by cgroup id + path bytes. The
+/// longest match decides: [`UNIX_ALLOW`], or `UNIX_DENY` for a runtime socket below an allowed
+/// directory.
+#[map]
+static KZ_UNIX_PATHS: LpmTrie<UnixPathKey, u8> = LpmTrie::with_max_entries(16384, 0);
+/// Allowed abstract socket names of each cgroup.
+#[map]
+static KZ_UNIX_ABSTRACT: HashMap<UnixAbstractKey, u8> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+/// Scratch space for the keys above: too large for the 512-byte stack next to the rest.
+#[map]
+static KZ_PATH_SCRATCH: PerCpuArray<Key<UnixPathKey>> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static KZ_ABSTRACT_SCRATCH: PerCpuArray<UnixAbstractKey> = PerCpuArray::with_max_entries(1, 0);
+
 /// Deepest cgroup level searched for a guarded ancestor (kz's cgroups sit at level 3 below the
 /// cgroup2 root; an agent can nest a few more below).
 const MAX_CGROUP_LEVEL: i32 = 16;
@@ -69,6 +99,16 @@ const DNS_PORT: u16 = 53;
 /// 127.0.0.1 as the kernel stores it in `user_ip4` (network order in memory).
 const LOCALHOST4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const SOL_SOCKET: i32 = 1;
+const SO_BINDTOIFINDEX: i32 = 62;
+/// The loopback device's index: 1 in every network namespace.
+const LOOPBACK_IFINDEX: i32 = 1;
+/// Offsets in `struct bpf_sock_addr_kern` (the kernel's context of every sock_addr program:
+/// `{ sk, uaddr, tmp_reg, t_ctx, uaddrlen }` since Linux 6.7, when the unix hooks came).
+/// User space checks them against the kernel's BTF before attaching the unix programs.
+const KERN_CTX_UADDR: u64 = 8;
+const KERN_CTX_UADDRLEN: u64 = 32;
 /// cgroup sock_addr return codes.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -77,6 +117,7 @@ const REJECT: i32 = 0;
 enum Hook {
     Connect,
     Sendmsg,
+    Bind,
 }
 
 enum Verdict {
@@ -131,16 +172,79 @@ fn is_mapped(w: &[u32; 4]) -> bool {
     w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
-/// kz's own sockets carry `KZ_SO_MARK` and are never touched.
+/// kz's own sockets carry `KZ_SO_MARK` *and* are registered in [`KZ_OWN_SOCKETS`]; they are
+/// never touched. The mark is only a cheap first test (no helper call for the agent's sockets):
+/// alone it opens nothing, since an agent with CAP_NET_ADMIN can set any mark.
 #[inline(always)]
-fn own_socket(sa: *mut bpf_sock_addr) -> bool {
+fn own_socket(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
     // SAFETY: `sk` is a PTR_TO_SOCKET the kernel fills for every sock_addr program run.
     let sk: *mut bpf_sock = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
     if sk.is_null() {
         return false;
     }
     // SAFETY: as above; `mark` is a readable 4-byte field of bpf_sock.
-    rd(unsafe { addr_of!((*sk).mark) }) == KZ_SO_MARK
+    if rd(unsafe { addr_of!((*sk).mark) }) != KZ_SO_MARK {
+        return false;
+    }
+    // SAFETY: the context's socket is what bpf_sk_storage_get expects; no entry is created.
+    let own = unsafe { KZ_OWN_SOCKETS.get_ptr_mut(ctx) };
+    // SAFETY: a non-null result points at the socket's 4-byte storage.
+    !own.is_null() && unsafe { read_volatile(own) } == OWN_SOCKET
+}
+
+/// One block event's fixed part.
+struct Ev {
+    cgroup_id: u64,
+    guard_id: u64,
+    ring: u32,
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+    proto: u8,
+    why: u8,
+    op: u8,
+}
+
+/// Writes an event into ring `ev.ring`, with `path_len` bytes of a unix peer's `sun_path` read
+/// from kernel memory at `path` (0: none). Written field by field into the reservation: the
+/// event is too large to build on the stack first.
+#[inline(always)]
+fn submit(ev: &Ev, path: u64, path_len: u32) {
+    let Some(ring) = KZ_EVENT_RINGS.get(ev.ring) else {
+        return;
+    };
+    let Some(mut entry) = ring.reserve(0) else {
+        return;
+    };
+    let e: *mut BlockEvent = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `e` points at a reserved, writable record of BlockEvent's size.
+    unsafe {
+        write_volatile(addr_of_mut!((*e).cgroup_id), ev.cgroup_id);
+        write_volatile(addr_of_mut!((*e).pid), pid_tgid as u32);
+        write_volatile(addr_of_mut!((*e).tgid), (pid_tgid >> 32) as u32);
+        write_volatile(
+            addr_of_mut!((*e).comm),
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        );
+        write_volatile(addr_of_mut!((*e).addr), ev.addr);
+        write_volatile(addr_of_mut!((*e).port), ev.port);
+        write_volatile(addr_of_mut!((*e).family), ev.family);
+        write_volatile(addr_of_mut!((*e).proto), ev.proto);
+        write_volatile(addr_of_mut!((*e).reason), ev.why);
+        write_volatile(addr_of_mut!((*e).op), ev.op);
+        write_volatile(addr_of_mut!((*e).guard_id), ev.guard_id);
+        let mut n = 0u32;
+        if path != 0 && path_len > 0 && path_len <= UNIX_PATH_MAX as u32 {
+            let dst = addr_of_mut!((*e).path) as *mut c_void;
+            if generated::bpf_probe_read_kernel(dst, path_len, path as *const c_void) == 0 {
+                n = path_len;
+            }
+        }
+        write_volatile(addr_of_mut!((*e).path_len), n as u8);
+    }
+    entry.submit(0);
 }
 
 #[inline(always)]
@@ -155,32 +259,28 @@ fn emit_block<C: EbpfContext>(
     port: u16,
     proto: u8,
     why: u8,
+    what: u8,
 ) {
     // Diagnostics only (off unless kz runs with debug logging); the ring event is the record.
     debug!(
         ctx,
         "refused {:i} port {} proto {} reason {} cgroup {}", *addr, port, proto, why, cgroup_id
     );
-    let Some(ring) = KZ_EVENT_RINGS.get(ring) else {
-        return;
-    };
-    if let Some(mut entry) = ring.reserve(0) {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        entry.write(BlockEvent {
+    submit(
+        &Ev {
             cgroup_id,
-            pid: pid_tgid as u32,
-            tgid: (pid_tgid >> 32) as u32,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            guard_id,
+            ring,
             addr: *addr,
             port,
             family: if v4 { AF_INET } else { AF_INET6 },
             proto,
-            reason: why,
-            _pad: [0; 2],
-            guard_id,
-        });
-        entry.submit(0);
-    }
+            why,
+            op: what,
+        },
+        0,
+        0,
+    );
 }
 
 /// For a cgroup without a policy of its own (or any cgroup, for sock_create): reports to the
@@ -188,6 +288,7 @@ fn emit_block<C: EbpfContext>(
 /// that moved itself into a child cgroup of a guarded one is refused everything, and its guard
 /// must hear of it).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit_block_to_guard<C: EbpfContext>(
     ctx: &C,
     cgroup_id: u64,
@@ -196,32 +297,41 @@ fn emit_block_to_guard<C: EbpfContext>(
     port: u16,
     proto: u8,
     why: u8,
+    what: u8,
 ) {
     let guard = guard_of(cgroup_id);
     // SAFETY: the value is plain data copied out at once.
     if let Some(policy) = unsafe { KZ_POLICY.get(&guard) } {
         let ring = policy.ring;
-        emit_block(ctx, cgroup_id, guard, ring, addr, v4, port, proto, why);
+        emit_block(
+            ctx, cgroup_id, guard, ring, addr, v4, port, proto, why, what,
+        );
     }
 }
 
-/// `cg` when it has a policy, else its nearest ancestor that has one, else 0.
+/// `cg` when it has a policy, else its nearest ancestor that has one, else 0. Walks from the
+/// root down and stops below the task's own level, so a task outside kz's cgroups (the LSM
+/// programs run for every task) costs one lookup per level it actually has.
 #[inline(never)]
 fn guard_of(cg: u64) -> u64 {
     // SAFETY: map values are only tested for presence.
     if unsafe { KZ_POLICY.get(&cg) }.is_some() {
         return cg;
     }
-    let mut level = MAX_CGROUP_LEVEL;
-    while level >= 0 {
+    let mut found = 0;
+    let mut level = 0;
+    while level <= MAX_CGROUP_LEVEL {
         // SAFETY: no preconditions; 0 when the task's cgroup is shallower than `level`.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id != 0 && unsafe { KZ_POLICY.get(&id) }.is_some() {
-            return id;
+        if id == 0 {
+            break;
         }
-        level -= 1;
+        if unsafe { KZ_POLICY.get(&id) }.is_some() {
+            found = id;
+        }
+        level += 1;
     }
-    0
+    found
 }
 
 // Each map gets its own lookup call site: the verifier tracks one map per call site.
@@ -280,17 +390,10 @@ fn is_loopback(addr: &[u8; 16], v4: bool) -> bool {
     }
 }
 
-/// The policy decision shared by connect and sendmsg, both families. Records the original
-/// destination (TCP: by socket cookie for sock_ops; DNS: for recvmsg) when it redirects.
+/// (TCP?, the socket's protocol number, the protocol as events name it).
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hook) -> Verdict {
-    let sa = ctx.sock_addr;
-    if own_socket(sa) {
-        return Verdict::Pass;
-    }
-    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: protocol is a readable 4-byte context field.
+fn sock_proto(sa: *mut bpf_sock_addr) -> (bool, u32, u8) {
+    // SAFETY: protocol and type are readable 4-byte context fields.
     let protocol = rd(unsafe { addr_of!((*sa).protocol) });
     let sock_type = rd(unsafe { addr_of!((*sa).type_) });
     let tcp = protocol == IPPROTO_TCP || (protocol == 0 && sock_type == SOCK_STREAM);
@@ -302,16 +405,35 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     } else {
         protocol as u8
     };
+    (tcp, protocol, proto)
+}
+
+/// The policy decision shared by connect and sendmsg, both families. Records the original
+/// destination (TCP: by socket cookie for sock_ops; DNS: for recvmsg) when it redirects.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hook) -> Verdict {
+    let sa = ctx.sock_addr;
+    let what = match hook {
+        Hook::Connect => op::CONNECT,
+        Hook::Sendmsg => op::SENDMSG,
+        Hook::Bind => op::BIND,
+    };
+    if own_socket(ctx) {
+        return Verdict::Pass;
+    }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    let (tcp, protocol, proto) = sock_proto(sa);
     // SAFETY: the value is plain data copied out at once.
     let policy = match unsafe { KZ_POLICY.get(&cg) } {
         Some(p) => *p,
         None => {
-            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY);
+            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, what);
             return Verdict::Deny;
         }
     };
     let deny = |why: u8| {
-        emit_block(ctx, cg, cg, policy.ring, addr, v4, port, proto, why);
+        emit_block(ctx, cg, cg, policy.ring, addr, v4, port, proto, why, what);
         Verdict::Deny
     };
     if !v4 && policy.flags & flags::V6_INTERCEPT == 0 {
@@ -478,6 +600,118 @@ pub fn kz_sendmsg6(ctx: SockAddrContext) -> i32 {
     on_addr6(&ctx, Hook::Sendmsg)
 }
 
+enum BindVerdict {
+    Pass,
+    Deny,
+    /// Rewrite the wildcard address to loopback (the port stays).
+    Loopback,
+}
+
+/// Inbound: in a guarded cgroup (without `LISTEN_ANY`) servers are reachable from this machine
+/// only. TCP on the wildcard address is moved to loopback, so dev servers keep working on
+/// localhost; TCP on any other non-loopback address is refused. Datagram sockets bind to pick
+/// a source address or port too: port 0 (the kernel picks a client port) is fine anywhere, a
+/// fixed port outside loopback is a server and refused (rewriting it to loopback would leave a
+/// client unable to send from it).
+#[inline(always)]
+fn decide_bind(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16) -> BindVerdict {
+    let sa = ctx.sock_addr;
+    if own_socket(ctx) {
+        return BindVerdict::Pass;
+    }
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    let (tcp, _, proto) = sock_proto(sa);
+    // SAFETY: the value is plain data copied out at once.
+    let policy = match unsafe { KZ_POLICY.get(&cg) } {
+        Some(p) => *p,
+        None => {
+            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, op::BIND);
+            return BindVerdict::Deny;
+        }
+    };
+    if policy.flags & flags::LISTEN_ANY != 0 || is_loopback(addr, v4) {
+        return BindVerdict::Pass;
+    }
+    let wildcard = if v4 {
+        tail4(addr) == [0; 4]
+    } else {
+        addr.iter().all(|b| *b == 0)
+    };
+    if tcp && wildcard {
+        return BindVerdict::Loopback;
+    }
+    if !tcp && port == 0 {
+        return BindVerdict::Pass;
+    }
+    emit_block(
+        ctx,
+        cg,
+        cg,
+        policy.ring,
+        addr,
+        v4,
+        port,
+        proto,
+        reason::BIND_DENIED,
+        op::BIND,
+    );
+    BindVerdict::Deny
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn kz_bind4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: user_ip4/user_port are 4-byte context fields of bind4.
+    let ip = rd(unsafe { addr_of!((*sa).user_ip4) });
+    let port = u16::from_be(rd(unsafe { addr_of!((*sa).user_port) }) as u16);
+    match decide_bind(&ctx, &mapped4(ip), true, port) {
+        BindVerdict::Pass => ALLOW,
+        BindVerdict::Deny => REJECT,
+        BindVerdict::Loopback => {
+            // SAFETY: user_ip4 is writable in bind4.
+            wr(unsafe { addr_of_mut!((*sa).user_ip4) }, LOCALHOST4);
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn kz_bind6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: user_ip6[i]/user_port are 4-byte context fields of bind6.
+    let w = unsafe {
+        [
+            rd(addr_of!((*sa).user_ip6[0])),
+            rd(addr_of!((*sa).user_ip6[1])),
+            rd(addr_of!((*sa).user_ip6[2])),
+            rd(addr_of!((*sa).user_ip6[3])),
+        ]
+    };
+    let port = u16::from_be(rd(unsafe { addr_of!((*sa).user_port) }) as u16);
+    // v4-mapped addresses take the v4 rules (::ffff:0.0.0.0 is the v4 wildcard).
+    let v4 = is_mapped(&w);
+    match decide_bind(&ctx, &words_to_bytes(w), v4, port) {
+        BindVerdict::Pass => ALLOW,
+        BindVerdict::Deny => REJECT,
+        BindVerdict::Loopback => {
+            let target = if v4 {
+                [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOCALHOST4]
+            } else {
+                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+            };
+            // SAFETY: user_ip6[i] are writable in bind6.
+            unsafe {
+                wr(addr_of_mut!((*sa).user_ip6[0]), target[0]);
+                wr(addr_of_mut!((*sa).user_ip6[1]), target[1]);
+                wr(addr_of_mut!((*sa).user_ip6[2]), target[2]);
+                wr(addr_of_mut!((*sa).user_ip6[3]), target[3]);
+            }
+            ALLOW
+        }
+    }
+}
+
 /// Replies from kz's DNS port appear to come from the resolver the client asked.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn kz_recvmsg4(ctx: SockAddrContext) -> i32 {
@@ -542,6 +776,46 @@ pub fn kz_recvmsg6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// listen() on a socket that was never bound makes the kernel bind it to the wildcard address
+/// itself, and no bind hook runs for that. Such a listener (and any other one outside loopback
+/// that got past the bind hooks) is bound to the loopback device instead: it then accepts only
+/// connections arriving over loopback, i.e. from this machine, like a rewritten bind. The
+/// listen() cannot be refused from here, only confined.
+#[inline(always)]
+fn confine_listener(ctx: &SockOpsContext, family: u32, lip4: u32, lip6: [u32; 4]) {
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions (listen() runs in the agent).
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    let guard = guard_of(cg);
+    // SAFETY: the value is plain data copied out at once.
+    let Some(policy) = (unsafe { KZ_POLICY.get(&guard) }).copied() else {
+        return;
+    };
+    if policy.flags & flags::LISTEN_ANY != 0 {
+        return;
+    }
+    let addr = if u32::from(AF_INET) == family {
+        mapped4(lip4)
+    } else {
+        words_to_bytes(lip6)
+    };
+    let v4 = u32::from(AF_INET) == family || is_mapped(&lip6);
+    if is_loopback(&addr, v4) {
+        return;
+    }
+    let mut ifindex: i32 = LOOPBACK_IFINDEX;
+    // SAFETY: the sock_ops context of a locked listener, as bpf_setsockopt requires; optval
+    // points at an int on the stack.
+    unsafe {
+        generated::bpf_setsockopt(
+            ctx.ops as *mut c_void,
+            SOL_SOCKET,
+            SO_BINDTOIFINDEX,
+            addr_of_mut!(ifindex) as *mut c_void,
+            4,
+        );
+    }
+}
+
 /// Re-keys the original destination from the socket cookie to the client's (ip, port), which is
 /// what the proxy sees as `peer_addr()`. Fires before the proxy's accept() returns.
 #[sock_ops]
@@ -562,6 +836,10 @@ pub fn kz_sock_ops(ctx: SockOpsContext) -> u32 {
             rd(addr_of!((*ops).local_port)),
         )
     };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        confine_listener(&ctx, family, lip4, lip6);
+        return 1;
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
@@ -673,6 +951,212 @@ pub fn kz_sock_create(ctx: SockContext) -> i32 {
         0,
         if protocol > 255 { 0 } else { protocol as u8 },
         reason::RAW_DENIED,
+        op::CREATE,
     );
     REJECT
+}
+
+// Unix sockets (cgroup/connect_unix and cgroup/sendmsg_unix, Linux >= 6.7). These hooks run
+// before the kernel resolves the path, so they see the `sun_path` the agent passed, nothing
+// more: rules are matched on that string, which is sound only with the restrictions below
+// (see docs/architecture.md): relative paths and paths with `.`, `..` or empty components are
+// refused outright (they could name any socket), and an allowed path or directory must be one
+// the agent cannot write (it could plant a symlink there). Abstract names have no aliases.
+//
+// aya 0.14 knows neither attach type: these two carry placeholder sections (connect4 and
+// sendmsg4) and user space loads them by hand with the unix attach types; they read nothing of
+// the context but the kernel's own `struct bpf_sock_addr_kern` (the sockaddr, already copied
+// into the kernel), through bpf_probe_read_kernel.
+
+/// A kernel value at `addr` (0 when unreadable).
+#[inline(always)]
+fn kread_u64(addr: u64) -> u64 {
+    // SAFETY: bpf_probe_read_kernel copes with any address (an unreadable one is an error).
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn kread_u32(addr: u64) -> u32 {
+    // SAFETY: as in `kread_u64`.
+    unsafe { bpf_probe_read_kernel(addr as *const u32) }.unwrap_or(0)
+}
+
+/// Whether a pathname (NUL padded; the kernel reads it up to its first NUL) is absolute and
+/// plain: no `.`, `..` or empty components. Every byte is loaded afresh (volatile): the
+/// verifier then sees the same state at each turn of the loop, whichever way the comparisons
+/// went, instead of one per combination of byte values it has narrowed.
+#[inline(always)]
+fn plain_absolute(p: &[u8; UNIX_KEY_PATH]) -> bool {
+    let at = |i: usize| {
+        // SAFETY: `i` is below UNIX_KEY_PATH (checked by the callers below).
+        unsafe { read_volatile(p.as_ptr().add(i)) }
+    };
+    if at(0) != b'/' {
+        return false;
+    }
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        let here = at(i);
+        if here == 0 {
+            return true;
+        }
+        if here == b'/' {
+            // i + 3 < UNIX_PATH_MAX + 3 <= UNIX_KEY_PATH: past sun_path the buffer is NULs.
+            let a = at(i + 1);
+            if a == b'/' {
+                return false;
+            }
+            if a == b'.' {
+                let b = at(i + 2);
+                if b == b'/' || b == 0 {
+                    return false;
+                }
+                if b == b'.' {
+                    let c = at(i + 3);
+                    if c == b'/' || c == 0 {
+                        return false;
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The verdict for a connect (stream, seqpacket, datagram) or an addressed send (datagram) to
+/// a unix socket.
+#[inline(always)]
+fn unix_check(ctx: &SockAddrContext, what: u8) -> i32 {
+    // SAFETY: bpf_get_current_cgroup_id has no preconditions.
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    // The kernel's context structure: the address the agent passed, already in kernel memory.
+    let kctx = ctx.sock_addr as u64;
+    let uaddr = kread_u64(kctx + KERN_CTX_UADDR);
+    let len = kread_u32(kctx + KERN_CTX_UADDRLEN);
+    // sun_path bytes: the address minus its 2-byte family. Only these: what lies beyond them in
+    // the kernel's buffer is not part of the address (the kernel ends the path there).
+    let n = if len > 2 { len - 2 } else { 0 };
+    let n = if n > UNIX_PATH_MAX as u32 {
+        UNIX_PATH_MAX as u32
+    } else {
+        n
+    };
+    let Some(key) = KZ_PATH_SCRATCH.get_ptr_mut(0) else {
+        return REJECT;
+    };
+    // SAFETY: this CPU's scratch slot, used by one program run at a time.
+    let key = unsafe { &mut *key };
+    key.data.path = [0; UNIX_KEY_PATH];
+    if uaddr == 0
+        || n == 0
+        // SAFETY: reads `n` (1 to 108) bytes into the 128-byte path.
+        || unsafe {
+            generated::bpf_probe_read_kernel(
+                key.data.path.as_mut_ptr() as *mut c_void,
+                n & 0x7f,
+                (uaddr + 2) as *const c_void,
+            )
+        } != 0
+    {
+        return REJECT;
+    }
+    // SAFETY: the value is plain data copied out at once.
+    let Some(policy) = (unsafe { KZ_POLICY.get(&cg) }).copied() else {
+        // A process that moved itself into a child cgroup is refused everything.
+        let guard = guard_of(cg);
+        // SAFETY: as above.
+        if let Some(p) = unsafe { KZ_POLICY.get(&guard) } {
+            unix_event(cg, guard, p.ring, reason::NO_POLICY, what, uaddr, n);
+        }
+        return REJECT;
+    };
+    if policy.flags & flags::UNIX_ANY != 0 {
+        return ALLOW;
+    }
+    // Bytes after an embedded NUL need no trimming: no rule has a NUL but at its very end (an
+    // exact path's terminator), so a rule matches these bytes exactly when it matches the
+    // path the kernel will read.
+    let allowed = if key.data.path[0] == 0 {
+        unix_abstract_allowed(cg, uaddr, n)
+    } else if plain_absolute(&key.data.path) {
+        key.prefix_len = 64 + 8 * UNIX_KEY_PATH as u32;
+        key.data.cgroup_id = cg.to_be_bytes();
+        // SAFETY: the value is plain data read at once.
+        matches!(unsafe { KZ_UNIX_PATHS.get(key) }, Some(v) if *v == UNIX_ALLOW)
+    } else {
+        false
+    };
+    if allowed {
+        return ALLOW;
+    }
+    unix_event(cg, cg, policy.ring, reason::UNIX_DENIED, what, uaddr, n);
+    REJECT
+}
+
+/// Whether the abstract name in the sockaddr at `uaddr` (`n` bytes of sun_path, the first a
+/// NUL) is allowed for `cg`.
+#[inline(always)]
+fn unix_abstract_allowed(cg: u64, uaddr: u64, n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let name_len = n - 1;
+    let Some(key) = KZ_ABSTRACT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot, used by one program run at a time.
+    let key = unsafe { &mut *key };
+    key.cgroup_id = cg;
+    key.len = name_len;
+    key.name = [0; UNIX_PATH_MAX];
+    // Through the stack, so the bounds checked right here are the ones the verifier sees on
+    // the size register (LLVM otherwise folds them into a signed range it rejects).
+    // SAFETY: a local.
+    let size = unsafe { read_volatile(&name_len) };
+    if size == 0 || size > (UNIX_PATH_MAX - 1) as u32 {
+        return false;
+    }
+    // SAFETY: reads `size` (1 to 107) bytes into the 108-byte name.
+    let read = unsafe {
+        generated::bpf_probe_read_kernel(
+            key.name.as_mut_ptr() as *mut c_void,
+            size,
+            (uaddr + 3) as *const c_void,
+        )
+    };
+    // SAFETY: presence test only.
+    read == 0 && unsafe { KZ_UNIX_ABSTRACT.get(key) }.is_some()
+}
+
+/// A refused unix connect/send, with the `sun_path` as the agent passed it.
+#[inline(always)]
+fn unix_event(cg: u64, guard: u64, ring: u32, why: u8, what: u8, uaddr: u64, path_len: u32) {
+    submit(
+        &Ev {
+            cgroup_id: cg,
+            guard_id: guard,
+            ring,
+            addr: [0; 16],
+            port: 0,
+            family: AF_UNIX,
+            proto: 0,
+            why,
+            op: what,
+        },
+        if uaddr == 0 { 0 } else { uaddr + 2 },
+        path_len,
+    );
+}
+
+/// cgroup/connect_unix (placeholder section, see above): connect() of every unix socket type.
+#[cgroup_sock_addr(connect4)]
+pub fn kz_unix_connect(ctx: SockAddrContext) -> i32 {
+    unix_check(&ctx, op::UNIX_CONNECT)
+}
+
+/// cgroup/sendmsg_unix (placeholder section, see above): a datagram sent with an address.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kz_unix_sendmsg(ctx: SockAddrContext) -> i32 {
+    unix_check(&ctx, op::UNIX_SEND)
 }

@@ -248,3 +248,155 @@ try:
 except OSError as e:
     print("ERR", e.errno)
 "#;
+
+/// Like [`PY_CONNECT`] (family "4" only), but the socket is made first and the script prints
+/// "FD <pid> <fd>" and waits for a line on stdin before it connects: the test can take the
+/// socket with pidfd_getfd and mark it as kz's in between.
+pub const PY_CONNECT_HELD: &str = r#"
+import socket, sys, os
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+print("FD", os.getpid(), s.fileno(), flush=True)
+sys.stdin.readline()
+s.settimeout(5)
+try:
+    s.connect((host, port))
+    print(s.makefile().readline().strip())
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// A duplicate of file descriptor `fd` of process `pid` (pidfd_getfd; needs ptrace rights over
+/// it, which root has).
+pub fn take_fd(pid: i32, fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; the returned descriptors are checked and owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `pidfd` is a descriptor this process just opened.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    let dup = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        )
+    };
+    assert!(
+        dup >= 0,
+        "pidfd_getfd({pid}, {fd}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(dup as i32) }
+}
+
+/// Binds a socket (family "4"/"6", proto "tcp"/"udp") to (host, port) and prints
+/// "BOUND <host> <port>" as getsockname() reports it, or "ERR <errno>".
+pub const PY_BIND: &str = r#"
+import socket, sys
+fam, proto, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+s = socket.socket(socket.AF_INET if fam == "4" else socket.AF_INET6,
+                  socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+try:
+    s.bind((host, port))
+    a = s.getsockname()
+    print("BOUND", a[0], a[1])
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// Listens (family "4"/"6") on (host, port), or without bind() when host is "-" (the kernel
+/// picks the address and port), prints "LISTEN <host> <port>" (getsockname) or "ERR <errno>",
+/// then answers every connection with "hello" until stdin closes.
+pub const PY_LISTEN: &str = r#"
+import socket, sys, threading
+fam, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET if fam == "4" else socket.AF_INET6, socket.SOCK_STREAM)
+try:
+    if host != "-":
+        s.bind((host, port))
+    s.listen(8)
+except OSError as e:
+    print("ERR", e.errno, flush=True)
+    sys.exit(0)
+a = s.getsockname()
+print("LISTEN", a[0], a[1], flush=True)
+def serve():
+    while True:
+        c, _ = s.accept()
+        c.sendall(b"hello\n")
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+sys.stdin.read()
+"#;
+
+/// Talks to a unix socket: argv kind ("stream"/"dgram"), address (a path, or "@name" for an
+/// abstract one), optional directory to chdir to first (relative paths). Prints the first line
+/// a stream server sends, "SENT" for a datagram, or "ERR <errno>".
+pub const PY_UNIX: &str = r#"
+import socket, sys, os
+kind, addr = sys.argv[1], sys.argv[2]
+if len(sys.argv) > 3:
+    os.chdir(sys.argv[3])
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM if kind == "stream" else socket.SOCK_DGRAM)
+s.settimeout(5)
+try:
+    if kind == "stream":
+        s.connect(addr)
+        print(s.makefile().readline().strip())
+    else:
+        s.sendto(b"x", addr)
+        print("SENT")
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// The agent's own unix socket: binds a server at argv[1] ("@name" = abstract) in this process
+/// (so inside the cgroup), connects to it and prints what it answered, or "ERR <errno>".
+pub const PY_UNIX_SELF: &str = r#"
+import socket, sys, threading
+addr = sys.argv[1]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(addr)
+srv.listen(1)
+def serve():
+    c, _ = srv.accept()
+    c.sendall(b"own\n")
+    c.close()
+threading.Thread(target=serve, daemon=True).start()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+try:
+    s.connect(addr)
+    print(s.makefile().readline().strip())
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// A unix stream server at `addr` (a path, or "@name" for an abstract socket in the current
+/// network namespace) answering every connection with `reply`, on its own thread.
+pub fn serve_unix_stream(addr: &str, reply: &'static str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+    let listener = match addr.strip_prefix('@') {
+        Some(name) => UnixListener::bind_addr(&UnixAddr::from_abstract_name(name).unwrap()),
+        None => UnixListener::bind(addr),
+    }
+    .unwrap_or_else(|e| panic!("bind unix {addr}: {e}"));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.write_all(format!("{reply}\n").as_bytes());
+        }
+    });
+}

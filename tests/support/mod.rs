@@ -8,6 +8,7 @@
 //! - [`tls`]: test CAs and server certificates (rcgen); [`upstream`]: an HTTPS echo upstream.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod blind_env;
 pub mod blind_upstream;
 pub mod dns;
 pub mod intercept;
@@ -79,4 +80,69 @@ fn radix36(mut v: u32) -> String {
     }
     out.reverse();
     String::from_utf8(out).unwrap()
+}
+
+/// The unprivileged user sandboxed agents run as in the tests (`kz run --blind` started the way
+/// `sudo` starts it: SUDO_UID/SUDO_GID name this user). Created once per machine, race-free
+/// across parallel test processes (useradd under an flock).
+pub struct AgentUser {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub const AGENT_USER: &str = "kz-test-agent";
+
+pub fn agent_user() -> AgentUser {
+    use std::os::unix::process::CommandExt;
+    let lookup = || {
+        let out = std::process::Command::new("id")
+            .args(["-u", AGENT_USER])
+            .output()
+            .ok()?;
+        let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        let out = std::process::Command::new("id")
+            .args(["-g", AGENT_USER])
+            .output()
+            .ok()?;
+        let gid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        Some((uid, gid))
+    };
+    if lookup().is_none() {
+        // flock(1) serialises the creation between test processes.
+        let status = std::process::Command::new("flock")
+            .args(["/tmp/kz-test-agent-user.lock", "sh", "-c"])
+            .arg(format!(
+                "id -u {AGENT_USER} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /bin/sh {AGENT_USER}"
+            ))
+            .process_group(0)
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "cannot create the test user {AGENT_USER}");
+    }
+    let (uid, gid) = lookup().expect("the test user exists");
+    AgentUser {
+        name: AGENT_USER,
+        uid,
+        gid,
+    }
+}
+
+impl AgentUser {
+    /// Environment that makes `kz` believe it was started by `sudo` from this user.
+    pub fn sudo_env(&self, cmd: &mut std::process::Command) {
+        cmd.env("SUDO_UID", self.uid.to_string())
+            .env("SUDO_GID", self.gid.to_string())
+            .env("SUDO_USER", self.name);
+    }
+}
+
+/// A directory the agent user can enter and read (the tests' project directories): 0755, with
+/// every ancestor searchable.
+pub fn agent_readable_dir(prefix: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(unique_name(prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }

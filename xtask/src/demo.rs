@@ -134,7 +134,10 @@ pub fn run() -> Result<()> {
     let status = in_ns(&agent_ns, &kz.display().to_string())
         .arg("--dir")
         .arg(&dir)
-        .args(["run", "--blind", "--", "python3", "-u", "agent.py"])
+        // The agent runs as nobody: kz refuses a root agent (it could read kz's memory).
+        .args([
+            "run", "--blind", "--user", "nobody", "--", "python3", "-u", "agent.py",
+        ])
         .env("DEMO_REAL_KEY", REAL_KEY)
         .env("DEMO_EXFIL_IP", EXFIL_IP)
         .env("KZ_AUDIT_LOG", dir.join("audit.jsonl"))

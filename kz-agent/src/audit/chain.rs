@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -208,9 +209,12 @@ fn open_append(path: &Path) -> Result<(File, u64), AuditError> {
     {
         std::fs::create_dir_all(dir).map_err(|e| io_err(path, e))?;
     }
+    // Owner-only: the log says which agent used which secret where (no values, but nothing a
+    // sandboxed agent running as another user should read).
     let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| io_err(path, e))?;
     let size = file.metadata().map_err(|e| io_err(path, e))?.len();

@@ -131,7 +131,7 @@ pub trait AuditSink: Send + Sync {
 mod chain;
 mod verify;
 
-pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget};
+pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget, rotated_files};
 pub use verify::{VerifyError, VerifyReport, verify_files, verify_path};
 
 /// A sink that drops everything (no `audit:` section in the bundle).

@@ -8,7 +8,15 @@
 //! request carrying a masked token to a host outside its scope instead of sending it masked),
 //! `upstream_ca = "FILE"` (extra CA for upstream TLS), `resolver = "ADDR:PORT"` (upstream DNS;
 //! default: the first nameserver of /etc/resolv.conf).
+//!
+//! Containment of the agent itself: `listen = "loopback"` (default: its servers are reachable
+//! from this machine only; a bind to the wildcard address is moved to loopback) or `"any"`, and
+//! `unix_sockets = ["/run/app.sock", "/run/app/", "@name"]`, the unix sockets it may reach
+//! besides its own (exact socket paths, directories, abstract names). Without `unix_sockets`
+//! only [`DEFAULT_UNIX_SOCKETS`] (the system log) is allowed: container runtimes, init, the
+//! D-Bus buses, SSH and GPG agents, name-service caches and everything else are refused.
 
+use crate::intercept::{Listen, UnixRule};
 use regex::Regex;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -46,6 +54,38 @@ pub struct BlindConfig {
     /// Absolute path (relative paths are taken from the config file's directory).
     pub upstream_ca: Option<PathBuf>,
     pub resolver: Option<SocketAddr>,
+    /// `hide = [...]`: files and directories masked in the agent's mount namespace (absolute,
+    /// `~/…` for the agent user's home, or relative to the project directory). `None`: the
+    /// default list of common credential files ([`crate::contain::DEFAULT_HIDDEN`]).
+    pub hide: Option<Vec<String>>,
+    /// `listen = "loopback" | "any"`.
+    pub listen: Listen,
+    /// `unix_sockets = [...]`; `None`: [`DEFAULT_UNIX_SOCKETS`].
+    pub unix_sockets: Option<Vec<UnixRule>>,
+}
+
+/// The unix sockets an agent may reach when `[blind] unix_sockets` is not set: the system log
+/// only (syslog(3) and journald clients; writing log lines exposes nothing). An allow list, not
+/// a deny list of known-dangerous sockets: a secret-safety sandbox cannot know every socket that
+/// hands out credentials (ssh-agent, gpg-agent, the session bus's Secret Service, a cloud
+/// metadata proxy…), and the agent's own sockets are always allowed, so its tools keep working.
+pub const DEFAULT_UNIX_SOCKETS: &[&str] = &["/run/systemd/journal/", "/dev/log"];
+
+/// Parses `listen`.
+pub fn parse_listen(v: &str) -> Result<Listen, String> {
+    match v {
+        "loopback" => Ok(Listen::Loopback),
+        "any" => Ok(Listen::Any),
+        other => Err(format!(
+            "[blind] listen: `{other}` is not \"loopback\" (servers reachable from this machine only, the default) or \"any\""
+        )),
+    }
+}
+
+/// Parses one entry of `unix_sockets`.
+pub fn parse_unix_socket(v: &str) -> Result<UnixRule, String> {
+    v.parse::<UnixRule>()
+        .map_err(|e| format!("[blind] unix_sockets: {e}"))
 }
 
 /// Keys of `[blind]`, for "did you mean" hints.
@@ -57,6 +97,9 @@ pub const KEYS: &[&str] = &[
     "refuse_on_scope_violation",
     "upstream_ca",
     "resolver",
+    "hide",
+    "listen",
+    "unix_sockets",
 ];
 
 impl BlindConfig {
@@ -71,6 +114,17 @@ impl BlindConfig {
             .iter()
             .find(|r| r.pattern.matches(host))
             .is_some_and(|r| r.allow)
+    }
+
+    /// The unix-socket rules in force: `unix_sockets`, or [`DEFAULT_UNIX_SOCKETS`].
+    pub fn unix_rules(&self) -> Vec<UnixRule> {
+        match &self.unix_sockets {
+            Some(rules) => rules.clone(),
+            None => DEFAULT_UNIX_SOCKETS
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+        }
     }
 
     /// True when no connection rule restricts where the agent (and its tokens) may go.
@@ -185,6 +239,31 @@ mod tests {
         };
         assert!(in_scope(&rules, &[], "api.github.com"));
         assert!(!in_scope(&rules, &[], "anything.org"));
+    }
+
+    #[test]
+    fn listen_and_unix_socket_values() {
+        assert_eq!(parse_listen("loopback"), Ok(Listen::Loopback));
+        assert_eq!(parse_listen("any"), Ok(Listen::Any));
+        let e = parse_listen("0.0.0.0").unwrap_err();
+        assert!(e.contains("`0.0.0.0`") && e.contains("\"any\""), "{e}");
+        assert_eq!(
+            parse_unix_socket("/run/app/"),
+            Ok(UnixRule::Dir("/run/app".into()))
+        );
+        let e = parse_unix_socket("../docker.sock").unwrap_err();
+        assert!(
+            e.starts_with("[blind] unix_sockets:") && e.contains("absolute"),
+            "{e}"
+        );
+        // The defaults parse, and an explicit empty list allows nothing.
+        let defaults = BlindConfig::default().unix_rules();
+        assert_eq!(defaults.len(), DEFAULT_UNIX_SOCKETS.len());
+        let none = BlindConfig {
+            unix_sockets: Some(Vec::new()),
+            ..Default::default()
+        };
+        assert!(none.unix_rules().is_empty());
     }
 
     #[test]

@@ -165,6 +165,7 @@ const STARTER: &str = r#"# keyzero configuration (read by kz and KeyZero)
 # connections = [
 #   { allow = true, host = "api.github.com" },
 # ]
+# hide = ["~/.aws/credentials", ".env"]   # masked for the agent (default: common credential files)
 "#;
 
 /// Creates a starter `.keyzero.toml` in `dir` (default: the current directory).

@@ -806,6 +806,55 @@ fn parse_blind(src: &Source<'_>, value: &Spanned<DeValue<'_>>) -> Result<BlindCo
                 }
                 cfg.upstream_ca = Some(p);
             }
+            "hide" => {
+                let DeValue::Array(paths) = v.get_ref() else {
+                    return Err(src.err(
+                        v.span(),
+                        "[blind] `hide` must be a list of paths, e.g. [\"~/.aws/credentials\", \".env\"]",
+                    ));
+                };
+                let mut hide = Vec::with_capacity(paths.len());
+                for p in paths {
+                    let DeValue::String(text) = p.get_ref() else {
+                        return Err(src.err(
+                            p.span(),
+                            "[blind] `hide` entries must be strings (paths: absolute, ~/…, or relative to the project)",
+                        ));
+                    };
+                    if text.is_empty() {
+                        return Err(src.err(
+                            p.span(),
+                            "[blind] `hide`: an empty path hides nothing; remove it",
+                        ));
+                    }
+                    hide.push(text.to_string());
+                }
+                cfg.hide = Some(hide);
+            }
+            "listen" => {
+                let s = string(src, v, "[blind]", key)?;
+                cfg.listen = blind::parse_listen(&s).map_err(|m| src.err(v.span(), m))?;
+            }
+            "unix_sockets" => {
+                let DeValue::Array(items) = v.get_ref() else {
+                    return Err(src.err(
+                        v.span(),
+                        "[blind] `unix_sockets` must be a list, e.g. [\"/run/app.sock\", \"/run/app/\", \"@name\"]",
+                    ));
+                };
+                let mut rules = Vec::with_capacity(items.len());
+                for item in items {
+                    let DeValue::String(text) = item.get_ref() else {
+                        return Err(src.err(
+                            item.span(),
+                            "[blind] `unix_sockets` entries must be strings: a socket path, a directory ending in `/`, or `@name`",
+                        ));
+                    };
+                    rules
+                        .push(blind::parse_unix_socket(text).map_err(|m| src.err(item.span(), m))?);
+                }
+                cfg.unix_sockets = Some(rules);
+            }
             "resolver" => {
                 let s = string(src, v, "[blind]", key)?;
                 cfg.resolver = Some(blind::parse_resolver(&s).ok_or_else(|| {

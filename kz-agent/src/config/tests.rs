@@ -224,6 +224,26 @@ fn errors_carry_file_line_and_hints() {
             "[blind]\nupstream_ca = \"missing.pem\"\n",
             "missing.pem is not a readable file",
         ),
+        (
+            "[blind]\nlisten = \"0.0.0.0\"\n",
+            ":2:10: [blind] listen: `0.0.0.0` is not \"loopback\"",
+        ),
+        (
+            "[blind]\nunix_sockets = \"/run/app.sock\"\n",
+            ":2:16: [blind] `unix_sockets` must be a list",
+        ),
+        (
+            "[blind]\nunix_sockets = [\"/run/app.sock\", \"run/other.sock\"]\n",
+            ":2:34: [blind] unix_sockets: invalid unix-socket rule \"run/other.sock\": write an absolute path",
+        ),
+        (
+            "[blind]\nunix_sockets = [\"/run/../var/run/docker.sock\"]\n",
+            "no empty, `.` or `..` components",
+        ),
+        (
+            "[blind]\nunix_sockets = [1]\n",
+            ":2:17: [blind] `unix_sockets` entries must be strings",
+        ),
         ("this is [[[not valid toml", ":1:6: invalid TOML"),
         (
             "[production]\nsecret = {}\n",
@@ -273,6 +293,33 @@ fn blind_table_parses() {
     assert!(b.connection_allowed("api.example.com"));
     assert!(!b.connection_allowed("evil.example.com"));
     assert!(!b.connection_allowed("other.org"));
+    // Containment defaults: servers on loopback only, unix sockets: the system log only.
+    assert_eq!(b.listen, crate::intercept::Listen::Loopback);
+    assert_eq!(b.unix_sockets, None);
+    let defaults: Vec<String> = b.unix_rules().iter().map(ToString::to_string).collect();
+    assert_eq!(defaults, super::blind::DEFAULT_UNIX_SOCKETS);
+}
+
+#[test]
+fn blind_containment_keys_parse() {
+    let dir = dir_with(&[(
+        ".keyzero.toml",
+        "[blind]\nlisten = \"any\"\nunix_sockets = [\"/run/app.sock\", \"/run/app/\", \"@app-bus\"]\n",
+    )]);
+    let b = load(dir.path(), &[]).unwrap().blind;
+    assert_eq!(b.listen, crate::intercept::Listen::Any);
+    use crate::intercept::UnixRule;
+    assert_eq!(
+        b.unix_rules(),
+        vec![
+            UnixRule::Path("/run/app.sock".into()),
+            UnixRule::Dir("/run/app".into()),
+            UnixRule::Abstract(b"app-bus".to_vec()),
+        ]
+    );
+    // An explicit empty list allows no unix socket at all (not the defaults).
+    let dir = dir_with(&[(".keyzero.toml", "[blind]\nunix_sockets = []\n")]);
+    assert!(load(dir.path(), &[]).unwrap().blind.unix_rules().is_empty());
 }
 
 #[test]

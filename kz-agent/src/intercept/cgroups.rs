@@ -58,8 +58,12 @@ impl Cgroup {
     /// changes and working directory of `cmd` are used; stdio is inherited. Returns
     /// [`std::io::ErrorKind::Unsupported`] where the kernel does not allow it: use
     /// `place_child` and std's spawn then.
-    pub fn spawn(&self, cmd: &std::process::Command) -> std::io::Result<super::spawn::CgroupChild> {
-        super::spawn::spawn_into(&self.path, cmd)
+    pub fn spawn(
+        &self,
+        cmd: &std::process::Command,
+        contain: Option<&crate::contain::Prepared>,
+    ) -> std::io::Result<super::spawn::CgroupChild> {
+        super::spawn::spawn_into(&self.path, cmd, contain)
     }
 
     /// Makes `cmd`'s child enter this cgroup between fork and exec, so not one instruction of the

@@ -1,7 +1,10 @@
 //! `kz doctor`: can interception work on this machine? Prints one row per check with what to do
-//! about failures; exit code 0 only when every required check passes.
+//! about failures, then one row per protection saying whether this kernel enforces it (the
+//! unix-socket hooks need Linux >= 6.7; where they are missing the row says what remains);
+//! exit code 0 only when every required check passes.
 
-use super::{Interceptor, Policy, cgroups, pins};
+use super::shared::{UnixGuard, unix_unavailable};
+use super::{Interceptor, Listen, Policy, UnixSockets, cgroups, pins};
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,21 +95,90 @@ fn capabilities() -> Result<String, String> {
     }
 }
 
-fn programs() -> Result<String, String> {
-    // The real thing: open (or load) the shared program set, create a cgroup, attach and pin,
-    // then clean up.
+/// What the program check learnt about the protections beyond redirection.
+struct Protections {
+    unix: UnixGuard,
+}
+
+fn programs() -> Result<(String, Protections), String> {
+    // The real thing: open (or load) the shared program set, create a cgroup with every
+    // protection on, attach and pin, then clean up.
     let mut icpt = Interceptor::load().map_err(|e| e.to_string())?;
     let name = format!("doctor-{}", std::process::id());
+    let policy = Policy {
+        listen: Listen::Loopback,
+        unix: UnixSockets::Only(Vec::new()),
+        ..Policy::default()
+    };
     let cg = icpt
-        .create_cgroup(&name, &Policy::default())
+        .create_cgroup(&name, &policy)
         .map_err(|e| e.to_string())?;
     icpt.remove_cgroup(cg.id).map_err(|e| e.to_string())?;
-    Ok(format!(
-        "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create: load, attach, pin (program set {})",
-        icpt.shared_dir().display()
+    let unix = icpt.unix_guard().clone();
+    Ok((
+        format!(
+            "cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, bind4/6, sock_ops, sock_create{}: load, attach, pin (program set {})",
+            if unix == UnixGuard::Enforced {
+                ", connect_unix, sendmsg_unix"
+            } else {
+                ""
+            },
+            icpt.shared_dir().display()
+        ),
+        Protections { unix },
     ))
 }
 
+/// One row per protection the kernel enforces for a guarded cgroup, from what the program
+/// check found (or, when it could not run, from what this kernel offers).
+fn protection_checks(found: Option<&Protections>) -> Vec<Check> {
+    let loaded = found.is_some();
+    let when_loaded = |ok: &str| -> Result<String, String> {
+        if loaded {
+            Ok(ok.to_owned())
+        } else {
+            Err("not in force: the eBPF programs could not be loaded (see above)".to_owned())
+        }
+    };
+    let unix = match found.map(|p| &p.unix) {
+        Some(UnixGuard::Enforced) => Ok(
+            "cgroup/connect_unix + sendmsg_unix: connects and addressed sends to unix sockets outside [blind] unix_sockets are refused (matched on the path the agent passes; relative and ./.. paths refused)".to_owned(),
+        ),
+        Some(UnixGuard::Unavailable(why)) => Err(format!(
+            "NOT enforced by the kernel: {why}; what remains is the agent's mount namespace, where kz hides the container-runtime and init sockets"
+        )),
+        None => Err(match unix_unavailable() {
+            Some(why) => format!("NOT enforced: {why}; what remains is the agent's mount namespace"),
+            None => "not in force: the eBPF programs could not be loaded (see above)".to_owned(),
+        }),
+    };
+    vec![
+        check(
+            "redirect+allow",
+            true,
+            when_loaded(
+                "every TCP connect to kz's proxy, DNS to kz's resolver, other destinations refused unless allowed; raw sockets refused",
+            ),
+        ),
+        check(
+            "mark ownership",
+            true,
+            when_loaded(
+                "only sockets kz registered (SO_MARK plus socket storage) bypass interception; the mark alone opens nothing",
+            ),
+        ),
+        check(
+            "inbound (bind)",
+            true,
+            when_loaded(
+                "cgroup/bind4/6 + sock_ops listen: servers reachable from this machine only ([blind] listen = \"loopback\"; wildcard binds moved to loopback)",
+            ),
+        ),
+        // Not required: interception works without it, and the mount namespace still hides
+        // the most dangerous sockets; the row says so loudly.
+        check("unix sockets", false, unix),
+    ]
+}
 fn toolchain() -> Result<String, String> {
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     let tools = std::env::var_os("KZ_TOOLS_DIR")
@@ -153,7 +225,12 @@ pub fn checks() -> Vec<Check> {
     } else {
         Err("skipped: fix the checks above first".into())
     };
+    let (prog, found) = match prog {
+        Ok((detail, found)) => (Ok(detail), Some(found)),
+        Err(e) => (Err(e), None),
+    };
     out.push(check("eBPF programs", true, prog));
+    out.extend(protection_checks(found.as_ref()));
     out.push(check("build toolchain", false, toolchain()));
     out
 }

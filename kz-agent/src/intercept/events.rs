@@ -3,7 +3,7 @@
 
 use super::InterceptError;
 use aya::maps::{MapData, RingBuf};
-use kz_common::{AF_INET6, PROTO_TCP, PROTO_UDP, reason};
+use kz_common::{AF_INET6, AF_UNIX, PROTO_TCP, PROTO_UDP, UNIX_PATH_MAX, op, reason};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ pub enum BlockReason {
     NoPolicy,
     NoTarget,
     RawSocketDenied,
+    BindDenied,
+    UnixDenied,
     Unknown(u8),
 }
 
@@ -37,12 +39,14 @@ impl BlockReason {
             reason::NO_POLICY => BlockReason::NoPolicy,
             reason::NO_TARGET => BlockReason::NoTarget,
             reason::RAW_DENIED => BlockReason::RawSocketDenied,
+            reason::BIND_DENIED => BlockReason::BindDenied,
+            reason::UNIX_DENIED => BlockReason::UnixDenied,
             other => BlockReason::Unknown(other),
         }
     }
 }
 
-/// One refused connect/sendmsg.
+/// One refused connect/sendmsg/bind, raw socket, or unix-socket connect/send.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Block {
     /// The calling task's cgroup.
@@ -55,15 +59,34 @@ pub struct Block {
     pub pid: u32,
     /// Task name (at most 15 bytes, as the kernel keeps it).
     pub comm: String,
+    /// The destination (connect/sendmsg) or the local address (bind); `0.0.0.0:0` for unix
+    /// sockets.
     pub dest: SocketAddr,
-    /// "tcp", "udp", "icmp", "icmpv6" or "other".
+    /// "tcp", "udp", "icmp", "icmpv6", "unix" or "other".
     pub proto: &'static str,
+    /// "connect", "sendmsg", "bind", "create" (raw sockets), "unix_connect" (stream/seqpacket)
+    /// or "unix_send" (datagram).
+    pub op: &'static str,
     pub reason: BlockReason,
+    /// Unix sockets: the peer's address as its server bound it (`@name` for an abstract one).
+    pub path: Option<String>,
 }
 
 impl Block {
     pub(crate) fn from_raw(e: &kz_common::BlockEvent) -> Block {
         let end = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+        let unix = e.family == AF_UNIX;
+        let path = &e.path[..usize::from(e.path_len).min(UNIX_PATH_MAX)];
+        let path = match path.split_first() {
+            _ if !unix => None,
+            None => Some(String::new()),
+            // A leading NUL: an abstract name (written @name, as in `[blind] unix_sockets`).
+            Some((0, name)) => Some(format!("@{}", String::from_utf8_lossy(name))),
+            Some(_) => {
+                let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+                Some(String::from_utf8_lossy(&path[..end]).into_owned())
+            }
+        };
         let v6 = Ipv6Addr::from(e.addr);
         let ip = match v6.to_ipv4_mapped() {
             Some(v4) if e.family != AF_INET6 => IpAddr::V4(v4),
@@ -77,6 +100,7 @@ impl Block {
             comm: String::from_utf8_lossy(&e.comm[..end]).into_owned(),
             dest: SocketAddr::new(ip, e.port),
             proto: match e.proto {
+                _ if unix => "unix",
                 PROTO_TCP => "tcp",
                 PROTO_UDP => "udp",
                 1 => "icmp",
@@ -84,7 +108,17 @@ impl Block {
                 255 => "raw",
                 _ => "other",
             },
+            op: match e.op {
+                op::CONNECT => "connect",
+                op::SENDMSG => "sendmsg",
+                op::BIND => "bind",
+                op::CREATE => "create",
+                op::UNIX_CONNECT => "unix_connect",
+                op::UNIX_SEND => "unix_send",
+                _ => "other",
+            },
             reason: BlockReason::from_raw(e.reason),
+            path,
         }
     }
 }
@@ -176,7 +210,10 @@ fn decode(bytes: &[u8]) -> Option<Block> {
     raw.family = u16::from_ne_bytes([bytes[50], bytes[51]]);
     raw.proto = bytes[52];
     raw.reason = bytes[53];
+    raw.op = bytes[54];
+    raw.path_len = bytes[55];
     raw.guard_id = u64::from_ne_bytes(bytes[56..64].try_into().ok()?);
+    raw.path.copy_from_slice(&bytes[64..64 + UNIX_PATH_MAX]);
     Some(Block::from_raw(&raw))
 }
 
@@ -211,6 +248,8 @@ mod tests {
         bytes.extend_from_slice(&ev.family.to_ne_bytes());
         bytes.extend_from_slice(&[ev.proto, ev.reason, 0, 0]);
         bytes.extend_from_slice(&ev.guard_id.to_ne_bytes());
+        bytes.extend_from_slice(&ev.path);
+        bytes.extend_from_slice(&[0; 4]);
         assert_eq!(bytes.len(), std::mem::size_of::<kz_common::BlockEvent>());
         let b = decode(&bytes).expect("decodes");
         assert_eq!(b, Block::from_raw(&ev));
@@ -219,6 +258,25 @@ mod tests {
         assert_eq!(b.reason, BlockReason::DenyCidr);
         assert_eq!((b.tgid, b.pid, b.proto), (6, 7, "tcp"));
         assert_eq!(b.guard_id, 0x99);
+        assert_eq!((b.op, b.path.as_deref()), ("connect", None));
         assert!(decode(&bytes[..20]).is_none());
+
+        // A unix event: the path, or @name for an abstract socket (its leading NUL).
+        let mut u = kz_common::BlockEvent {
+            family: AF_UNIX,
+            op: op::UNIX_CONNECT,
+            reason: reason::UNIX_DENIED,
+            ..Default::default()
+        };
+        let p = b"/run/docker.sock\0";
+        u.path[..p.len()].copy_from_slice(p);
+        u.path_len = p.len() as u8;
+        let b = Block::from_raw(&u);
+        assert_eq!((b.proto, b.op), ("unix", "unix_connect"));
+        assert_eq!(b.path.as_deref(), Some("/run/docker.sock"));
+        assert_eq!(b.reason, BlockReason::UnixDenied);
+        u.path[..4].copy_from_slice(b"\0abc");
+        u.path_len = 4;
+        assert_eq!(Block::from_raw(&u).path.as_deref(), Some("@abc"));
     }
 }

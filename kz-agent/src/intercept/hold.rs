@@ -2,7 +2,10 @@
 //! SIGKILL to check fail-closed behaviour), clean up stale state by hand, and unload the shared
 //! program set.
 
-use super::{Cgroup, Cidr, Interceptor, Ipv6Mode, Policy, Scope, TcpRedirect, cleanup_stale};
+use super::{
+    Cgroup, Cidr, Interceptor, Ipv6Mode, Listen, Policy, Scope, TcpRedirect, UnixRule, UnixSockets,
+    cleanup_stale,
+};
 use clap::{Args, Subcommand};
 use std::io::Write;
 use std::process::ExitCode;
@@ -58,6 +61,15 @@ pub struct HoldArgs {
     /// Redirect native IPv6 to `[::1]:<proxy port>` instead of refusing it.
     #[arg(long)]
     pub ipv6_intercept: bool,
+    /// Let servers listen on any address (default: loopback only).
+    #[arg(long)]
+    pub listen_any: bool,
+    /// Unix sockets the cgroup may reach besides its own (`/path`, `/dir/`, `@name`).
+    #[arg(long)]
+    pub unix_allow: Vec<UnixRule>,
+    /// Do not check unix sockets at all.
+    #[arg(long)]
+    pub unix_any: bool,
 }
 
 impl HoldArgs {
@@ -80,6 +92,16 @@ impl HoldArgs {
             loopback_direct: self.loopback_direct,
             allow: self.allow.clone(),
             deny: self.deny.clone(),
+            listen: if self.listen_any {
+                Listen::Any
+            } else {
+                Listen::Loopback
+            },
+            unix: if self.unix_any {
+                UnixSockets::Any
+            } else {
+                UnixSockets::Only(self.unix_allow.clone())
+            },
         }
     }
 }

@@ -4,14 +4,16 @@ use super::InterceptError;
 use super::cgroups::{self, Cgroup};
 use super::events::{BlockEvents, Guards};
 use super::logs;
-use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, lpm_key};
+use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, UnixKeys, UnixSockets, lpm_key};
 use super::pins::{self, Instance, Scope};
-use super::shared::{self, RingSlot, SharedSet, map_err, program_err};
+use super::rawbpf;
+use super::shared::{self, RingSlot, SharedSet, UnixGuard, map_err, program_err};
 use aya::maps::{MapData, RingBuf, lpm_trie::Key};
 use aya::programs::CgroupAttachMode;
 use aya::programs::links::{FdLink, PinnedLink};
 use kz_common::{PortKey, map_names as mn, prog_names as pn};
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ const KILL_WAIT: Duration = Duration::from_secs(3);
 struct CgroupState {
     cgroup: Cgroup,
     policy: Policy,
+    /// The policy's unix rules as written to the maps (resolved to inodes at that time).
+    unix_keys: UnixKeys,
     links: Vec<PinnedLink>,
     link_ids: Vec<u32>,
 }
@@ -140,6 +144,30 @@ impl Interceptor {
         &self.set.dir
     }
 
+    /// Whether the kernel enforces [`Policy::unix`] (the BPF LSM programs of the shared set are
+    /// attached), and why not if it does not.
+    pub fn unix_guard(&self) -> &UnixGuard {
+        &self.set.unix
+    }
+
+    /// [`super::mark_as_kz`] against this instance's program set: sets the mark and registers
+    /// the socket in the set's `KZ_OWN_SOCKETS` storage.
+    pub fn mark_as_kz(&mut self, socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+        nix::sys::socket::setsockopt(
+            socket,
+            nix::sys::socket::sockopt::Mark,
+            &kz_common::KZ_SO_MARK,
+        )
+        .map_err(|e| {
+            InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e))
+        })?;
+        self.set
+            .maps
+            .own_sockets
+            .insert(&socket.as_fd(), kz_common::OWN_SOCKET, 0)
+            .map_err(map_err(mn::OWN_SOCKETS))
+    }
+
     /// The cgroup v2 mount point in use.
     pub fn cgroup_root(&self) -> &Path {
         &self.cgroup_root
@@ -172,6 +200,7 @@ impl Interceptor {
             CgroupState {
                 cgroup: cgroup.clone(),
                 policy: Policy::default(),
+                unix_keys: UnixKeys::default(),
                 links: Vec::new(),
                 link_ids: Vec::new(),
             },
@@ -233,10 +262,38 @@ impl Interceptor {
             link.try_into().map_err(not_a_bpf_link(pn::SOCK_CREATE))?,
         ));
 
+        // The unix-socket programs, attached by hand (aya has no such attach types) and pinned
+        // like the rest; they come back as PinnedLinks, so removal is the same for all.
+        let mut raw_links = Vec::with_capacity(progs.unix.len());
+        for (name, prog, attach) in &progs.unix {
+            let name: &'static str = name;
+            let link = rawbpf::link_create(prog.as_fd(), file.as_fd(), *attach).map_err(|e| {
+                InterceptError::Program {
+                    name,
+                    detail: e.to_string(),
+                }
+            })?;
+            raw_links.push((name, link));
+        }
+
         let state = self
             .cgroups
             .get_mut(&id)
             .ok_or(InterceptError::UnknownCgroup(id))?;
+        for (name, link) in raw_links {
+            if let Some(link_id) = rawbpf::obj_id(link.as_fd()) {
+                state.link_ids.push(link_id);
+            }
+            let pin = links_dir.join(format!("{id}-{name}"));
+            let pin_err = |detail: String| InterceptError::Pin {
+                path: pin.clone(),
+                detail,
+            };
+            rawbpf::obj_pin(link.as_fd(), &pin).map_err(|e| pin_err(e.to_string()))?;
+            // The pin holds the link now; dropping `link` closes only this descriptor.
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+            state.links.push(pinned);
+        }
         for (name, fd) in fd_links {
             if let Ok(info) = fd.info() {
                 state.link_ids.push(info.id());
@@ -255,12 +312,34 @@ impl Interceptor {
     /// Replaces a cgroup's policy. New entries are written before old ones are removed, so a
     /// deny entry present in both is never absent in between.
     pub fn set_policy(&mut self, id: u64, policy: &Policy) -> Result<(), InterceptError> {
-        let old = self
+        let state = self
             .cgroups
             .get(&id)
-            .ok_or(InterceptError::UnknownCgroup(id))?
-            .policy
-            .clone();
+            .ok_or(InterceptError::UnknownCgroup(id))?;
+        let old = state.policy.clone();
+        let old_unix = state.unix_keys.clone();
+        if let (UnixSockets::Only(_), UnixGuard::Unavailable(why)) = (&policy.unix, &self.set.unix)
+        {
+            tracing::warn!(
+                cgroup = id,
+                "unix-socket rules are not enforced by the kernel here: {why}"
+            );
+        }
+        let unix = policy.unix.keys(id);
+        for (len, key, verdict) in &unix.paths {
+            self.set
+                .maps
+                .unix_paths
+                .insert(&Key::new(*len, *key), verdict, 0)
+                .map_err(map_err(mn::UNIX_PATHS))?;
+        }
+        for key in &unix.abstracts {
+            self.set
+                .maps
+                .unix_abstract
+                .insert(key, 1, 0)
+                .map_err(map_err(mn::UNIX_ABSTRACT))?;
+        }
         for port in policy.ports() {
             self.set
                 .maps
@@ -291,10 +370,28 @@ impl Interceptor {
                 self.trie_remove(id, cidr, allow);
             }
         }
+        self.remove_unix_keys(&old_unix, Some(&unix));
         if let Some(state) = self.cgroups.get_mut(&id) {
             state.policy = policy.clone();
+            state.unix_keys = unix;
         }
         Ok(())
+    }
+
+    /// Removes the entries of `old` that `keep` does not have.
+    fn remove_unix_keys(&mut self, old: &UnixKeys, keep: Option<&UnixKeys>) {
+        let maps = &mut self.set.maps;
+        for (len, key, _) in &old.paths {
+            // A key that stays (maybe with another verdict) was overwritten: it must not go.
+            if !keep.is_some_and(|k| k.paths.iter().any(|(l, p, _)| l == len && p == key)) {
+                let _ = maps.unix_paths.remove(&Key::new(*len, *key));
+            }
+        }
+        for key in &old.abstracts {
+            if !keep.is_some_and(|k| k.abstracts.contains(key)) {
+                let _ = maps.unix_abstract.remove(key);
+            }
+        }
     }
 
     fn trie_insert(
@@ -424,6 +521,7 @@ impl Interceptor {
         for cidr in &state.policy.deny {
             self.trie_remove(id, cidr, false);
         }
+        self.remove_unix_keys(&state.unix_keys, None);
         let others: Vec<u64> = self.cgroups.keys().copied().collect();
         self.set.maps.allowed.purge(id, &others);
         cgroups::remove_tree(&state.cgroup.path)

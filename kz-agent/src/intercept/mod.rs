@@ -13,15 +13,24 @@
 //! - destinations in [`Policy::deny`] fail with EPERM at once; with [`Policy::require_allow`] so
 //!   does every destination not in [`Policy::allow`] nor in the allow map that kz's DNS resolver
 //!   fills through [`AllowMap::allow_ip`];
-//! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination,
-//!   reason), through a ring buffer of the instance's own: an instance sees the events of its
-//!   cgroups (and of cgroups nested below them) and no other instance's.
+//! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination or
+//!   unix path, operation, reason), through a ring buffer of the instance's own: an instance
+//!   sees the events of its cgroups (and of cgroups nested below them) and no other instance's.
 //!
-//! Sockets marked with [`kz_common::KZ_SO_MARK`] (kz's own, see [`mark_as_kz`]) are never
-//! touched; kz itself runs outside the cgroups it guards, so its upstream connections are never
-//! redirected. `getpeername()` on a redirected socket reports the original destination. Raw
-//! sockets are refused at creation in guarded cgroups; a process in a child cgroup of a guarded
-//! one (which has no policy of its own) is refused everything.
+//! - inbound: servers of the cgroup are reachable from this machine only ([`Policy::listen`]):
+//!   TCP binds to the wildcard address are moved to loopback, other non-loopback TCP binds and
+//!   fixed-port UDP binds outside loopback fail with EPERM, and a listener the kernel bound
+//!   itself (listen() without bind()) is confined to the loopback device;
+//! - unix sockets: connects and addressed sends are refused unless the address matches
+//!   [`Policy::unix`] (exact paths, directories, abstract names; relative and `.`/`..` paths
+//!   never match). Needs Linux >= 6.7 ([`Interceptor::unix_guard`] says whether it is enforced).
+//!
+//! Sockets kz registered with [`mark_as_kz`] ([`kz_common::KZ_SO_MARK`] plus an entry in the
+//! `KZ_OWN_SOCKETS` socket storage; the mark alone opens nothing) are never touched; kz itself
+//! runs outside the cgroups it guards, so its upstream connections are never redirected.
+//! `getpeername()` on a redirected socket reports the original destination. Raw sockets are
+//! refused at creation in guarded cgroups; a process in a child cgroup of a guarded one (which
+//! has no policy of its own) is refused everything.
 //!
 //! # Contract for callers
 //! - The proxy listens on `127.0.0.1:<proxy_port>` in the agent's network namespace (and on
@@ -53,7 +62,7 @@
 //! let policy = Policy { proxy_port: 15001, dns_port: 15053, ..Policy::default() };
 //! let cg = icpt.create_cgroup("run-1", &policy)?;
 //! let cmd = std::process::Command::new("node");
-//! let child = cg.spawn(&cmd); // born in the cgroup (clone3 CLONE_INTO_CGROUP)
+//! let child = cg.spawn(&cmd, None); // born in the cgroup (clone3 CLONE_INTO_CGROUP)
 //! // or: cg.place_child(&mut cmd) to enter it between fork and exec with std's spawn
 //! let orig = icpt.orig_dst_table(); // give to the proxy
 //! let mut events = icpt.block_events()?; // inside a Tokio runtime
@@ -61,8 +70,8 @@
 //! ```
 //!
 //! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
-//! [`shared`] (the pinned program set), [`maps`] (policy and table types), [`loader`]
-//! ([`Interceptor`]), [`events`],
+//! [`shared`] (the pinned program set), [`rawbpf`] (loading what aya cannot), [`kbtf`] (kernel
+//! struct layouts), [`maps`] (policy and table types), [`loader`] ([`Interceptor`]), [`events`],
 //! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
 
 pub mod cgroups;
@@ -71,18 +80,24 @@ pub mod dns;
 pub mod doctor;
 pub mod events;
 pub mod hold;
+pub mod kbtf;
 pub mod loader;
 pub mod logs;
 pub mod maps;
 pub mod pins;
+pub mod rawbpf;
 pub mod shared;
 pub mod spawn;
 
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
 pub use loader::Interceptor;
-pub use maps::{AllowMap, Cidr, Ipv6Mode, OrigDst, OrigDstTable, Policy, TcpRedirect};
+pub use maps::{
+    AllowMap, Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect,
+    UnixRule, UnixSockets,
+};
 pub use pins::{Scope, cleanup_stale};
+pub use shared::UnixGuard;
 
 use std::path::PathBuf;
 
@@ -124,6 +139,8 @@ pub enum InterceptError {
         "invalid CIDR {0:?}: expected an address with an optional prefix, e.g. 10.0.0.0/8, 192.0.2.7 or fd00::/8"
     )]
     BadCidr(String),
+    #[error("invalid unix-socket rule {rule:?}: {why}")]
+    BadUnixRule { rule: String, why: &'static str },
     #[error("cgroup id {0} is not one this interceptor created")]
     UnknownCgroup(u64),
     #[error("cgroup {0} already exists: pick another name or remove it")]
@@ -156,14 +173,31 @@ impl InterceptError {
     }
 }
 
-/// Marks a socket as kz's own ([`kz_common::KZ_SO_MARK`]) so the programs never redirect or
-/// refuse it: for a kz process that itself runs inside an intercepted cgroup. Call before
-/// `connect()`. Needs CAP_NET_ADMIN (which is why an agent cannot use it to escape).
+/// Marks a socket as kz's own so the programs never redirect or refuse it: for a kz process
+/// that itself runs inside an intercepted cgroup. Call before `connect()`. Sets
+/// [`kz_common::KZ_SO_MARK`] (needs CAP_NET_ADMIN) *and* registers the socket in the
+/// `KZ_OWN_SOCKETS` socket storage of this build's program sets in the default scope (needs
+/// CAP_BPF and the pinned map): the programs exempt a socket only with both, so an agent that
+/// sets the mark itself gains nothing. The registration lives as long as the socket. Where no
+/// program set of this build exists yet, only the mark is set (nothing this build loads guards
+/// anything yet; a set made later does not know the socket: it is intercepted, fail closed).
 pub fn mark_as_kz(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+    mark_as_kz_in(&Scope::detect()?, socket)
+}
+
+/// [`mark_as_kz`] for the program sets of `scope`.
+pub fn mark_as_kz_in(scope: &Scope, socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
     nix::sys::socket::setsockopt(
         socket,
         nix::sys::socket::sockopt::Mark,
         &kz_common::KZ_SO_MARK,
     )
-    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))
+    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))?;
+    let fd = socket.as_fd();
+    for mut storage in shared::own_socket_maps(scope) {
+        storage
+            .insert(&fd, kz_common::OWN_SOCKET, 0)
+            .map_err(shared::map_err(kz_common::map_names::OWN_SOCKETS))?;
+    }
+    Ok(())
 }

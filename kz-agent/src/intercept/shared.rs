@@ -28,17 +28,22 @@
 //! disturb it (the kernel frees programs and maps when the last reference goes).
 
 use super::InterceptError;
+use super::kbtf;
 use super::maps::{AllowMap, OrigDstTable};
 use super::pins::{self, Scope, StaleReport};
-use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, RingBuf};
+use super::rawbpf;
+use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, RingBuf, SkStorage};
 use aya::programs::{
     CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType, CgroupSockAttachType, ProgramError,
     SockOps,
 };
-use kz_common::{CgroupPolicy, Lpm4, Lpm6, PortKey, map_names as mn, prog_names as pn};
+use kz_common::{
+    CgroupPolicy, Lpm4, Lpm6, PortKey, UnixAbstractKey, UnixPathKey, map_names as mn,
+    prog_names as pn,
+};
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeSet;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,7 +57,7 @@ const OBJECT_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/kz-ebpf.sha2
 pub const SET_PREFIX: &str = "shared-";
 
 /// The cgroup sock_addr programs with their attach types, in attach order.
-pub(crate) const SOCK_ADDR_PROGS: [(&str, CgroupSockAddrAttachType); 8] = [
+pub(crate) const SOCK_ADDR_PROGS: [(&str, CgroupSockAddrAttachType); 10] = [
     (pn::CONNECT4, CgroupSockAddrAttachType::Connect4),
     (pn::CONNECT6, CgroupSockAddrAttachType::Connect6),
     (pn::SENDMSG4, CgroupSockAddrAttachType::UDPSendMsg4),
@@ -61,7 +66,27 @@ pub(crate) const SOCK_ADDR_PROGS: [(&str, CgroupSockAddrAttachType); 8] = [
     (pn::RECVMSG6, CgroupSockAddrAttachType::UDPRecvMsg6),
     (pn::GETPEERNAME4, CgroupSockAddrAttachType::GetPeerName4),
     (pn::GETPEERNAME6, CgroupSockAddrAttachType::GetPeerName6),
+    (pn::BIND4, CgroupSockAddrAttachType::Bind4),
+    (pn::BIND6, CgroupSockAddrAttachType::Bind6),
 ];
+
+/// The unix-socket programs with their attach types (cgroup/connect_unix and
+/// cgroup/sendmsg_unix). aya 0.14 cannot load these attach types: they are loaded by hand
+/// ([`rawbpf`]) and attached per cgroup like the others.
+pub(crate) const UNIX_PROGS: [(&str, u32); 2] = [
+    (pn::UNIX_CONNECT, rawbpf::ATTACH_UNIX_CONNECT),
+    (pn::UNIX_SENDMSG, rawbpf::ATTACH_UNIX_SENDMSG),
+];
+
+/// Whether unix-socket rules are enforced by a program set, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnixGuard {
+    /// The cgroup/connect_unix and cgroup/sendmsg_unix programs are loaded and attached to
+    /// every guarded cgroup.
+    Enforced,
+    /// They are not; the reason says what to do about it.
+    Unavailable(String),
+}
 
 /// This build's id: 16 hex digits of the eBPF object's SHA-256.
 pub fn build_id() -> &'static str {
@@ -153,6 +178,8 @@ pub(crate) struct Programs {
     pub sock_addr: Vec<(&'static str, CgroupSockAddr)>,
     pub sock_ops: SockOps,
     pub sock_create: CgroupSock,
+    /// The unix-socket programs with their attach types (empty where unavailable).
+    pub unix: Vec<(&'static str, OwnedFd, u32)>,
 }
 
 /// The maps of a set that user space writes or reads.
@@ -167,6 +194,10 @@ pub(crate) struct SharedMaps {
     pub orig: OrigDstTable,
     /// Block-event rings by slot (see [`claim_ring`]).
     pub rings: ArrayOfMaps<MapData, MapData>,
+    /// kz's own sockets (see [`super::mark_as_kz`]).
+    pub own_sockets: SkStorage<MapData, u32>,
+    pub unix_paths: LpmTrie<MapData, UnixPathKey, u8>,
+    pub unix_abstract: HashMap<MapData, UnixAbstractKey, u8>,
     /// Ids of every pinned map (for [`super::loader::KernelIds`]).
     pub ids: Vec<u32>,
 }
@@ -198,6 +229,12 @@ impl SharedMaps {
         );
         let rings =
             ArrayOfMaps::try_from(open(mn::EVENT_RINGS)?).map_err(map_err(mn::EVENT_RINGS))?;
+        let own_sockets =
+            SkStorage::try_from(open(mn::OWN_SOCKETS)?).map_err(map_err(mn::OWN_SOCKETS))?;
+        let unix_paths =
+            LpmTrie::try_from(open(mn::UNIX_PATHS)?).map_err(map_err(mn::UNIX_PATHS))?;
+        let unix_abstract =
+            HashMap::try_from(open(mn::UNIX_ABSTRACT)?).map_err(map_err(mn::UNIX_ABSTRACT))?;
         // Opened for their ids only: the programs alone use them.
         for name in [mn::ORIG_BY_COOKIE, mn::DNS_ORIG] {
             open(name)?;
@@ -212,6 +249,9 @@ impl SharedMaps {
             allowed,
             orig,
             rings,
+            own_sockets,
+            unix_paths,
+            unix_abstract,
             ids,
         })
     }
@@ -248,6 +288,14 @@ impl SharedMaps {
         for id in ids {
             self.allowed.purge(*id, &[]);
         }
+        for k in doomed(self.unix_paths.keys(), |k| {
+            ids.contains(&u64::from_be_bytes(k.data().cgroup_id))
+        }) {
+            let _ = self.unix_paths.remove(&k);
+        }
+        for k in doomed(self.unix_abstract.keys(), |k| ids.contains(&k.cgroup_id)) {
+            let _ = self.unix_abstract.remove(&k);
+        }
     }
 }
 
@@ -257,6 +305,7 @@ pub(crate) struct SharedSet {
     pub progs: Programs,
     pub maps: SharedMaps,
     pub program_ids: Vec<u32>,
+    pub unix: UnixGuard,
 }
 
 impl SharedSet {
@@ -288,15 +337,40 @@ impl SharedSet {
                 .map_err(|e| program_err(pn::SOCK_CREATE, e))?
                 .id(),
         );
+        // The unix programs exist where the kernel has the hooks (they are made with the set).
+        let mut unix_progs = Vec::new();
+        let mut unix = UnixGuard::Enforced;
+        for (name, attach) in UNIX_PROGS {
+            match rawbpf::obj_get(&path(name)) {
+                Ok(fd) => {
+                    if let Some(id) = rawbpf::obj_id(fd.as_fd()) {
+                        program_ids.push(id);
+                    }
+                    unix_progs.push((name, fd, attach));
+                }
+                Err(_) => {
+                    unix = UnixGuard::Unavailable(unix_unavailable().unwrap_or_else(|| {
+                        format!(
+                            "the program set {} was made without its unix-socket programs (see kz's log from when it was loaded; `kz intercept unload` lets the next run retry)",
+                            dir.display()
+                        )
+                    }));
+                    unix_progs.clear();
+                    break;
+                }
+            }
+        }
         Ok(SharedSet {
             dir: dir.to_path_buf(),
             progs: Programs {
                 sock_addr,
                 sock_ops,
                 sock_create,
+                unix: unix_progs,
             },
             maps: SharedMaps::open(dir)?,
             program_ids,
+            unix,
         })
     }
 }
@@ -499,8 +573,94 @@ fn pin_new_set(dir: &Path, debug: bool) -> Result<(), InterceptError> {
         let path = maps.join(name);
         map.pin(&path).map_err(pin_err(&path))?;
     }
+    // Unix-socket rules need the unix hooks (Linux >= 6.7). Without them the set works for
+    // everything else and says so (`kz doctor`, this warning and one per guarded cgroup with
+    // unix rules); the other containment layers (the agent's mount namespace) remain.
+    if let Err(why) = load_unix_progs(&ebpf, dir) {
+        tracing::warn!("unix-socket rules are not enforced by the kernel here: {why}");
+    }
     // Dropping `ebpf` closes this process's references; the pins keep everything loaded.
     Ok(())
+}
+
+/// Why this kernel cannot run the unix-socket programs, if it cannot (before trying).
+pub fn unix_unavailable() -> Option<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Some(v) = super::doctor::kernel_version(release.trim())
+        && v < (6, 7)
+    {
+        return Some(format!(
+            "Linux {} has no cgroup/connect_unix hook (6.7 and later do): upgrade the kernel",
+            release.trim()
+        ));
+    }
+    let btf = match kbtf::Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(e) => return Some(e.to_string()),
+    };
+    kbtf::check_sock_addr_kern(&btf)
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// Loads the unix-socket programs (by hand: aya has no such attach types) against the maps of
+/// the set being made in `dir`, and pins them in its `progs/`.
+fn load_unix_progs(ebpf: &aya::Ebpf, dir: &Path) -> Result<(), String> {
+    if let Some(why) = unix_unavailable() {
+        return Err(why);
+    }
+    // Every map of the object, by name, as a descriptor: pinned for a moment under names bpffs
+    // takes (it refuses dots, as in `.rodata`), opened, and unpinned again.
+    let scratch = dir.join("maps-all");
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
+    let opened = (|| {
+        let mut fds: Vec<(String, MapData)> = Vec::new();
+        for (name, map) in ebpf.maps() {
+            let pin: String = name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let path = scratch.join(format!("{}-{pin}", fds.len()));
+            map.pin(&path).map_err(|e| format!("pin map {name}: {e}"))?;
+            let data = MapData::from_pin(&path).map_err(|e| format!("open map {name}: {e}"))?;
+            fds.push((name.to_owned(), data));
+        }
+        Ok::<_, String>(fds)
+    })();
+    // Gone whatever happened: the descriptors (or the maps' other users) keep the maps alive.
+    let _ = std::fs::remove_dir_all(&scratch);
+    let fds = opened?;
+    let fd_of = |name: &str| -> Option<RawFd> {
+        fds.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.fd().as_fd().as_raw_fd())
+    };
+    let names: Vec<&str> = UNIX_PROGS.iter().map(|(n, _)| *n).collect();
+    let code = rawbpf::relocated(OBJECT, &names, fd_of).map_err(|e| e.to_string())?;
+    for ((name, attach), (insns, license)) in UNIX_PROGS.iter().zip(code) {
+        let fd = rawbpf::prog_load(name, &insns, &license, *attach).map_err(|e| e.to_string())?;
+        let path = dir.join("progs").join(name);
+        rawbpf::obj_pin(fd.as_fd(), &path).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The `OWN_SOCKETS` storage of every set of this build in `scope` (normal and debug): where
+/// [`super::mark_as_kz`] registers a socket, since either set may guard the cgroup it is used in.
+pub(crate) fn own_socket_maps(scope: &Scope) -> Vec<SkStorage<MapData, u32>> {
+    [false, true]
+        .into_iter()
+        .map(|debug| {
+            scope
+                .pin_root()
+                .join(set_name(debug))
+                .join("maps")
+                .join(mn::OWN_SOCKETS)
+        })
+        .filter_map(|p| MapData::from_pin(p).ok())
+        .filter_map(|data| Map::from_map_data(data).ok())
+        .filter_map(|map| SkStorage::try_from(map).ok())
+        .collect()
 }
 
 /// Opens the maps of this build's sets present in `scope` (normal and debug), for cleanup.

@@ -140,7 +140,14 @@ fn candidates(program: &OsStr, path: Option<&OsStr>) -> io::Result<Vec<CString>>
 /// inherited) as a child that is in `cgroup_dir` from its first instruction. Errors are those
 /// of `Command::spawn` (e.g. `NotFound` when there is no such program), or `Unsupported` when
 /// this kernel (or a seccomp filter) does not allow clone3 into a cgroup.
-pub fn spawn_into(cgroup_dir: &Path, cmd: &std::process::Command) -> io::Result<CgroupChild> {
+///
+/// `contain` (the agent's user, namespaces, masks, seccomp: [`crate::contain`]) is applied in
+/// the child before exec; a step that fails there comes back as an error naming it.
+pub fn spawn_into(
+    cgroup_dir: &Path,
+    cmd: &std::process::Command,
+    contain: Option<&crate::contain::Prepared>,
+) -> io::Result<CgroupChild> {
     // Everything the child needs, built before the clone: it must not allocate.
     let env = child_env(cmd);
     let path = env
@@ -197,7 +204,16 @@ pub fn spawn_into(cgroup_dir: &Path, cmd: &std::process::Command) -> io::Result<
     if ret == 0 {
         // SAFETY: in the child. Only async-signal-safe calls on data prepared above; it ends in
         // execve or _exit.
-        unsafe { exec_child(&candidates, &argv, &envp, cwd.as_ref(), err_tx.as_raw_fd()) }
+        unsafe {
+            exec_child(
+                &candidates,
+                &argv,
+                &envp,
+                cwd.as_ref(),
+                contain,
+                err_tx.as_raw_fd(),
+            )
+        }
     }
     if ret < 0 {
         let e = io::Error::last_os_error();
@@ -213,7 +229,7 @@ pub fn spawn_into(cgroup_dir: &Path, cmd: &std::process::Command) -> io::Result<
     let pid = nix::unistd::Pid::from_raw(i32::try_from(ret).unwrap_or(i32::MAX));
     // SAFETY: with CLONE_PIDFD the kernel stored a new file descriptor that nothing else owns.
     let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
-    let mut buf = [0u8; 4];
+    let mut buf = [0u8; 8];
     let n = loop {
         match nix::unistd::read(&err_rx, &mut buf) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -221,10 +237,17 @@ pub fn spawn_into(cgroup_dir: &Path, cmd: &std::process::Command) -> io::Result<
         }
     };
     match n {
-        Ok(4) => {
-            // The child could not exec and has exited: reap it, report why.
+        Ok(8) => {
+            // The child could not contain itself or exec, and has exited: reap it, say why.
             let _ = reap(pid);
-            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+            let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            match (crate::contain::Failure::decode(buf), contain) {
+                (Some(f), Some(c)) => Err(io::Error::new(
+                    io::Error::from_raw_os_error(f.errno).kind(),
+                    c.describe(f),
+                )),
+                _ => Err(io::Error::from_raw_os_error(errno)),
+            }
         }
         _ => Ok(CgroupChild {
             pid,
@@ -235,8 +258,8 @@ pub fn spawn_into(cgroup_dir: &Path, cmd: &std::process::Command) -> io::Result<
 }
 
 /// The child's side: default signal state (as std's Command leaves it), working directory,
-/// then execve of each candidate path in turn like execvp. Reports the errno and exits 127 if
-/// none can be executed.
+/// containment, then execve of each candidate path in turn like execvp. Reports the failure
+/// (8 bytes: a [`crate::contain::Failure`], or step 0 and the exec errno) and exits 127.
 ///
 /// # Safety
 /// Only to be called in the child of clone3 with the pointers of NUL-terminated arrays of valid
@@ -246,15 +269,20 @@ unsafe fn exec_child(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     cwd: Option<&CString>,
+    contain: Option<&crate::contain::Prepared>,
     err_fd: libc::c_int,
 ) -> ! {
     // SAFETY (whole body): raw syscalls and libc wrappers that are async-signal-safe, on memory
     // the parent prepared; nothing allocates or takes a lock.
     unsafe {
-        let fail = |errno: i32| -> ! {
-            let bytes = errno.to_ne_bytes();
+        let report = |bytes: [u8; 8]| -> ! {
             libc::write(err_fd, bytes.as_ptr().cast(), bytes.len());
             libc::_exit(127)
+        };
+        let fail = |errno: i32| -> ! {
+            let mut bytes = [0u8; 8];
+            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
+            report(bytes)
         };
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -265,6 +293,11 @@ unsafe fn exec_child(
             && libc::chdir(dir.as_ptr()) != 0
         {
             fail(*libc::__errno_location());
+        }
+        if let Some(c) = contain
+            && let Err(f) = c.enter()
+        {
+            report(f.encode());
         }
         let mut err = libc::ENOENT;
         let mut denied = false;

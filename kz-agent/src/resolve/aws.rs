@@ -38,6 +38,21 @@ pub(super) const SETTINGS: &[&str] = &[
     "vault",
 ];
 const KIND: &str = "aws_secrets_manager";
+const ACCESS_KEY_VAR: &str = "AWS_ACCESS_KEY_ID";
+const SECRET_KEY_VAR: &str = "AWS_SECRET_ACCESS_KEY";
+const SESSION_TOKEN_VAR: &str = "AWS_SESSION_TOKEN";
+const PROFILE_VAR: &str = "AWS_PROFILE";
+const CREDENTIALS_FILE_VAR: &str = "AWS_SHARED_CREDENTIALS_FILE";
+
+/// Environment variables this resolver reads credentials from: the static keys, and the
+/// pointers to the shared credentials file's keys (which profile, which file).
+pub(super) const LOGIN_VARS: &[&str] = &[
+    ACCESS_KEY_VAR,
+    SECRET_KEY_VAR,
+    SESSION_TOKEN_VAR,
+    PROFILE_VAR,
+    CREDENTIALS_FILE_VAR,
+];
 
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -57,8 +72,7 @@ pub struct AwsSecretsManagerResolver {
 
 impl AwsSecretsManagerResolver {
     pub fn new(s: &Map<String, Value>, common: &Common) -> Result<Self, ResolveError> {
-        let profile =
-            settings::string(KIND, s, "profile")?.or_else(|| settings::env("AWS_PROFILE"));
+        let profile = settings::string(KIND, s, "profile")?.or_else(|| settings::env(PROFILE_VAR));
         let region = settings::string(KIND, s, "region")?
             .or_else(|| settings::env("AWS_REGION"))
             .or_else(|| settings::env("AWS_DEFAULT_REGION"))
@@ -325,19 +339,17 @@ fn credentials(s: &Map<String, Value>, profile: Option<&str>) -> Result<Credenti
         }
     }
     if profile.is_none()
-        && let (Some(access_key_id), Some(secret)) = (
-            settings::env("AWS_ACCESS_KEY_ID"),
-            settings::env("AWS_SECRET_ACCESS_KEY"),
-        )
+        && let (Some(access_key_id), Some(secret)) =
+            (settings::env(ACCESS_KEY_VAR), settings::env(SECRET_KEY_VAR))
     {
         return Ok(Credentials {
             access_key_id,
             secret_access_key: Secret::new(secret),
-            session_token: settings::env("AWS_SESSION_TOKEN").map(Secret::new),
+            session_token: settings::env(SESSION_TOKEN_VAR).map(Secret::new),
         });
     }
     let profile = profile.unwrap_or("default");
-    let file = settings::env("AWS_SHARED_CREDENTIALS_FILE")
+    let file = settings::env(CREDENTIALS_FILE_VAR)
         .map(PathBuf::from)
         .or_else(|| settings::env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
     if let Some(file) = file

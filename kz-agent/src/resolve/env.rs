@@ -29,6 +29,22 @@ impl EnvResolver {
     }
 }
 
+/// The variables an `env` resolver with `settings` reads for `references`: each holds a real
+/// value. A `prefix` that is not a string fails the resolver's build; here it counts as none.
+pub(super) fn source_vars<'a>(
+    settings: &Map<String, Value>,
+    references: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let prefix = settings
+        .get("prefix")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    references
+        .into_iter()
+        .map(|r| format!("{prefix}{r}"))
+        .collect()
+}
+
 impl Resolver for EnvResolver {
     fn kind(&self) -> &'static str {
         "env"

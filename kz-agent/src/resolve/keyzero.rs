@@ -21,6 +21,17 @@ use std::path::PathBuf;
 pub(super) const SETTINGS: &[&str] = &["endpoint", "token", "token_source", "audience", "ca_cert"];
 const KIND: &str = "keyzero";
 
+/// The variable `token_source = "env:NAME"` reads the bearer token from, if that is the setting.
+pub(super) fn login_var(s: &Map<String, Value>) -> Option<String> {
+    match s.get("token_source") {
+        Some(Value::String(src)) => src
+            .strip_prefix("env:")
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 enum TokenSource {
     None,

@@ -13,6 +13,7 @@ mod env_file;
 mod file;
 mod http;
 mod keyzero;
+mod logins;
 mod settings;
 mod vault;
 
@@ -22,6 +23,7 @@ pub use env::EnvResolver;
 pub use env_file::EnvFileResolver;
 pub use file::FileResolver;
 pub use keyzero::KeyzeroResolver;
+pub use logins::{credential_vars, login_vars};
 pub use vault::VaultResolver;
 
 use crate::secret::Secret;

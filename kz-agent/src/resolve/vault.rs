@@ -42,6 +42,14 @@ pub(super) const SETTINGS: &[&str] = &[
 ];
 const KIND: &str = "hashicorp_vault";
 const DEFAULT_ADDR: &str = "http://127.0.0.1:8200";
+const TOKEN_VAR: &str = "VAULT_TOKEN";
+const ROLE_ID_VAR: &str = "VAULT_ROLE_ID";
+const SECRET_ID_VAR: &str = "VAULT_SECRET_ID";
+
+/// Environment variables holding a login to the server: the ones this resolver reads (the
+/// token, AppRole's ids) and OpenBao's name for the token (BAO_TOKEN, what the `bao` CLI
+/// reads), which logs in to the same server. Whatever `auth_method` says: the agent gets none.
+pub(super) const LOGIN_VARS: &[&str] = &[TOKEN_VAR, "BAO_TOKEN", ROLE_ID_VAR, SECRET_ID_VAR];
 
 #[derive(Debug)]
 enum Auth {
@@ -102,7 +110,7 @@ impl VaultResolver {
         let auth = match method.as_str() {
             "token" => {
                 let token = settings::secret(KIND, s, "token")?
-                    .or_else(|| settings::env("VAULT_TOKEN").map(Secret::new))
+                    .or_else(|| settings::env(TOKEN_VAR).map(Secret::new))
                     .ok_or_else(|| {
                         ResolveError::MissingEnvironment(format!(
                             "{KIND}: no Vault token: set `token` in the resolver settings or the VAULT_TOKEN environment variable (or use auth_method = \"approle\")"
@@ -114,14 +122,14 @@ impl VaultResolver {
                 let role_id = settings::string(KIND, s, "role_id")?
                     .or(settings::string(KIND, s, "auth_role")?)
                     .or(nested_role)
-                    .or_else(|| settings::env("VAULT_ROLE_ID"))
+                    .or_else(|| settings::env(ROLE_ID_VAR))
                     .ok_or_else(|| {
                         ResolveError::MissingEnvironment(format!(
                             "{KIND}: AppRole needs a role id: set `role_id` (or `auth_role`) or VAULT_ROLE_ID"
                         ))
                     })?;
                 let secret_id = settings::secret(KIND, s, "secret_id")?
-                    .or_else(|| settings::env("VAULT_SECRET_ID").map(Secret::new));
+                    .or_else(|| settings::env(SECRET_ID_VAR).map(Secret::new));
                 Auth::AppRole {
                     mount: settings::string(KIND, s, "auth_mount")?
                         .unwrap_or_else(|| "approle".into())

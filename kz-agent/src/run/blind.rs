@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget, WithContext};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
+use crate::contain::{self, AgentUser, ContainError, Prepared, UserRequest};
 use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use crate::intercept::{Cidr, Interceptor, Ipv6Mode, Policy, TcpRedirect};
@@ -66,6 +67,8 @@ pub enum BlindError {
     Trust(#[from] trust::TrustError),
     #[error("{0}")]
     Child(Box<super::RunError>),
+    #[error(transparent)]
+    Contain(#[from] ContainError),
 }
 
 pub struct BlindRequest {
@@ -80,10 +83,20 @@ pub struct BlindRequest {
     /// working directory.
     pub command: std::process::Command,
     pub require_kernel: bool,
+    /// Who the agent runs as (`--user`, `--allow-root-agent`; see [`crate::contain::user`]).
+    pub user: UserRequest,
+    /// The audit log's file, masked in the agent's mount namespace (None: stdout or memory).
+    pub audit_path: Option<PathBuf>,
+    /// More paths to mask in the agent's mount namespace (the files kz's resolvers read).
+    pub hide_extra: Vec<PathBuf>,
     pub audit: Arc<dyn AuditSink>,
     /// The eBPF loader started early ([`Preload::start`]), so loading overlaps config parsing and
     /// secret resolution. `None`: loaded when needed.
     pub preload: Option<Preload>,
+    /// Variables of kz's environment that hold a resolver's login or a real value
+    /// ([`crate::resolve::login_vars`], [`crate::harden::env_vars_to_scrub`]): the agent gets
+    /// none of them (names only; kz has usually removed them from its own environment already).
+    pub credential_vars: Vec<String>,
 }
 
 /// Opening the shared eBPF program set is about a millisecond, but the first run of a kz build
@@ -133,16 +146,21 @@ const PROXY_DRAIN: Duration = Duration::from_secs(1);
 /// The audit sink of a blind run: `path`, else `$XDG_STATE_HOME/kz/audit.jsonl`, else
 /// `~/.local/state/kz/audit.jsonl`.
 pub fn open_audit(path: Option<&Path>) -> Result<Arc<dyn AuditSink>, crate::audit::AuditError> {
-    let path = match path {
-        Some(p) => p.to_owned(),
-        None => default_audit_path(),
-    };
+    let path = audit_path(path);
     let sink = ChainSink::open(SinkTarget::File {
         path,
         fsync: Fsync::Interval,
         max_bytes: Some(64 * 1024 * 1024),
     })?;
     Ok(Arc::new(sink))
+}
+
+/// The audit log [`open_audit`] writes: `path`, else the default.
+pub fn audit_path(path: Option<&Path>) -> PathBuf {
+    match path {
+        Some(p) => p.to_owned(),
+        None => default_audit_path(),
+    }
 }
 
 fn default_audit_path() -> PathBuf {
@@ -163,6 +181,9 @@ pub async fn run(req: BlindRequest) -> Result<ExitCode, BlindError> {
     if req.secrets.is_empty() {
         return Err(BlindError::NoSecrets);
     }
+    // Before anything starts: a run whose agent would be root stops here.
+    let agent =
+        contain::user::resolve(&req.user, |k| std::env::var(k).ok()).map_err(ContainError::from)?;
     let rules = connection_rules(&req.config)?;
     if req.config.is_open() {
         let unscoped: Vec<&str> = req
@@ -178,7 +199,7 @@ pub async fn run(req: BlindRequest) -> Result<ExitCode, BlindError> {
             );
         }
     }
-    run_async(req, rules).await
+    run_async(req, rules, agent).await
 }
 
 /// `[blind] connections` as the proxy's rules (`non_http_tcp` lets allowed hosts carry non-HTTP
@@ -262,7 +283,11 @@ fn phase(start: std::time::Instant, phase: &str) {
     );
 }
 
-async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<ExitCode, BlindError> {
+async fn run_async(
+    mut req: BlindRequest,
+    rules: ConnectionRules,
+    agent: AgentUser,
+) -> Result<ExitCode, BlindError> {
     let t0 = std::time::Instant::now();
     let loaded = match req.preload.take() {
         Some(p) => p.take(),
@@ -273,7 +298,12 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         Err(reason) if req.require_kernel => return Err(BlindError::KernelRequired(reason)),
         Err(reason) => {
             eprintln!(
-                "kz: WARNING: kernel interception is not available: {reason}. Falling back to explicit-proxy mode: enforcement is now cooperative (HTTP_PROXY/HTTPS_PROXY), a program that ignores them connects directly and is not blocked. Use --require-kernel to make this an error; `kz doctor` shows what is missing."
+                "kz: WARNING: kernel interception is not available: {reason}. Falling back to explicit-proxy mode: enforcement is now cooperative (HTTP_PROXY/HTTPS_PROXY), a program that ignores them connects directly and is not blocked{}. Use --require-kernel to make this an error; `kz doctor` shows what is missing.",
+                if trust::is_root() {
+                    ""
+                } else {
+                    ", and the agent runs as your own user: kz keeps itself undumpable and the agent's seccomp filter refuses ptrace, but nothing else stands between the agent and your files"
+                }
             );
             None
         }
@@ -308,7 +338,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 
     // The agent inherits kz's environment minus anything holding a real credential: an `env`
     // resolver's source variable (it holds the real value) or a resolver's own login.
-    let removed = scrub_env(&mut req.command, &req.secrets);
+    let removed = scrub_env(&mut req.command, &req.secrets, &req.credential_vars);
     if !removed.is_empty() {
         eprintln!(
             "kz: not passing {} to the agent: they hold real credentials",
@@ -337,6 +367,22 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     for var in trust::PROXY_ENV_VARS {
         req.command.env_remove(var);
     }
+    let contained = Arc::new(contain_agent(
+        &mut req,
+        agent,
+        &dir,
+        &bundle,
+        icpt.is_some(),
+    )?);
+    audit(
+        &*req.audit,
+        AuditEvent::new("agent_contained")
+            .with("uid", contained.user().uid)
+            .with("gid", contained.user().gid)
+            .with("root_in_userns", contained.user().root_in_userns)
+            .with("mount_namespace", contained.mounts().is_some())
+            .with("landlock_scopes", contained.landlock_scoped()),
+    );
 
     phase(t0, "tokens, CA and run dir ready");
     let upstream_dns = req.config.dns_upstream().map_err(BlindError::Resolver)?;
@@ -372,11 +418,10 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         }
         // Empty NO_PROXY: loopback and local names go through kz too.
         req.command.env("NO_PROXY", "").env("no_proxy", "");
-        let code = spawn_and_wait(
-            tokio::process::Command::from(req.command),
-            Path::new(&program),
-        )
-        .await;
+        let mut command = req.command;
+        contain::on_exec(&mut command, contained.clone());
+        let code =
+            spawn_and_wait(tokio::process::Command::from(command), Path::new(&program)).await;
         // In-flight requests finish (and are audited) as the proxy stops: the run's end comes
         // after them.
         proxy.shutdown().await;
@@ -473,6 +518,8 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         loopback_direct: false,
         allow: literal_ips_allowed(&rules),
         deny: Vec::new(),
+        listen: req.config.listen,
+        unix: crate::intercept::UnixSockets::Only(req.config.unix_rules()),
     };
     phase(t0, "proxy and DNS listening");
     let cgroup = icpt.create_cgroup(&id, &policy)?;
@@ -495,7 +542,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     phase(t0, "spawning the child");
     let command = req.command;
     let code = wait_forwarding(
-        move || spawn_in(&cgroup_for_spawn, command),
+        move || spawn_in(&cgroup_for_spawn, command, contained),
         Path::new(&program),
     )
     .await;
@@ -524,50 +571,124 @@ type Answers = Arc<Mutex<HashMap<String, Vec<IpAddr>>>>;
 
 /// Starts the agent in its cgroup: born there with clone3 (no cgroup migration, ~10 ms less),
 /// else moved there between fork and exec on kernels or sandboxes that refuse clone3.
-fn spawn_in(cgroup: &Cgroup, mut cmd: std::process::Command) -> std::io::Result<Child> {
-    match cgroup.spawn(&cmd) {
+/// Either way the child is contained ([`crate::contain`]) before it executes the agent.
+fn spawn_in(
+    cgroup: &Cgroup,
+    mut cmd: std::process::Command,
+    contained: Arc<Prepared>,
+) -> std::io::Result<Child> {
+    match cgroup.spawn(&cmd, Some(&contained)) {
         Ok(child) => Ok(Child::Cgroup(child)),
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
             tracing::debug!("{e}; entering the cgroup between fork and exec instead");
             cgroup
                 .place_child(&mut cmd)
                 .map_err(std::io::Error::other)?;
+            contain::on_exec(&mut cmd, contained);
             tokio::process::Command::from(cmd).spawn().map(Child::Tokio)
         }
         Err(e) => Err(e),
     }
 }
 
-/// Credentials kz's resolvers read from the environment. The agent must not inherit them.
-const RESOLVER_CREDENTIALS: &[&str] = &[
-    "VAULT_TOKEN",
-    "VAULT_ROLE_ID",
-    "VAULT_SECRET_ID",
-    "BAO_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-];
-
-/// Removes from `cmd`'s environment every inherited variable that holds a secret's real value
-/// (values shorter than 4 bytes are not matched: they would match everything) or a resolver
-/// credential. Returns the names removed.
-fn scrub_env(cmd: &mut std::process::Command, secrets: &[MaskedSecret]) -> Vec<String> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut removed = Vec::new();
-    for (key, value) in std::env::vars_os() {
-        let v = value.as_bytes();
-        let holds_value = secrets.iter().any(|s| {
-            let real = s.value.expose().as_bytes();
-            real.len() >= 4 && v.windows(real.len()).any(|w| w == real)
-        });
-        let name = key.to_string_lossy().into_owned();
-        if holds_value || RESOLVER_CREDENTIALS.contains(&name.as_str()) {
-            cmd.env_remove(&key);
-            removed.push(name);
+/// The agent's identity in its environment, and the containment of its process: its user,
+/// and (when kz is root) a mount namespace masking bpffs, cgroupfs, other processes, kz's run
+/// directory, the audit log and the credential files of `[blind] hide`.
+fn contain_agent(
+    req: &mut BlindRequest,
+    agent: AgentUser,
+    dir: &RunDir,
+    bundle: &Path,
+    own_cgroup: bool,
+) -> Result<Prepared, BlindError> {
+    let cwd = match req.command.get_current_dir() {
+        Some(d) => Some(d.to_owned()),
+        None => std::env::current_dir().ok(),
+    };
+    if !agent.is_self() {
+        if let Some(home) = &agent.home {
+            req.command.env("HOME", home);
+        }
+        if let (Some(name), false) = (&agent.name, agent.root_in_userns) {
+            req.command.env("USER", name).env("LOGNAME", name);
+        }
+        for var in [
+            "SUDO_UID",
+            "SUDO_GID",
+            "SUDO_USER",
+            "SUDO_COMMAND",
+            "PKEXEC_UID",
+        ] {
+            req.command.env_remove(var);
         }
     }
+    let mounts = if trust::is_root() {
+        let project = cwd.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let mut hide =
+            contain::hidden_paths(req.config.hide.as_deref(), agent.home.as_deref(), &project);
+        hide.extend(req.hide_extra.iter().cloned());
+        if let Some(log) = &req.audit_path {
+            hide.push(log.clone());
+            hide.extend(crate::audit::rotated_files(log));
+        }
+        let empty = dir.write("empty", b"", 0o444)?;
+        let bundle_pem = std::fs::read(bundle).map_err(|source| trust::TrustError::Io {
+            what: "read",
+            path: bundle.to_owned(),
+            source,
+        })?;
+        // The run directory's tree (every run's, and the node daemon's socket) is replaced by
+        // one that holds only this run's CA bundle, at the path the agent was given.
+        let run_tree = RunDir::base().parent().map(|root| contain::RunTree {
+            root: root.to_owned(),
+            keep: vec![(bundle.to_owned(), bundle_pem)],
+        });
+        Some(
+            contain::MountPlan::new(contain::MountInputs {
+                hide,
+                empty_file: empty,
+                run_tree,
+                own_cgroup,
+            })
+            .map_err(ContainError::from)?,
+        )
+    } else {
+        None
+    };
+    Ok(Prepared::new(contain::Spec {
+        user: agent,
+        mounts,
+        cgroup_ns: own_cgroup,
+        cwd,
+    })?)
+}
+
+/// Removes from `cmd`'s environment every variable of `credentials` (resolver logins and
+/// variables that held a real value, derived from the config by the caller) and every inherited
+/// variable that still holds a secret's real value (values shorter than
+/// [`crate::harden::MIN_VALUE_MATCH`] are not matched: they would match everything). Returns
+/// the names removed, sorted.
+fn scrub_env(
+    cmd: &mut std::process::Command,
+    secrets: &[MaskedSecret],
+    credentials: &[String],
+) -> Vec<String> {
+    use std::os::unix::ffi::OsStringExt;
+    let real: Vec<&str> = secrets.iter().map(|s| s.value.expose()).collect();
+    let mut removed: Vec<String> = credentials.to_vec();
+    for (key, value) in std::env::vars_os() {
+        // The copy may hold a real value: zeroed, not left in freed memory.
+        let value = zeroize::Zeroizing::new(value.into_vec());
+        if crate::harden::holds_value(&value, &real) {
+            removed.push(key.to_string_lossy().into_owned());
+            cmd.env_remove(&key);
+        }
+    }
+    for name in credentials {
+        cmd.env_remove(name);
+    }
     removed.sort();
+    removed.dedup();
     removed
 }
 
@@ -629,22 +750,28 @@ async fn audit_blocks(
         if b.guard_id != cgroup_id {
             return;
         }
+        // Unix-socket refusals name the peer by its path; the others by address and port.
+        let target = b.path.clone().unwrap_or_else(|| b.dest.to_string());
         eprintln!(
-            "kz: blocked {} connection from {} (pid {}) to {}: {:?}",
-            b.proto, b.comm, b.tgid, b.dest, b.reason
+            "kz: blocked {} {} from {} (pid {}) to {}: {:?}",
+            b.proto, b.op, b.comm, b.tgid, target, b.reason
         );
         // `audit` adds the run's context; the cgroup is known only from here on.
-        let event = AuditEvent::new("connect_blocked")
+        let mut event = AuditEvent::new("connect_blocked")
             .with("cgroup", cgroup.clone())
             .with("pid", b.tgid)
             .with("tid", b.pid)
             .with("comm", b.comm)
-            .with("dest", b.dest.to_string())
             .with("proto", b.proto)
+            .with("op", b.op)
             .with(
                 "reason",
                 serde_json::to_value(b.reason).unwrap_or(Value::Null),
             );
+        event = match b.path {
+            Some(path) => event.with("path", path),
+            None => event.with("dest", b.dest.to_string()),
+        };
         if let Err(e) = audit.record(event) {
             tracing::error!(error = %e, "cannot audit a blocked connection");
         }

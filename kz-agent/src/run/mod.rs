@@ -53,6 +53,14 @@ pub struct RunArgs {
     /// interception (root, cgroup v2, BPF) is not available
     #[arg(long, requires = "blind")]
     pub require_kernel: bool,
+    /// With --blind: run the agent as USER[:GROUP] (names or ids) [default: the user who ran
+    /// sudo/pkexec, else kz's own user; root is refused without --allow-root-agent]
+    #[arg(long, value_name = "USER[:GROUP]", requires = "blind")]
+    pub user: Option<String>,
+    /// With --blind: allow the agent to be root; it then runs as root only inside a user
+    /// namespace of its own (mapped to nobody outside), still without capabilities
+    #[arg(long, requires = "blind")]
+    pub allow_root_agent: bool,
     /// With --blind: append audit records (hash-chained JSONL) to FILE
     /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
     #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
@@ -430,7 +438,27 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
     let config = Config::load(dir)?;
     crate::config::commands::print_warnings(&config);
     let secrets = resolve_all(&config, args.only.as_deref()).await?;
+    // Resolution is over. The variables that held a real value or a resolver's login (derived
+    // from the resolvers' settings) leave kz's own environment and the block
+    // /proc/<pid>/environ shows, in either mode: a process beside kz reads nothing there.
+    let credential_vars = {
+        let real: Vec<&str> = secrets.iter().map(|s| s.value.expose()).collect();
+        crate::harden::env_vars_to_scrub(&crate::resolve::login_vars(&config), &real)
+    };
+    let scrub_own_environ = |secrets: &[ResolvedSecret], loud: bool| {
+        let real: Vec<&str> = secrets.iter().map(|s| s.value.expose()).collect();
+        match crate::harden::scrub_own_environ(&credential_vars, &real) {
+            Ok(done) => tracing::debug!(
+                removed = ?done.removed,
+                overwritten = done.overwritten,
+                "kz's own environment scrubbed"
+            ),
+            Err(e) if loud => tracing::warn!("{e}"),
+            Err(e) => tracing::debug!("{e}"),
+        }
+    };
     if args.blind {
+        scrub_own_environ(&secrets, true);
         let audit = blind::open_audit(args.audit_log.as_deref())?;
         // KeyZero's rule: --clean-env does not combine with --blind (clap enforces it).
         let mut cmd = std::process::Command::new(program);
@@ -440,11 +468,20 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
             config: config.blind.clone(),
             command: cmd,
             require_kernel: args.require_kernel,
+            user: crate::contain::UserRequest {
+                spec: args.user.clone(),
+                allow_root: args.allow_root_agent,
+            },
+            audit_path: Some(blind::audit_path(args.audit_log.as_deref())),
+            hide_extra: crate::contain::resolver_files(&config),
             audit,
             preload,
+            credential_vars,
         };
         return Ok(blind::run(request).await?);
     }
+    // Without --blind the child gets KeyZero's environment (inherited variables included),
+    // copied before kz scrubs its own.
     let env = child_env(
         args.clean_env,
         args.keep_env.as_deref().unwrap_or_default(),
@@ -452,6 +489,7 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
             .iter()
             .map(|s| (s.name.clone(), s.value.expose().to_owned())),
     );
+    scrub_own_environ(&secrets, false);
     drop(secrets);
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(rest).env_clear().envs(&env);

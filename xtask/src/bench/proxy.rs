@@ -560,7 +560,7 @@ upstream_ca = "{d}/ca.pem"
             // environment, trusting the CA bundle kz gave it; the kernel redirects it to kz.
             let mut c = netns_cmd(&client, &kz_bin);
             c.arg("--dir").arg(&blind_dir);
-            c.args(["run", "--blind", "--", "sh", "-c"]);
+            c.args(["run", "--blind", "--user", "nobody", "--", "sh", "-c"]);
             c.arg(r#"exec "$@" --ca "$SSL_CERT_FILE" --header "Authorization: Bearer $BENCH""#);
             c.arg("sh").arg(&loadgen);
             c.args(["load", "--url", &url, "--secs", &secs]);

@@ -685,3 +685,34 @@ except OSError as e:
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn git_over_https_runs_as_the_unprivileged_user_and_gets_the_real_value_swapped() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // The upstream is no git server: what counts is that git (as the agent's user, trusting
+    // the CA bundle through GIT_SSL_CAINFO) reached it with the real value swapped in.
+    let out = env.run(
+        r#"
+        echo "user=$(id -un)"
+        HOME=$(mktemp -d) git -c http.extraHeader="Authorization: Bearer $API_KEY" \
+            ls-remote https://api.allowed.test/acme/repo.git 2>&1 | head -3 | sed 's/^/git: /'
+        true
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains(&format!("user={}", support::AGENT_USER)), "{o}");
+    assert!(!o.contains("SSL certificate problem"), "{o}");
+    let reqs = env.api.requests();
+    let r = reqs
+        .iter()
+        .find(|r| r.head.starts_with("GET /acme/repo.git/info/refs"))
+        .unwrap_or_else(|| panic!("git never reached the upstream:\n{o}\n{reqs:?}"));
+    assert_eq!(
+        r.header("authorization").as_deref(),
+        Some(&*format!("Bearer {REAL}")),
+        "{r:?}"
+    );
+}

@@ -506,6 +506,51 @@ unsafe fn set_uid(uid: libc::uid_t) -> libc::c_long {
     unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }
 }
 
+/// What `kz doctor` says of containment on this machine: (name, in force, detail).
+pub fn doctor() -> Vec<(&'static str, bool, String)> {
+    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: landlock_create_ruleset with a NULL attribute and the VERSION flag only returns
+    // the ABI version.
+    let landlock_abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<LandlockRulesetAttr>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
+    vec![
+        (
+            "agent seccomp",
+            seccomp && seccomp::agent_filter().is_ok(),
+            "bpf, ptrace, process_vm_*, mount, setns, io_uring, kexec/modules, packet/ICMP sockets refused with EPERM".into(),
+        ),
+        (
+            "root agent",
+            userns > 0,
+            if userns > 0 {
+                "--allow-root-agent runs it as root of its own user namespace (nobody outside)".into()
+            } else {
+                "user namespaces are disabled (/proc/sys/user/max_user_namespaces = 0): --allow-root-agent cannot work; run the agent as a user".into()
+            },
+        ),
+        (
+            "landlock scopes",
+            landlock_abi >= 6,
+            if landlock_abi >= 6 {
+                format!("ABI {landlock_abi}: no abstract unix socket or signal outside the agent's domain")
+            } else {
+                format!("ABI {landlock_abi} (< 6, Linux 6.12): abstract unix sockets rely on the unix-socket hooks alone")
+            },
+        ),
+    ]
+}
+
 /// Makes std's `Command` contain its child with `prepared` between fork and exec (where the
 /// child cannot be born in a cgroup by clone3, or there is no cgroup).
 pub fn on_exec(cmd: &mut std::process::Command, prepared: std::sync::Arc<Prepared>) {

@@ -231,6 +231,13 @@ pub fn checks() -> Vec<Check> {
     };
     out.push(check("eBPF programs", true, prog));
     out.extend(protection_checks(found.as_ref()));
+    for (name, ok, detail) in crate::contain::doctor() {
+        out.push(check(
+            name,
+            false,
+            if ok { Ok(detail) } else { Err(detail) },
+        ));
+    }
     out.push(check("build toolchain", false, toolchain()));
     out
 }

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod cel;
 pub mod cli;
 pub mod config;
 pub mod contain;
@@ -21,3 +22,4 @@ pub mod resolve;
 pub mod run;
 pub mod secret;
 pub mod suggest;
+pub mod tls;

@@ -264,14 +264,8 @@ where
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
+/// System roots only, no ALPN: the JWKS fetch speaks HTTP/1.1 (see [`send`]).
 fn tls_connector() -> tokio_rustls::TlsConnector {
-    let roots = crate::proxy::tls::system_roots().clone();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("the ring provider supports the default TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = crate::tls::client_config(crate::tls::system_roots().clone(), &[]);
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }

@@ -158,7 +158,7 @@ impl Identity {
                 groups.iter().map(|g| CelValue::from(g.as_str())).collect(),
             )),
             groups,
-            cel_claims: crate::policy::json_object_to_cel(&claims),
+            cel_claims: crate::cel::from_json_object(&claims),
             claims,
         };
         for (field, value) in fields {
@@ -224,13 +224,13 @@ impl Mapper {
         }
         // `claims.agent_name`, `claims['x'] + '-' + claims.y`, … are CEL over `claims`. A spec
         // that is not CEL (an Auth0-style URL claim name) is a claim name.
-        match crate::policy::compile_cel(spec) {
+        match crate::cel::compile(spec) {
             Ok(p) => Ok(Mapper::Cel(p)),
             Err(_) if !spec.starts_with("claims") => Ok(Mapper::Claim(spec.to_owned())),
-            Err(message) => Err(IdentityError::Mapping {
+            Err(e) => Err(IdentityError::Mapping {
                 issuer: issuer.to_owned(),
                 field: field.to_owned(),
-                message,
+                message: e.to_string(),
             }),
         }
     }
@@ -670,7 +670,7 @@ fn check(
 }
 
 fn map_identity(issuer: &IssuerRt, claims: Map<String, Value>) -> Identity {
-    let cel_claims = crate::policy::json_object_to_cel(&claims);
+    let cel_claims = crate::cel::from_json_object(&claims);
     let mut fields: Vec<(String, String)> = Vec::new();
     let mut groups = Vec::new();
     for (field, mapper) in &issuer.mapping {

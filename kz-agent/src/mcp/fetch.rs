@@ -11,6 +11,7 @@ use super::dns::{Dns, DnsError};
 use super::guard::{self, Guard, GuardError};
 use super::scrub::Scrubber;
 use crate::secret::Secret;
+use crate::tls::{ALPN_H1, ALPN_H2};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -164,22 +165,12 @@ impl FetchConfig {
     }
 }
 
+/// System roots plus `extra_ca`, offering h2 then http/1.1. Unreadable individual system
+/// certificates are skipped; an empty store only matters if no extra CA.
 pub fn tls_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, FetchError> {
-    // Unreadable individual system certificates are skipped; an empty store only matters if
-    // no extra CA.
-    let mut roots = crate::proxy::tls::system_roots().clone();
-    if let Some(path) = extra_ca {
-        crate::proxy::tls::add_ca_file(&mut roots, path)
-            .map_err(|e| FetchError::TlsSetup(e.to_string()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| FetchError::TlsSetup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    let roots =
+        crate::tls::trusted_roots(extra_ca).map_err(|e| FetchError::TlsSetup(e.to_string()))?;
+    Ok(crate::tls::client_config(roots, &[ALPN_H2, ALPN_H1]))
 }
 
 /// What the agent asked for.

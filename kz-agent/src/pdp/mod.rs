@@ -15,6 +15,7 @@ use crate::audit::{AuditError, AuditEvent, AuditSink, ChainSink, MultiSink, Null
 use crate::bundle::{
     self, AuditConfig, BundleError, CredentialLocation, LoadedBundle, Mode, Resource,
 };
+use crate::cel;
 use crate::identity::{Identity, TokenError, Verifier};
 use crate::policy::glob::Glob;
 use crate::policy::{self, PolicyEngine};
@@ -424,8 +425,8 @@ impl Pdp {
             validate_ref(r)?;
         }
         let context = match &context {
-            serde_json::Value::Null => policy::json_to_cel(&serde_json::json!({})),
-            serde_json::Value::Object(_) => policy::json_to_cel(&context),
+            serde_json::Value::Null => cel::from_json(&serde_json::json!({})),
+            serde_json::Value::Object(_) => cel::from_json(&context),
             _ => return Err(PdpError::BadContext),
         };
         let rid = request_id();

@@ -12,6 +12,7 @@ use super::cli::StartArgs;
 use super::{Pdp, PdpOptions, TokenVerifier, secret_request, validate_ref};
 use crate::audit::AuditEvent;
 use crate::bundle::CredentialLocation;
+use crate::tls::CaFileError;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, header};
@@ -167,17 +168,10 @@ fn refuse(status: StatusCode, error: &'static str, message: impl Into<String>) -
     }
 }
 
-fn tls_connector(extra_ca: Option<&PathBuf>) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let mut roots = crate::proxy::tls::system_roots().clone();
-    if let Some(path) = extra_ca {
-        crate::proxy::tls::add_ca_file(&mut roots, path)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+/// The exchange speaks HTTP/1.1 to the upstream, so the config offers no ALPN.
+fn tls_connector(extra_ca: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector, CaFileError> {
+    let roots = crate::tls::trusted_roots(extra_ca.map(PathBuf::as_path))?;
+    let config = crate::tls::client_config(roots, &[]);
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -185,17 +179,9 @@ impl Proxy {
     pub fn new(pdp: Arc<Pdp>, verifier: TokenVerifier, options: ProxyOptions) -> Self {
         let tls = tls_connector(options.upstream_ca.as_ref()).unwrap_or_else(|e| {
             tracing::error!(error = %e, "upstream CA unusable; using the system roots only");
-            tls_connector(None).unwrap_or_else(|_| {
-                tokio_rustls::TlsConnector::from(Arc::new(
-                    rustls::ClientConfig::builder_with_provider(Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default TLS versions")
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-                ))
-            })
+            // Only the extra CA can be unusable: the system roots alone always build.
+            let config = crate::tls::client_config(crate::tls::system_roots().clone(), &[]);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
         });
         Self {
             pdp,

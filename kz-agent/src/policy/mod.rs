@@ -8,8 +8,8 @@
 pub mod glob;
 
 use crate::bundle::{Effect, Policy};
+use crate::cel;
 use crate::identity::Identity;
-use cel_interpreter::objects::{Key, Map as CelMap};
 use cel_interpreter::{Context, ExecutionError, FunctionContext, Program, Value};
 use glob::Glob;
 use std::collections::HashMap;
@@ -73,7 +73,7 @@ impl std::fmt::Debug for PolicyEngine {
 pub struct Input<'a> {
     pub identity: &'a Identity,
     pub reference: &'a str,
-    /// The request's `context` object, already converted (see [`json_to_cel`]).
+    /// The request's `context` object, already converted (see [`cel::from_json`]).
     pub context: &'a Value,
 }
 
@@ -84,15 +84,15 @@ impl PolicyEngine {
         let mut compiled = Vec::new();
         let mut globs: HashMap<String, Glob> = HashMap::new();
         for p in policies {
-            match compile_cel(&p.rule) {
+            match cel::compile(&p.rule) {
                 Ok(program) => compiled.push(Compiled {
                     name: p.name.clone(),
                     program,
                     effect: p.effect,
                 }),
-                Err(message) => errors.push(PolicyError::Compile {
+                Err(e) => errors.push(PolicyError::Compile {
                     policy: p.name.clone(),
-                    message,
+                    message: e.to_string(),
                 }),
             }
             for pattern in literal_match_patterns(&p.rule) {
@@ -162,7 +162,7 @@ impl PolicyEngine {
                         reason: Some(format!(
                             "policy `{}` evaluated to {}, not a bool; denied",
                             p.name,
-                            type_name(&other)
+                            cel::type_name(&other)
                         )),
                     };
                 }
@@ -173,7 +173,7 @@ impl PolicyEngine {
                         reason: Some(format!(
                             "policy `{}` failed to evaluate ({}); denied",
                             p.name,
-                            describe_error(&e)
+                            cel::describe_error(&e)
                         )),
                     };
                 }
@@ -184,67 +184,6 @@ impl PolicyEngine {
             policy: IMPLICIT_DENY.into(),
             reason: Some("no policy matched; denied by default".into()),
         }
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::List(_) => "a list",
-        Value::Map(_) => "a map",
-        Value::Function(..) => "a function",
-        Value::Int(_) => "an int",
-        Value::UInt(_) => "a uint",
-        Value::Float(_) => "a double",
-        Value::String(_) => "a string",
-        Value::Bytes(_) => "bytes",
-        Value::Bool(_) => "a bool",
-        Value::Duration(_) => "a duration",
-        Value::Timestamp(_) => "a timestamp",
-        Value::Null => "null",
-    }
-}
-
-/// CEL errors name variables and keys, never request values: `NoSuchKey` carries only the key.
-fn describe_error(e: &ExecutionError) -> String {
-    match e {
-        ExecutionError::NoSuchKey(k) => format!("no such key `{k}`"),
-        ExecutionError::UndeclaredReference(r) => format!("undeclared reference `{r}`"),
-        ExecutionError::FunctionError { function, message } => {
-            format!("function `{function}`: {message}")
-        }
-        other => {
-            let s = other.to_string();
-            // Some variants embed operand values; keep the message short and generic then.
-            if s.len() > 200 {
-                "evaluation error".into()
-            } else {
-                s
-            }
-        }
-    }
-}
-
-/// `Program::compile` that turns a parser panic into an error. cel-parser's generated ANTLR code
-/// hits `unreachable!()` on some malformed input (e.g. a trailing `&&`); bad bundle input must
-/// get a clear error, not take the process down. The panic hook is told to stay quiet for
-/// panics raised inside the parser crates, so no stack trace is printed for them.
-pub fn compile_cel(source: &str) -> Result<Program, String> {
-    static QUIET_PARSER_PANICS: std::sync::Once = std::sync::Once::new();
-    QUIET_PARSER_PANICS.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let from_parser = info.location().is_some_and(|l| {
-                l.file().contains("antlr4rust") || l.file().contains("cel-parser")
-            });
-            if !from_parser {
-                default(info);
-            }
-        }));
-    });
-    match std::panic::catch_unwind(|| Program::compile(source)) {
-        Ok(Ok(p)) => Ok(p),
-        Ok(Err(e)) => Err(e.to_string().trim().replace('\n', " ")),
-        Err(_) => Err("syntax error (the expression is incomplete or malformed)".into()),
     }
 }
 
@@ -290,33 +229,6 @@ pub fn literal_match_patterns(rule: &str) -> Vec<String> {
     out
 }
 
-/// Converts request JSON (the `context` object, claims) to CEL values.
-pub fn json_to_cel(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => Value::Int(i),
-            (None, Some(u), _) => Value::UInt(u),
-            (_, _, Some(f)) => Value::Float(f),
-            _ => Value::Null,
-        },
-        serde_json::Value::String(s) => Value::String(Arc::new(s.clone())),
-        serde_json::Value::Array(items) => {
-            Value::List(Arc::new(items.iter().map(json_to_cel).collect()))
-        }
-        serde_json::Value::Object(map) => json_object_to_cel(map),
-    }
-}
-
-pub fn json_object_to_cel(map: &serde_json::Map<String, serde_json::Value>) -> Value {
-    let m: HashMap<Key, Value> = map
-        .iter()
-        .map(|(k, v)| (Key::String(Arc::new(k.clone())), json_to_cel(v)))
-        .collect();
-    Value::Map(CelMap { map: Arc::new(m) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,7 +255,7 @@ mod tests {
 
     fn decide(engine: &PolicyEngine, r: &str) -> Decision {
         let id = identity();
-        let ctx = json_to_cel(&serde_json::json!({"ticket": "T-1"}));
+        let ctx = cel::from_json(&serde_json::json!({"ticket": "T-1"}));
         engine.evaluate(&Input {
             identity: &id,
             reference: r,

@@ -28,10 +28,10 @@ use super::metrics::Metrics;
 use super::record::{Fields, Record, path_without_query_values};
 use super::rewrite::{Decide, StreamRewriter};
 use super::rules::{Verdict, normalize};
-use super::tls::{ALPN_H1, ALPN_H2};
 use super::tokens::{Scrubber, Snapshot, SwapPlan};
 use super::upstream::{self, Offer, Target, Upstream, UpstreamBody, UpstreamError};
 use crate::audit::AuditEvent;
+use crate::tls::{ALPN_H1, ALPN_H2};
 
 // ---------------------------------------------------------------------------------------------
 // Shutdown and connection accounting

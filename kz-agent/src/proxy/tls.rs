@@ -1,5 +1,6 @@
-//! TLS for both sides: the kz CA and its leaf cache (client side), and the verifying upstream
-//! client configs (system roots plus an optional extra CA).
+//! The proxy's own TLS: the kz CA and its leaf cache (the agent's side), and the verifying
+//! upstream client configs its pools dial with (built by [`crate::tls::client_config`] over the
+//! system roots plus an optional extra CA).
 //!
 //! One leaf key pair per proxy instance signs every minted leaf, so minting is a single ECDSA
 //! signature; leaves are cached per host in a bounded LRU together with their three
@@ -24,8 +25,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
-pub const ALPN_H2: &[u8] = b"h2";
-pub const ALPN_H1: &[u8] = b"http/1.1";
+use crate::tls::{ALPN_H1, ALPN_H2, CaFileError, provider};
 
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca-key.pem";
@@ -54,50 +54,6 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("extra upstream CA: {0}; it must be a PEM file with at least one certificate")]
     ExtraCa(#[from] CaFileError),
-}
-
-/// Why a CA file (PEM) could not be added to a set of trusted roots.
-#[derive(Debug, thiserror::Error)]
-pub enum CaFileError {
-    #[error("cannot read CA file {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("CA file {path} is not valid PEM: {reason}")]
-    Pem { path: String, reason: String },
-    #[error("CA file {path} holds no certificate")]
-    Empty { path: String },
-    #[error("CA file {path} has an unusable certificate: {reason}")]
-    Unusable { path: String, reason: String },
-}
-
-/// Adds every certificate in the PEM file `path` to `roots` (an extra CA for a private Vault, a
-/// test upstream…). A file without a certificate is an error: trusting nothing extra is never
-/// what the user meant.
-pub fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), CaFileError> {
-    let shown = || path.display().to_string();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| CaFileError::Read {
-            path: shown(),
-            reason: e.to_string(),
-        })?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CaFileError::Pem {
-            path: shown(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(CaFileError::Empty { path: shown() });
-    }
-    for cert in certs {
-        roots.add(cert).map_err(|e| CaFileError::Unusable {
-            path: shown(),
-            reason: e.to_string(),
-        })?;
-    }
-    Ok(())
-}
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The kz CA: signs leaves for whatever host the agent connects to. Its key never leaves memory
@@ -318,54 +274,16 @@ pub struct Upstream {
     pub h2: Arc<ClientConfig>,
 }
 
-/// The system's root certificates, read and parsed once per process (~3 ms for a Debian
-/// bundle: most of the proxy's start-up) for every TLS client kz runs: the proxy's upstreams,
-/// the Vault/OpenBao/AWS resolvers, JWKS fetches and the PDP's proxy.
-pub fn system_roots() -> &'static rustls::RootCertStore {
-    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::warn!(error = %e, "some system root certificates could not be loaded");
-        }
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::debug!(added, "system root certificates loaded");
-        roots
-    })
-}
-
-/// Starts [`system_roots`] on a thread of its own, so `kz run --blind` parses them while it
-/// reads its config and resolves secrets; the proxy then finds them ready (or waits for the
-/// rest).
-pub fn preload_system_roots() {
-    let _ = std::thread::Builder::new()
-        .name("kz-roots".into())
-        .spawn(|| {
-            system_roots();
-        });
-}
-
 impl Upstream {
-    /// System roots (rustls-native-certs) plus `extra_ca` (PEM) when given.
+    /// System roots (rustls-native-certs) plus `extra_ca` (PEM) when given; one root store
+    /// shared by the three configs.
     pub fn new(extra_ca: Option<&PathBuf>) -> Result<Self, TlsError> {
-        let mut roots = system_roots().clone();
-        if let Some(path) = extra_ca {
-            add_ca_file(&mut roots, path)?;
-        }
-        let roots = Arc::new(roots);
-        let make = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, TlsError> {
-            let mut c = ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
-            c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-            Ok(Arc::new(c))
-        };
+        let roots = Arc::new(crate::tls::trusted_roots(extra_ca.map(PathBuf::as_path))?);
+        let make = |alpn: &[&[u8]]| Arc::new(crate::tls::client_config(roots.clone(), alpn));
         Ok(Self {
-            both: make(&[ALPN_H2, ALPN_H1])?,
-            h1: make(&[ALPN_H1])?,
-            h2: make(&[ALPN_H2])?,
+            both: make(&[ALPN_H2, ALPN_H1]),
+            h1: make(&[ALPN_H1]),
+            h2: make(&[ALPN_H2]),
         })
     }
 }

@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use super::Shared;
 use super::body::ProxyBody;
-use super::tls::ALPN_H2;
+use crate::tls::ALPN_H2;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum UpstreamError {

@@ -12,7 +12,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::RootCertStore;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Resolver responses are small JSON documents; anything bigger is refused, not buffered.
@@ -65,18 +64,15 @@ impl HttpClient {
         let mut roots = if base_url.starts_with("http://") {
             RootCertStore::empty()
         } else {
-            crate::proxy::tls::system_roots().clone()
+            crate::tls::system_roots().clone()
         };
         if let Some(path) = extra_ca {
-            crate::proxy::tls::add_ca_file(&mut roots, path)
+            crate::tls::add_ca_file(&mut roots, path)
                 .map_err(|e| ResolveError::Config(format!("{backend}: {e}")))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ResolveError::Config(format!("{backend}: TLS setup failed: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        // No ALPN here: hyper-rustls refuses a config that has one and sets its own offer (h2,
+        // http/1.1) from the protocols enabled below.
+        let tls = crate::tls::client_config(roots, &[]);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -109,7 +109,7 @@ impl Preload {
     /// Starts loading when kz runs as root (otherwise there is nothing to load), and the
     /// proxy's system roots in any case.
     pub fn start() -> Preload {
-        proxy::tls::preload_system_roots();
+        crate::tls::preload_system_roots();
         if !trust::is_root() {
             return Preload(None);
         }

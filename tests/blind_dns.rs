@@ -14,20 +14,10 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kz_agent::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
+use kz_agent::audit::{Fields, MemorySink, WithContext};
 use kz_agent::intercept::dns::{DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use support::dns::{TestDns, Zone};
 use support::netns::{Netns, link};
-
-#[derive(Default)]
-struct MemAudit(Mutex<Vec<AuditEvent>>);
-
-impl AuditSink for MemAudit {
-    fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.0.lock().unwrap().push(event);
-        Ok(())
-    }
-}
 
 type Answers = Arc<Mutex<Vec<(String, Vec<ResolvedIp>)>>>;
 
@@ -36,7 +26,7 @@ struct Env {
     _upstream: Netns,
     dns: TestDns,
     answers: Answers,
-    audit: Arc<MemAudit>,
+    audit: Arc<MemorySink>,
 }
 
 fn zone() -> Zone {
@@ -61,7 +51,7 @@ fn setup(ipv6: bool) -> Env {
     let dns = TestDns::start(&upstream, "10.77.0.2:53".parse().unwrap(), zone());
 
     let answers: Answers = Arc::default();
-    let audit = Arc::new(MemAudit::default());
+    let audit = Arc::new(MemorySink::new());
     let mut config = DnsConfig::new("127.0.0.1:53".parse().unwrap(), dns.addr);
     config.upstream_timeout = Duration::from_millis(800);
     config.ttl_floor = Duration::from_secs(300);
@@ -156,7 +146,7 @@ fn allowed_names_resolve_and_feed_the_allow_map_with_a_ttl_floor() {
         // The record says 5 s; the floor keeps it 300 s.
         assert!(ips.iter().all(|r| r.ttl == Duration::from_secs(300)));
     }
-    assert!(env.audit.0.lock().unwrap().is_empty());
+    assert!(env.audit.events().is_empty());
 }
 
 #[test]
@@ -185,7 +175,7 @@ fn denied_names_are_refused_never_forwarded_and_audited() {
     );
     assert!(env.answers.lock().unwrap().is_empty());
 
-    let events = env.audit.0.lock().unwrap().clone();
+    let events = env.audit.events();
     assert_eq!(events.len(), 3, "{events:?}");
     for (event, (name, transport)) in events.iter().zip([
         ("secret.denied.test", "udp"),

@@ -15,11 +15,16 @@ use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use support::dns::{TestDns, Zone};
 use support::mcp_upstream::{self, Seen, TestCa};
 use support::netns::{self, Netns};
 
 const MARKER: &str = "[REDACTED by kz]";
 const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// UPSTREAM_IP as the test DNS zone takes it.
+const UPSTREAM: &str = "10.77.0.2";
+/// A private address an SSRF guard must refuse.
+const EVIL: &str = "10.1.2.3";
 
 struct Env {
     cli: Netns,
@@ -56,24 +61,16 @@ fn setup() -> Option<Env> {
         &["api.upstream.test", "other.test", "flip.test", "mixed.test"],
         &secret,
     );
-    let evil = Ipv4Addr::new(10, 1, 2, 3);
-    let table = vec![
-        ("api.upstream.test", vec![vec![UPSTREAM_IP]]),
-        ("other.test", vec![vec![UPSTREAM_IP]]),
-        ("evil.test", vec![vec![evil]]),
-        ("meta.test", vec![vec![Ipv4Addr::new(169, 254, 169, 254)]]),
+    let zone = Zone::new(0)
+        .host("api.upstream.test", &[UPSTREAM])
+        .host("other.test", &[UPSTREAM])
+        .host("evil.test", &[EVIL])
+        .host("meta.test", &["169.254.169.254"])
         // A rebinding attacker: the allowed upstream first, loopback on the next lookup.
-        (
-            "flip.test",
-            vec![vec![UPSTREAM_IP], vec![Ipv4Addr::LOCALHOST]],
-        ),
+        .sets("flip.test", &[&[UPSTREAM], &["127.0.0.1"]])
         // One good and one private address in the same answer.
-        ("mixed.test", vec![vec![UPSTREAM_IP, evil]]),
-    ];
-    let dns = cli
-        .spawn(move || support::mcp_dns::serve_sets(&table))
-        .join()
-        .unwrap();
+        .sets("mixed.test", &[&[UPSTREAM, EVIL]]);
+    let dns = TestDns::start(&cli, "127.0.0.1:0".parse().unwrap(), zone).addr;
 
     // The agents' signing key: ES256, public half in the bundle, private half for PyJWT.
     let key = rcgen::KeyPair::generate().unwrap();

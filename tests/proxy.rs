@@ -22,7 +22,7 @@ use std::process::Output;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use kz_agent::audit::{AuditError, AuditEvent, AuditSink};
+use kz_agent::audit::{AuditEvent, MemorySink};
 use kz_agent::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern};
 use kz_agent::secret::Secret;
 use support::netns::{Netns, link};
@@ -32,38 +32,9 @@ const GOOD: &str = "10.77.0.2";
 const EVIL: &str = "10.77.0.3";
 const REAL: &str = "sk-live-REAL-0123456789abcdef";
 
-#[derive(Default)]
-struct Collect(Mutex<Vec<AuditEvent>>);
-
-impl AuditSink for Collect {
-    fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.0.lock().unwrap().push(event);
-        Ok(())
-    }
-}
-
-impl Collect {
-    fn kind(&self, kind: &str) -> Vec<AuditEvent> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.kind == kind)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until `n` events of `kind` exist (records are written when a stream ends).
-    fn wait(&self, kind: &str, n: usize) -> Vec<AuditEvent> {
-        let t = Instant::now();
-        loop {
-            let v = self.kind(kind);
-            if v.len() >= n || t.elapsed() > Duration::from_secs(10) {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// Waits up to 10 s for `n` events of `kind` (records are written when a stream ends).
+fn wait(audit: &MemorySink, kind: &str, n: usize) -> Vec<AuditEvent> {
+    audit.wait(kind, n, Duration::from_secs(10))
 }
 
 #[derive(Default)]
@@ -92,7 +63,7 @@ struct Env {
     _up: Netns,
     good: Arc<State>,
     evil: Arc<State>,
-    audit: Arc<Collect>,
+    audit: Arc<MemorySink>,
     transparent: SocketAddr,
     explicit: SocketAddr,
     metrics: SocketAddr,
@@ -167,7 +138,7 @@ impl Env {
                 vec!["api.test".into(), GOOD.into()],
             )
             .unwrap();
-        let audit = Arc::new(Collect::default());
+        let audit = Arc::new(MemorySink::new());
         let dst = Arc::new(Mutex::new(SocketAddr::from(([10, 77, 0, 2], 443))));
         let (info_tx, info_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -302,7 +273,7 @@ impl Env {
 
     /// Checks the audit log never holds the real value.
     fn audit_clean(&self) {
-        let all = self.audit.0.lock().unwrap();
+        let all = self.audit.events();
         for e in all.iter() {
             let s = serde_json::to_string(&e.fields).unwrap();
             assert!(!s.contains(REAL), "audit record holds the real value: {s}");
@@ -361,7 +332,7 @@ fn curl_transparent_h1_h2_swaps_header_and_query_and_scrubs_response() {
         assert!(out.contains(&format!("auth=Bearer {m}")), "{out}");
         assert_eq!(seen.header("accept-encoding"), Some("identity"));
     }
-    let recs = env.audit.wait("proxy_request", 2);
+    let recs = wait(&env.audit, "proxy_request", 2);
     assert_eq!(recs.len(), 2);
     let f = &recs[0].fields;
     assert_eq!(f["host"], "api.test");
@@ -422,7 +393,7 @@ fn upstream_connections_are_pooled_and_a_closed_one_is_replaced() {
             "a closed upstream connection was used again"
         );
     }
-    let recs = env.audit.wait("proxy_request", 9);
+    let recs = wait(&env.audit, "proxy_request", 9);
     assert!(recs.iter().all(|r| r.fields["status"] == 200), "{recs:?}");
     env.audit_clean();
 }
@@ -567,7 +538,7 @@ fn curl_explicit_connect_and_plain_forward() {
         Some(format!("Bearer {REAL}").as_str())
     );
     assert_eq!(seen.uri, "/echo?k=1");
-    let recs = env.audit.wait("proxy_request", 3);
+    let recs = wait(&env.audit, "proxy_request", 3);
     assert!(recs.iter().all(|r| r.fields["mode"] == "explicit"));
     // An unresolvable CONNECT target is refused on the CONNECT itself (no fallback address).
     // (This netns has no route out, so the failed lookup cannot leave the machine.)
@@ -783,7 +754,7 @@ fn out_of_scope_token_goes_out_masked_and_is_audited() {
         seen.header("authorization"),
         Some(format!("Bearer {m}").as_str())
     );
-    let v = env.audit.wait("token_out_of_scope", 1);
+    let v = wait(&env.audit, "token_out_of_scope", 1);
     assert_eq!(v.len(), 1);
     assert_eq!(v[0].fields["host"], "other.test");
     assert_eq!(v[0].fields["secrets"], serde_json::json!(["API_KEY"]));
@@ -862,7 +833,7 @@ fn refuse_mode_and_connection_rules() {
     );
     assert!(stdout(&out).ends_with("403"), "{}", stdout(&out));
     assert!(env.evil.seen().is_empty());
-    let v = env.audit.wait("token_out_of_scope", 1);
+    let v = wait(&env.audit, "token_out_of_scope", 1);
     assert_eq!(v[0].fields["refused"], true);
     // In scope still works.
     env.set_dst(GOOD, 443);
@@ -895,7 +866,7 @@ fn bad_upstream_certificate_is_a_502_with_audit() {
         );
     }
     assert!(env.evil.seen().is_empty());
-    let recs = env.audit.wait("proxy_request", 2);
+    let recs = wait(&env.audit, "proxy_request", 2);
     assert_eq!(recs[0].fields["status"], 502);
     assert_eq!(recs[0].fields["error"], "upstream_certificate_invalid");
 }
@@ -1323,7 +1294,7 @@ fn a_thousand_concurrent_connections() {
         seen.iter()
             .all(|s| s.header("authorization") == Some(&format!("Bearer {REAL}")))
     );
-    env.audit.wait("proxy_request", 1000);
+    wait(&env.audit, "proxy_request", 1000);
     env.audit_clean();
 }
 
@@ -1445,11 +1416,11 @@ fn non_http_is_spliced_or_refused_by_rule() {
     env.set_dst(GOOD, 80);
     let got = String::from_utf8_lossy(&talk(&env)).into_owned();
     assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
-    assert_eq!(env.audit.wait("tcp_splice", 1).len(), 1);
+    assert_eq!(wait(&env.audit, "tcp_splice", 1).len(), 1);
     // No splice rule for the other address: refused, nothing comes back.
     env.set_dst(EVIL, 80);
     assert!(talk(&env).is_empty());
-    let refused = env.audit.wait("connection_refused", 1);
+    let refused = wait(&env.audit, "connection_refused", 1);
     assert_eq!(refused[0].fields["reason"], "non_http_not_allowed");
 }
 
@@ -1481,6 +1452,6 @@ fn upstream_connect_timeout_is_a_504() {
         "took {:?}",
         t.elapsed()
     );
-    let recs = env.audit.wait("proxy_request", 1);
+    let recs = wait(&env.audit, "proxy_request", 1);
     assert_eq!(recs[0].fields["error"], "upstream_connect_timeout");
 }

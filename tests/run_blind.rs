@@ -632,7 +632,7 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let ca = TestCa::new();
+    let ca = TestCa::new("kz test upstream CA");
     let api6 = Upstream::start(
         &upstream_ns,
         "fd77::10".parse().unwrap(),
@@ -643,7 +643,7 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
     let _dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
     support::agent_user();
     let dir = support::agent_readable_dir("kzr6");
-    ca.write_pem(&dir.join("upstream-ca.pem"));
+    ca.write_pem(&dir, "upstream-ca.pem");
     write_config(
         &dir,
         "api6.allowed.test",

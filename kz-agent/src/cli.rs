@@ -1,12 +1,15 @@
-//! The `kz` command line. Each subcommand's arguments live in the module that does the job;
-//! this file only names them and dispatches, so the whole CLI reads in one screen.
+//! The `kz` command line: every clap definition, and nothing else.
+//!
+//! The whole CLI surface (flags, defaults, help texts) reads in this one file; what a command
+//! does is wired in [`crate::cmd`], which turns these arguments into the library's typed
+//! options. Only this module and `cmd` depend on clap: a library module never sees a clap type,
+//! so it can be driven by the node daemon or a test without parsing a command line.
 
-use crate::config::commands::FormatArgs;
-use crate::run::RunArgs;
-use crate::run::commands::{ExportArgs, StatusArgs};
-use clap::{Parser, Subcommand};
+use crate::intercept::{Cidr, UnixRule};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(name = "kz", version, about = "Keep an AI agent's credentials out of its hands", long_about = None)]
@@ -47,56 +50,246 @@ pub enum Command {
     Doctor,
     /// Interception internals for tests and the demo (not a stable interface).
     #[command(hide = true, subcommand)]
-    Intercept(crate::intercept::hold::InterceptCommand),
+    Intercept(InterceptCommand),
     /// The policy decision point: `kz server start --bundle F`, `kz server check --bundle F`.
     Server {
         #[command(subcommand)]
-        command: crate::pdp::cli::ServerCommand,
+        command: ServerCommand,
     },
     /// Audit log tools: `kz audit verify FILE`.
     Audit {
         #[command(subcommand)]
-        command: crate::pdp::cli::AuditCommand,
+        command: AuditCommand,
     },
 }
 
-/// A single-threaded runtime: these commands wait on a few HTTP lookups and one child.
-fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    Ok(rt.block_on(f))
+// ---- kz run, export, status, validate, list ----
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Blind mode (--blind): the command sees only masked tokens (kz_masked_…); kz swaps in the real\nvalue on the wire, only for hosts the secret is scoped to.  Example: kz run --blind -- node agent.js"
+)]
+pub struct RunArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Clear inherited environment, keeping only essential OS vars and resolved secrets
+    #[arg(long, conflicts_with = "blind")]
+    pub clean_env: bool,
+    /// Additional env vars to preserve when using --clean-env (comma-separated)
+    #[arg(long, value_delimiter = ',', requires = "clean_env")]
+    pub keep_env: Option<Vec<String>>,
+    /// Blind mode: the command gets masked tokens, real values are swapped in at the network
+    /// boundary for each secret's hosts only
+    #[arg(long)]
+    pub blind: bool,
+    /// With --blind: fail instead of falling back to explicit-proxy mode when kernel
+    /// interception (root, cgroup v2, BPF) is not available
+    #[arg(long, requires = "blind")]
+    pub require_kernel: bool,
+    /// With --blind: run the agent as USER[:GROUP] (names or ids) [default: the user who ran
+    /// sudo/pkexec, else kz's own user; root is refused without --allow-root-agent]
+    #[arg(long, value_name = "USER[:GROUP]", requires = "blind")]
+    pub user: Option<String>,
+    /// With --blind: allow the agent to be root; it then runs as root only inside a user
+    /// namespace of its own (mapped to nobody outside), still without capabilities
+    #[arg(long, requires = "blind")]
+    pub allow_root_agent: bool,
+    /// With --blind: append audit records (hash-chained JSONL) to FILE
+    /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
+    #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
+    pub audit_log: Option<std::path::PathBuf>,
+    /// Command and arguments to run
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub cmd: Vec<OsString>,
 }
 
-/// A multi-threaded runtime for commands that serve traffic while they wait.
-fn block_on_multi<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    Ok(rt.block_on(f))
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
 }
 
-/// Runs the parsed command and returns the process exit code.
-pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let dir = cli.dir.as_deref();
-    match cli.command {
-        // Blind mode serves the agent's traffic (proxy, DNS) from this process: use both cores.
-        Command::Run(args) if args.blind => Ok(block_on_multi(crate::run::run(dir, args))??),
-        Command::Run(args) => Ok(block_on(crate::run::run(dir, args))??),
-        Command::Export(args) => Ok(block_on(crate::run::commands::export(dir, &args))??),
-        Command::Status(args) => Ok(block_on(crate::run::commands::status(dir, &args))??),
-        Command::Validate(fmt) => crate::config::commands::validate(dir, &fmt),
-        Command::Init => crate::config::commands::init(dir),
-        Command::List(fmt) => crate::config::commands::list(dir, &fmt),
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "kz", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Doctor => Ok(crate::intercept::doctor::run()),
-        Command::Intercept(cmd) => crate::intercept::hold::run(cmd),
-        Command::Server { command } => crate::pdp::cli::run_server(command),
-        Command::Audit { command } => crate::pdp::cli::run_audit(command),
-    }
+/// `--format text|json`, shared by status, validate, list and export.
+#[derive(Debug, Clone, Args)]
+pub struct FormatArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+// `kz export --shell`: the syntax of the printed lines (a plain comment: clap reads doc comments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Zsh,
+    Bash,
+    Fish,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Shell-specific output (fish uses set -gx instead of export)
+    #[arg(long, value_enum, conflicts_with = "format")]
+    pub shell: Option<Shell>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Only resolve these secrets (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    pub only: Option<Vec<String>>,
+    #[command(flatten)]
+    pub fmt: FormatArgs,
+}
+
+// ---- kz server, kz audit ----
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Serve the PDP over HTTP (or, with --proxy, the token-exchange proxy).
+    Start(Box<StartArgs>),
+    /// Validate a bundle: YAML, schema, every CEL rule, glob, backend and key; print counts.
+    Check {
+        /// The bundle YAML file.
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The bundle YAML file (reloaded on SIGHUP and when the file changes).
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Address to listen on (default 127.0.0.1:8080); port 0 picks a free port (the chosen
+    /// address is printed). With --mcp it selects MCP over streamable HTTP instead of stdio.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Run the token-exchange proxy instead of the PDP API: it verifies kz tokens and injects the
+    /// real credential at the resource's credential_location.
+    #[arg(long)]
+    pub proxy: bool,
+    /// Also serve the token-exchange proxy on this address, in the same process as the PDP
+    /// (shares the signing key, so an ephemeral key works).
+    #[arg(long, conflicts_with = "proxy")]
+    pub proxy_listen: Option<SocketAddr>,
+    /// Private key (PEM) that signs short-lived kz tokens: PKCS#8 P-256 → ES256, RSA → RS256.
+    #[arg(long, env = "KEYZERO_SIGNING_KEY_PATH")]
+    pub signing_key: Option<PathBuf>,
+    /// Public key (PEM) the proxy verifies kz tokens with.
+    #[arg(long, env = "KEYZERO_PUBLIC_KEY_PATH")]
+    pub public_key: Option<PathBuf>,
+    /// URL returned to clients with each kz token (`proxy` field).
+    #[arg(long, env = "KEYZERO_PROXY_URL")]
+    pub proxy_url: Option<String>,
+    /// Let the proxy reach these private networks (CIDR), e.g. a test upstream. Metadata
+    /// addresses (169.254.169.254, fd00:ec2::254, …) stay refused whatever this says.
+    #[arg(long = "allow-private", value_name = "CIDR")]
+    pub allow_private: Vec<String>,
+    /// Extra CA (PEM) trusted for upstream TLS, on top of the system roots.
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub mcp: McpArgs,
+}
+
+/// MCP settings of `kz server start` (flattened into its arguments). `fetch` also uses the
+/// command's `--allow-private CIDR` (off by default) and `--upstream-ca FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct McpArgs {
+    /// Serve the MCP tools `resolve` and `fetch` (server name `keyzero`) instead of the HTTP
+    /// API: over stdio, or over MCP streamable HTTP at http://ADDR/mcp when --listen is given.
+    #[arg(long, conflicts_with_all = ["proxy", "proxy_listen"])]
+    pub mcp: bool,
+    /// Resolve `fetch` destinations with this DNS server (IP:PORT, UDP) instead of the system
+    /// resolver.
+    #[arg(long = "mcp-dns", value_name = "IP:PORT", env = "KZ_MCP_DNS")]
+    pub dns: Option<SocketAddr>,
+    /// Largest `fetch` response body handed back, in bytes; longer bodies are cut and marked
+    /// `truncated`.
+    #[arg(long = "mcp-max-body", value_name = "BYTES", default_value_t = crate::mcp::DEFAULT_MAX_BODY)]
+    pub max_body: usize,
+    /// Time limit for one `fetch` (lookup, connect, TLS, redirects and body), in seconds.
+    #[arg(long = "mcp-timeout", value_name = "SECS", default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check a hash-chained audit log (and its rotated predecessors FILE.1, FILE.2, …).
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+    },
+}
+
+// ---- kz intercept (hidden) ----
+
+#[derive(Debug, Subcommand)]
+pub enum InterceptCommand {
+    /// Load the programs, create one cgroup with the given policy, print a JSON line describing
+    /// it, print block events as JSON lines, and hold until stdin closes or SIGTERM/SIGINT; then
+    /// clean up everything.
+    Hold(HoldArgs),
+    /// Clean up pins and cgroups left by kz instances that died (kills their processes).
+    Cleanup {
+        /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+        #[arg(long, default_value = crate::intercept::pins::DEFAULT_SCOPE)]
+        scope: String,
+    },
+    /// Remove the pinned eBPF program set (every build's) once no kz instance is running; dead
+    /// instances are cleaned up first. The next kz run loads the programs again.
+    Unload {
+        /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+        #[arg(long, default_value = crate::intercept::pins::DEFAULT_SCOPE)]
+        scope: String,
+    },
+    /// Show interception end to end in throwaway network namespaces (`cargo xtask demo`).
+    Demo,
+}
+
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    /// Cgroup name under `<cgroup2>/<scope>/<instance>/`.
+    #[arg(long)]
+    pub name: String,
+    /// State scope (directory name under /sys/fs/bpf and the cgroup2 root).
+    #[arg(long, default_value = crate::intercept::pins::DEFAULT_SCOPE)]
+    pub scope: String,
+    #[arg(long, default_value_t = 0)]
+    pub proxy_port: u16,
+    #[arg(long, default_value_t = 0)]
+    pub dns_port: u16,
+    /// Redirect only these TCP ports (default: all TCP).
+    #[arg(long, value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    #[arg(long)]
+    pub deny: Vec<Cidr>,
+    #[arg(long)]
+    pub allow: Vec<Cidr>,
+    #[arg(long)]
+    pub require_allow: bool,
+    #[arg(long)]
+    pub allow_udp: bool,
+    #[arg(long)]
+    pub loopback_direct: bool,
+    /// Redirect native IPv6 to `[::1]:<proxy port>` instead of refusing it.
+    #[arg(long)]
+    pub ipv6_intercept: bool,
+    /// Let servers listen on any address (default: loopback only).
+    #[arg(long)]
+    pub listen_any: bool,
+    /// Unix sockets the cgroup may reach besides its own (`/path`, `/dir/`, `@name`).
+    #[arg(long)]
+    pub unix_allow: Vec<UnixRule>,
+    /// Do not check unix sockets at all.
+    #[arg(long)]
+    pub unix_any: bool,
 }

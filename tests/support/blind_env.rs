@@ -45,7 +45,7 @@ impl Env {
                 .unwrap();
             assert!(out.status.success(), "{out:?}");
         }
-        let ca = TestCa::new();
+        let ca = TestCa::new("kz test upstream CA");
         let api = Upstream::start(
             &upstream_ns,
             API.parse().unwrap(),
@@ -66,7 +66,7 @@ impl Env {
         let dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
 
         let dir = super::agent_readable_dir("kzrb");
-        ca.write_pem(&dir.join("upstream-ca.pem"));
+        ca.write_pem(&dir, "upstream-ca.pem");
         write_config(
             &dir,
             "api.allowed.test",

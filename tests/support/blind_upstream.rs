@@ -4,65 +4,15 @@
 //! the proxy scrubs real values out of responses).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::netns::Netns;
 
-/// A CA that signs the upstream hosts' certificates (the `upstream_ca` of a blind run).
-pub struct TestCa {
-    pub cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub fn new() -> TestCa {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, "kz test upstream CA");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&key).unwrap();
-        TestCa {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    pub fn write_pem(&self, path: &Path) {
-        std::fs::write(path, &self.cert_pem).unwrap();
-    }
-
-    /// A leaf for `names` (DNS names or IP literals): (chain, key).
-    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*n).try_into().unwrap()),
-            })
-            .collect();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-    }
-}
+/// The test CA (one for every test: [`super::tls::TestCa`]); here it signs the upstream hosts'
+/// certificates (the `upstream_ca` of a blind run).
+pub use super::tls::TestCa;
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]

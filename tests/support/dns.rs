@@ -3,8 +3,9 @@
 //! It answers from a fixed zone (A, AAAA, CNAME), honours the requester's UDP payload size
 //! (sets TC when the answer does not fit, so resolvers must retry over TCP), and has two
 //! misbehaving names for error paths: `slow.*` never answers and `garbage.*` answers with bytes
-//! that are not DNS. Every question it receives is logged so tests can prove a name was never
-//! forwarded.
+//! that are not DNS. A name may instead have answer sets served in turn, one per A query, to
+//! play a rebinding attacker ([`Zone::sets`]). Every question it receives is logged so tests can
+//! prove a name was never forwarded.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +23,9 @@ use super::netns::Netns;
 pub struct Zone {
     addrs: HashMap<String, Vec<IpAddr>>,
     cnames: HashMap<String, String>,
+    /// Answer sets served in turn (one per A query), and how many were served per name.
+    sets: HashMap<String, Vec<Vec<IpAddr>>>,
+    turns: Arc<Mutex<HashMap<String, usize>>>,
     pub ttl: u32,
 }
 
@@ -42,6 +46,32 @@ impl Zone {
         self
     }
 
+    /// `name` answers A queries with `sets[0]`, then `sets[1]`, … (round robin): a rebinding
+    /// attacker, or a name whose answer mixes good and bad addresses.
+    pub fn sets(mut self, name: &str, sets: &[&[&str]]) -> Zone {
+        self.sets.insert(
+            name.to_owned(),
+            sets.iter()
+                .map(|s| s.iter().map(|ip| ip.parse().unwrap()).collect())
+                .collect(),
+        );
+        self
+    }
+
+    /// The addresses `name` answers now (advancing its turn for A queries with answer sets).
+    fn answer(&self, name: &str, query: RecordType) -> Option<Vec<IpAddr>> {
+        if let Some(sets) = self.sets.get(name) {
+            let mut turns = self.turns.lock().unwrap();
+            let turn = turns.entry(name.to_owned()).or_default();
+            let set = sets[*turn % sets.len()].clone();
+            if query == RecordType::A {
+                *turn += 1;
+            }
+            return Some(set);
+        }
+        self.addrs.get(name).cloned()
+    }
+
     pub fn cname(mut self, name: &str, target: &str) -> Zone {
         self.cnames.insert(name.to_owned(), target.to_owned());
         self
@@ -55,7 +85,8 @@ pub struct TestDns {
 }
 
 impl TestDns {
-    /// Serves `zone` on `addr` (UDP and TCP) inside `ns`; returns once both sockets are bound.
+    /// Serves `zone` on `addr` (UDP and TCP, the same port; port 0 picks one) inside `ns`;
+    /// returns once both sockets are bound.
     pub fn start(ns: &Netns, addr: SocketAddr, zone: Zone) -> TestDns {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -67,9 +98,17 @@ impl TestDns {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let udp = Arc::new(UdpSocket::bind(addr).await.unwrap());
-                let tcp = TcpListener::bind(addr).await.unwrap();
-                tx.send(()).unwrap();
+                // Port 0: the UDP socket picks the port and TCP takes the same one.
+                let (udp, tcp) = loop {
+                    let udp = UdpSocket::bind(addr).await.unwrap();
+                    let bound = udp.local_addr().unwrap();
+                    match TcpListener::bind(bound).await {
+                        Ok(tcp) => break (Arc::new(udp), tcp),
+                        Err(_) if addr.port() == 0 => continue,
+                        Err(e) => panic!("test DNS server cannot bind TCP {bound}: {e}"),
+                    }
+                };
+                tx.send(udp.local_addr().unwrap()).unwrap();
                 let (z, l) = (zone.clone(), server_log.clone());
                 tokio::spawn(async move {
                     loop {
@@ -103,7 +142,7 @@ impl TestDns {
                 }
             });
         });
-        rx.recv().expect("test DNS server failed to start");
+        let addr = rx.recv().expect("test DNS server failed to start");
         TestDns { addr, log }
     }
 
@@ -159,10 +198,10 @@ fn respond(
         }
         break;
     }
-    if let Some(ips) = zone.addrs.get(&target) {
+    if let Some(ips) = zone.answer(&target, query.query_type()) {
         found = true;
         let owner = Name::from_ascii(format!("{target}.")).unwrap();
-        for ip in ips {
+        for ip in &ips {
             let data = match (ip, query.query_type()) {
                 (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
                 (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),

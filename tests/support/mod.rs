@@ -12,7 +12,6 @@ pub mod blind_env;
 pub mod blind_upstream;
 pub mod dns;
 pub mod intercept;
-pub mod mcp_dns;
 pub mod mcp_upstream;
 pub mod netns;
 pub mod pdp;

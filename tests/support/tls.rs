@@ -59,6 +59,19 @@ impl TestCa {
         }
     }
 
+    /// A leaf for `names` (DNS names or IP literals), without the CA in its chain: (chain, key).
+    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (dns, ips): (Vec<&str>, Vec<&str>) =
+            names.iter().partition(|n| n.parse::<IpAddr>().is_err());
+        let ips: Vec<IpAddr> = ips.iter().map(|i| i.parse().unwrap()).collect();
+        let mut cert = self.server_cert(&dns, &ips);
+        cert.chain.truncate(1);
+        (
+            cert.chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der)),
+        )
+    }
+
     /// Writes the CA certificate to `dir/name` and returns the path.
     pub fn write_pem(&self, dir: &Path, name: &str) -> PathBuf {
         let p = dir.join(name);

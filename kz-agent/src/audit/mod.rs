@@ -129,7 +129,12 @@ pub trait AuditSink: Send + Sync {
 }
 
 mod chain;
+#[cfg(any(test, feature = "testing"))]
+mod memory;
 mod verify;
+
+#[cfg(any(test, feature = "testing"))]
+pub use memory::MemorySink;
 
 pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget, rotated_files};
 pub use verify::{VerifyError, VerifyReport, verify_files, verify_path};

@@ -14,7 +14,6 @@ pub mod yaml;
 use crate::policy::glob::Glob;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 pub use yaml::{Kind, Node, Pos};
 
@@ -788,7 +787,7 @@ fn check_semantics(lb: &LoadedBundle) -> Vec<Problem> {
         if let Some(loc) = &r.credential_location
             && let Err(e) = CredentialLocation::parse(loc)
         {
-            out.push(lb.problem(&["resources", &idx, "credential_location"], e));
+            out.push(lb.problem(&["resources", &idx, "credential_location"], e.to_string()));
         }
         for (j, h) in r.hosts.iter().enumerate() {
             let bare = h.strip_prefix("*.").unwrap_or(h);
@@ -845,50 +844,9 @@ fn check_semantics(lb: &LoadedBundle) -> Vec<Problem> {
 // credential_location
 // ---------------------------------------------------------------------------------------------
 
-/// Where the proxy puts a credential: `header:NAME[:PREFIX]` or `query:PARAM`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialLocation {
-    Header { name: String, prefix: String },
-    Query { param: String },
-}
-
-impl CredentialLocation {
-    pub const DEFAULT: &'static str = "header:Authorization:Bearer";
-
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "credential_location `{s}` is not `header:NAME[:PREFIX]` or `query:PARAM` (e.g. `header:Authorization:Bearer`, `header:X-Api-Key`, `query:api_key`)"
-            )
-        };
-        let mut parts = s.splitn(3, ':');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("header"), Some(name), prefix) if !name.is_empty() => {
-                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return Err(bad());
-                }
-                Ok(Self::Header {
-                    name: name.to_owned(),
-                    prefix: prefix.unwrap_or("").to_owned(),
-                })
-            }
-            (Some("query"), Some(param), None) if !param.is_empty() => Ok(Self::Query {
-                param: param.to_owned(),
-            }),
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl fmt::Display for CredentialLocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Header { name, prefix } if prefix.is_empty() => write!(f, "header:{name}"),
-            Self::Header { name, prefix } => write!(f, "header:{name}:{prefix}"),
-            Self::Query { param } => write!(f, "query:{param}"),
-        }
-    }
-}
+/// Where a credential goes: `header:NAME[:PREFIX]` or `query:PARAM` (one parser for every
+/// injector, in [`crate::egress::location`]).
+pub use crate::egress::location::Location as CredentialLocation;
 
 #[cfg(test)]
 mod tests {

@@ -155,21 +155,13 @@ impl BlindConfig {
 
 /// Whether a secret scoped to `hosts` (its `hosts = [..]`) may be swapped in on a connection to
 /// `host`. A secret without `hosts` follows the connection rules ([`BlindConfig::connection_allowed`]).
-/// Scope entries are exact names (case-insensitive) or `*.example.com` (any subdomain, not the
-/// apex).
+/// Scope entries are [`crate::egress::scope`] patterns: exact names (case-insensitive) or
+/// `*.example.com` (any subdomain, not the apex).
 pub fn in_scope(blind: &BlindConfig, hosts: &[String], host: &str) -> bool {
     if hosts.is_empty() {
         return blind.connection_allowed(host);
     }
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    hosts
-        .iter()
-        .any(|pattern| match pattern.strip_prefix("*.") {
-            Some(suffix) => host
-                .strip_suffix(suffix)
-                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
-            None => pattern.eq_ignore_ascii_case(&host),
-        })
+    crate::egress::scope::in_scope(hosts, host)
 }
 
 /// The first `nameserver` line of resolv.conf text, port 53.

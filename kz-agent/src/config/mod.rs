@@ -15,7 +15,6 @@
 //! silently ignores them, which turns a typo into a secret that is never scoped).
 
 pub mod blind;
-pub mod commands;
 
 pub use blind::{BlindConfig, ConnectionRule, HostPattern, in_scope};
 
@@ -144,6 +143,14 @@ pub struct Config {
     pub blind: BlindConfig,
     /// Things the user should know (local/shared drift, an ignored broken shared file).
     pub warnings: Vec<String>,
+}
+
+/// Prints the config's warnings on stderr, one `warning: …` line each: every command that
+/// loads the config shows them before its own output.
+pub fn print_warnings(config: &Config) {
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 /// Reads environment variables; tests pass a closure instead of mutating the process env.

@@ -1,11 +1,10 @@
-//! `kz doctor`: can interception work on this machine? Prints one row per check with what to do
-//! about failures, then one row per protection saying whether this kernel enforces it (the
-//! unix-socket hooks need Linux >= 6.7; where they are missing the row says what remains);
-//! exit code 0 only when every required check passes.
+//! `kz doctor`'s checks: can interception work on this machine? One row per check with what to
+//! do about failures, then one row per protection saying whether this kernel enforces it (the
+//! unix-socket hooks need Linux >= 6.7; where they are missing the row says what remains).
+//! The command (`cmd::doctor`) prints them and picks the exit code.
 
 use super::shared::{UnixGuard, unix_unavailable};
 use super::{Interceptor, Listen, Policy, UnixSockets, cgroups, pins};
-use std::process::ExitCode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
@@ -240,26 +239,6 @@ pub fn checks() -> Vec<Check> {
     }
     out.push(check("build toolchain", false, toolchain()));
     out
-}
-
-pub fn run() -> ExitCode {
-    let checks = checks();
-    println!("{:<16} {:<6} DETAIL / WHAT TO DO", "CHECK", "STATUS");
-    for c in &checks {
-        let status = match (c.ok, c.required) {
-            (true, _) => "ok",
-            (false, true) => "FAIL",
-            (false, false) => "warn",
-        };
-        println!("{:<16} {:<6} {}", c.name, status, c.detail);
-    }
-    if checks.iter().all(|c| c.ok || !c.required) {
-        println!("interception can work here");
-        ExitCode::SUCCESS
-    } else {
-        println!("interception cannot work here: fix the FAIL rows");
-        ExitCode::FAILURE
-    }
 }
 
 #[cfg(test)]

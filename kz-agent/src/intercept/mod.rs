@@ -72,14 +72,13 @@
 //! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
 //! [`shared`] (the pinned program set), [`rawbpf`] (loading what aya cannot), [`kbtf`] (kernel
 //! struct layouts), [`maps`] (policy and table types), [`loader`] ([`Interceptor`]), [`events`],
-//! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`), [`hold`] (hidden `kz intercept …` commands for tests and the demo).
+//! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`'s checks). The commands that
+//! drive it (`kz doctor`, the hidden `kz intercept …` commands and the demo) live in `cmd`.
 
 pub mod cgroups;
-pub mod demo;
 pub mod dns;
 pub mod doctor;
 pub mod events;
-pub mod hold;
 pub mod kbtf;
 pub mod loader;
 pub mod logs;

@@ -8,8 +8,8 @@
 //! dropped, every credential form scrubbed, binary bodies base64-encoded and a size cap.
 
 use super::dns::{Dns, DnsError};
-use super::guard::{self, Guard, GuardError};
-use super::scrub::Scrubber;
+use crate::egress::scrub::{self, Forms, ScrubError, Scrubber};
+use crate::egress::{Guard, GuardError, Location, hop, scope};
 use crate::secret::Secret;
 use crate::tls::{ALPN_H1, ALPN_H2};
 use base64::Engine as _;
@@ -27,39 +27,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use url::{Host, Url};
 
-pub const DEFAULT_CREDENTIAL_LOCATION: &str = "header:Authorization:Bearer";
+pub const DEFAULT_CREDENTIAL_LOCATION: &str = crate::egress::location::DEFAULT;
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus cookies: a
-/// session cookie set by an upstream is a credential of its own and stays with kz.
-const DROPPED_RESPONSE_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "set-cookie",
-    "set-cookie2",
-];
+/// Response headers dropped besides the hop-by-hop ones ([`hop::is_hop_by_hop`]): a session
+/// cookie set by an upstream is a credential of its own and stays with kz.
+const DROPPED_RESPONSE_HEADERS: &[&str] = &["set-cookie", "set-cookie2"];
 
-/// Request headers the agent may not set: kz frames the message itself, asks for an
-/// uncompressed body (compressed bytes could not be scrubbed) and owns the credential header.
-const REFUSED_REQUEST_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "accept-encoding",
-];
+/// Request headers the agent may not set besides the hop-by-hop ones: kz frames the message
+/// itself, asks for an uncompressed body (compressed bytes could not be scrubbed) and owns the
+/// credential header. (`proxy-authenticate` is a response header; refusing it is harmless.)
+const REFUSED_REQUEST_HEADERS: &[&str] = &["host", "content-length", "accept-encoding"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -69,6 +46,8 @@ pub enum FetchError {
     Scheme(String),
     #[error(transparent)]
     Guard(#[from] GuardError),
+    #[error("host '{host}' is outside the resource's scope; allowed hosts: {allowed}")]
+    Scope { host: String, allowed: String },
     #[error(transparent)]
     Dns(#[from] DnsError),
     #[error("invalid HTTP method '{0}'")]
@@ -101,36 +80,14 @@ pub enum FetchError {
     Timeout(u64),
     #[error("TLS setup: {0}")]
     TlsSetup(String),
+    #[error("{0}")]
+    Scrub(#[from] ScrubError),
 }
 
-/// Where the credential goes in the outgoing request (a resource's `credential_location`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// `header:NAME[:PREFIX]`: `NAME: PREFIX value` (KeyZero's only form).
-    Header {
-        name: HeaderName,
-        prefix: Option<String>,
-    },
-    /// `query:NAME`: `?NAME=value` appended to the URL (kz addition).
-    Query { name: String },
-}
-
-impl Location {
-    pub fn parse(spec: Option<&str>) -> Result<Self, FetchError> {
-        let spec = spec.unwrap_or(DEFAULT_CREDENTIAL_LOCATION);
-        let bad = || FetchError::Location(spec.to_owned());
-        let mut parts = spec.splitn(3, ':');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("header"), Some(name), prefix) if !name.is_empty() => Ok(Location::Header {
-                name: HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?,
-                prefix: prefix.filter(|p| !p.is_empty()).map(str::to_owned),
-            }),
-            (Some("query"), Some(name), None) if !name.is_empty() => Ok(Location::Query {
-                name: name.to_owned(),
-            }),
-            _ => Err(bad()),
-        }
-    }
+/// Parses a resource's `credential_location` (`None`: KeyZero's default, a Bearer header).
+pub fn location(spec: Option<&str>) -> Result<Location, FetchError> {
+    let spec = spec.unwrap_or(DEFAULT_CREDENTIAL_LOCATION);
+    Location::parse(spec).map_err(|_| FetchError::Location(spec.to_owned()))
 }
 
 /// Limits and trust for outgoing requests. Built once per server.
@@ -235,12 +192,14 @@ async fn fetch_inner(
     } else {
         credential.hosts.to_vec()
     };
-    let scrubber = Scrubber::new([credential.secret.expose()]);
+    // Raw, percent-encoded and JSON-escaped: `fetch` hands whole bodies back, so every common
+    // echo of the value is looked for; a fixed marker, since the agent holds no masked token.
+    let scrubber = Scrubber::for_value(credential.secret.expose(), Forms::ECHOES, scrub::MARKER)?;
 
     let mut redirects = 0;
     loop {
         let host = host_of(&url);
-        guard::check_scope(&host, &scope)?;
+        check_scope(&host, &scope)?;
         let stream = connect(config, &url).await?;
         let response = exchange(config, stream, &url, &method, &headers, &body, credential).await?;
         let status = response.status();
@@ -261,7 +220,7 @@ async fn fetch_inner(
                 location: shown.clone(),
                 reason: e.to_string(),
             })?;
-            guard::check_scope(&host_of(&next), &scope).map_err(|e| FetchError::Redirect {
+            check_scope(&host_of(&next), &scope).map_err(|e| FetchError::Redirect {
                 location: shown.clone(),
                 reason: e.to_string(),
             })?;
@@ -278,6 +237,18 @@ async fn fetch_inner(
         }
         return finish(config, response, &scrubber, &url, redirects > 0).await;
     }
+}
+
+/// `host` against the resource's `hosts` (never empty here: an unscoped resource is scoped to
+/// the requested host).
+fn check_scope(host: &str, allowed: &[String]) -> Result<(), FetchError> {
+    if allowed.is_empty() || scope::in_scope(allowed, host) {
+        return Ok(());
+    }
+    Err(FetchError::Scope {
+        host: host.to_owned(),
+        allowed: allowed.join(", "),
+    })
 }
 
 fn parse_url(raw: &str) -> Result<Url, FetchError> {
@@ -342,11 +313,11 @@ fn agent_headers(
             HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("not a valid header name"))?;
         let value =
             HeaderValue::from_str(value).map_err(|_| bad("value has control characters"))?;
-        if REFUSED_REQUEST_HEADERS.contains(&name.as_str()) {
+        if hop::is_hop_by_hop(name.as_str()) || REFUSED_REQUEST_HEADERS.contains(&name.as_str()) {
             continue;
         }
         // The credential header is kz's to set; an agent value would be replaced anyway.
-        if matches!(location, Location::Header { name: cred, .. } if *cred == name) {
+        if location.header_name().as_ref() == Some(&name) {
             continue;
         }
         out.push((name, value));
@@ -431,22 +402,27 @@ async fn exchange(
     let mut target = url.clone();
     let mut builder = hyper::Request::builder().method(method.clone());
     match &credential.location {
-        Location::Query { name } => {
+        // The URL's own form encoding (`application/x-www-form-urlencoded`), not kz's
+        // percent-encoder: `fetch` always sent query credentials that way.
+        Location::Query { param } => {
             target
                 .query_pairs_mut()
-                .append_pair(name, credential.secret.expose());
+                .append_pair(param, credential.secret.expose());
         }
         Location::Header { name, prefix } => {
-            let value = match prefix {
-                Some(p) => format!("{p} {}", credential.secret.expose()),
-                None => credential.secret.expose().to_owned(),
+            let bad = |reason: &str| FetchError::Header {
+                name: name.to_ascii_lowercase(),
+                reason: reason.to_owned(),
             };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| FetchError::Header {
-                name: name.to_string(),
-                reason: "the credential is not a valid header value".to_owned(),
-            })?;
+            let header = credential
+                .location
+                .header_name()
+                .ok_or_else(|| bad("not a valid header name"))?;
+            let value = Location::header_value(prefix, credential.secret.expose());
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| bad("the credential is not a valid header value"))?;
             value.set_sensitive(true);
-            builder = builder.header(name, value);
+            builder = builder.header(header, value);
         }
     }
     let authority = match url.port() {
@@ -511,24 +487,15 @@ async fn finish(
         }
     }
     // Headers the Connection header names are hop-by-hop too.
-    let connection_named: Vec<String> = parts
-        .headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|s| s.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let connection_named = hop::connection_named(&parts.headers);
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
         let n = name.as_str();
         // content-length describes the upstream body, not the (scrubbed, capped) one returned.
-        if DROPPED_RESPONSE_HEADERS.contains(&n)
+        if hop::is_hop_by_hop(n)
+            || DROPPED_RESPONSE_HEADERS.contains(&n)
             || n == "content-length"
-            || connection_named.iter().any(|c| c == n)
+            || connection_named.contains(name)
         {
             continue;
         }
@@ -607,35 +574,30 @@ mod tests {
 
     #[test]
     fn locations() {
+        let default = location(None).unwrap();
         assert_eq!(
-            Location::parse(None).unwrap(),
-            Location::Header {
-                name: HeaderName::from_static("authorization"),
-                prefix: Some("Bearer".to_owned())
-            }
+            default.header_name(),
+            Some(HeaderName::from_static("authorization"))
         );
+        assert!(matches!(&default, Location::Header { prefix, .. } if prefix == "Bearer"));
+        let key = location(Some("header:X-Api-Key")).unwrap();
         assert_eq!(
-            Location::parse(Some("header:X-Api-Key")).unwrap(),
-            Location::Header {
-                name: HeaderName::from_static("x-api-key"),
-                prefix: None
-            }
+            key.header_name(),
+            Some(HeaderName::from_static("x-api-key"))
         );
+        assert!(matches!(&key, Location::Header { prefix, .. } if prefix.is_empty()));
         assert_eq!(
-            Location::parse(Some("query:api_key")).unwrap(),
+            location(Some("query:api_key")).unwrap(),
             Location::Query {
-                name: "api_key".to_owned()
+                param: "api_key".to_owned()
             }
         );
-        for bad in [
-            "",
-            "header",
-            "header:",
-            "cookie:x",
-            "header:bad name",
-            "query:",
-        ] {
-            assert!(Location::parse(Some(bad)).is_err(), "{bad}");
+        // The grammar is egress::location's (tested there); fetch names the resource's spec.
+        for bad in ["cookie:x", "header:bad name"] {
+            assert!(
+                matches!(location(Some(bad)), Err(FetchError::Location(ref spec)) if spec == bad),
+                "{bad}"
+            );
         }
     }
 
@@ -671,7 +633,7 @@ mod tests {
 
     #[test]
     fn agent_cannot_set_framing_or_credential_headers() {
-        let loc = Location::parse(Some("header:X-Api-Key")).unwrap();
+        let loc = location(Some("header:X-Api-Key")).unwrap();
         let given: BTreeMap<String, String> = [
             ("Host", "evil"),
             ("X-Api-Key", "mine"),

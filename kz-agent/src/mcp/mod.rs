@@ -3,15 +3,14 @@
 //! streamable HTTP at `http://ADDR/mcp`).
 //!
 //! Pieces: [`authority`] (what the tools ask the PDP), [`server`] (the rmcp handler),
-//! [`fetch`] (kz's own HTTPS client for `fetch`), [`guard`] (SSRF destination policy),
-//! [`dns`] (name resolution the guard checks), [`scrub`] (credential removal from responses).
+//! [`fetch`] (kz's own HTTPS client for `fetch`), [`dns`] (name resolution the address guard
+//! checks). The address guard, host scopes, scrubber, credential location and hop-by-hop
+//! headers are [`crate::egress`]'s, shared with the proxy and the PDP's exchange proxy.
 
 pub mod authority;
 pub mod dns;
 pub mod fetch;
 mod glue;
-pub mod guard;
-pub mod scrub;
 pub mod server;
 
 pub use authority::{Authority, Grant, Refusal};
@@ -19,13 +18,12 @@ pub use server::{KzMcp, SERVER_NAME};
 
 use crate::audit::AuditSink;
 use crate::pdp::Pdp;
-use crate::pdp::cli::StartArgs;
 use rmcp::ServiceExt;
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
 };
 use std::net::SocketAddr;
-use std::process::ExitCode;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -54,56 +52,57 @@ pub enum McpError {
     StdoutTaken,
 }
 
-/// MCP settings of `kz server start` (flattened into its arguments). `fetch` also uses the
-/// command's `--allow-private CIDR` (off by default) and `--upstream-ca FILE`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct McpArgs {
-    /// Serve the MCP tools `resolve` and `fetch` (server name `keyzero`) instead of the HTTP
-    /// API: over stdio, or over MCP streamable HTTP at http://ADDR/mcp when --listen is given.
-    #[arg(long, conflicts_with_all = ["proxy", "proxy_listen"])]
-    pub mcp: bool,
-    /// Resolve `fetch` destinations with this DNS server (IP:PORT, UDP) instead of the system
-    /// resolver.
-    #[arg(long = "mcp-dns", value_name = "IP:PORT", env = "KZ_MCP_DNS")]
+/// What `fetch` may reach and how (the `kz server start` flags `--allow-private`,
+/// `--upstream-ca`, `--mcp-dns`, `--mcp-max-body`, `--mcp-timeout`, as plain values).
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Private networks (CIDR text, e.g. `10.0.0.0/8`) `fetch` may reach; off by default.
+    pub allow_private: Vec<String>,
+    /// A DNS server (UDP) for `fetch` destinations instead of the system resolver.
     pub dns: Option<SocketAddr>,
-    /// Largest `fetch` response body handed back, in bytes; longer bodies are cut and marked
-    /// `truncated`.
-    #[arg(long = "mcp-max-body", value_name = "BYTES", default_value_t = DEFAULT_MAX_BODY)]
+    /// Extra CA (PEM) trusted for upstream TLS, on top of the system roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// Largest response body handed back, in bytes.
     pub max_body: usize,
-    /// Time limit for one `fetch` (lookup, connect, TLS, redirects and body), in seconds.
-    #[arg(long = "mcp-timeout", value_name = "SECS", default_value_t = 30)]
-    pub timeout_secs: u64,
+    /// Time limit for one `fetch`; at least one second.
+    pub timeout: Duration,
 }
 
-/// Builds the `fetch` configuration from `kz server start`'s arguments.
-pub fn fetch_config(args: &StartArgs) -> Result<fetch::FetchConfig, McpError> {
+/// Builds the `fetch` configuration.
+pub fn fetch_config(options: &FetchOptions) -> Result<fetch::FetchConfig, McpError> {
     let mut allow = Vec::new();
-    for cidr in &args.allow_private {
+    for cidr in &options.allow_private {
         allow.push(
             cidr.parse::<ipnet::IpNet>()
                 .map_err(|_| McpError::Cidr(cidr.clone()))?,
         );
     }
-    let dns = match args.mcp.dns {
+    let dns = match options.dns {
         Some(addr) => dns::Dns::Server(addr),
         None => dns::Dns::System,
     };
     let mut config = fetch::FetchConfig::new(
-        guard::Guard::new(allow),
+        // Every non-public class: the agent chooses the URL.
+        crate::egress::Guard::new(allow, crate::egress::Classes::NonPublic),
         dns,
-        args.upstream_ca.as_deref(),
-        args.mcp.max_body,
+        options.upstream_ca.as_deref(),
+        options.max_body,
     )?;
-    config.total_timeout = Duration::from_secs(args.mcp.timeout_secs.max(1));
+    config.total_timeout = options.timeout.max(Duration::from_secs(1));
     config.connect_timeout = config.connect_timeout.min(config.total_timeout);
     Ok(config)
 }
 
-/// `kz server start --mcp`: stdio, or streamable HTTP when `--listen` is given.
-pub async fn run(args: &StartArgs, pdp: Arc<Pdp>) -> anyhow::Result<ExitCode> {
-    let fetch = fetch_config(args)?;
+/// The PDP's MCP tools: over stdio when `listen` is `None` (until the client closes the
+/// stream), else over streamable HTTP on `listen` until `shutdown` is cancelled.
+pub async fn serve_pdp(
+    pdp: Arc<Pdp>,
+    listen: Option<SocketAddr>,
+    fetch: fetch::FetchConfig,
+    shutdown: CancellationToken,
+) -> Result<(), McpError> {
     let audit = pdp.audit();
-    match args.listen {
+    match listen {
         None => {
             // stdout is the MCP channel: an audit sink writing there would corrupt it.
             let audit_to_stdout = pdp
@@ -114,21 +113,12 @@ pub async fn run(args: &StartArgs, pdp: Arc<Pdp>) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .is_some_and(|a| a.stdout);
             if audit_to_stdout {
-                return Err(McpError::StdoutTaken.into());
+                return Err(McpError::StdoutTaken);
             }
-            serve_stdio(pdp, audit, fetch).await?;
+            serve_stdio(pdp, audit, fetch).await
         }
-        Some(addr) => {
-            let shutdown = CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                crate::pdp::cli::wait_for_shutdown().await;
-                stop.cancel();
-            });
-            serve_http(addr, pdp, audit, fetch, shutdown).await?;
-        }
+        Some(addr) => serve_http(addr, pdp, audit, fetch, shutdown).await,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Serves MCP on stdin/stdout until the client closes the stream.

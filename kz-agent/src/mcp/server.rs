@@ -7,7 +7,7 @@
 //! written the call fails: an unaudited access is not handed out.
 
 use super::authority::{Authority, Refusal};
-use super::fetch::{self, Credential, FetchConfig, FetchRequest, Location};
+use super::fetch::{self, Credential, FetchConfig, FetchRequest};
 use crate::audit::{AuditEvent, AuditSink};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -159,7 +159,7 @@ impl KzMcp {
             Some(policy) => event.with("policy", policy.clone()),
             None => event,
         };
-        let location = match Location::parse(grant.credential_location.as_deref()) {
+        let location = match fetch::location(grant.credential_location.as_deref()) {
             Ok(l) => l,
             Err(e) => return self.refuse(event, &e.to_string(), "error"),
         };
@@ -194,7 +194,7 @@ impl KzMcp {
             }
             Err(e) => {
                 let kind = match e {
-                    fetch::FetchError::Guard(_) => "blocked",
+                    fetch::FetchError::Guard(_) | fetch::FetchError::Scope { .. } => "blocked",
                     _ => "error",
                 };
                 self.refuse(event, &e.to_string(), kind)
@@ -267,12 +267,11 @@ impl ServerHandler for KzMcp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditError;
+    use crate::audit::MemorySink;
+    use crate::egress::Guard;
     use crate::mcp::authority::Grant;
     use crate::mcp::dns::Dns;
-    use crate::mcp::guard::Guard;
     use futures_util::future::BoxFuture;
-    use std::sync::Mutex;
 
     /// Answers like the PDP does for an allowed direct-mode ref.
     struct Allows;
@@ -299,28 +298,11 @@ mod tests {
         }
     }
 
-    struct Sink {
-        fail: bool,
-        records: Mutex<Vec<AuditEvent>>,
-    }
-
-    impl AuditSink for Sink {
-        fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-            if self.fail {
-                return Err(AuditError::Io {
-                    path: "/audit.jsonl".into(),
-                    source: std::io::Error::other("disk full"),
-                });
-            }
-            self.records.lock().unwrap().push(event);
-            Ok(())
-        }
-    }
-
-    fn server(fail: bool) -> (KzMcp, Arc<Sink>) {
-        let sink = Arc::new(Sink {
-            fail,
-            records: Mutex::default(),
+    fn server(fail: bool) -> (KzMcp, Arc<MemorySink>) {
+        let sink = Arc::new(if fail {
+            MemorySink::failing()
+        } else {
+            MemorySink::new()
         });
         let fetch = FetchConfig::new(Guard::default(), Dns::System, None, 1024).unwrap();
         (
@@ -342,7 +324,7 @@ mod tests {
         let (ok, sink) = server(false);
         let r = ok.resolve(params("api/x")).await;
         assert_eq!(r.is_error, Some(false));
-        assert_eq!(sink.records.lock().unwrap()[0].fields["outcome"], "allowed");
+        assert_eq!(sink.events()[0].fields["outcome"], "allowed");
 
         let (failing, _) = server(true);
         let r = failing.resolve(params("api/x")).await;
@@ -372,7 +354,7 @@ mod tests {
                 .unwrap()
                 .contains("invalid_token: token expired")
         );
-        let records = sink.records.lock().unwrap();
+        let records = sink.events();
         assert_eq!(records[0].fields["outcome"], "invalid_token");
         assert_eq!(records[0].fields["method"], "GET");
         // The audit keeps scheme, host and path; the query is the agent's own data.

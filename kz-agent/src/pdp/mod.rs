@@ -4,7 +4,6 @@
 //! The compiled bundle sits behind a lock-protected `Arc` so a reload swaps it atomically: an
 //! invalid new bundle is refused and the old one keeps serving.
 
-pub mod cli;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
@@ -609,28 +608,8 @@ pub fn secret_request(reference: &str, spec: &Resource, kind: &str) -> SecretReq
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    #[derive(Default)]
-    struct VecSink(Mutex<Vec<AuditEvent>>);
-
-    impl AuditSink for VecSink {
-        fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-            self.0.lock().unwrap().push(event);
-            Ok(())
-        }
-    }
-
-    struct FailingSink;
-
-    impl AuditSink for FailingSink {
-        fn record(&self, _event: AuditEvent) -> Result<(), AuditError> {
-            Err(AuditError::Io {
-                path: "x".into(),
-                source: std::io::Error::other("disk full"),
-            })
-        }
-    }
+    use crate::audit::MemorySink;
 
     fn fixture(name: &str) -> String {
         std::fs::read_to_string(format!(
@@ -691,7 +670,7 @@ resources:
 
     #[tokio::test]
     async fn in_process_resolve_with_audit() {
-        let sink = Arc::new(VecSink::default());
+        let sink = Arc::new(MemorySink::new());
         let signer = Arc::new(Signer::generate().unwrap());
         let pdp = Pdp::new(
             bundle(),
@@ -744,7 +723,7 @@ resources:
         assert!(format!("{r:?}").contains("[redacted]"));
 
         {
-            let events = sink.0.lock().unwrap();
+            let events = sink.events();
             assert_eq!(events.len(), 5);
             let outcomes: Vec<_> = events.iter().map(|e| e.fields["outcome"].clone()).collect();
             assert_eq!(outcomes, ["resolved", "issued", "error", "denied", "error"]);
@@ -782,7 +761,7 @@ resources:
         let pdp = Pdp::new(
             bundle(),
             PdpOptions {
-                audit: Some(Arc::new(FailingSink)),
+                audit: Some(Arc::new(MemorySink::failing())),
                 ..PdpOptions::default()
             },
         )

@@ -8,12 +8,12 @@
 //! and injects it at the resource's `credential_location`. The credential is scrubbed from the
 //! response before it goes back.
 
-use super::cli::StartArgs;
-use super::{Pdp, PdpOptions, TokenVerifier, secret_request, validate_ref};
+use super::{Pdp, TokenVerifier, secret_request, validate_ref};
 use crate::audit::AuditEvent;
 use crate::bundle::CredentialLocation;
+use crate::egress::scrub::{self, Forms, Scrubber};
+use crate::egress::{Classes, Guard, GuardError, Keep, hop, percent_encode, scope};
 use crate::tls::CaFileError;
-use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,9 +22,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,122 +33,18 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = Full<Bytes>;
 
-/// A CIDR block (`10.0.0.0/8`, `fd00::/8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a CIDR block like 10.0.0.0/8 or fd00::/8");
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>().map_err(|_| bad())?
-        };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Cloud metadata endpoints: refused even inside an allowed private range.
-pub fn is_metadata(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => [
-            Ipv4Addr::new(169, 254, 169, 254),
-            Ipv4Addr::new(169, 254, 170, 2),
-            Ipv4Addr::new(100, 100, 100, 200),
-            Ipv4Addr::new(168, 63, 129, 16),
-        ]
-        .contains(&v4),
-        IpAddr::V6(v6) => {
-            v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| is_metadata(IpAddr::V4(v4)))
-        }
-    }
-}
-
-/// Addresses a credential must never be sent to unless explicitly allowed.
-pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1]))
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
-                || o[0] >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x64 && s[1] == 0xff9b)
-        }
-    }
-}
+/// `--allow-private` entries (the egress guard's; the name stays for the command wiring).
+pub use crate::egress::guard::Cidr;
 
 pub struct ProxyOptions {
     pub allow_private: Vec<Cidr>,
     pub upstream_ca: Option<PathBuf>,
 }
 
-impl ProxyOptions {
-    pub fn from_args(args: &StartArgs) -> anyhow::Result<Self> {
-        let allow_private = args
-            .allow_private
-            .iter()
-            .map(|s| Cidr::parse(s).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self {
-            allow_private,
-            upstream_ca: args.upstream_ca.clone(),
-        })
-    }
-}
-
 pub struct Proxy {
     pdp: Arc<Pdp>,
     verifier: TokenVerifier,
-    allow_private: Vec<Cidr>,
+    guard: Guard,
     tls: tokio_rustls::TlsConnector,
 }
 
@@ -186,16 +81,14 @@ impl Proxy {
         Self {
             pdp,
             verifier,
-            allow_private: options.allow_private,
+            // Internal classes only: the exchange's targets come from the operator's bundle
+            // (`hosts`), not from the agent (see `Classes::Internal`).
+            guard: Guard::new(
+                options.allow_private.iter().map(Cidr::net).collect(),
+                Classes::Internal,
+            ),
             tls,
         }
-    }
-
-    fn address_allowed(&self, ip: IpAddr) -> bool {
-        if is_metadata(ip) {
-            return false;
-        }
-        !is_private(ip) || self.allow_private.iter().any(|c| c.contains(ip))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
@@ -292,7 +185,7 @@ impl Proxy {
         };
         let host = host.trim_matches(|c| c == '[' || c == ']').to_owned();
         let hosts = &resource.spec.hosts;
-        if !hosts.is_empty() && !hosts.iter().any(|h| host_in_scope(h, &host)) {
+        if !hosts.is_empty() && !scope::in_scope(hosts, &host) {
             self.audit(
                 &claims,
                 &host,
@@ -325,11 +218,13 @@ impl Proxy {
                 format!("`{host}` has no addresses"),
             ));
         };
-        if let Some(bad) = addrs.iter().find(|a| !self.address_allowed(a.ip())) {
-            let why = if is_metadata(bad.ip()) {
-                "a cloud metadata address"
-            } else {
-                "a private address"
+        if let Some((bad, e)) = addrs
+            .iter()
+            .find_map(|a| self.guard.check_addr(a.ip()).err().map(|e| (a, e)))
+        {
+            let why = match e {
+                GuardError::Metadata { .. } => "a cloud metadata address",
+                _ => "a private address",
             };
             self.audit(&claims, &host, Some(bad.ip()), "refused", why);
             return Err(refuse(
@@ -382,19 +277,9 @@ impl Proxy {
         let mut out = Request::builder().method(parts.method.clone());
         for (name, value) in &parts.headers {
             let n = name.as_str();
-            if matches!(
-                n,
-                "host"
-                    | "authorization"
-                    | "connection"
-                    | "proxy-connection"
-                    | "proxy-authorization"
-                    | "keep-alive"
-                    | "te"
-                    | "trailer"
-                    | "transfer-encoding"
-                    | "upgrade"
-            ) {
+            // Hop-by-hop, plus what the exchange owns: `Host` (set below) and `Authorization`
+            // (the kz token, which never goes upstream).
+            if hop::is_hop_by_hop(n) || n == "host" || n == "authorization" {
                 continue;
             }
             out = out.header(name, value);
@@ -407,11 +292,7 @@ impl Proxy {
         out = out.header(header::HOST, authority);
         match &resource.location {
             CredentialLocation::Header { name, prefix } => {
-                let v = if prefix.is_empty() {
-                    secret.expose().to_owned()
-                } else {
-                    format!("{prefix} {}", secret.expose())
-                };
+                let v = CredentialLocation::header_value(prefix, secret.expose());
                 let hv = header::HeaderValue::from_str(&v).map_err(|_| {
                     refuse(
                         StatusCode::BAD_GATEWAY,
@@ -425,8 +306,8 @@ impl Proxy {
                 let sep = if path_q.contains('?') { '&' } else { '?' };
                 path_q = format!(
                     "{path_q}{sep}{}={}",
-                    url_encode(param),
-                    url_encode(secret.expose())
+                    percent_encode(param.as_bytes(), Keep::Unreserved),
+                    percent_encode(secret.expose().as_bytes(), Keep::Unreserved)
                 );
             }
         }
@@ -481,17 +362,19 @@ impl Proxy {
             })?
             .to_bytes();
         // Never hand the credential back: an echoing upstream must not leak it to the agent.
-        let body = scrub(&rbody, secret.expose().as_bytes());
+        // Raw value only, and the exchange's own marker (see `scrub::EXCHANGE_MARKER`).
+        let scrubber = Scrubber::for_value(secret.expose(), Forms::RAW, scrub::EXCHANGE_MARKER)
+            .map_err(|e| refuse(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()))?;
+        let body = Bytes::from(scrubber.scrub(&rbody).into_owned());
+        // Framing is hyper's to set again for the scrubbed body; other upstream headers pass.
         rparts.headers.remove(header::CONTENT_LENGTH);
         rparts.headers.remove(header::TRANSFER_ENCODING);
         rparts.headers.remove(header::CONNECTION);
         let names: Vec<_> = rparts.headers.keys().cloned().collect();
         for n in names {
             let vals: Vec<_> = rparts.headers.get_all(&n).iter().cloned().collect();
-            if vals
-                .iter()
-                .any(|v| contains(v.as_bytes(), secret.expose().as_bytes()))
-            {
+            // A header echoing the credential is dropped whole, not scrubbed.
+            if vals.iter().any(|v| scrubber.contains(v.as_bytes())) {
                 rparts.headers.remove(&n);
             }
         }
@@ -533,50 +416,6 @@ fn host_for_header(host: &str) -> String {
     }
 }
 
-/// `api.stripe.com` matches itself; `*.stripe.com` matches any subdomain (not the apex).
-pub fn host_in_scope(pattern: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    let pattern = pattern.to_ascii_lowercase();
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
-        None => host == pattern,
-    }
-}
-
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn scrub(body: &Bytes, secret: &[u8]) -> Bytes {
-    if !contains(body, secret) {
-        return body.clone();
-    }
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while i < body.len() {
-        if body[i..].starts_with(secret) {
-            out.extend_from_slice(b"[redacted by kz]");
-            i += secret.len();
-        } else {
-            out.push(body[i]);
-            i += 1;
-        }
-    }
-    Bytes::from(out)
-}
-
 async fn send<T>(io: TokioIo<T>, req: Request<Body>) -> Result<Response<Incoming>, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -609,77 +448,33 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-/// `kz server start --proxy`: the proxy alone, verifying tokens with `--public-key`.
-pub async fn start_standalone(args: StartArgs) -> anyhow::Result<ExitCode> {
-    let verifier = match (&args.public_key, &args.signing_key) {
-        (Some(p), _) => TokenVerifier::from_public_pem_file(p)?,
-        (None, Some(k)) => super::Signer::from_pem_file(k, None)?.verifier(),
-        (None, None) => anyhow::bail!(
-            "--proxy needs the key that verifies kz tokens: --public-key FILE (or KEYZERO_PUBLIC_KEY_PATH)"
-        ),
-    };
-    let pdp = Arc::new(Pdp::from_file(&args.bundle, PdpOptions::default())?);
-    let proxy = Arc::new(Proxy::new(
-        pdp.clone(),
-        verifier,
-        ProxyOptions::from_args(&args)?,
-    ));
-    let listener = TcpListener::bind(args.listen_addr())
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen_addr()))?;
-    eprintln!("kz: proxy listening on http://{}", listener.local_addr()?);
-    super::cli::spawn_reloaders(pdp);
-    tokio::spawn(serve(listener, proxy));
-    super::cli::wait_for_shutdown().await;
-    Ok(ExitCode::SUCCESS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The exchange's choices on top of the egress pieces (their own tests cover the rest).
     #[test]
-    fn address_classes() {
-        for ip in [
-            "10.1.2.3",
-            "127.0.0.1",
-            "169.254.1.1",
-            "192.168.0.1",
-            "172.16.5.5",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(is_private(ip.parse().unwrap()), "{ip}");
+    fn exchange_guard_scope_and_marker() {
+        let p = Guard::new(Vec::new(), Classes::Internal);
+        for ip in ["10.1.2.3", "127.0.0.1", "::ffff:10.0.0.1", "fd00::1"] {
+            assert!(p.check_addr(ip.parse().unwrap()).is_err(), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.4.4"] {
-            assert!(!is_private(ip.parse().unwrap()), "{ip}");
-        }
-        assert!(is_metadata("169.254.169.254".parse().unwrap()));
-        assert!(is_metadata("fd00:ec2::254".parse().unwrap()));
-        assert!(is_metadata("::ffff:169.254.169.254".parse().unwrap()));
-    }
-
-    #[test]
-    fn cidr_and_scope() {
+        assert!(p.check_addr("93.184.216.34".parse().unwrap()).is_ok());
         let c = Cidr::parse("10.200.0.0/16").unwrap();
         assert!(c.contains("10.200.3.4".parse().unwrap()));
         assert!(!c.contains("10.201.0.1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(host_in_scope("api.stripe.com", "API.stripe.com"));
-        assert!(host_in_scope("*.stripe.com", "api.stripe.com"));
-        assert!(!host_in_scope("*.stripe.com", "stripe.com"));
-        assert!(!host_in_scope("api.stripe.com", "api.stripe.com.evil.io"));
-    }
-
-    #[test]
-    fn scrubbing() {
-        let b = Bytes::from_static(b"echo: sk_live_1 and sk_live_1!");
+        let hosts = |h: &str| vec![h.to_owned()];
+        assert!(scope::in_scope(&hosts("api.stripe.com"), "API.stripe.com"));
+        assert!(scope::in_scope(&hosts("*.stripe.com"), "api.stripe.com"));
+        assert!(!scope::in_scope(&hosts("*.stripe.com"), "stripe.com"));
+        assert!(!scope::in_scope(
+            &hosts("api.stripe.com"),
+            "api.stripe.com.evil.io"
+        ));
+        let s = Scrubber::for_value("sk_live_1", Forms::RAW, scrub::EXCHANGE_MARKER).unwrap();
         assert_eq!(
-            &scrub(&b, b"sk_live_1")[..],
+            &s.scrub(b"echo: sk_live_1 and sk_live_1!")[..],
             b"echo: [redacted by kz] and [redacted by kz]!"
         );
     }

@@ -12,8 +12,8 @@ use http_body_util::combinators::BoxBody;
 
 use super::metrics::Metrics;
 use super::record::Record;
-use super::rewrite::StreamRewriter;
 use super::tokens::Snapshot;
+use crate::egress::rewrite::StreamRewriter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -84,17 +84,15 @@ impl<B> RewriteBody<B> {
         let snap = &self.snap;
         let record = &self.record;
         let dir = self.dir;
-        let mut seen = |id: usize, replaced: bool| {
-            let name = snap.name(id);
-            match dir {
-                Direction::Up => {
-                    if !replaced {
-                        violation = true;
-                    }
-                    record.token(name, replaced);
+        // Up: swap ids are token ids; Down: scrub ids are pattern ids (a value may have several).
+        let mut seen = |id: usize, replaced: bool| match dir {
+            Direction::Up => {
+                if !replaced {
+                    violation = true;
                 }
-                Direction::Down => record.scrubbed(name),
+                record.token(snap.name(id), replaced);
             }
+            Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
         };
         let out = match data {
             Some(d) => self.rw.push(d, &mut seen),
@@ -166,7 +164,7 @@ where
                                 let dir = this.dir;
                                 let mut seen = |id: usize, replaced: bool| match dir {
                                     Direction::Up => record.token(snap.name(id), replaced),
-                                    Direction::Down => record.scrubbed(snap.name(id)),
+                                    Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
                                 };
                                 if let Some(nv) = this.rw.rewrite_value(v.as_bytes(), &mut seen)
                                     && let Ok(hv) = http::HeaderValue::from_bytes(&nv)

@@ -19,7 +19,6 @@
 pub mod body;
 pub mod metrics;
 pub mod record;
-pub mod rewrite;
 pub mod rules;
 pub mod server;
 pub mod tls;

@@ -3,6 +3,7 @@
 //! Ordered; the first rule whose pattern matches the (verified) destination host decides. An empty
 //! list allows everything (KeyZero behaviour); a non-empty list with no matching rule denies.
 
+use crate::egress::scope::{self, ScopePattern};
 use regex::Regex;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,11 +20,15 @@ pub enum RuleError {
     Wildcard { index: usize, host: String },
 }
 
-/// How a host is matched. Hosts are compared lower-case without a trailing dot.
+/// How a host is matched. `Exact` and `Suffix` are the host-scope patterns of
+/// [`crate::egress::scope`] (one pattern language for rules and token scopes); `Regex` exists
+/// only in connection rules (KeyZero's `regex = "..."`).
 #[derive(Debug, Clone)]
 pub enum HostPattern {
+    /// Stored lower-case.
     Exact(String),
-    /// `*.example.com`: any name ending in `.example.com` (not `example.com` itself).
+    /// `*.example.com`, stored as `.example.com`: any name ending in `.example.com` (not
+    /// `example.com` itself).
     Suffix(String),
     Regex(Regex),
 }
@@ -31,50 +36,27 @@ pub enum HostPattern {
 impl HostPattern {
     /// `*.x.y` becomes a suffix pattern, anything else an exact host.
     pub fn host(host: &str) -> Result<Self, RuleError> {
-        let h = normalize(host);
-        if let Some(rest) = h.strip_prefix("*.") {
-            if rest.is_empty() || rest.contains('*') {
-                return Err(RuleError::Wildcard {
-                    index: 0,
-                    host: host.to_owned(),
-                });
-            }
-            return Ok(Self::Suffix(format!(".{rest}")));
-        }
-        if h.contains('*') {
-            return Err(RuleError::Wildcard {
+        match ScopePattern::parse(host) {
+            Ok(ScopePattern::Exact(e)) => Ok(Self::Exact(e)),
+            Ok(ScopePattern::Suffix(s)) => Ok(Self::Suffix(s)),
+            Err(_) => Err(RuleError::Wildcard {
                 index: 0,
                 host: host.to_owned(),
-            });
+            }),
         }
-        Ok(Self::Exact(h))
     }
 
     pub fn matches(&self, host: &str) -> bool {
-        // Called per request: compare without allocating (patterns are stored lower-case).
-        let h = host
-            .trim_end_matches('.')
-            .trim_start_matches('[')
-            .trim_end_matches(']');
         match self {
-            Self::Exact(e) => e.eq_ignore_ascii_case(h),
-            Self::Suffix(s) => {
-                h.len() > s.len()
-                    && h.is_char_boundary(h.len() - s.len())
-                    && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
-            }
-            Self::Regex(r) => r.is_match(&h.to_ascii_lowercase()),
+            Self::Exact(e) => scope::exact_matches(e, host),
+            Self::Suffix(s) => scope::suffix_matches(s, host),
+            Self::Regex(r) => r.is_match(&normalize(host)),
         }
     }
 }
 
 /// Lower-case, no trailing dot, no brackets around IPv6 literals.
-pub fn normalize(host: &str) -> String {
-    host.trim_end_matches('.')
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase()
-}
+pub use crate::egress::scope::normalize;
 
 #[derive(Debug, Clone)]
 pub struct ConnectionRule {

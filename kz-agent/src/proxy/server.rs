@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -26,11 +26,13 @@ use super::Shared;
 use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
 use super::metrics::Metrics;
 use super::record::{Fields, Record, path_without_query_values};
-use super::rewrite::{Decide, StreamRewriter};
 use super::rules::{Verdict, normalize};
 use super::tokens::{Scrubber, Snapshot, SwapPlan};
 use super::upstream::{self, Offer, Target, Upstream, UpstreamBody, UpstreamError};
 use crate::audit::AuditEvent;
+use crate::egress::hop;
+use crate::egress::location::{Keep, percent_encode};
+use crate::egress::rewrite::{Decide, StreamRewriter};
 use crate::tls::{ALPN_H1, ALPN_H2};
 
 // ---------------------------------------------------------------------------------------------
@@ -964,57 +966,12 @@ fn tunnel(
     Response::new(body::empty())
 }
 
-/// Percent-encodes real values placed into a URL.
+/// Real values placed into a URL, percent-encoded ([`Keep::Unreserved`]).
 struct UrlEncoded(Vec<Option<Vec<u8>>>);
 
 impl Decide for UrlEncoded {
     fn replacement(&self, id: usize) -> Option<&[u8]> {
         self.0.get(id).and_then(|v| v.as_deref())
-    }
-}
-
-fn pct_encode(v: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len());
-    for &b in v {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        }
-    }
-    out
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -1077,7 +1034,10 @@ async fn forward(
         if hit {
             let enc = UrlEncoded(
                 (0..snap.len())
-                    .map(|i| plan.replacement(i).map(pct_encode))
+                    .map(|i| {
+                        plan.replacement(i)
+                            .map(|v| percent_encode(v, Keep::Unreserved).into_bytes())
+                    })
                     .collect(),
             );
             let mut seen = |id: usize, replaced: bool| {
@@ -1118,7 +1078,7 @@ async fn forward(
         return refused(&rec, &host);
     }
 
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    hop::strip(&mut parts.headers, upgrade);
     if upgrade && !snap.is_empty() {
         // No permessage-deflate: compressed frames could hide a real value from the scrubber.
         parts.headers.remove("sec-websocket-extensions");
@@ -1328,7 +1288,7 @@ async fn respond(
                 if !is_ws && !snap2.is_empty() {
                     return 0;
                 }
-                let mut seen = |id: usize, _| rec2.scrubbed(snap2.name(id));
+                let mut seen = |id: usize, _| rec2.scrubbed(snap2.scrubbed_name(id));
                 match super::ws::relay_down(sr, cw, rw, &mut seen).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -1346,11 +1306,8 @@ async fn respond(
     // Header values: real → masked.
     if !snap.is_empty() {
         for (_, value) in parts.headers.iter_mut() {
-            let mut seen = |id: usize, _| rec.scrubbed(snap.name(id));
-            if let Some(v) =
-                scrub
-                    .patterns()
-                    .rewrite_all(value.as_bytes(), scrub.plan().as_ref(), &mut seen)
+            let mut seen = |name: &str| rec.scrubbed(name);
+            if let Some(v) = scrub.rewrite_value(value.as_bytes(), &mut seen)
                 && let Ok(hv) = HeaderValue::from_bytes(&v)
             {
                 *value = hv;
@@ -1358,7 +1315,7 @@ async fn respond(
         }
     }
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(&mut parts.headers, upgraded);
+    hop::strip(&mut parts.headers, upgraded);
     if upgraded {
         return Response::from_parts(parts, body::empty());
     }
@@ -1413,10 +1370,9 @@ async fn respond(
                     );
                 }
             };
-            let mut seen = |id: usize, _| rec.scrubbed(snap.name(id));
+            let mut seen = |name: &str| rec.scrubbed(name);
             let out = scrub
-                .patterns()
-                .rewrite_all(&data, scrub.plan().as_ref(), &mut seen)
+                .rewrite_value(&data, &mut seen)
                 .map_or(data, Bytes::from);
             rec.bytes_down
                 .fetch_add(out.len() as u64, Ordering::Relaxed);

@@ -6,8 +6,9 @@
 
 use std::sync::{Arc, RwLock};
 
-use super::rewrite::{Decide, Patterns, RewriteError, StreamRewriter};
-use super::rules::HostPattern;
+use crate::egress::rewrite::{Decide, Patterns, RewriteError, StreamRewriter};
+use crate::egress::scope::ScopePattern;
+use crate::egress::scrub::{self, Forms, Replacement, ScrubError};
 use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum TokenError {
     BadScope { token: String, host: String },
     #[error("{0}")]
     Build(#[from] RewriteError),
+    #[error("{0}")]
+    Scrub(#[from] ScrubError),
 }
 
 struct Entry {
@@ -33,14 +36,15 @@ struct Entry {
     masked: String,
     secret: Secret,
     /// Empty = any host the connection rules allow (KeyZero behaviour).
-    hosts: Vec<HostPattern>,
+    hosts: Vec<ScopePattern>,
 }
 
 /// One consistent view of the table.
 pub struct Snapshot {
     entries: Vec<Entry>,
     masked: Arc<Patterns>,
-    real: Arc<Patterns>,
+    /// Real values → masked tokens (the egress scrubber with the token replacement policy).
+    real: scrub::Scrubber,
     version: u64,
 }
 
@@ -60,6 +64,12 @@ impl Snapshot {
     /// The secret's name (for audit records; never its value).
     pub fn name(&self, id: usize) -> &str {
         self.entries.get(id).map_or("?", |e| e.name.as_str())
+    }
+
+    /// The name of the secret a scrub match belongs to: scrubbers report pattern ids, and a
+    /// value may have several patterns (its encoded forms, issue 14).
+    pub fn scrubbed_name(&self, pattern: usize) -> &str {
+        self.name(self.real.value_of(pattern))
     }
 
     pub fn in_scope(&self, id: usize, host: &str) -> bool {
@@ -110,66 +120,48 @@ impl Decide for SwapPlan {
     }
 }
 
-/// Real → masked for every secret in the table, whatever the host.
-pub struct ScrubPlan {
-    snap: Arc<Snapshot>,
-}
-
-impl Decide for ScrubPlan {
-    fn replacement(&self, id: usize) -> Option<&[u8]> {
-        self.snap.entries.get(id).map(|e| e.masked.as_bytes())
-    }
-}
-
-/// Reusable scrubber (real values → masked tokens): the proxy uses it on responses, the MCP
-/// server on `fetch` results.
+/// Reusable scrubber (real values → masked tokens) over one snapshot of the table: the proxy
+/// uses it on responses. A thin view of the snapshot's [`scrub::Scrubber`].
 #[derive(Clone)]
 pub struct Scrubber {
-    plan: Arc<ScrubPlan>,
+    snap: Arc<Snapshot>,
 }
 
 impl Scrubber {
     /// A scrubber over one snapshot of the table.
     pub fn for_snapshot(snap: Arc<Snapshot>) -> Self {
-        Self {
-            plan: Arc::new(ScrubPlan { snap }),
-        }
+        Self { snap }
     }
 
     /// Scrubs a complete buffer. Borrowed when nothing needed scrubbing.
     pub fn scrub<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
-        match self
-            .plan
-            .snap
-            .real
-            .rewrite_all(data, self.plan.as_ref(), &mut |_, _| {})
-        {
-            Some(v) => std::borrow::Cow::Owned(v),
-            None => std::borrow::Cow::Borrowed(data),
-        }
+        self.snap.real.scrub(data)
     }
 
-    /// A streaming scrubber for one body: push chunks, then `finish`.
+    /// A streaming scrubber for one body: push chunks, then `finish`. It reports pattern ids
+    /// ([`Snapshot::scrubbed_name`]).
     pub fn stream(&self) -> StreamRewriter {
-        StreamRewriter::new(self.plan.snap.real.clone(), self.plan.clone())
+        self.snap.real.stream()
+    }
+
+    /// Scrubs one complete value (a header); `seen` gets the secret's name per occurrence.
+    pub fn rewrite_value(&self, v: &[u8], seen: &mut dyn FnMut(&str)) -> Option<Vec<u8>> {
+        self.snap
+            .real
+            .rewrite_value(v, &mut |id| seen(self.snap.scrubbed_name(id)))
     }
 
     /// Names of the secrets found in `data` (for audit records).
     pub fn found(&self, data: &[u8]) -> Vec<String> {
-        let mut v = Vec::new();
-        self.plan.snap.real.for_each_match(data, |id| {
-            v.push(self.plan.snap.name(id).to_owned());
-        });
+        let mut v: Vec<String> = self
+            .snap
+            .real
+            .found(data)
+            .into_iter()
+            .map(|i| self.snap.name(i).to_owned())
+            .collect();
         v.dedup();
         v
-    }
-
-    pub(crate) fn patterns(&self) -> &Arc<Patterns> {
-        &self.plan.snap.real
-    }
-
-    pub(crate) fn plan(&self) -> Arc<dyn Decide> {
-        self.plan.clone()
     }
 }
 
@@ -190,7 +182,7 @@ impl TokenTable {
         let empty = Snapshot {
             entries: Vec::new(),
             masked: Arc::new(Patterns::empty()),
-            real: Arc::new(Patterns::empty()),
+            real: scrub::Scrubber::empty(),
             version: 0,
         };
         Self {
@@ -237,7 +229,7 @@ impl TokenTable {
         let hosts = hosts
             .iter()
             .map(|h| {
-                HostPattern::host(h).map_err(|_| TokenError::BadScope {
+                ScopePattern::parse(h).map_err(|_| TokenError::BadScope {
                     token: masked.to_owned(),
                     host: h.clone(),
                 })
@@ -307,16 +299,22 @@ fn build(entries: Vec<Entry>, version: u64) -> Result<Snapshot, TokenError> {
             .map(|e| e.masked.as_bytes().to_vec().into_boxed_slice())
             .collect(),
     )?;
-    let real = Patterns::new(
-        entries
-            .iter()
-            .map(|e| e.secret.expose().as_bytes().to_vec().into_boxed_slice())
-            .collect(),
+    // Raw values only: the proxy streams bodies through this, and the encoded forms issue 14
+    // asks for are switched on here (one `Forms` change) once they are under test.
+    let real = scrub::Scrubber::new(
+        entries.iter().map(|e| e.secret.expose().as_bytes()),
+        Forms::RAW,
+        Replacement::Tokens(
+            entries
+                .iter()
+                .map(|e| e.masked.as_bytes().to_vec().into_boxed_slice())
+                .collect(),
+        ),
     )?;
     Ok(Snapshot {
         entries,
         masked: Arc::new(masked),
-        real: Arc::new(real),
+        real,
         version,
     })
 }

@@ -7,7 +7,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::rewrite::StreamRewriter;
+use crate::egress::rewrite::StreamRewriter;
 
 /// Largest frame buffered for scrubbing.
 const MAX_FRAME: u64 = 16 * 1024 * 1024;
@@ -130,7 +130,7 @@ fn parse(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, WsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::rewrite::{Fixed, Patterns};
+    use crate::egress::rewrite::{Fixed, Patterns};
     use std::sync::Arc;
 
     fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {

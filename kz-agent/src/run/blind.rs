@@ -873,15 +873,7 @@ mod tests {
 
     #[test]
     fn context_sink_adds_but_never_overrides() {
-        #[derive(Default)]
-        struct Mem(Mutex<Vec<AuditEvent>>);
-        impl AuditSink for Mem {
-            fn record(&self, e: AuditEvent) -> Result<(), crate::audit::AuditError> {
-                self.0.lock().unwrap().push(e);
-                Ok(())
-            }
-        }
-        let mem = Arc::new(Mem::default());
+        let mem = Arc::new(crate::audit::MemorySink::new());
         let mut context = Fields::default();
         context.insert("run", "run-1".into());
         context.insert("mode", "kernel".into());
@@ -891,7 +883,7 @@ mod tests {
         };
         sink.record(AuditEvent::new("x").with("mode", "transparent"))
             .unwrap();
-        let got = mem.0.lock().unwrap()[0].clone();
+        let got = mem.events()[0].clone();
         assert_eq!(got.fields["run"], "run-1");
         assert_eq!(got.fields["mode"], "transparent");
     }

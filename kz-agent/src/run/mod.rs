@@ -5,15 +5,16 @@
 //! second, every failure listed, never a value), [`TokenMinter`] (masked tokens),
 //! [`child_env`] (`--clean-env`/`--keep-env`) and [`spawn_and_wait`] (signal forwarding, exit
 //! code passthrough).
+//!
+//! [`run`] takes [`RunOptions`], not command-line arguments: the flags, and `kz export` and
+//! `kz status` over [`resolve_all`] and [`resolve_each`], are wired in `cmd::run`.
 
 pub mod blind;
-pub mod commands;
 pub mod trust;
 
 use crate::config::{Config, ConfigError, SecretEntry};
 use crate::resolve::Resolver;
 use crate::secret::Secret;
-use clap::Args;
 use futures_util::future::join_all;
 use rand::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -31,43 +32,29 @@ pub const MASKED_PREFIX: &str = "kz_masked_";
 /// Resolution slower than this gets a progress line on stderr.
 const PROGRESS_AFTER: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "Blind mode (--blind): the command sees only masked tokens (kz_masked_…); kz swaps in the real\nvalue on the wire, only for hosts the secret is scoped to.  Example: kz run --blind -- node agent.js"
-)]
-pub struct RunArgs {
-    /// Only resolve these secrets (comma-separated)
-    #[arg(long, value_delimiter = ',')]
+/// What `kz run` is asked to do (its command-line flags, parsed by `cli`, as plain values).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Only these secrets (`None`: every configured secret).
     pub only: Option<Vec<String>>,
-    /// Clear inherited environment, keeping only essential OS vars and resolved secrets
-    #[arg(long, conflicts_with = "blind")]
+    /// Start the child from [`ESSENTIAL_VARS`] and `keep_env` instead of kz's environment
+    /// (plain mode only: the CLI refuses it with `blind`).
     pub clean_env: bool,
-    /// Additional env vars to preserve when using --clean-env (comma-separated)
-    #[arg(long, value_delimiter = ',', requires = "clean_env")]
-    pub keep_env: Option<Vec<String>>,
-    /// Blind mode: the command gets masked tokens, real values are swapped in at the network
-    /// boundary for each secret's hosts only
-    #[arg(long)]
+    /// Inherited variables `clean_env` keeps besides the essential ones.
+    pub keep_env: Vec<String>,
+    /// Blind mode: the child gets masked tokens, real values are swapped in on the wire.
     pub blind: bool,
-    /// With --blind: fail instead of falling back to explicit-proxy mode when kernel
-    /// interception (root, cgroup v2, BPF) is not available
-    #[arg(long, requires = "blind")]
+    /// Blind mode: fail instead of falling back to explicit-proxy mode.
     pub require_kernel: bool,
-    /// With --blind: run the agent as USER[:GROUP] (names or ids) [default: the user who ran
-    /// sudo/pkexec, else kz's own user; root is refused without --allow-root-agent]
-    #[arg(long, value_name = "USER[:GROUP]", requires = "blind")]
+    /// Blind mode: the agent's `USER[:GROUP]` (default: the user who ran sudo/pkexec, else
+    /// kz's own).
     pub user: Option<String>,
-    /// With --blind: allow the agent to be root; it then runs as root only inside a user
-    /// namespace of its own (mapped to nobody outside), still without capabilities
-    #[arg(long, requires = "blind")]
+    /// Blind mode: let the agent be root (inside a user namespace of its own).
     pub allow_root_agent: bool,
-    /// With --blind: append audit records (hash-chained JSONL) to FILE
-    /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
-    #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
+    /// Blind mode: the audit log (default: [`blind::audit_path`]'s).
     pub audit_log: Option<std::path::PathBuf>,
-    /// Command and arguments to run
-    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
-    pub cmd: Vec<OsString>,
+    /// The program and its arguments.
+    pub command: Vec<OsString>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -428,16 +415,17 @@ fn in_terminal_foreground() -> bool {
     }
 }
 
-/// `kz run` without `--blind`.
-pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError> {
-    let Some((program, rest)) = args.cmd.split_first() else {
+/// `kz run`: resolve, then run the command plainly (real values in its environment) or, with
+/// `blind`, as an agent that sees only masked tokens ([`blind::run`]).
+pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunError> {
+    let Some((program, rest)) = opts.command.split_first() else {
         return Err(RunError::NoCommand);
     };
     // Blind mode: load the eBPF programs while the config is read and secrets are resolved.
-    let preload = args.blind.then(blind::Preload::start);
+    let preload = opts.blind.then(blind::Preload::start);
     let config = Config::load(dir)?;
-    crate::config::commands::print_warnings(&config);
-    let secrets = resolve_all(&config, args.only.as_deref()).await?;
+    crate::config::print_warnings(&config);
+    let secrets = resolve_all(&config, opts.only.as_deref()).await?;
     // Resolution is over. The variables that held a real value or a resolver's login (derived
     // from the resolvers' settings) leave kz's own environment and the block
     // /proc/<pid>/environ shows, in either mode: a process beside kz reads nothing there.
@@ -457,22 +445,22 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
             Err(e) => tracing::debug!("{e}"),
         }
     };
-    if args.blind {
+    if opts.blind {
         scrub_own_environ(&secrets, true);
-        let audit = blind::open_audit(args.audit_log.as_deref())?;
-        // KeyZero's rule: --clean-env does not combine with --blind (clap enforces it).
+        let audit = blind::open_audit(opts.audit_log.as_deref())?;
+        // KeyZero's rule: --clean-env does not combine with --blind (the CLI enforces it).
         let mut cmd = std::process::Command::new(program);
         cmd.args(rest);
         let request = blind::BlindRequest {
             secrets: mask_all(secrets),
             config: config.blind.clone(),
             command: cmd,
-            require_kernel: args.require_kernel,
+            require_kernel: opts.require_kernel,
             user: crate::contain::UserRequest {
-                spec: args.user.clone(),
-                allow_root: args.allow_root_agent,
+                spec: opts.user.clone(),
+                allow_root: opts.allow_root_agent,
             },
-            audit_path: Some(blind::audit_path(args.audit_log.as_deref())),
+            audit_path: Some(blind::audit_path(opts.audit_log.as_deref())),
             hide_extra: crate::contain::resolver_files(&config),
             audit,
             preload,
@@ -483,8 +471,8 @@ pub async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError
     // Without --blind the child gets KeyZero's environment (inherited variables included),
     // copied before kz scrubs its own.
     let env = child_env(
-        args.clean_env,
-        args.keep_env.as_deref().unwrap_or_default(),
+        opts.clean_env,
+        &opts.keep_env,
         secrets
             .iter()
             .map(|s| (s.name.clone(), s.value.expose().to_owned())),

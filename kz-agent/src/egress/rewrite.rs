@@ -1,7 +1,10 @@
 //! Streaming find-and-replace over byte streams that arrive in arbitrary chunks.
 //!
-//! Both directions of the proxy use it: masked → real on the way out (only for tokens in scope of
-//! the verified host) and real → masked on the way back (every real value, always). Patterns may
+//! The engine under every credential rewrite kz does: the proxy's two directions (masked → real
+//! on the way out, only for tokens in scope of the verified host; real → masked on the way back,
+//! every real value, always) and every [`super::scrub::Scrubber`] (MCP `fetch`, the PDP's
+//! exchange proxy). It lives in `egress`, not `proxy`, so the scrubber all three share sits on
+//! one automaton and one set of chunk-boundary rules. Patterns may
 //! straddle chunk boundaries, so a [`StreamRewriter`] holds back the shortest tail that could still
 //! grow into a match — never more than the longest pattern minus one byte — and emits everything
 //! else at once. Data that cannot be part of a match is never delayed, which is what keeps SSE and
@@ -75,6 +78,22 @@ impl Patterns {
 
     pub fn is_empty(&self) -> bool {
         self.pats.is_empty()
+    }
+
+    /// The longest pattern in bytes (0 for an empty set).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Every non-overlapping leftmost-longest match in `hay` as `(start, end, pattern id)`.
+    pub fn matches<'a>(
+        &'a self,
+        hay: &'a [u8],
+    ) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+        self.ac
+            .iter()
+            .flat_map(move |ac| ac.find_iter(hay))
+            .map(|m| (m.start(), m.end(), m.pattern().as_usize()))
     }
 
     /// Calls `seen(id)` for every match in `hay` without rewriting (used to spot tokens).

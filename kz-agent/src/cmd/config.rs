@@ -1,32 +1,11 @@
 //! `kz validate`, `kz init`, `kz list`: KeyZero's commands and output formats.
 
-use super::{CONFIG_FILENAME, Config, ConfigError};
+use crate::cli::{FormatArgs, OutputFormat};
+use crate::config::{CONFIG_FILENAME, Config, ConfigError, print_warnings};
 use crate::resolve;
-use clap::{Args, ValueEnum};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-/// `--format text|json`, shared by status, validate, list and export.
-#[derive(Debug, Clone, Args)]
-pub struct FormatArgs {
-    /// Output format
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
-}
-
-pub fn print_warnings(config: &Config) {
-    for w in &config.warnings {
-        eprintln!("warning: {w}");
-    }
-}
 
 struct Problem {
     name: String,

@@ -1,40 +1,33 @@
-//! `kz export` and `kz status`: KeyZero's commands and output formats.
+//! `kz run`, `kz export` and `kz status`: the commands that resolve the config's secrets.
+//!
+//! `kz run` is the library's [`crate::run::run`] with its flags as [`RunOptions`]; `export` and
+//! `status` are KeyZero's commands and output formats over [`crate::run::resolve_all`] and
+//! [`crate::run::resolve_each`].
 
-use super::{RunError, resolve_all, resolve_each};
-use crate::config::Config;
-use crate::config::commands::{FormatArgs, OutputFormat, print_warnings};
-use clap::{Args, ValueEnum};
+use crate::cli::{ExportArgs, OutputFormat, RunArgs, Shell, StatusArgs};
+use crate::config::{Config, print_warnings};
+use crate::run::{RunError, RunOptions, resolve_all, resolve_each};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Shell {
-    Zsh,
-    Bash,
-    Fish,
+/// `kz run [--blind]`: the flags as the library's options, nothing else.
+pub(super) async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError> {
+    crate::run::run(dir, run_options(args)).await
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ExportArgs {
-    /// Only resolve these secrets (comma-separated)
-    #[arg(long, value_delimiter = ',')]
-    pub only: Option<Vec<String>>,
-    /// Output format
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
-    /// Shell-specific output (fish uses set -gx instead of export)
-    #[arg(long, value_enum, conflicts_with = "format")]
-    pub shell: Option<Shell>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct StatusArgs {
-    /// Only resolve these secrets (comma-separated)
-    #[arg(long, value_delimiter = ',')]
-    pub only: Option<Vec<String>>,
-    #[command(flatten)]
-    pub fmt: FormatArgs,
+fn run_options(args: RunArgs) -> RunOptions {
+    RunOptions {
+        only: args.only,
+        clean_env: args.clean_env,
+        keep_env: args.keep_env.unwrap_or_default(),
+        blind: args.blind,
+        require_kernel: args.require_kernel,
+        user: args.user,
+        allow_root_agent: args.allow_root_agent,
+        audit_log: args.audit_log,
+        command: args.cmd,
+    }
 }
 
 /// Single-quotes a value for POSIX shells and fish (`'` → `'\''`).
@@ -44,7 +37,7 @@ fn quote(v: &str) -> String {
 
 /// Prints `export NAME='VALUE'` lines (or fish's `set -gx`, or JSON). Values go to stdout by
 /// design; nothing else about them goes anywhere.
-pub async fn export(dir: Option<&Path>, args: &ExportArgs) -> Result<ExitCode, RunError> {
+pub(super) async fn export(dir: Option<&Path>, args: &ExportArgs) -> Result<ExitCode, RunError> {
     let config = Config::load(dir)?;
     print_warnings(&config);
     if !std::io::stdout().is_terminal() {
@@ -87,7 +80,7 @@ fn mask(value: &str) -> String {
 }
 
 /// Resolves each secret and shows ✓/✗ per secret; exit 1 when any failed.
-pub async fn status(dir: Option<&Path>, args: &StatusArgs) -> Result<ExitCode, RunError> {
+pub(super) async fn status(dir: Option<&Path>, args: &StatusArgs) -> Result<ExitCode, RunError> {
     let config = Config::load(dir)?;
     print_warnings(&config);
     let results = resolve_each(&config, args.only.as_deref()).await?;

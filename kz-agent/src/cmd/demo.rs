@@ -6,7 +6,7 @@
 //! that prints the original destination; its connect to a denied CIDR fails with EPERM and a
 //! block event names it. A curl outside the cgroup goes straight to the upstream.
 
-use super::{Cgroup, Cidr, Interceptor, Policy};
+use crate::intercept::{Cgroup, Cidr, Interceptor, Policy};
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -74,7 +74,7 @@ fn curl(ns: &str, cg: Option<&Cgroup>, url: &str) -> Result<(bool, String)> {
     Ok((out.status.success(), text.trim().to_owned()))
 }
 
-pub fn run() -> Result<()> {
+pub(super) fn run() -> Result<()> {
     let tag = std::process::id();
     let client = Ns(format!("kzdemo-c{tag}"));
     let upstream = Ns(format!("kzdemo-u{tag}"));

@@ -737,6 +737,11 @@ fn host_lookup(answers: Answers, upstream: SocketAddr) -> proxy::HostLookup {
     })
 }
 
+/// glibc's name-service cache socket, which every lookup probes first.
+fn is_nscd_probe(path: Option<&str>) -> bool {
+    matches!(path, Some("/var/run/nscd/socket" | "/run/nscd/socket"))
+}
+
 async fn audit_blocks(
     mut events: crate::intercept::BlockEvents,
     cgroup_id: u64,
@@ -752,10 +757,14 @@ async fn audit_blocks(
         }
         // Unix-socket refusals name the peer by its path; the others by address and port.
         let target = b.path.clone().unwrap_or_else(|| b.dest.to_string());
-        eprintln!(
-            "kz: blocked {} {} from {} (pid {}) to {}: {:?}",
-            b.proto, b.op, b.comm, b.tgid, target, b.reason
-        );
+        // glibc probes nscd on every name or user lookup and falls back when refused (nscd
+        // would resolve names outside kz's DNS): audited, but not worth a line on the terminal.
+        if !is_nscd_probe(b.path.as_deref()) {
+            eprintln!(
+                "kz: blocked {} {} from {} (pid {}) to {}: {:?}",
+                b.proto, b.op, b.comm, b.tgid, target, b.reason
+            );
+        }
         // `audit` adds the run's context; the cgroup is known only from here on.
         let mut event = AuditEvent::new("connect_blocked")
             .with("cgroup", cgroup.clone())

@@ -84,6 +84,7 @@ fn radix36(mut v: u32) -> String {
 /// The unprivileged user sandboxed agents run as in the tests (`kz run --blind` started the way
 /// `sudo` starts it: SUDO_UID/SUDO_GID name this user). Created once per machine, race-free
 /// across parallel test processes (useradd under an flock).
+#[derive(Debug, Clone, Copy)]
 pub struct AgentUser {
     pub name: &'static str,
     pub uid: u32,
@@ -93,38 +94,29 @@ pub struct AgentUser {
 pub const AGENT_USER: &str = "kz-test-agent";
 
 pub fn agent_user() -> AgentUser {
-    use std::os::unix::process::CommandExt;
-    let lookup = || {
-        let out = std::process::Command::new("id")
-            .args(["-u", AGENT_USER])
-            .output()
-            .ok()?;
-        let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-        let out = std::process::Command::new("id")
-            .args(["-g", AGENT_USER])
-            .output()
-            .ok()?;
-        let gid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-        Some((uid, gid))
-    };
-    if lookup().is_none() {
-        // flock(1) serialises the creation between test processes.
-        let status = std::process::Command::new("flock")
-            .args(["/tmp/kz-test-agent-user.lock", "sh", "-c"])
-            .arg(format!(
-                "id -u {AGENT_USER} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /bin/sh {AGENT_USER}"
-            ))
-            .process_group(0)
-            .status()
-            .expect("run useradd");
-        assert!(status.success(), "cannot create the test user {AGENT_USER}");
-    }
-    let (uid, gid) = lookup().expect("the test user exists");
-    AgentUser {
-        name: AGENT_USER,
-        uid,
-        gid,
-    }
+    static USER: std::sync::OnceLock<AgentUser> = std::sync::OnceLock::new();
+    *USER.get_or_init(|| {
+        use std::os::unix::process::CommandExt;
+        let lookup = || nix::unistd::User::from_name(AGENT_USER).ok().flatten();
+        if lookup().is_none() {
+            // flock(1) serialises the creation between test processes.
+            let status = std::process::Command::new("flock")
+                .args(["/tmp/kz-test-agent-user.lock", "sh", "-c"])
+                .arg(format!(
+                    "id -u {AGENT_USER} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /bin/sh {AGENT_USER}"
+                ))
+                .process_group(0)
+                .status()
+                .expect("run useradd");
+            assert!(status.success(), "cannot create the test user {AGENT_USER}");
+        }
+        let user = lookup().expect("the test user exists");
+        AgentUser {
+            name: AGENT_USER,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }
+    })
 }
 
 impl AgentUser {

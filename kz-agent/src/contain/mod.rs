@@ -205,7 +205,6 @@ const SECUREBITS: libc::c_ulong = 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80;
 /// Everything [`Prepared::enter`] needs, built in the parent.
 pub struct Prepared {
     user: AgentUser,
-    groups: Vec<libc::gid_t>,
     /// "0 <uid> 1\n" / "0 <gid> 1\n" for a root-in-namespace agent.
     uid_map: CString,
     gid_map: CString,
@@ -240,7 +239,6 @@ impl Prepared {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(63);
         Ok(Prepared {
-            groups: spec.user.groups.clone(),
             uid_map: cstr(format!("0 {} 1\n", spec.user.uid))?,
             gid_map: cstr(format!("0 {} 1\n", spec.user.gid))?,
             user: spec.user,
@@ -394,7 +392,7 @@ impl Prepared {
         let (uid, gid) = (self.user.uid, self.user.gid);
         // SAFETY: setgroups reads `groups.len()` ids from a live slice; the others take ids.
         unsafe {
-            if set_groups(&self.groups) != 0 || set_gid(gid) != 0 || set_uid(uid) != 0 {
+            if set_groups(&self.user.groups) != 0 || set_gid(gid) != 0 || set_uid(uid) != 0 {
                 return Err(());
             }
         }
@@ -512,16 +510,7 @@ pub fn doctor() -> Vec<(&'static str, bool, String)> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    // SAFETY: landlock_create_ruleset with a NULL attribute and the VERSION flag only returns
-    // the ABI version.
-    let landlock_abi = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<LandlockRulesetAttr>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
+    let landlock_abi = landlock_abi();
     let seccomp = std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:")));
     vec![
@@ -566,19 +555,24 @@ pub fn on_exec(cmd: &mut std::process::Command, prepared: std::sync::Arc<Prepare
     }
 }
 
-/// A Landlock ruleset that handles no file or network access but scopes abstract unix sockets
-/// and signals to the agent's own domain (ABI 6, Linux 6.12). None where the kernel lacks it.
-fn landlock_scopes() -> Option<OwnedFd> {
+/// The kernel's Landlock ABI version (negative where Landlock is missing or disabled).
+fn landlock_abi() -> libc::c_long {
     // SAFETY: landlock_create_ruleset with a NULL attribute and the VERSION flag only returns
     // the ABI version.
-    let abi = unsafe {
+    unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<LandlockRulesetAttr>(),
             0usize,
             LANDLOCK_CREATE_RULESET_VERSION,
         )
-    };
+    }
+}
+
+/// A Landlock ruleset that handles no file or network access but scopes abstract unix sockets
+/// and signals to the agent's own domain (ABI 6, Linux 6.12). None where the kernel lacks it.
+fn landlock_scopes() -> Option<OwnedFd> {
+    let abi = landlock_abi();
     if abi < 6 {
         tracing::debug!(abi, "Landlock scopes need ABI 6 (Linux 6.12); not applied");
         return None;
@@ -636,16 +630,12 @@ pub fn hidden_paths(
     home: Option<&Path>,
     project: &Path,
 ) -> Vec<PathBuf> {
-    let defaults: Vec<String>;
-    let entries = match entries {
-        Some(e) => e,
-        None => {
-            defaults = DEFAULT_HIDDEN.iter().map(|s| (*s).to_owned()).collect();
-            &defaults
-        }
+    let entries: Vec<&str> = match entries {
+        Some(e) => e.iter().map(String::as_str).collect(),
+        None => DEFAULT_HIDDEN.to_vec(),
     };
     let mut out: Vec<PathBuf> = entries
-        .iter()
+        .into_iter()
         .filter_map(|e| {
             if let Some(rest) = e.strip_prefix("~/") {
                 home.map(|h| h.join(rest))

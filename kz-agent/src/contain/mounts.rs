@@ -56,9 +56,8 @@ pub struct MountPlan {
     ops: Vec<Op>,
     /// What each op masks, for error messages (same index).
     labels: Vec<String>,
-    empty_file: Option<CString>,
-    /// Whether the agent is in a cgroup of its own (cgroup2 is remounted only then).
-    own_cgroup: bool,
+    /// The source of every file mask.
+    empty_file: CString,
 }
 
 /// A directory tree replaced by a read-only one holding only `keep`: (path, content) pairs
@@ -126,8 +125,7 @@ fn unescape(s: &str) -> String {
 impl MountPlan {
     pub fn new(inputs: MountInputs) -> Result<MountPlan, MountError> {
         let mut plan = MountPlan {
-            empty_file: Some(cpath(&inputs.empty_file)?),
-            own_cgroup: inputs.own_cgroup,
+            empty_file: cpath(&inputs.empty_file)?,
             ..MountPlan::default()
         };
         // File masks first: their source (the empty file) lives in kz's run directory, which
@@ -252,14 +250,12 @@ impl MountPlan {
         };
         for (i, op) in self.ops.iter().enumerate() {
             let done = match op {
-                Op::EmptyFile(target) => match &self.empty_file {
-                    Some(src) => {
-                        mount(Some(src), target, None, libc::MS_BIND, None) && read_only(target)
-                    }
-                    None => return Err((i, libc::EINVAL)),
-                },
+                Op::EmptyFile(target) => {
+                    mount(Some(&self.empty_file), target, None, libc::MS_BIND, None)
+                        && read_only(target)
+                }
                 Op::EmptyDir(target) => empty_dir(target),
-                Op::Cgroup2(target) if self.own_cgroup => {
+                Op::Cgroup2(target) => {
                     // The one cgroup2 superblock is read-write (MS_RDONLY here is EBUSY), and
                     // the kernel refuses a superblock on a mount point that is already its
                     // root (EBUSY too): a tmpfs goes between.
@@ -267,7 +263,6 @@ impl MountPlan {
                         && mount(Some(c"cgroup2"), target, Some(c"cgroup2"), HARD, None)
                         && read_only(target)
                 }
-                Op::Cgroup2(_) => true,
                 Op::Proc(target) => mount(
                     Some(c"proc"),
                     target,

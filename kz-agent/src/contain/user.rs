@@ -80,13 +80,10 @@ pub fn resolve(
     let me = Uid::current().as_raw();
     let (uid, gid, why) = match &req.spec {
         Some(spec) => {
-            if me != 0 {
-                let (u, _) = parse_spec(spec)?;
-                if u != me {
-                    return Err(UserError::NotRoot(me));
-                }
-            }
             let (u, g) = parse_spec(spec)?;
+            if me != 0 && u != me {
+                return Err(UserError::NotRoot(me));
+            }
             (u, g, " (--user names root)")
         }
         None if me == 0 => match invoker(&env)? {

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget, WithContext};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
-use crate::contain::{self, AgentUser, ContainError, Prepared, UserRequest};
+use crate::contain::{self, AgentUser, ContainError, Prepared};
 use crate::intercept::Cgroup;
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use crate::intercept::{Cidr, Interceptor, Ipv6Mode, Policy, TcpRedirect};
@@ -83,8 +83,8 @@ pub struct BlindRequest {
     /// working directory.
     pub command: std::process::Command,
     pub require_kernel: bool,
-    /// Who the agent runs as (`--user`, `--allow-root-agent`; see [`crate::contain::user`]).
-    pub user: UserRequest,
+    /// Who the agent runs as ([`crate::contain::user::resolve`], done before secrets are).
+    pub agent: AgentUser,
     /// The audit log's file, masked in the agent's mount namespace (None: stdout or memory).
     pub audit_path: Option<PathBuf>,
     /// More paths to mask in the agent's mount namespace (the files kz's resolvers read).
@@ -143,19 +143,18 @@ impl Drop for Preload {
 const TTL_FLOOR: Duration = Duration::from_secs(300);
 /// In-flight requests get this long when the child has exited.
 const PROXY_DRAIN: Duration = Duration::from_secs(1);
-/// The audit sink of a blind run: `path`, else `$XDG_STATE_HOME/kz/audit.jsonl`, else
-/// `~/.local/state/kz/audit.jsonl`.
-pub fn open_audit(path: Option<&Path>) -> Result<Arc<dyn AuditSink>, crate::audit::AuditError> {
-    let path = audit_path(path);
+/// The audit sink of a blind run, appending to `path` ([`audit_path`]).
+pub fn open_audit(path: &Path) -> Result<Arc<dyn AuditSink>, crate::audit::AuditError> {
     let sink = ChainSink::open(SinkTarget::File {
-        path,
+        path: path.to_owned(),
         fsync: Fsync::Interval,
         max_bytes: Some(64 * 1024 * 1024),
     })?;
     Ok(Arc::new(sink))
 }
 
-/// The audit log [`open_audit`] writes: `path`, else the default.
+/// The audit log of a blind run: `path`, else `$XDG_STATE_HOME/kz/audit.jsonl`, else
+/// `~/.local/state/kz/audit.jsonl`.
 pub fn audit_path(path: Option<&Path>) -> PathBuf {
     match path {
         Some(p) => p.to_owned(),
@@ -181,9 +180,6 @@ pub async fn run(req: BlindRequest) -> Result<ExitCode, BlindError> {
     if req.secrets.is_empty() {
         return Err(BlindError::NoSecrets);
     }
-    // Before anything starts: a run whose agent would be root stops here.
-    let agent =
-        contain::user::resolve(&req.user, |k| std::env::var(k).ok()).map_err(ContainError::from)?;
     let rules = connection_rules(&req.config)?;
     if req.config.is_open() {
         let unscoped: Vec<&str> = req
@@ -199,7 +195,7 @@ pub async fn run(req: BlindRequest) -> Result<ExitCode, BlindError> {
             );
         }
     }
-    run_async(req, rules, agent).await
+    run_async(req, rules).await
 }
 
 /// `[blind] connections` as the proxy's rules (`non_http_tcp` lets allowed hosts carry non-HTTP
@@ -283,11 +279,7 @@ fn phase(start: std::time::Instant, phase: &str) {
     );
 }
 
-async fn run_async(
-    mut req: BlindRequest,
-    rules: ConnectionRules,
-    agent: AgentUser,
-) -> Result<ExitCode, BlindError> {
+async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<ExitCode, BlindError> {
     let t0 = std::time::Instant::now();
     let loaded = match req.preload.take() {
         Some(p) => p.take(),
@@ -360,18 +352,19 @@ async fn run_async(
 
     let dir = RunDir::create(&id)?;
     let ca = Arc::new(CertAuthority::generate(1024)?);
-    let bundle = dir.write_ca_bundle(ca.cert_pem())?;
+    let (bundle, bundle_pem) = dir.write_ca_bundle(ca.cert_pem())?;
     for var in trust::CA_ENV_VARS {
         req.command.env(var, &bundle);
     }
     for var in trust::PROXY_ENV_VARS {
         req.command.env_remove(var);
     }
+    let agent = req.agent.clone();
     let contained = Arc::new(contain_agent(
         &mut req,
         agent,
         &dir,
-        &bundle,
+        (&bundle, bundle_pem),
         icpt.is_some(),
     )?);
     audit(
@@ -598,7 +591,7 @@ fn contain_agent(
     req: &mut BlindRequest,
     agent: AgentUser,
     dir: &RunDir,
-    bundle: &Path,
+    (bundle, bundle_pem): (&Path, String),
     own_cgroup: bool,
 ) -> Result<Prepared, BlindError> {
     let cwd = match req.command.get_current_dir() {
@@ -632,16 +625,11 @@ fn contain_agent(
             hide.extend(crate::audit::rotated_files(log));
         }
         let empty = dir.write("empty", b"", 0o444)?;
-        let bundle_pem = std::fs::read(bundle).map_err(|source| trust::TrustError::Io {
-            what: "read",
-            path: bundle.to_owned(),
-            source,
-        })?;
         // The run directory's tree (every run's, and the node daemon's socket) is replaced by
         // one that holds only this run's CA bundle, at the path the agent was given.
         let run_tree = RunDir::base().parent().map(|root| contain::RunTree {
             root: root.to_owned(),
-            keep: vec![(bundle.to_owned(), bundle_pem)],
+            keep: vec![(bundle.to_owned(), bundle_pem.into_bytes())],
         });
         Some(
             contain::MountPlan::new(contain::MountInputs {

@@ -421,6 +421,18 @@ pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunEr
     let Some((program, rest)) = opts.command.split_first() else {
         return Err(RunError::NoCommand);
     };
+    // Blind mode: before anything is resolved, a run whose agent would be root stops here.
+    let agent = if opts.blind {
+        let request = crate::contain::UserRequest {
+            spec: opts.user.clone(),
+            allow_root: opts.allow_root_agent,
+        };
+        let agent = crate::contain::user::resolve(&request, |k| std::env::var(k).ok())
+            .map_err(|e| blind::BlindError::Contain(e.into()))?;
+        Some(agent)
+    } else {
+        None
+    };
     // Blind mode: load the eBPF programs while the config is read and secrets are resolved.
     let preload = opts.blind.then(blind::Preload::start);
     let config = Config::load(dir)?;
@@ -445,9 +457,10 @@ pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunEr
             Err(e) => tracing::debug!("{e}"),
         }
     };
-    if opts.blind {
+    if let Some(agent) = agent {
         scrub_own_environ(&secrets, true);
-        let audit = blind::open_audit(opts.audit_log.as_deref())?;
+        let audit_path = blind::audit_path(opts.audit_log.as_deref());
+        let audit = blind::open_audit(&audit_path)?;
         // KeyZero's rule: --clean-env does not combine with --blind (the CLI enforces it).
         let mut cmd = std::process::Command::new(program);
         cmd.args(rest);
@@ -456,11 +469,8 @@ pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunEr
             config: config.blind.clone(),
             command: cmd,
             require_kernel: opts.require_kernel,
-            user: crate::contain::UserRequest {
-                spec: opts.user.clone(),
-                allow_root: opts.allow_root_agent,
-            },
-            audit_path: Some(blind::audit_path(opts.audit_log.as_deref())),
+            agent,
+            audit_path: Some(audit_path),
             hide_extra: crate::contain::resolver_files(&config),
             audit,
             preload,

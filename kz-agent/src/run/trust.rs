@@ -142,7 +142,8 @@ impl RunDir {
     }
 
     /// Writes the child's CA bundle: the system roots followed by the run's CA certificate.
-    pub fn write_ca_bundle(&self, run_ca_pem: &str) -> Result<PathBuf, TrustError> {
+    /// Returns its path and its text (the agent's mount namespace gets a copy of it).
+    pub fn write_ca_bundle(&self, run_ca_pem: &str) -> Result<(PathBuf, String), TrustError> {
         let mut bundle = system_roots_pem()?;
         if !bundle.ends_with('\n') {
             bundle.push('\n');
@@ -150,7 +151,8 @@ impl RunDir {
         bundle.push_str("# kz run CA: TLS to every host is terminated by kz for this run\n");
         bundle.push_str(run_ca_pem);
         // Readable by the child even if it drops to another user; it holds no secret.
-        self.write("ca-bundle.pem", bundle.as_bytes(), 0o644)
+        let path = self.write("ca-bundle.pem", bundle.as_bytes(), 0o644)?;
+        Ok((path, bundle))
     }
 }
 
@@ -254,7 +256,7 @@ mod tests {
         let id = format!("unit-{}", std::process::id());
         let dir = RunDir::create(&id).unwrap();
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        let path = dir.write_ca_bundle(pem).unwrap();
+        let (path, _) = dir.write_ca_bundle(pem).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with(pem));
         assert!(text.matches("BEGIN CERTIFICATE").count() > 1);

@@ -669,22 +669,27 @@ fn cgroup_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> Vec<String> {
     ) {
         found.push("KZ_UNIX_PATHS".to_owned());
     }
-    let abstracts: HashMap<_, kz_common::UnixAbstractKey, u8> =
-        HashMap::try_from(open("KZ_UNIX_ABSTRACT")).unwrap();
-    if abstracts
-        .keys()
-        .filter_map(Result::ok)
-        .any(|k| k.cgroup_id == cgroup_id)
-    {
+    // Whether a hash map holds a key of this cgroup (`id` reads a key's cgroup id).
+    fn hash_has<K: aya::Pod, V: aya::Pod>(
+        map: Map,
+        cgroup_id: u64,
+        id: impl Fn(&K) -> u64,
+    ) -> bool {
+        let hash: HashMap<_, K, V> = HashMap::try_from(map).unwrap();
+        hash.keys()
+            .filter_map(Result::ok)
+            .any(|k| id(&k) == cgroup_id)
+    }
+    if hash_has::<_, u8>(
+        open("KZ_UNIX_ABSTRACT"),
+        cgroup_id,
+        |k: &kz_common::UnixAbstractKey| k.cgroup_id,
+    ) {
         found.push("KZ_UNIX_ABSTRACT".to_owned());
     }
-    let allowed: HashMap<_, kz_common::IpKey, u64> =
-        HashMap::try_from(open("KZ_ALLOWED_IPS")).unwrap();
-    if allowed
-        .keys()
-        .filter_map(Result::ok)
-        .any(|k| k.cgroup_id == cgroup_id)
-    {
+    if hash_has::<_, u64>(open("KZ_ALLOWED_IPS"), cgroup_id, |k: &kz_common::IpKey| {
+        k.cgroup_id
+    }) {
         found.push("KZ_ALLOWED_IPS".to_owned());
     }
     found

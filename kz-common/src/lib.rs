@@ -239,6 +239,13 @@ impl Default for BlockEvent {
     }
 }
 
+/// Byte offsets of `uaddr` and `uaddrlen` in the kernel's `struct bpf_sock_addr_kern` (the
+/// context of every sock_addr program: `{ sk, uaddr, tmp_reg, t_ctx, uaddrlen }` since Linux
+/// 6.7, when the unix hooks came). The unix-socket programs read them at these offsets; user
+/// space checks them against the kernel's BTF before attaching those programs.
+pub const SOCK_ADDR_KERN_UADDR: u32 = 8;
+pub const SOCK_ADDR_KERN_UADDRLEN: u32 = 32;
+
 /// Size of `sun_path` in `struct sockaddr_un`.
 pub const UNIX_PATH_MAX: usize = 108;
 

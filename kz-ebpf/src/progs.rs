@@ -23,8 +23,8 @@ use aya_log_ebpf::debug;
 use kz_common::{
     AF_INET, AF_INET6, AF_UNIX, BlockEvent, CgroupPolicy, EVENT_RING_BYTES, IpKey, KZ_SO_MARK,
     Lpm4, Lpm6, MAX_CGROUPS, MAX_EVENT_RINGS, OWN_SOCKET, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey,
-    PortKey, UNIX_ALLOW, UNIX_KEY_PATH, UNIX_PATH_MAX, UnixAbstractKey, UnixPathKey, flags, op,
-    reason,
+    PortKey, SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, UNIX_ALLOW, UNIX_KEY_PATH,
+    UNIX_PATH_MAX, UnixAbstractKey, UnixPathKey, flags, op, reason,
 };
 
 // The hash maps only user space writes are not preallocated: the program set stays pinned for
@@ -104,11 +104,6 @@ const SOL_SOCKET: i32 = 1;
 const SO_BINDTOIFINDEX: i32 = 62;
 /// The loopback device's index: 1 in every network namespace.
 const LOOPBACK_IFINDEX: i32 = 1;
-/// Offsets in `struct bpf_sock_addr_kern` (the kernel's context of every sock_addr program:
-/// `{ sk, uaddr, tmp_reg, t_ctx, uaddrlen }` since Linux 6.7, when the unix hooks came).
-/// User space checks them against the kernel's BTF before attaching the unix programs.
-const KERN_CTX_UADDR: u64 = 8;
-const KERN_CTX_UADDRLEN: u64 = 32;
 /// cgroup sock_addr return codes.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -138,6 +133,38 @@ fn rd(p: *const u32) -> u32 {
 fn wr(p: *mut u32, v: u32) {
     // SAFETY: as in `rd`; user_ip4/user_ip6/user_port are writable in connect/sendmsg/recvmsg.
     unsafe { write_volatile(p, v) }
+}
+
+/// `user_ip6` of a connect6/sendmsg6/bind6/recvmsg6 context, as four words.
+#[inline(always)]
+fn user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: user_ip6[i] are readable 4-byte context fields of these programs.
+    unsafe {
+        [
+            rd(addr_of!((*sa).user_ip6[0])),
+            rd(addr_of!((*sa).user_ip6[1])),
+            rd(addr_of!((*sa).user_ip6[2])),
+            rd(addr_of!((*sa).user_ip6[3])),
+        ]
+    }
+}
+
+/// Rewrites `user_ip6` to loopback: v4-mapped stays v4-mapped (::ffff:127.0.0.1), native IPv6
+/// goes to ::1.
+#[inline(always)]
+fn set_loopback6(sa: *mut bpf_sock_addr, v4: bool) {
+    let target = if v4 {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOCALHOST4]
+    } else {
+        [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+    };
+    // SAFETY: user_ip6[i] are writable in connect6/sendmsg6/bind6.
+    unsafe {
+        wr(addr_of_mut!((*sa).user_ip6[0]), target[0]);
+        wr(addr_of_mut!((*sa).user_ip6[1]), target[1]);
+        wr(addr_of_mut!((*sa).user_ip6[2]), target[2]);
+        wr(addr_of_mut!((*sa).user_ip6[3]), target[3]);
+    }
 }
 
 #[inline(always)]
@@ -529,35 +556,20 @@ fn on_addr4(ctx: &SockAddrContext, hook: Hook) -> i32 {
 #[inline(always)]
 fn on_addr6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: user_ip6[i]/user_port are 4-byte context fields of connect6/sendmsg6.
-    let w = unsafe {
-        [
-            rd(addr_of!((*sa).user_ip6[0])),
-            rd(addr_of!((*sa).user_ip6[1])),
-            rd(addr_of!((*sa).user_ip6[2])),
-            rd(addr_of!((*sa).user_ip6[3])),
-        ]
-    };
+    let w = user_ip6(sa);
+    // SAFETY: user_port is a 4-byte context field of connect6/sendmsg6.
     let port = u16::from_be(rd(unsafe { addr_of!((*sa).user_port) }) as u16);
     let v4 = is_mapped(&w);
     match decide(ctx, &words_to_bytes(w), v4, port, hook) {
         Verdict::Pass => ALLOW,
         Verdict::Deny => REJECT,
         Verdict::Redirect(to) => {
-            // v4-mapped stays v4-mapped (::ffff:127.0.0.1); native IPv6 goes to ::1.
-            let target = if v4 {
-                [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOCALHOST4]
-            } else {
-                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
-            };
-            // SAFETY: user_ip6[i] and user_port are writable in connect6/sendmsg6.
-            unsafe {
-                wr(addr_of_mut!((*sa).user_ip6[0]), target[0]);
-                wr(addr_of_mut!((*sa).user_ip6[1]), target[1]);
-                wr(addr_of_mut!((*sa).user_ip6[2]), target[2]);
-                wr(addr_of_mut!((*sa).user_ip6[3]), target[3]);
-                wr(addr_of_mut!((*sa).user_port), u32::from(to.to_be()));
-            }
+            set_loopback6(sa, v4);
+            // SAFETY: user_port is writable in connect6/sendmsg6.
+            wr(
+                unsafe { addr_of_mut!((*sa).user_port) },
+                u32::from(to.to_be()),
+            );
             ALLOW
         }
     }
@@ -679,15 +691,8 @@ pub fn kz_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn kz_bind6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: user_ip6[i]/user_port are 4-byte context fields of bind6.
-    let w = unsafe {
-        [
-            rd(addr_of!((*sa).user_ip6[0])),
-            rd(addr_of!((*sa).user_ip6[1])),
-            rd(addr_of!((*sa).user_ip6[2])),
-            rd(addr_of!((*sa).user_ip6[3])),
-        ]
-    };
+    let w = user_ip6(sa);
+    // SAFETY: user_port is a 4-byte context field of bind6.
     let port = u16::from_be(rd(unsafe { addr_of!((*sa).user_port) }) as u16);
     // v4-mapped addresses take the v4 rules (::ffff:0.0.0.0 is the v4 wildcard).
     let v4 = is_mapped(&w);
@@ -695,18 +700,7 @@ pub fn kz_bind6(ctx: SockAddrContext) -> i32 {
         BindVerdict::Pass => ALLOW,
         BindVerdict::Deny => REJECT,
         BindVerdict::Loopback => {
-            let target = if v4 {
-                [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOCALHOST4]
-            } else {
-                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
-            };
-            // SAFETY: user_ip6[i] are writable in bind6.
-            unsafe {
-                wr(addr_of_mut!((*sa).user_ip6[0]), target[0]);
-                wr(addr_of_mut!((*sa).user_ip6[1]), target[1]);
-                wr(addr_of_mut!((*sa).user_ip6[2]), target[2]);
-                wr(addr_of_mut!((*sa).user_ip6[3]), target[3]);
-            }
+            set_loopback6(sa, v4);
             ALLOW
         }
     }
@@ -738,15 +732,9 @@ pub fn kz_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn kz_recvmsg6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: user_ip6[i]/user_port are the datagram's source in recvmsg6.
-    let w = unsafe {
-        [
-            rd(addr_of!((*sa).user_ip6[0])),
-            rd(addr_of!((*sa).user_ip6[1])),
-            rd(addr_of!((*sa).user_ip6[2])),
-            rd(addr_of!((*sa).user_ip6[3])),
-        ]
-    };
+    // user_ip6/user_port are the datagram's source in recvmsg6.
+    let w = user_ip6(sa);
+    // SAFETY: user_port is a 4-byte context field of recvmsg6.
     let port = u16::from_be(rd(unsafe { addr_of!((*sa).user_port) }) as u16);
     let from_loopback = (is_mapped(&w) && w[3] == LOCALHOST4)
         || (w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == u32::from_ne_bytes([0, 0, 0, 1]));
@@ -1032,8 +1020,8 @@ fn unix_check(ctx: &SockAddrContext, what: u8) -> i32 {
     let cg = unsafe { bpf_get_current_cgroup_id() };
     // The kernel's context structure: the address the agent passed, already in kernel memory.
     let kctx = ctx.sock_addr as u64;
-    let uaddr = kread_u64(kctx + KERN_CTX_UADDR);
-    let len = kread_u32(kctx + KERN_CTX_UADDRLEN);
+    let uaddr = kread_u64(kctx + u64::from(SOCK_ADDR_KERN_UADDR));
+    let len = kread_u32(kctx + u64::from(SOCK_ADDR_KERN_UADDRLEN));
     // sun_path bytes: the address minus its 2-byte family. Only these: what lies beyond them in
     // the kernel's buffer is not part of the address (the kernel ends the path there).
     let n = if len > 2 { len - 2 } else { 0 };

@@ -248,10 +248,7 @@ impl Btf {
     }
 }
 
-/// Offsets of `uaddr` and `uaddrlen` in `struct bpf_sock_addr_kern` that the unix-socket
-/// programs use (kz-ebpf `KERN_CTX_UADDR`, `KERN_CTX_UADDRLEN`).
-pub const SOCK_ADDR_KERN_UADDR: u32 = 8;
-pub const SOCK_ADDR_KERN_UADDRLEN: u32 = 32;
+pub use kz_common::{SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN};
 
 /// Whether this kernel's `struct bpf_sock_addr_kern` has `uaddr` and `uaddrlen` where the
 /// unix-socket programs read them.

@@ -153,14 +153,7 @@ impl Interceptor {
     /// [`super::mark_as_kz`] against this instance's program set: sets the mark and registers
     /// the socket in the set's `KZ_OWN_SOCKETS` storage.
     pub fn mark_as_kz(&mut self, socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
-        nix::sys::socket::setsockopt(
-            socket,
-            nix::sys::socket::sockopt::Mark,
-            &kz_common::KZ_SO_MARK,
-        )
-        .map_err(|e| {
-            InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e))
-        })?;
+        super::set_kz_mark(socket)?;
         self.set
             .maps
             .own_sockets

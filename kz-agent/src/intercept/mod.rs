@@ -184,14 +184,20 @@ pub fn mark_as_kz(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError>
     mark_as_kz_in(&Scope::detect()?, socket)
 }
 
-/// [`mark_as_kz`] for the program sets of `scope`.
-pub fn mark_as_kz_in(scope: &Scope, socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+/// Sets [`kz_common::KZ_SO_MARK`] (half of marking a socket kz's own: the programs also want
+/// it registered in `KZ_OWN_SOCKETS`).
+pub(crate) fn set_kz_mark(socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
     nix::sys::socket::setsockopt(
         socket,
         nix::sys::socket::sockopt::Mark,
         &kz_common::KZ_SO_MARK,
     )
-    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))?;
+    .map_err(|e| InterceptError::io("set SO_MARK on", "a kz socket", std::io::Error::from(e)))
+}
+
+/// [`mark_as_kz`] for the program sets of `scope`.
+pub fn mark_as_kz_in(scope: &Scope, socket: &impl std::os::fd::AsFd) -> Result<(), InterceptError> {
+    set_kz_mark(socket)?;
     let fd = socket.as_fd();
     for mut storage in shared::own_socket_maps(scope) {
         storage

@@ -98,7 +98,10 @@ impl Guard {
     /// (metadata endpoints are never accepted).
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), GuardError> {
         let (judged, allow_on) = match self.classes {
-            Classes::NonPublic => (canonical(addr), canonical(addr)),
+            Classes::NonPublic => {
+                let judged = canonical(addr);
+                (judged, judged)
+            }
             Classes::Internal => (unmapped(addr), addr),
         };
         if METADATA_ADDRS.contains(&judged)

@@ -9,9 +9,6 @@
 use http::HeaderName;
 use std::fmt;
 
-/// KeyZero's default: a Bearer token in `Authorization`.
-pub const DEFAULT: &str = "header:Authorization:Bearer";
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LocationError {
     #[error(
@@ -32,7 +29,8 @@ pub enum Location {
 }
 
 impl Location {
-    pub const DEFAULT: &'static str = DEFAULT;
+    /// KeyZero's default: a Bearer token in `Authorization`.
+    pub const DEFAULT: &'static str = "header:Authorization:Bearer";
 
     pub fn parse(spec: &str) -> Result<Self, LocationError> {
         let bad = || LocationError::Invalid(spec.to_owned());
@@ -120,7 +118,7 @@ mod tests {
     #[test]
     fn locations() {
         assert_eq!(
-            Location::parse(DEFAULT).unwrap(),
+            Location::parse(Location::DEFAULT).unwrap(),
             Location::Header {
                 name: "Authorization".into(),
                 prefix: "Bearer".into()
@@ -159,7 +157,7 @@ mod tests {
         }
         let e = Location::parse("cookie:x").unwrap_err().to_string();
         assert!(e.contains("`cookie:x`") && e.contains("query:PARAM"), "{e}");
-        for spec in [DEFAULT, "header:X-Api-Key", "query:key"] {
+        for spec in [Location::DEFAULT, "header:X-Api-Key", "query:key"] {
             assert_eq!(Location::parse(spec).unwrap().to_string(), spec);
         }
         assert_eq!(Location::header_value("Bearer", "v"), "Bearer v");

@@ -27,8 +27,6 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use url::{Host, Url};
 
-pub const DEFAULT_CREDENTIAL_LOCATION: &str = crate::egress::location::DEFAULT;
-
 /// Response headers dropped besides the hop-by-hop ones ([`hop::is_hop_by_hop`]): a session
 /// cookie set by an upstream is a credential of its own and stays with kz.
 const DROPPED_RESPONSE_HEADERS: &[&str] = &["set-cookie", "set-cookie2"];
@@ -86,7 +84,7 @@ pub enum FetchError {
 
 /// Parses a resource's `credential_location` (`None`: KeyZero's default, a Bearer header).
 pub fn location(spec: Option<&str>) -> Result<Location, FetchError> {
-    let spec = spec.unwrap_or(DEFAULT_CREDENTIAL_LOCATION);
+    let spec = spec.unwrap_or(Location::DEFAULT);
     Location::parse(spec).map_err(|_| FetchError::Location(spec.to_owned()))
 }
 

@@ -365,7 +365,11 @@ impl Proxy {
         // Raw value only, and the exchange's own marker (see `scrub::EXCHANGE_MARKER`).
         let scrubber = Scrubber::for_value(secret.expose(), Forms::RAW, scrub::EXCHANGE_MARKER)
             .map_err(|e| refuse(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()))?;
-        let body = Bytes::from(scrubber.scrub(&rbody).into_owned());
+        // Nothing to scrub (the common case): hand the upstream's bytes back without a copy.
+        let body = match scrubber.scrub(&rbody) {
+            std::borrow::Cow::Borrowed(_) => rbody.clone(),
+            std::borrow::Cow::Owned(scrubbed) => Bytes::from(scrubbed),
+        };
         // Framing is hyper's to set again for the scrubbed body; other upstream headers pass.
         rparts.headers.remove(header::CONTENT_LENGTH);
         rparts.headers.remove(header::TRANSFER_ENCODING);

@@ -324,6 +324,21 @@ fn agent_is_dumpable_and_clean(agent: u32, checks: &mut Checks) {
     });
 }
 
+/// What every `kz run --blind` here must show (kz scrubbed, no core, secrets in don't-dump
+/// memory, a clean dumpable agent), then the run's end (no output carries the value); every
+/// failed check of `checks` and these is reported together.
+fn check_and_stop(kz: Run, agent: u32, mut checks: Checks) {
+    let pid = kz.pid();
+    environ_is_scrubbed(pid, &mut checks);
+    core_limit_is_zero(pid, &mut checks);
+    secret_memory_is_dd(pid, &mut checks);
+    agent_is_dumpable_and_clean(agent, &mut checks);
+    let dir = kz.dir.clone();
+    kz.stop(&mut checks);
+    let _ = std::fs::remove_dir_all(&dir);
+    checks.finish();
+}
+
 #[test]
 fn kernel_mode_kz_scrubs_its_environ_and_keeps_secrets_out_of_dumps() {
     if !support::require_root() {
@@ -343,14 +358,7 @@ fn kernel_mode_kz_scrubs_its_environ_and_keeps_secrets_out_of_dumps() {
     );
     // kz is root here: its /proc files are root's whether it is dumpable or not (the
     // fallback test below sees the difference).
-    let mut checks = Checks::default();
-    environ_is_scrubbed(pid, &mut checks);
-    core_limit_is_zero(pid, &mut checks);
-    secret_memory_is_dd(pid, &mut checks);
-    agent_is_dumpable_and_clean(agent, &mut checks);
-    kz.stop(&mut checks);
-    let _ = std::fs::remove_dir_all(&dir);
-    checks.finish();
+    check_and_stop(kz, agent, Checks::default());
 }
 
 #[test]
@@ -402,13 +410,7 @@ fn fallback_mode_kz_as_a_normal_user_is_not_dumpable_and_scrubs_its_environ() {
         )
     });
 
-    environ_is_scrubbed(pid, &mut checks);
-    core_limit_is_zero(pid, &mut checks);
-    secret_memory_is_dd(pid, &mut checks);
-    agent_is_dumpable_and_clean(agent, &mut checks);
-    kz.stop(&mut checks);
-    let _ = std::fs::remove_dir_all(&dir);
-    checks.finish();
+    check_and_stop(kz, agent, checks);
 }
 
 #[test]

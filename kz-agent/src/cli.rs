@@ -98,7 +98,7 @@ pub struct RunArgs {
     /// With --blind: append audit records (hash-chained JSONL) to FILE
     /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
     #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
-    pub audit_log: Option<std::path::PathBuf>,
+    pub audit_log: Option<PathBuf>,
     /// Command and arguments to run
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     pub cmd: Vec<OsString>,

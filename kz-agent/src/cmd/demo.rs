@@ -97,26 +97,10 @@ pub(super) fn run() -> Result<()> {
         "netns",
         &upstream.0,
     ])?;
-    ip(&[
-        "-n",
-        &client.0,
-        "addr",
-        "add",
-        &format!("{CLIENT_IP}/24"),
-        "dev",
-        &va,
-    ])?;
-    ip(&[
-        "-n",
-        &upstream.0,
-        "addr",
-        "add",
-        &format!("{UPSTREAM_IP}/24"),
-        "dev",
-        &vb,
-    ])?;
-    ip(&["-n", &client.0, "link", "set", &va, "up"])?;
-    ip(&["-n", &upstream.0, "link", "set", &vb, "up"])?;
+    for (ns, dev, addr) in [(&client.0, &va, CLIENT_IP), (&upstream.0, &vb, UPSTREAM_IP)] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
     println!(
         "== network: namespace {} ({CLIENT_IP}) <-> namespace {} ({UPSTREAM_IP}:80)",
         client.0, upstream.0

@@ -85,10 +85,7 @@ fn describe(icpt: &Interceptor, cg: &Cgroup) -> serde_json::Value {
 }
 
 fn hold(args: &HoldArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    super::block_on(async {
         let scope = Scope::new(&cgroups::cgroup2_root()?, &args.scope)?;
         let mut icpt = Interceptor::load_in(&scope)?;
         let cg = icpt.create_cgroup(&args.name, &hold_policy(args))?;
@@ -119,5 +116,5 @@ fn hold(args: &HoldArgs) -> anyhow::Result<ExitCode> {
         drop(icpt);
         writeln!(out, "{}", serde_json::json!({"released": true}))?;
         Ok(ExitCode::SUCCESS)
-    })
+    })?
 }

@@ -132,9 +132,10 @@ async fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
         spawn_reloaders(pdp.clone());
         return start_mcp(&args, pdp).await;
     }
-    let listener = tokio::net::TcpListener::bind(listen_addr(&args))
+    let addr = listen_addr(&args);
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {}", listen_addr(&args)))?;
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let addr = listener.local_addr()?;
     eprintln!("kz: PDP listening on http://{addr}");
     if let (Some(l), Some(signer)) = (proxy_listener, signer) {
@@ -163,9 +164,10 @@ async fn start_proxy(args: StartArgs) -> anyhow::Result<ExitCode> {
     };
     let pdp = Arc::new(Pdp::from_file(&args.bundle, PdpOptions::default())?);
     let proxy = Arc::new(Proxy::new(pdp.clone(), verifier, proxy_options(&args)?));
-    let listener = tokio::net::TcpListener::bind(listen_addr(&args))
+    let addr = listen_addr(&args);
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {}", listen_addr(&args)))?;
+        .with_context(|| format!("cannot listen on {addr}"))?;
     eprintln!("kz: proxy listening on http://{}", listener.local_addr()?);
     spawn_reloaders(pdp);
     tokio::spawn(crate::pdp::proxy::serve(listener, proxy));

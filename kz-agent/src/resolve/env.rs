@@ -27,6 +27,11 @@ impl EnvResolver {
         };
         Ok(Self { prefix })
     }
+
+    /// The variable this resolver reads for `reference`.
+    fn var_name(&self, reference: &str) -> String {
+        format!("{}{reference}", self.prefix)
+    }
 }
 
 /// The variables an `env` resolver with `settings` reads for `references`: each holds a real
@@ -35,13 +40,10 @@ pub(super) fn source_vars<'a>(
     settings: &Map<String, Value>,
     references: impl IntoIterator<Item = &'a str>,
 ) -> Vec<String> {
-    let prefix = settings
-        .get("prefix")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let resolver = EnvResolver::new(settings).unwrap_or_default();
     references
         .into_iter()
-        .map(|r| format!("{prefix}{r}"))
+        .map(|r| resolver.var_name(r))
         .collect()
 }
 
@@ -55,7 +57,7 @@ impl Resolver for EnvResolver {
         request: &'a SecretRequest,
     ) -> BoxFuture<'a, Result<Secret, ResolveError>> {
         Box::pin(async move {
-            let name = format!("{}{}", self.prefix, request.reference);
+            let name = self.var_name(&request.reference);
             match std::env::var(&name) {
                 Ok(value) => Ok(Secret::new(value)),
                 Err(_) => Err(ResolveError::NotFound {

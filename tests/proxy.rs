@@ -31,6 +31,8 @@ use support::upstream::State;
 const GOOD: &str = "10.77.0.2";
 const EVIL: &str = "10.77.0.3";
 const REAL: &str = "sk-live-REAL-0123456789abcdef";
+/// The one session of these tests (any id works; a node uses the sandbox's cgroup id).
+const SESSION: proxy::SessionId = 42;
 
 /// Waits up to 10 s for `n` events of `kind` (records are written when a stream ends).
 fn wait(audit: &MemorySink, kind: &str, n: usize) -> Vec<AuditEvent> {
@@ -153,24 +155,33 @@ impl Env {
                     .unwrap();
                 rt.block_on(async move {
                     let ca = Arc::new(CertAuthority::generate(64).unwrap());
-                    let mut cfg = proxy::Config::new(ca, tokens, audit);
-                    cfg.transparent_listen = vec!["127.0.0.1:0".parse().unwrap()];
-                    cfg.explicit_listen = vec!["127.0.0.1:0".parse().unwrap()];
-                    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-                    cfg.upstream_ca = Some(test_ca_path);
-                    cfg.refuse_out_of_scope = opts.refuse_out_of_scope;
-                    cfg.rules = opts.rules;
-                    if let Some(l) = opts.limits {
-                        cfg.limits = l;
-                    }
-                    let d = dst.clone();
-                    cfg.orig_dst = Some(Arc::new(move |_peer| Some(*d.lock().unwrap())));
-                    cfg.resolve = Some(proxy::known_hosts(|host, port| match host {
+                    let ca_pem = ca.cert_pem().to_owned();
+                    let mut session = proxy::Session::new(SESSION, ca, tokens, audit.clone());
+                    session.refuse_out_of_scope = opts.refuse_out_of_scope;
+                    session.rules = opts.rules;
+                    session.resolve = Some(proxy::known_hosts(|host, port| match host {
                         "api.test" | "other.test" => {
                             Some(SocketAddr::new(GOOD.parse().unwrap(), port))
                         }
                         "evil.test" => Some(SocketAddr::new(EVIL.parse().unwrap(), port)),
                         _ => None,
+                    }));
+                    let mut cfg = proxy::Config::new(audit);
+                    cfg.sessions = vec![session];
+                    cfg.explicit_session = Some(SESSION);
+                    cfg.transparent_listen = vec!["127.0.0.1:0".parse().unwrap()];
+                    cfg.explicit_listen = vec!["127.0.0.1:0".parse().unwrap()];
+                    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+                    cfg.upstream_ca = Some(test_ca_path);
+                    if let Some(l) = opts.limits {
+                        cfg.limits = l;
+                    }
+                    let d = dst.clone();
+                    cfg.orig_dst = Some(Arc::new(move |_peer| {
+                        Some(proxy::Redirected {
+                            dest: *d.lock().unwrap(),
+                            session: SESSION,
+                        })
                     }));
                     let h = proxy::start(cfg).await.unwrap();
                     info_tx
@@ -178,7 +189,7 @@ impl Env {
                             h.transparent_addrs[0],
                             h.explicit_addrs[0],
                             h.metrics_addr.unwrap(),
-                            h.ca_pem().to_owned(),
+                            ca_pem,
                         ))
                         .unwrap();
                     tokio::task::spawn_blocking(move || stop_rx.recv())

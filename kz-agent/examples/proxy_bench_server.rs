@@ -41,6 +41,9 @@ fn arg(name: &str) -> Option<String> {
     None
 }
 
+/// The bench's one session (a node would use the sandbox's cgroup id).
+const SESSION: proxy::SessionId = 1;
+
 fn main() {
     let dst: SocketAddr = arg("--dst").expect("--dst").parse().unwrap();
     let plain_dst: Option<SocketAddr> = arg("--plain-dst").map(|s| s.parse().unwrap());
@@ -61,7 +64,15 @@ fn main() {
         tokens
             .insert_named("BENCH", &masked, Secret::new(real), vec![host.clone()])
             .unwrap();
-        let mut cfg = proxy::Config::new(ca, tokens, Arc::new(Count(Default::default())));
+        let audit = Arc::new(Count(Default::default()));
+        let mut session = proxy::Session::new(SESSION, ca, tokens, audit.clone());
+        let host2 = host.clone();
+        session.resolve = Some(proxy::known_hosts(move |h, port| {
+            (h == host2).then(|| SocketAddr::new(dst.ip(), port))
+        }));
+        let mut cfg = proxy::Config::new(audit);
+        cfg.sessions = vec![session];
+        cfg.explicit_session = Some(SESSION);
         cfg.transparent_listen = vec!["127.0.0.1:0".parse().unwrap()];
         cfg.explicit_listen = vec!["127.0.0.1:0".parse().unwrap()];
         cfg.upstream_ca = arg("--upstream-ca").map(Into::into);
@@ -70,15 +81,15 @@ fn main() {
         cfg.orig_dst = Some(Arc::new(move |peer: SocketAddr| {
             // Only the peer address is passed (as from the interception map), so the bench
             // marks plain-HTTP clients by their source address: 127.0.0.2.
-            if peer.ip() == std::net::IpAddr::from([127, 0, 0, 2]) {
-                plain_dst.or(Some(dst))
+            let dest = if peer.ip() == std::net::IpAddr::from([127, 0, 0, 2]) {
+                plain_dst.unwrap_or(dst)
             } else {
-                Some(dst)
-            }
-        }));
-        let host2 = host.clone();
-        cfg.resolve = Some(proxy::known_hosts(move |h, port| {
-            (h == host2).then(|| SocketAddr::new(dst.ip(), port))
+                dst
+            };
+            Some(proxy::Redirected {
+                dest,
+                session: SESSION,
+            })
         }));
         let h = proxy::start(cfg).await.unwrap();
         println!("READY {} {}", h.transparent_addrs[0], h.explicit_addrs[0]);

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod proxy;
 pub mod resolve;
 pub mod run;
+pub mod sandbox;
 pub mod secret;
 pub mod suggest;
 pub mod tls;

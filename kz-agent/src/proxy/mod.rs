@@ -1,8 +1,11 @@
 //! The swapping proxy: the data plane between the agent and the hosts it may reach.
 //!
-//! Two kinds of listeners share one engine:
+//! One proxy serves every sandbox of a node: each is a [`Session`] (tokens, rules, CA, DNS
+//! answers, audit sink), found per connection by the id the kernel's record carries
+//! ([`session`]). Two kinds of listeners share one engine:
 //! - transparent: connections redirected by the interception core. The original destination
-//!   comes from an injected lookup ([`OrigDstLookup`], keyed by the client's address); the proxy
+//!   and the session come from an injected lookup ([`OrigDstLookup`], keyed by the client's
+//!   address); the proxy
 //!   peeks the first bytes (TLS ClientHello → SNI, plain HTTP → Host), checks the connection
 //!   rules, and dials the original destination itself, verifying its TLS certificate against
 //!   the name it checked: a forged SNI cannot carry a token to another server.
@@ -10,17 +13,20 @@
 //!   for plain HTTP (the fallback when eBPF is unavailable).
 //!
 //! Masked tokens are swapped for real values only when the verified host is in the token's
-//! scope ([`TokenTable`]); real values are scrubbed back to masked tokens in every response.
-//! Every request produces one `proxy_request` audit record.
+//! scope in the connection's session ([`TokenTable`]); real values are scrubbed back to masked
+//! tokens in every response. Every request produces one `proxy_request` audit record, in its
+//! session's sink.
 //!
 //! Entry point: [`start`] with a [`Config`]; the returned [`ProxyHandle`] has the bound
-//! addresses, metrics and graceful shutdown.
+//! addresses, metrics, [`ProxyHandle::admit`] / [`ProxyHandle::close`] for sessions, and
+//! graceful shutdown.
 
 pub mod body;
 pub mod metrics;
 pub mod record;
 pub mod rules;
 pub mod server;
+pub mod session;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
@@ -34,15 +40,17 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 pub use rules::{ConnectionRule, ConnectionRules, HostPattern, RuleError, Verdict};
+pub use session::{Redirected, Session, SessionError, SessionId, Sessions};
 pub use tls::{CertAuthority, TlsError};
 pub use tokens::{Scrubber, TokenError, TokenTable};
 
 use crate::audit::AuditSink;
 use metrics::Metrics;
 
-/// Original destination of a redirected connection, looked up by the client's address (the
-/// accepted socket's peer). Supplied by the interception core; the proxy never depends on it.
-pub type OrigDstLookup = Arc<dyn Fn(SocketAddr) -> Option<SocketAddr> + Send + Sync>;
+/// Original destination and session of a redirected connection, looked up by the client's
+/// address (the accepted socket's peer). Supplied by the interception core; the proxy never
+/// depends on it.
+pub type OrigDstLookup = Arc<dyn Fn(SocketAddr) -> Option<Redirected> + Send + Sync>;
 
 /// Name resolution consulted before the system resolver (e.g. kz's own DNS answers, or a test's
 /// fixed map): `(host, port) → address`, `None` to fall through. A future because a lookup may
@@ -73,6 +81,12 @@ pub enum ProxyError {
     NoListener,
     #[error("cannot start the proxy's worker threads: {0}; check the process and thread limits")]
     Workers(std::io::Error),
+    #[error(
+        "explicit-proxy listeners need the id of the session they serve; set `explicit_session`"
+    )]
+    NoExplicitSession,
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
 /// Limits that keep bad or slow clients from holding resources.
@@ -136,59 +150,53 @@ impl Default for Limits {
     }
 }
 
-/// Everything `start` needs. `kz run --blind` builds one of these.
+/// Everything `start` needs. `kz run --blind` builds one of these; sandboxes come and go as
+/// [`Session`]s on the running proxy.
 pub struct Config {
     /// Listeners for redirected (transparent) connections.
     pub transparent_listen: Vec<SocketAddr>,
     /// Listeners for explicit proxy clients (HTTP_PROXY / HTTPS_PROXY).
     pub explicit_listen: Vec<SocketAddr>,
+    /// The session explicit-proxy connections belong to (they carry no kernel record).
+    pub explicit_session: Option<SessionId>,
     /// Optional `GET /metrics` listener (Prometheus text).
     pub metrics_listen: Option<SocketAddr>,
-    pub ca: Arc<CertAuthority>,
-    pub tokens: TokenTable,
-    pub rules: ConnectionRules,
+    /// Sessions admitted before the listeners open.
+    pub sessions: Vec<Session>,
     /// Extra PEM CA trusted for upstreams, in addition to the system roots.
     pub upstream_ca: Option<PathBuf>,
-    /// Refuse (403) a request carrying a token outside its scope instead of forwarding it masked.
-    pub refuse_out_of_scope: bool,
     pub limits: Limits,
+    /// The node's sink: connections refused before their session is known.
     pub audit: Arc<dyn AuditSink>,
     /// Original-destination lookup for transparent listeners.
     pub orig_dst: Option<OrigDstLookup>,
-    /// Resolver override consulted before system DNS.
-    pub resolve: Option<HostLookup>,
 }
 
 impl Config {
-    /// A config with defaults: no listeners yet, empty rules (allow all), default limits.
-    pub fn new(ca: Arc<CertAuthority>, tokens: TokenTable, audit: Arc<dyn AuditSink>) -> Self {
+    /// A config with defaults: no listeners and no sessions yet, default limits.
+    pub fn new(audit: Arc<dyn AuditSink>) -> Self {
         Self {
             transparent_listen: Vec::new(),
             explicit_listen: Vec::new(),
+            explicit_session: None,
             metrics_listen: None,
-            ca,
-            tokens,
-            rules: ConnectionRules::default(),
+            sessions: Vec::new(),
             upstream_ca: None,
-            refuse_out_of_scope: false,
             limits: Limits::default(),
             audit,
             orig_dst: None,
-            resolve: None,
         }
     }
 }
 
 /// State shared by every connection.
 pub struct Shared {
-    pub ca: Arc<CertAuthority>,
-    pub tokens: TokenTable,
-    pub rules: ConnectionRules,
-    pub refuse_out_of_scope: bool,
+    pub sessions: Sessions,
+    pub explicit_session: Option<SessionId>,
     pub limits: Limits,
+    /// The node's sink (see [`Config::audit`]).
     pub audit: Arc<dyn AuditSink>,
     pub orig_dst: Option<OrigDstLookup>,
-    pub resolve: Option<HostLookup>,
     pub upstream_tls: tls::Upstream,
     /// Idle upstream connections, one pool per worker thread: a connection is reused by the
     /// thread that runs its task, so a request never wakes another thread.
@@ -217,6 +225,12 @@ impl Shared {
     pub fn idle_upstream(&self) -> usize {
         self.pools.iter().map(|p| p.idle()).sum()
     }
+
+    /// Prometheus text exposition of the proxy's metrics.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(self.sessions.cached_leaves(), self.idle_upstream())
+    }
 }
 
 /// A running proxy.
@@ -232,16 +246,23 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// The kz CA certificate (PEM) for the agent's trust bundle.
-    pub fn ca_pem(&self) -> &str {
-        self.shared.ca.cert_pem()
+    /// Starts serving a sandbox: connections the kernel records with `session.id` use it.
+    pub fn admit(&self, session: Session) -> Result<Arc<Session>, SessionError> {
+        self.shared.sessions.admit(session)
+    }
+
+    /// Stops serving a sandbox: its new connections are refused (see [`Sessions::close`]).
+    pub fn close(&self, id: SessionId) -> Option<Arc<Session>> {
+        self.shared.sessions.close(id)
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.shared.sessions
     }
 
     /// Prometheus text exposition of the proxy's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared
-            .metrics
-            .render(self.shared.ca.cached(), self.shared.idle_upstream())
+        self.shared.render_metrics()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -290,6 +311,13 @@ impl Drop for ProxyHandle {
 pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
     if cfg.transparent_listen.is_empty() && cfg.explicit_listen.is_empty() {
         return Err(ProxyError::NoListener);
+    }
+    let sessions = Sessions::default();
+    for s in cfg.sessions {
+        sessions.admit(s)?;
+    }
+    if !cfg.explicit_listen.is_empty() && cfg.explicit_session.is_none() {
+        return Err(ProxyError::NoExplicitSession);
     }
     let upstream_tls = tls::Upstream::new(cfg.upstream_ca.as_ref())?;
     let bind = |addr: SocketAddr| {
@@ -340,14 +368,11 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
         })
         .collect();
     let shared = Arc::new(Shared {
-        ca: cfg.ca,
-        tokens: cfg.tokens,
-        rules: cfg.rules,
-        refuse_out_of_scope: cfg.refuse_out_of_scope,
+        sessions,
+        explicit_session: cfg.explicit_session,
         limits: cfg.limits,
         audit: cfg.audit,
         orig_dst: cfg.orig_dst,
-        resolve: cfg.resolve,
         pools,
         workers: runtimes.iter().map(|r| r.handle().clone()).collect(),
         load: (0..n_workers).map(|_| Default::default()).collect(),

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::metrics::Metrics;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditSink};
 
 #[derive(Default)]
 pub struct Fields {
@@ -33,6 +33,8 @@ pub struct Fields {
 
 pub struct Record {
     shared: Arc<Shared>,
+    /// The session's sink.
+    audit: Arc<dyn AuditSink>,
     started: Instant,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -44,11 +46,13 @@ pub struct Record {
 impl Record {
     pub fn new(
         shared: Arc<Shared>,
+        audit: Arc<dyn AuditSink>,
         fields: Fields,
         guard: Option<Box<dyn std::any::Any + Send + Sync>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             shared,
+            audit,
             started: Instant::now(),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
@@ -136,7 +140,7 @@ impl Drop for Record {
             ev = ev.with("error", e);
         }
         for ev in std::iter::once(ev).chain(violation) {
-            if let Err(e) = self.shared.audit.record(ev) {
+            if let Err(e) = self.audit.record(ev) {
                 Metrics::inc(&self.shared.metrics.audit_errors_total);
                 tracing::error!(error = %e, "audit record lost");
             }

@@ -27,9 +27,10 @@ use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
 use super::metrics::Metrics;
 use super::record::{Fields, Record, path_without_query_values};
 use super::rules::{Verdict, normalize};
+use super::session::{Redirected, Session};
 use super::tokens::{Scrubber, Snapshot, SwapPlan};
 use super::upstream::{self, Offer, Target, Upstream, UpstreamBody, UpstreamError};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditSink};
 use crate::egress::hop;
 use crate::egress::location::{Keep, percent_encode};
 use crate::egress::rewrite::{Decide, StreamRewriter};
@@ -175,25 +176,47 @@ fn least_loaded(sh: &Shared, me: usize) -> usize {
 async fn serve_conn(sh: Arc<Shared>, stop: Stop, stream: TcpStream, peer: SocketAddr, kind: Kind) {
     match kind {
         Kind::Explicit => {
-            let ctx = ConnCtx::new(sh, stop, peer, kind, Route::Explicit);
+            let Some(session) = sh.explicit_session.and_then(|id| sh.sessions.get(id)) else {
+                refuse(&sh, &*sh.audit, peer, None, "session_closed");
+                return;
+            };
+            let ctx = ConnCtx::new(sh, session, stop, peer, kind, Route::Explicit);
             serve_http(ctx, Box::new(stream), false).await;
         }
         Kind::Transparent => {
-            let dst = sh.orig_dst.as_ref().and_then(|f| f(peer));
-            let Some(dst) = dst else {
-                refuse(&sh, peer, None, "no_original_destination");
+            let found = sh.orig_dst.as_ref().and_then(|f| f(peer));
+            let Some(Redirected { dest: dst, session }) = found else {
+                refuse(&sh, &*sh.audit, peer, None, "no_original_destination");
+                return;
+            };
+            // The kernel recorded the connect for a sandbox this proxy does not (or no longer)
+            // serve: nothing of any other sandbox applies to it.
+            let Some(session) = sh.sessions.get(session) else {
+                refuse(&sh, &*sh.audit, peer, Some(dst), "no_session");
                 return;
             };
             if sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
-                refuse(&sh, peer, Some(dst), "destination_is_the_proxy");
+                refuse(
+                    &sh,
+                    &*session.audit,
+                    peer,
+                    Some(dst),
+                    "destination_is_the_proxy",
+                );
                 return;
             }
-            intercept(sh, stop, Box::new(stream), peer, kind, dst, None).await;
+            intercept(sh, session, stop, Box::new(stream), peer, kind, dst, None).await;
         }
     }
 }
 
-fn refuse(sh: &Shared, peer: SocketAddr, dst: Option<SocketAddr>, reason: &'static str) {
+fn refuse(
+    sh: &Shared,
+    audit: &dyn AuditSink,
+    peer: SocketAddr,
+    dst: Option<SocketAddr>,
+    reason: &'static str,
+) {
     Metrics::inc(&sh.metrics.connections_denied_total);
     tracing::warn!(%peer, ?dst, reason, "connection refused");
     let mut ev = AuditEvent::new("connection_refused")
@@ -202,7 +225,7 @@ fn refuse(sh: &Shared, peer: SocketAddr, dst: Option<SocketAddr>, reason: &'stat
     if let Some(d) = dst {
         ev = ev.with("destination", d.to_string());
     }
-    if let Err(e) = sh.audit.record(ev) {
+    if let Err(e) = audit.record(ev) {
         Metrics::inc(&sh.metrics.audit_errors_total);
         tracing::error!(error = %e, "audit record lost");
     }
@@ -355,8 +378,10 @@ fn looks_like_http(first: &[u8]) -> bool {
 
 /// Serves one intercepted stream. `fixed_host` is the host already verified (CONNECT target);
 /// `None` in transparent mode, where it comes from SNI / Host.
+#[allow(clippy::too_many_arguments)]
 async fn intercept(
     sh: Arc<Shared>,
+    session: Arc<Session>,
     stop: Stop,
     mut io: BoxIo,
     peer: SocketAddr,
@@ -369,9 +394,9 @@ async fn intercept(
         let host = fixed_host.clone().unwrap_or_else(|| dst.ip().to_string());
         if let Verdict::Allow {
             splice_non_http: true,
-        } = sh.rules.check(&host, dst.port())
+        } = session.rules.check(&host, dst.port())
         {
-            splice(&sh, io, peer, &host, dst).await;
+            splice(&sh, &session, io, peer, &host, dst).await;
         } else {
             Metrics::inc(&sh.metrics.handshake_failures_total);
             tracing::debug!(%peer, "no data within the handshake timeout; closing");
@@ -383,10 +408,11 @@ async fn intercept(
         inner: io,
     });
     if first[0] == 0x16 {
-        tls_intercept(sh, stop, io, peer, kind, dst, fixed_host).await;
+        tls_intercept(sh, session, stop, io, peer, kind, dst, fixed_host).await;
     } else if looks_like_http(&first) {
         let upstream = Upstream::new(
             Target {
+                session: session.id,
                 host: fixed_host.clone().unwrap_or_else(|| dst.ip().to_string()),
                 addr: dst,
                 tls: false,
@@ -399,24 +425,43 @@ async fn intercept(
             fixed_host,
             upstream,
         };
-        let ctx = ConnCtx::new(sh, stop, peer, kind, route);
+        let ctx = ConnCtx::new(sh, session, stop, peer, kind, route);
         serve_http(ctx, io, false).await;
     } else {
         let host = fixed_host.unwrap_or_else(|| dst.ip().to_string());
-        match sh.rules.check(&host, dst.port()) {
+        match session.rules.check(&host, dst.port()) {
             Verdict::Allow {
                 splice_non_http: true,
-            } => splice(&sh, io, peer, &host, dst).await,
-            _ => refuse(&sh, peer, Some(dst), "non_http_not_allowed"),
+            } => splice(&sh, &session, io, peer, &host, dst).await,
+            _ => refuse(
+                &sh,
+                &*session.audit,
+                peer,
+                Some(dst),
+                "non_http_not_allowed",
+            ),
         }
     }
 }
 
-async fn splice(sh: &Shared, mut io: BoxIo, peer: SocketAddr, host: &str, dst: SocketAddr) {
+async fn splice(
+    sh: &Shared,
+    session: &Session,
+    mut io: BoxIo,
+    peer: SocketAddr,
+    host: &str,
+    dst: SocketAddr,
+) {
     let up =
         tokio::time::timeout(sh.limits.upstream_connect_timeout, TcpStream::connect(dst)).await;
     let Ok(Ok(mut up)) = up else {
-        refuse(sh, peer, Some(dst), "splice_connect_failed");
+        refuse(
+            sh,
+            &*session.audit,
+            peer,
+            Some(dst),
+            "splice_connect_failed",
+        );
         return;
     };
     Metrics::inc(&sh.metrics.connections_spliced_total);
@@ -428,14 +473,16 @@ async fn splice(sh: &Shared, mut io: BoxIo, peer: SocketAddr, host: &str, dst: S
         .with("destination", dst.to_string())
         .with("bytes_up", a)
         .with("bytes_down", b);
-    if let Err(e) = sh.audit.record(ev) {
+    if let Err(e) = session.audit.record(ev) {
         Metrics::inc(&sh.metrics.audit_errors_total);
         tracing::error!(error = %e, "audit record lost");
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn tls_intercept(
     sh: Arc<Shared>,
+    session: Arc<Session>,
     stop: Stop,
     io: BoxIo,
     peer: SocketAddr,
@@ -475,8 +522,9 @@ async fn tls_intercept(
         (true, false) => Offer::H2,
         _ => Offer::H1,
     };
-    let denied = sh.rules.check(&host, dst.port()) == Verdict::Deny;
+    let denied = session.rules.check(&host, dst.port()) == Verdict::Deny;
     let target = Target {
+        session: session.id,
         host: host.clone(),
         addr: dst,
         tls: true,
@@ -512,7 +560,7 @@ async fn tls_intercept(
         Err(_) if offers_h1 => Some(ALPN_H1),
         Err(_) => Some(ALPN_H2),
     };
-    let leaf = match sh.ca.leaf(&cert_host) {
+    let leaf = match session.ca.leaf(&cert_host) {
         Ok(l) => l,
         Err(e) => {
             Metrics::inc(&sh.metrics.handshake_failures_total);
@@ -549,7 +597,7 @@ async fn tls_intercept(
         denied,
         upstream: upstream.map(|s| Upstream::new(target, up_offer, s)),
     };
-    let ctx = ConnCtx::new(sh, stop, peer, kind, route);
+    let ctx = ConnCtx::new(sh, session, stop, peer, kind, route);
     serve_http(ctx, Box::new(tls), h2_client).await;
 }
 
@@ -577,6 +625,7 @@ enum Route {
 
 struct ConnCtx {
     sh: Arc<Shared>,
+    session: Arc<Session>,
     stop: Stop,
     peer: SocketAddr,
     kind: Kind,
@@ -600,9 +649,17 @@ struct CachedPlan {
 }
 
 impl ConnCtx {
-    fn new(sh: Arc<Shared>, stop: Stop, peer: SocketAddr, kind: Kind, route: Route) -> Arc<Self> {
+    fn new(
+        sh: Arc<Shared>,
+        session: Arc<Session>,
+        stop: Stop,
+        peer: SocketAddr,
+        kind: Kind,
+        route: Route,
+    ) -> Arc<Self> {
         Arc::new(Self {
             sh,
+            session,
             stop,
             peer,
             kind,
@@ -616,7 +673,7 @@ impl ConnCtx {
 
     /// The current snapshot, the swap plan for `host`, and whether any token may go to `host`.
     fn plan_for(&self, host: &str) -> (Arc<Snapshot>, Arc<SwapPlan>, bool) {
-        let snap = self.sh.tokens.snapshot();
+        let snap = self.session.tokens.snapshot();
         let mut g = self.plan.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = g.as_ref()
             && c.host == host
@@ -755,7 +812,6 @@ async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let sh = ctx.sh.clone();
     match &ctx.route {
         Route::Explicit => {
             if req.method() == Method::CONNECT {
@@ -769,17 +825,18 @@ async fn handle(
                 ));
             };
             let (host, port) = split_authority(auth.as_str(), 80);
-            if sh.rules.check(&host, port) == Verdict::Deny {
+            if ctx.session.rules.check(&host, port) == Verdict::Deny {
                 return Ok(denied(&ctx, req, &host, port));
             }
             let up = {
                 let mut g = ctx.forward.lock().await;
                 match g.as_ref() {
                     Some((h, p, u)) if *h == host && *p == port => u.clone(),
-                    _ => match upstream::resolve(&sh, &host, port).await {
+                    _ => match upstream::resolve(&ctx.session, &host, port).await {
                         Ok(addr) => {
                             let u = Upstream::new(
                                 Target {
+                                    session: ctx.session.id,
                                     host: host.clone(),
                                     addr,
                                     tls: false,
@@ -819,7 +876,7 @@ async fn handle(
                 Some(h) => h.clone(),
                 None => verify_plain_host(&ctx, &req, *dst).await,
             };
-            if sh.rules.check(&host, dst.port()) == Verdict::Deny {
+            if ctx.session.rules.check(&host, dst.port()) == Verdict::Deny {
                 return Ok(denied(&ctx, req, &host, dst.port()));
             }
             Ok(forward(ctx.clone(), req, host, dst.port(), upstream.clone(), false).await)
@@ -848,7 +905,7 @@ async fn verify_plain_host(ctx: &ConnCtx, req: &Request<Incoming>, dst: SocketAd
     let (name, _) = split_authority(claimed, dst.port());
     let holds = match name.parse::<std::net::IpAddr>() {
         Ok(addr) => addr == dst.ip(),
-        Err(_) => upstream::resolve_all(&ctx.sh, &name, dst.port())
+        Err(_) => upstream::resolve_all(&ctx.session, &name, dst.port())
             .await
             .iter()
             .any(|a| a.ip() == dst.ip()),
@@ -879,7 +936,12 @@ fn denied(ctx: &ConnCtx, req: Request<Incoming>, host: &str, port: u16) -> Respo
     let mut f = fields(ctx, &req, host, port);
     f.status = 403;
     f.error = Some("connection_denied".into());
-    drop(Record::new(ctx.sh.clone(), f, None));
+    drop(Record::new(
+        ctx.sh.clone(),
+        ctx.session.audit.clone(),
+        f,
+        None,
+    ));
     text(
         StatusCode::FORBIDDEN,
         format!("kz: connections to {host} are not allowed by the connection rules"),
@@ -901,7 +963,12 @@ fn upstream_failed(
     let mut f = fields(ctx, &req, host, port);
     f.status = status.as_u16();
     f.error = Some(e.kind().into());
-    drop(Record::new(ctx.sh.clone(), f, None));
+    drop(Record::new(
+        ctx.sh.clone(),
+        ctx.session.audit.clone(),
+        f,
+        None,
+    ));
     text(status, format!("kz: {e}"))
 }
 
@@ -915,16 +982,22 @@ async fn connect_checked(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response
         );
     };
     let (host, port) = split_authority(&auth, 443);
-    if ctx.sh.rules.check(&host, port) == Verdict::Deny {
+    if ctx.session.rules.check(&host, port) == Verdict::Deny {
         Metrics::inc(&ctx.sh.metrics.connections_denied_total);
         return denied(ctx, req, &host, port);
     }
-    let dst = match upstream::resolve(&ctx.sh, &host, port).await {
+    let dst = match upstream::resolve(&ctx.session, &host, port).await {
         Ok(a) => a,
         Err(e) => return upstream_failed(ctx, req, &host, port, &e),
     };
     if ctx.sh.own_addrs.contains(&dst) || dst.ip().is_unspecified() {
-        refuse(&ctx.sh, ctx.peer, Some(dst), "destination_is_the_proxy");
+        refuse(
+            &ctx.sh,
+            &*ctx.session.audit,
+            ctx.peer,
+            Some(dst),
+            "destination_is_the_proxy",
+        );
         return text(
             StatusCode::FORBIDDEN,
             format!("kz: {host}:{port} is the proxy itself"),
@@ -942,6 +1015,7 @@ fn tunnel(
     dst: SocketAddr,
 ) -> Response<ProxyBody> {
     let sh = ctx.sh.clone();
+    let session = ctx.session.clone();
     let stop = ctx.stop.clone();
     let peer = ctx.peer;
     tokio::spawn(async move {
@@ -954,6 +1028,7 @@ fn tunnel(
         };
         intercept(
             sh,
+            session,
             stop,
             Box::new(TokioIo::new(upgraded)),
             peer,
@@ -1011,6 +1086,7 @@ async fn forward(
     let guard = InflightGuard(ctx.inflight.clone());
     let rec = Record::new(
         sh.clone(),
+        ctx.session.audit.clone(),
         fields(&ctx, &req, &host, port),
         Some(Box::new(guard)),
     );
@@ -1074,7 +1150,7 @@ async fn forward(
             }
         }
     }
-    if violation && sh.refuse_out_of_scope {
+    if violation && ctx.session.refuse_out_of_scope {
         return refused(&rec, &host);
     }
 
@@ -1123,7 +1199,7 @@ async fn forward(
                     .patterns()
                     .rewrite_all(&data, plan.as_ref(), &mut seen)
                     .map_or(data, Bytes::from);
-                if violation && sh.refuse_out_of_scope {
+                if violation && ctx.session.refuse_out_of_scope {
                     return refused(&rec, &host);
                 }
                 rec.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -1147,7 +1223,7 @@ async fn forward(
                     snap.clone(),
                     rec.clone(),
                     Direction::Up,
-                    sh.refuse_out_of_scope,
+                    ctx.session.refuse_out_of_scope,
                 )
                 .boxed()
             }
@@ -1406,9 +1482,7 @@ pub async fn metrics_loop(sh: Arc<Shared>, l: TcpListener) {
                 let sh = sh.clone();
                 async move {
                     let r = if req.uri().path() == "/metrics" {
-                        let mut r = Response::new(body::full(
-                            sh.metrics.render(sh.ca.cached(), sh.idle_upstream()),
-                        ));
+                        let mut r = Response::new(body::full(sh.render_metrics()));
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,
                             HeaderValue::from_static("text/plain; version=0.0.4"),

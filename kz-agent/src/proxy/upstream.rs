@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use super::Shared;
 use super::body::ProxyBody;
+use super::session::{Session, SessionId};
 use crate::tls::ALPN_H2;
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -56,6 +57,9 @@ impl UpstreamError {
 /// Where and how to reach one upstream.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The session the connection serves: upstream connections are pooled per session, so a
+    /// connection one sandbox's credentials went over is never reused for another's.
+    pub session: SessionId,
     /// The verified host name (or IP literal): TLS is verified against it.
     pub host: String,
     pub addr: SocketAddr,
@@ -125,7 +129,7 @@ impl Sender {
 }
 
 /// Resolves `host:port` with the configured override first, then the system resolver.
-pub async fn resolve(sh: &Shared, host: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
+pub async fn resolve(sh: &Session, host: &str, port: u16) -> Result<SocketAddr, UpstreamError> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
@@ -148,7 +152,7 @@ pub async fn resolve(sh: &Shared, host: &str, port: u16) -> Result<SocketAddr, U
 }
 
 /// All addresses `host` resolves to (override first), for checking a plain-HTTP Host header.
-pub async fn resolve_all(sh: &Shared, host: &str, port: u16) -> Vec<SocketAddr> {
+pub async fn resolve_all(sh: &Session, host: &str, port: u16) -> Vec<SocketAddr> {
     if let Some(f) = &sh.resolve
         && let Some(a) = f(host, port).await
     {
@@ -302,6 +306,7 @@ pub struct Pool {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
+    session: SessionId,
     addr: SocketAddr,
     host: String,
     tls: bool,
@@ -359,6 +364,7 @@ impl Pool {
 
     fn key(t: &Target) -> Key {
         Key {
+            session: t.session,
             addr: t.addr,
             host: t.host.clone(),
             tls: t.tls,

@@ -14,6 +14,7 @@ pub mod trust;
 
 use crate::config::{Config, ConfigError, SecretEntry};
 use crate::resolve::Resolver;
+use crate::sandbox::Child;
 use crate::secret::Secret;
 use futures_util::future::join_all;
 use rand::RngCore;
@@ -286,28 +287,6 @@ pub async fn spawn_and_wait(
     program: &Path,
 ) -> Result<ExitCode, RunError> {
     wait_forwarding(move || cmd.spawn().map(Child::Tokio), program).await
-}
-
-/// A child kz waits for: started by std/tokio, or born in a cgroup (`kz run --blind`).
-pub(crate) enum Child {
-    Tokio(tokio::process::Child),
-    Cgroup(crate::intercept::spawn::CgroupChild),
-}
-
-impl Child {
-    fn id(&self) -> Option<u32> {
-        match self {
-            Child::Tokio(c) => c.id(),
-            Child::Cgroup(c) => Some(c.id()),
-        }
-    }
-
-    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        match self {
-            Child::Tokio(c) => c.wait().await,
-            Child::Cgroup(c) => c.wait().await,
-        }
-    }
 }
 
 /// [`spawn_and_wait`] with the spawning left to `spawn` (called once the signal handlers are

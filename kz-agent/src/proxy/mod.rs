@@ -22,10 +22,14 @@
 //! graceful shutdown.
 
 pub mod body;
+mod exchange;
+mod io;
+mod listeners;
 pub mod metrics;
 pub mod record;
+mod routing;
 pub mod rules;
-pub mod server;
+mod serving;
 pub mod session;
 pub mod tls;
 pub mod tokens;
@@ -239,7 +243,7 @@ pub struct ProxyHandle {
     pub explicit_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    stop: server::Stop,
+    stop: listeners::Stop,
     /// Tasks on the caller's runtime (metrics listener, pool sweeper).
     tasks: Vec<tokio::task::JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -384,16 +388,16 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
             .copied()
             .collect(),
     });
-    let stop = server::Stop::new(shared.limits.max_connections);
+    let stop = listeners::Stop::new(shared.limits.max_connections);
     let listeners: Vec<_> = transparent
         .into_iter()
-        .map(|l| (l, server::Kind::Transparent))
-        .chain(explicit.into_iter().map(|l| (l, server::Kind::Explicit)))
+        .map(|l| (l, listeners::Kind::Transparent))
+        .chain(explicit.into_iter().map(|l| (l, listeners::Kind::Explicit)))
         .collect();
     let workers = start_workers(&shared, &stop, runtimes, listeners)?;
     let mut tasks = Vec::new();
     if let Some(l) = metrics_l {
-        tasks.push(tokio::spawn(server::metrics_loop(shared.clone(), l)));
+        tasks.push(tokio::spawn(listeners::metrics_loop(shared.clone(), l)));
     }
     let sweep = shared.clone();
     tasks.push(tokio::spawn(async move {
@@ -418,12 +422,12 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
 
 /// Starts the worker threads. Each accepts from every listener (the kernel wakes one of the
 /// threads waiting); a thread that already serves more connections than another hands the new
-/// one over (see `server::accept_loop`), so a few long keep-alive connections spread evenly.
+/// one over (see `listeners::accept_loop`), so a few long keep-alive connections spread evenly.
 fn start_workers(
     shared: &Arc<Shared>,
-    stop: &server::Stop,
+    stop: &listeners::Stop,
     runtimes: Vec<tokio::runtime::Runtime>,
-    listeners: Vec<(std::net::TcpListener, server::Kind)>,
+    listeners: Vec<(std::net::TcpListener, listeners::Kind)>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, ProxyError> {
     let mut threads = Vec::with_capacity(runtimes.len());
     for (i, rt) in runtimes.into_iter().enumerate() {
@@ -441,7 +445,7 @@ fn start_workers(
                         match tokio::net::TcpListener::from_std(l) {
                             Ok(l) => {
                                 let task =
-                                    server::accept_loop(sh.clone(), stop.clone(), l, kind, i);
+                                    listeners::accept_loop(sh.clone(), stop.clone(), l, kind, i);
                                 tokio::spawn(task);
                             }
                             Err(e) => tracing::error!(error = %e, "proxy worker cannot listen"),

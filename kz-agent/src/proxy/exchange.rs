@@ -1,0 +1,871 @@
+//! One request's exchange with its upstream, as named phases over the request's and the
+//! response's parts:
+//! 1. [`swap_head`]: masked → real in the URL (percent-encoded) and header values, where the
+//!    verified host is in the token's scope;
+//! 2. [`prepare_head`]: hop-by-hop headers out, identity encoding asked for where a secret may go;
+//! 3. [`plan_body`]: the request body sent as is, counted, rewritten whole or streamed;
+//! 4. [`target_uri`]: the absolute URI (and `Host`) for the upstream's protocol;
+//! 5. (send) then [`scrub_head`]: real → masked in the response's header values;
+//! 6. [`plan_response_body`]: the response body sent as is, counted, scrubbed whole or streamed.
+//!
+//! The phases are plain functions (no sockets, no runtime) with unit tests; [`forward`] and
+//! [`respond`] run them in order. Every way a request is refused becomes a response in one
+//! place, [`Rejection::respond`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
+use super::metrics::Metrics;
+use super::record::Record;
+use super::serving::{ConnCtx, fields};
+use super::tokens::{Scrubber, Snapshot, SwapPlan};
+use super::upstream::{Upstream, UpstreamBody, UpstreamError};
+use crate::egress::hop;
+use crate::egress::location::{Keep, percent_encode};
+use crate::egress::rewrite::{Decide, StreamRewriter};
+
+/// Why kz answers a request itself instead of with the upstream's response.
+#[derive(Debug)]
+pub enum Rejection {
+    /// The request cannot be forwarded as it is (400).
+    BadRequest {
+        error: &'static str,
+        message: String,
+    },
+    /// It carries a masked token not allowed to go to `host`, and the session refuses such
+    /// requests (403).
+    OutOfScope { host: String },
+    /// The connection rules do not allow `host` (403).
+    Denied { host: String },
+    /// The upstream could not be reached or spoke badly (502, 504 on a connect timeout).
+    Upstream(UpstreamError),
+    /// The upstream compressed its answer although kz asked for identity (502).
+    UpstreamCompressed,
+    /// Reading the upstream's response body failed (502).
+    UpstreamBody(String),
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::OutOfScope { .. } | Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Upstream(UpstreamError::ConnectTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(_) | Self::UpstreamCompressed | Self::UpstreamBody(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The stable name in the request's audit record (`error`).
+    pub fn error(&self) -> &'static str {
+        match self {
+            Self::BadRequest { error, .. } => error,
+            Self::OutOfScope { .. } => "token_out_of_scope",
+            Self::Denied { .. } => "connection_denied",
+            Self::Upstream(e) => e.kind(),
+            Self::UpstreamCompressed => "upstream_compressed_response",
+            Self::UpstreamBody(_) => "upstream_body_failed",
+        }
+    }
+
+    /// What the client reads.
+    pub fn message(&self) -> String {
+        match self {
+            Self::BadRequest { message, .. } => message.clone(),
+            Self::OutOfScope { host } => format!(
+                "kz: this request carries a masked token that is not allowed to go to {host}; it was not sent"
+            ),
+            Self::Denied { host } => {
+                format!("kz: connections to {host} are not allowed by the connection rules")
+            }
+            Self::Upstream(e) => format!("kz: {e}"),
+            Self::UpstreamCompressed => "kz: the upstream sent a compressed response although kz asked for identity encoding; kz cannot scrub it, so it was not forwarded".into(),
+            Self::UpstreamBody(e) => format!("kz: reading the upstream response failed: {e}"),
+        }
+    }
+
+    fn upstream_side(&self) -> bool {
+        matches!(
+            self,
+            Self::Upstream(_) | Self::UpstreamCompressed | Self::UpstreamBody(_)
+        )
+    }
+
+    /// Notes the rejection in the request's record (and the upstream-error metric) and returns
+    /// the response the client gets.
+    pub fn respond(self, rec: &Record) -> Response<ProxyBody> {
+        if self.upstream_side() {
+            Metrics::inc(&rec.metrics().upstream_errors_total);
+        }
+        let status = self.status();
+        rec.with(|f| {
+            f.status = status.as_u16();
+            f.error = Some(self.error().to_owned());
+            f.refused |= matches!(self, Self::OutOfScope { .. });
+        });
+        text(status, self.message())
+    }
+}
+
+fn bad_request(error: &'static str, message: &str) -> Rejection {
+    Rejection::BadRequest {
+        error,
+        message: message.to_owned(),
+    }
+}
+
+/// A short text response from kz itself.
+pub fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(msg + "\n"));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Real values placed into a URL, percent-encoded ([`Keep::Unreserved`]).
+struct UrlEncoded(Vec<Option<Vec<u8>>>);
+
+impl Decide for UrlEncoded {
+    fn replacement(&self, id: usize) -> Option<&[u8]> {
+        self.0.get(id).and_then(|v| v.as_deref())
+    }
+}
+
+/// Phase 1: masked → real in the URL's path and query and in every header value, for the
+/// tokens `plan` allows toward its host; `seen(token, swapped)` hears of every token found
+/// (`swapped` false: out of scope, left masked). Returns the new path and query when a token
+/// was found there.
+pub fn swap_head(
+    parts: &mut http::request::Parts,
+    snap: &Snapshot,
+    plan: &SwapPlan,
+    seen: &mut dyn FnMut(usize, bool),
+) -> Result<Option<String>, Rejection> {
+    if snap.is_empty() {
+        return Ok(None);
+    }
+    let mut swapped_pq = None;
+    if let Some(pq) = parts.uri.path_and_query() {
+        let mut hit = false;
+        plan.patterns()
+            .for_each_match(pq.as_str().as_bytes(), |_| hit = true);
+        if hit {
+            let enc = UrlEncoded(
+                (0..snap.len())
+                    .map(|i| {
+                        plan.replacement(i)
+                            .map(|v| percent_encode(v, Keep::Unreserved).into_bytes())
+                    })
+                    .collect(),
+            );
+            if let Some(v) = plan
+                .patterns()
+                .rewrite_all(pq.as_str().as_bytes(), &enc, seen)
+            {
+                swapped_pq = Some(String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
+    for (_, value) in parts.headers.iter_mut() {
+        if let Some(v) = plan.patterns().rewrite_all(value.as_bytes(), plan, seen) {
+            *value = HeaderValue::from_bytes(&v).map_err(|_| {
+                bad_request(
+                    "swapped_header_invalid",
+                    "kz: a swapped header value is not a valid header",
+                )
+            })?;
+        }
+    }
+    Ok(swapped_pq)
+}
+
+/// Phase 2: hop-by-hop headers out (`Upgrade` kept for an upgrade); for an upgrade that may
+/// carry tokens no permessage-deflate (compressed frames could hide a real value from the
+/// scrubber); and where a secret may go (`guarded`), an identity-encoded response asked for so
+/// every byte coming back can be scrubbed.
+pub fn prepare_head(headers: &mut HeaderMap, upgrade: bool, has_tokens: bool, guarded: bool) {
+    hop::strip(headers, upgrade);
+    if upgrade && has_tokens {
+        headers.remove("sec-websocket-extensions");
+    }
+    if guarded {
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+}
+
+/// How a body crosses the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPlan {
+    /// No body.
+    Empty,
+    /// Passed through, bytes counted: nothing in it can need a rewrite.
+    Count,
+    /// Read whole (its Content-Length is at most `max_buffered_body`), rewritten, sent with its
+    /// new exact length.
+    Buffer,
+    /// Rewritten as it streams (chunked, or longer than `max_buffered_body`).
+    Stream,
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Phase 3: how the request body goes up.
+pub fn plan_body(headers: &HeaderMap, end_stream: bool, has_tokens: bool, max: usize) -> BodyPlan {
+    if end_stream {
+        BodyPlan::Empty
+    } else if !has_tokens {
+        BodyPlan::Count
+    } else {
+        match content_length(headers) {
+            Some(n) if n <= max as u64 => BodyPlan::Buffer,
+            _ => BodyPlan::Stream,
+        }
+    }
+}
+
+/// Phase 4: the request line for the upstream's protocol, built from parsed parts (the URL is
+/// parsed again only when a token was swapped into it): absolute form here, the upstream side
+/// turns it into what its protocol needs. A request without `Host` gets one.
+pub fn target_uri(
+    parts: &mut http::request::Parts,
+    host: &str,
+    port: u16,
+    tls: bool,
+    swapped_pq: Option<String>,
+) -> Result<(), Rejection> {
+    let authority = match parts.uri.authority().cloned() {
+        Some(a) => Some(a),
+        None => match parts.headers.get(header::HOST) {
+            Some(h) => Authority::try_from(h.as_bytes()).ok(),
+            None if (tls && port == 443) || (!tls && port == 80) => Authority::try_from(host).ok(),
+            None => Authority::try_from(format!("{host}:{port}")).ok(),
+        },
+    };
+    if authority.is_none() {
+        return Err(bad_request(
+            "host_invalid",
+            "kz: the request's Host is not a valid host[:port]",
+        ));
+    }
+    let path_and_query = match swapped_pq {
+        None => Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        ),
+        Some(s) => PathAndQuery::try_from(s).ok(),
+    };
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    uri_parts.authority = authority;
+    uri_parts.path_and_query = path_and_query;
+    let uri = match Uri::from_parts(uri_parts) {
+        Ok(u) if u.authority().is_some() && u.path_and_query().is_some() => u,
+        _ => {
+            return Err(bad_request(
+                "swapped_url_invalid",
+                "kz: the request URL is not valid after swapping",
+            ));
+        }
+    };
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.uri = uri;
+    Ok(())
+}
+
+/// Phase 5: real → masked in every response header value; `seen` hears the secret's name.
+pub fn scrub_head(headers: &mut HeaderMap, scrub: &Scrubber, seen: &mut dyn FnMut(&str)) {
+    for (_, value) in headers.iter_mut() {
+        if let Some(v) = scrub.rewrite_value(value.as_bytes(), seen)
+            && let Ok(hv) = HeaderValue::from_bytes(&v)
+        {
+            *value = hv;
+        }
+    }
+}
+
+/// Phase 6: how the response body comes down. A compressed body from a host a secret may go to
+/// is refused: kz asked for identity, and a compressed body could hide a real value from the
+/// scrubber.
+pub fn plan_response_body(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+    has_tokens: bool,
+    guarded: bool,
+    max: usize,
+) -> Result<BodyPlan, Rejection> {
+    let no_body = method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    if no_body {
+        return Ok(BodyPlan::Empty);
+    }
+    if !has_tokens {
+        return Ok(BodyPlan::Count);
+    }
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    if encoded && guarded {
+        return Err(Rejection::UpstreamCompressed);
+    }
+    Ok(match content_length(headers) {
+        Some(n) if n <= max as u64 => BodyPlan::Buffer,
+        _ => BodyPlan::Stream,
+    })
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs one request through the phases to `up` and returns what the client gets.
+pub async fn forward(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+    host: String,
+    port: u16,
+    up: Arc<Upstream>,
+    tls: bool,
+) -> Response<ProxyBody> {
+    let sh = ctx.sh.clone();
+    Metrics::inc(&sh.metrics.requests_total);
+    ctx.inflight.fetch_add(1, Ordering::Relaxed);
+    let guard = InflightGuard(ctx.inflight.clone());
+    let rec = Record::new(
+        sh.clone(),
+        ctx.session.audit.clone(),
+        fields(&ctx, &req, &host, port),
+        Some(Box::new(guard)),
+    );
+    let (snap, plan, guarded) = ctx.plan_for(&host);
+    let refuse_out_of_scope = ctx.session.refuse_out_of_scope;
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, incoming) = req.into_parts();
+    let mut violation = false;
+    let mut seen = |id: usize, replaced: bool| {
+        violation |= !replaced;
+        rec.token(snap.name(id), replaced);
+    };
+
+    let swapped_pq = match swap_head(&mut parts, &snap, &plan, &mut seen) {
+        Ok(pq) => pq,
+        Err(r) => return r.respond(&rec),
+    };
+    if violation && refuse_out_of_scope {
+        return Rejection::OutOfScope { host }.respond(&rec);
+    }
+    prepare_head(&mut parts.headers, upgrade, !snap.is_empty(), guarded);
+
+    let plan_now = plan_body(
+        &parts.headers,
+        incoming.is_end_stream(),
+        !snap.is_empty(),
+        sh.limits.max_buffered_body,
+    );
+    let up_body = match plan_now {
+        BodyPlan::Empty => body::empty(),
+        BodyPlan::Count => CountBody::new(incoming, rec.clone(), Direction::Up).boxed(),
+        BodyPlan::Buffer => {
+            let data = match incoming.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    let message = format!("kz: reading the request body failed: {e}");
+                    return Rejection::BadRequest {
+                        error: "request_body_read_failed",
+                        message,
+                    }
+                    .respond(&rec);
+                }
+            };
+            let mut violation = false;
+            let mut seen = |id: usize, replaced: bool| {
+                violation |= !replaced;
+                rec.token(snap.name(id), replaced);
+            };
+            let out = plan
+                .patterns()
+                .rewrite_all(&data, plan.as_ref(), &mut seen)
+                .map_or(data, Bytes::from);
+            if violation && refuse_out_of_scope {
+                return Rejection::OutOfScope { host }.respond(&rec);
+            }
+            rec.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
+            Metrics::add(&sh.metrics.bytes_upstream_total, out.len() as u64);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            body::full(out)
+        }
+        BodyPlan::Stream => {
+            // Only a swap changes a body's length, and none can happen toward a host no token
+            // may go to: there the length stays exact (object stores refuse chunked uploads).
+            // Elsewhere it is known only at the end: chunked / h2 DATA frames.
+            if guarded {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            let rw = StreamRewriter::new(plan.patterns().clone(), plan.clone());
+            RewriteBody::new(
+                incoming,
+                rw,
+                snap.clone(),
+                rec.clone(),
+                Direction::Up,
+                refuse_out_of_scope,
+            )
+            .boxed()
+        }
+    };
+
+    if let Err(r) = target_uri(&mut parts, &host, port, tls, swapped_pq) {
+        return r.respond(&rec);
+    }
+    let method = parts.method.clone();
+    let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
+        Ok(r) => r,
+        // A streamed body that met an out-of-scope token stopped the send.
+        Err(_) if rec.with(|f| f.refused) => return Rejection::OutOfScope { host }.respond(&rec),
+        Err(e) => return Rejection::Upstream(e).respond(&rec),
+    };
+    respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
+}
+
+/// The response phases: scrub the head, then the body as planned (or relay an upgrade).
+async fn respond(
+    ctx: Arc<ConnCtx>,
+    rec: Arc<Record>,
+    snap: Arc<Snapshot>,
+    guarded: bool,
+    method: Method,
+    mut resp: Response<UpstreamBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let sh = ctx.sh.clone();
+    let status = resp.status();
+    rec.with(|f| f.status = status.as_u16());
+    let scrub = Scrubber::for_snapshot(snap.clone());
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        relay_upgrade(&mut resp, client, &rec, &snap, &scrub);
+    }
+    let (mut parts, incoming) = resp.into_parts();
+    if !snap.is_empty() {
+        scrub_head(&mut parts.headers, &scrub, &mut |name| rec.scrubbed(name));
+    }
+    let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
+    hop::strip(&mut parts.headers, upgraded);
+    if upgraded {
+        return Response::from_parts(parts, body::empty());
+    }
+    let planned = plan_response_body(
+        &method,
+        status,
+        &parts.headers,
+        !snap.is_empty(),
+        guarded,
+        sh.limits.max_buffered_body,
+    );
+    match planned {
+        Err(r) => r.respond(&rec),
+        Ok(BodyPlan::Empty) => Response::from_parts(parts, body::empty()),
+        Ok(BodyPlan::Count) => Response::from_parts(
+            parts,
+            CountBody::new(incoming, rec, Direction::Down).boxed(),
+        ),
+        Ok(BodyPlan::Buffer) => {
+            let data = match incoming.collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => return Rejection::UpstreamBody(e.to_string()).respond(&rec),
+            };
+            let mut seen = |name: &str| rec.scrubbed(name);
+            let out = scrub
+                .rewrite_value(&data, &mut seen)
+                .map_or(data, Bytes::from);
+            rec.bytes_down
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            Metrics::add(&sh.metrics.bytes_downstream_total, out.len() as u64);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            Response::from_parts(parts, body::full(out))
+        }
+        Ok(BodyPlan::Stream) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let rw = scrub.stream();
+            let b = RewriteBody::new(incoming, rw, snap, rec, Direction::Down, false);
+            Response::from_parts(parts, b.boxed())
+        }
+    }
+}
+
+/// Relays an upgraded connection (101) on its own task: up as it comes (the handshake was
+/// swapped; client frames are masked by the client), down with WebSocket data frames scrubbed;
+/// other upgraded protocols get nothing down for hosts holding secrets (their bytes cannot be
+/// scrubbed).
+fn relay_upgrade(
+    resp: &mut Response<UpstreamBody>,
+    client: hyper::upgrade::OnUpgrade,
+    rec: &Arc<Record>,
+    snap: &Arc<Snapshot>,
+    scrub: &Scrubber,
+) {
+    let server = hyper::upgrade::on(&mut *resp);
+    let rec = rec.clone();
+    let snap = snap.clone();
+    let rw = scrub.stream();
+    let is_ws = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    tokio::spawn(async move {
+        let (Ok(c), Ok(s)) = (client.await, server.await) else {
+            return;
+        };
+        let (mut cr, cw) = tokio::io::split(TokioIo::new(c));
+        let (sr, mut sw) = tokio::io::split(TokioIo::new(s));
+        let up = async {
+            let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+            n
+        };
+        let down = async {
+            if !is_ws && !snap.is_empty() {
+                return 0;
+            }
+            let mut seen = |id: usize, _| rec.scrubbed(snap.scrubbed_name(id));
+            match super::ws::relay_down(sr, cw, rw, &mut seen).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::info!(error = %e, "WebSocket relay closed");
+                    0
+                }
+            }
+        };
+        let (a, b) = tokio::join!(up, down);
+        rec.bytes_up.fetch_add(a, Ordering::Relaxed);
+        rec.bytes_down.fetch_add(b, Ordering::Relaxed);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::TokenTable;
+    use crate::secret::Secret;
+
+    const REAL: &str = "sk-real/value+0123456789";
+
+    /// A table with one secret scoped to api.test, and its masked token.
+    fn table() -> (TokenTable, String) {
+        let masked = TokenTable::generate_masked();
+        let t = TokenTable::new();
+        t.insert_named(
+            "API_KEY",
+            &masked,
+            Secret::new(REAL),
+            vec!["api.test".into()],
+        )
+        .unwrap();
+        (t, masked)
+    }
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    /// Runs phase 1 toward `host`; returns the swapped path and query and what `seen` heard.
+    fn swap(
+        parts: &mut http::request::Parts,
+        t: &TokenTable,
+        host: &str,
+    ) -> (Option<String>, Vec<(usize, bool)>) {
+        let snap = t.snapshot();
+        let plan = SwapPlan::new(snap.clone(), host);
+        let mut heard = Vec::new();
+        let pq = swap_head(parts, &snap, &plan, &mut |id, ok| heard.push((id, ok))).unwrap();
+        (pq, heard)
+    }
+
+    #[test]
+    fn a_token_in_a_header_is_swapped_toward_its_host_only() {
+        let (t, masked) = table();
+        let bearer = format!("Bearer {masked}");
+        let mut p = request("/v1", &[("authorization", &bearer)]);
+        let (pq, heard) = swap(&mut p, &t, "api.test");
+        assert_eq!(pq, None);
+        assert_eq!(heard, vec![(0, true)]);
+        assert_eq!(
+            p.headers["authorization"],
+            format!("Bearer {REAL}").as_str()
+        );
+
+        let mut p = request("/v1", &[("authorization", &bearer)]);
+        let (_, heard) = swap(&mut p, &t, "evil.test");
+        assert_eq!(heard, vec![(0, false)], "out of scope must be reported");
+        assert_eq!(p.headers["authorization"], bearer.as_str());
+    }
+
+    #[test]
+    fn a_token_in_the_url_is_swapped_percent_encoded() {
+        let (t, masked) = table();
+        let mut p = request(&format!("/q?key={masked}&x=1"), &[]);
+        let (pq, heard) = swap(&mut p, &t, "api.test");
+        assert_eq!(heard, vec![(0, true)]);
+        assert_eq!(
+            pq.as_deref(),
+            Some("/q?key=sk-real%2Fvalue%2B0123456789&x=1")
+        );
+        // A URL without a token is left alone (not re-parsed).
+        let mut p = request("/plain?x=1", &[]);
+        assert_eq!(swap(&mut p, &t, "api.test").0, None);
+    }
+
+    #[test]
+    fn nothing_is_touched_without_tokens() {
+        let t = TokenTable::new();
+        let mut p = request(
+            "/a?b=c",
+            &[("x-a", "kz_masked_00000000000000000000000000000000")],
+        );
+        let (pq, heard) = swap(&mut p, &t, "api.test");
+        assert_eq!((pq, heard.len()), (None, 0));
+    }
+
+    #[test]
+    fn the_head_loses_hop_headers_and_asks_for_identity_where_a_secret_may_go() {
+        let mut h = request(
+            "/",
+            &[
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("accept-encoding", "gzip"),
+                ("sec-websocket-extensions", "permessage-deflate"),
+                ("upgrade", "websocket"),
+            ],
+        )
+        .headers;
+        prepare_head(&mut h, true, true, true);
+        assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
+        assert_eq!(h["connection"], "upgrade", "an upgrade is announced again, alone");
+        assert_eq!(h["upgrade"], "websocket", "an upgrade keeps Upgrade");
+        assert!(h.get("sec-websocket-extensions").is_none());
+        assert_eq!(h["accept-encoding"], "identity");
+
+        let mut h = request("/", &[("accept-encoding", "gzip")]).headers;
+        prepare_head(&mut h, false, false, false);
+        assert_eq!(h["accept-encoding"], "gzip", "no secret may go there");
+    }
+
+    #[test]
+    fn bodies_are_planned_by_tokens_and_length() {
+        let h = |cl: Option<&str>| {
+            let mut m = HeaderMap::new();
+            if let Some(v) = cl {
+                m.insert(header::CONTENT_LENGTH, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        assert_eq!(plan_body(&h(Some("5")), true, true, 10), BodyPlan::Empty);
+        assert_eq!(plan_body(&h(Some("5")), false, false, 10), BodyPlan::Count);
+        assert_eq!(plan_body(&h(Some("10")), false, true, 10), BodyPlan::Buffer);
+        assert_eq!(plan_body(&h(Some("11")), false, true, 10), BodyPlan::Stream);
+        assert_eq!(plan_body(&h(None), false, true, 10), BodyPlan::Stream);
+        assert_eq!(plan_body(&h(Some("x")), false, true, 10), BodyPlan::Stream);
+    }
+
+    #[test]
+    fn the_target_uri_is_absolute_with_a_host() {
+        let mut p = request("/a?b=1", &[("host", "api.test:8443")]);
+        target_uri(&mut p, "api.test", 8443, true, None).unwrap();
+        assert_eq!(p.uri, "https://api.test:8443/a?b=1");
+
+        // No Host: the verified host, with the port unless it is the scheme's.
+        let mut p = request("/a", &[]);
+        target_uri(&mut p, "api.test", 443, true, None).unwrap();
+        assert_eq!(p.uri, "https://api.test/a");
+        assert_eq!(p.headers["host"], "api.test");
+        let mut p = request("/a", &[]);
+        target_uri(&mut p, "api.test", 8080, false, None).unwrap();
+        assert_eq!(p.uri, "http://api.test:8080/a");
+        assert_eq!(p.headers["host"], "api.test:8080");
+
+        // The swapped path replaces the original.
+        let mut p = request("/a?k=masked", &[("host", "api.test")]);
+        target_uri(&mut p, "api.test", 443, true, Some("/a?k=real".into())).unwrap();
+        assert_eq!(p.uri, "https://api.test/a?k=real");
+    }
+
+    #[test]
+    fn a_bad_host_or_swapped_url_is_a_specific_400() {
+        let mut p = request("/a", &[("host", "bad host")]);
+        let r = target_uri(&mut p, "api.test", 443, true, None).unwrap_err();
+        assert_eq!(
+            (r.status(), r.error()),
+            (StatusCode::BAD_REQUEST, "host_invalid")
+        );
+        let mut p = request("/a", &[("host", "api.test")]);
+        let r = target_uri(&mut p, "api.test", 443, true, Some("no slash \n".into())).unwrap_err();
+        assert_eq!(r.error(), "swapped_url_invalid");
+    }
+
+    #[test]
+    fn response_headers_are_scrubbed() {
+        let (t, masked) = table();
+        let scrub = Scrubber::for_snapshot(t.snapshot());
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-echo",
+            HeaderValue::from_str(&format!("key={REAL}")).unwrap(),
+        );
+        h.insert("x-other", HeaderValue::from_static("fine"));
+        let mut heard = Vec::new();
+        scrub_head(&mut h, &scrub, &mut |n| heard.push(n.to_owned()));
+        assert_eq!(h["x-echo"], format!("key={masked}").as_str());
+        assert_eq!(h["x-other"], "fine");
+        assert_eq!(heard, vec!["API_KEY".to_owned()]);
+    }
+
+    #[test]
+    fn response_bodies_are_planned_and_compressed_ones_refused_where_a_secret_may_go() {
+        let mut gz = HeaderMap::new();
+        gz.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        gz.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+        let ok = StatusCode::OK;
+        let plan = |m: &Method, s, h: &HeaderMap, tokens, guarded| {
+            plan_response_body(m, s, h, tokens, guarded, 10)
+        };
+        assert_eq!(
+            plan(&Method::HEAD, ok, &gz, true, true).unwrap(),
+            BodyPlan::Empty
+        );
+        let none = StatusCode::NO_CONTENT;
+        assert_eq!(
+            plan(&Method::GET, none, &gz, true, true).unwrap(),
+            BodyPlan::Empty
+        );
+        assert_eq!(
+            plan(&Method::GET, ok, &gz, false, true).unwrap(),
+            BodyPlan::Count
+        );
+        let r = plan(&Method::GET, ok, &gz, true, true).unwrap_err();
+        assert_eq!(
+            (r.status(), r.error()),
+            (StatusCode::BAD_GATEWAY, "upstream_compressed_response")
+        );
+        // Toward a host no secret may go to, compression does not matter; length decides.
+        assert_eq!(
+            plan(&Method::GET, ok, &gz, true, false).unwrap(),
+            BodyPlan::Buffer
+        );
+        assert_eq!(
+            plan(&Method::GET, ok, &HeaderMap::new(), true, true).unwrap(),
+            BodyPlan::Stream
+        );
+    }
+
+    #[test]
+    fn every_rejection_has_its_status_and_audit_name() {
+        let timeout = UpstreamError::ConnectTimeout {
+            addr: "10.0.0.1:443".parse().unwrap(),
+        };
+        let cases = [
+            (
+                Rejection::OutOfScope { host: "h".into() },
+                403,
+                "token_out_of_scope",
+            ),
+            (
+                Rejection::Denied { host: "h".into() },
+                403,
+                "connection_denied",
+            ),
+            (
+                Rejection::Upstream(timeout),
+                504,
+                "upstream_connect_timeout",
+            ),
+            (
+                Rejection::Upstream(UpstreamError::Http("x".into())),
+                502,
+                "upstream_http_failed",
+            ),
+            (
+                Rejection::UpstreamCompressed,
+                502,
+                "upstream_compressed_response",
+            ),
+            (
+                Rejection::UpstreamBody("eof".into()),
+                502,
+                "upstream_body_failed",
+            ),
+        ];
+        for (r, status, error) in cases {
+            assert_eq!(r.status().as_u16(), status, "{r:?}");
+            assert_eq!(r.error(), error);
+            assert!(r.message().starts_with("kz: "), "{}", r.message());
+        }
+        let r = Rejection::OutOfScope {
+            host: "evil.test".into(),
+        };
+        assert!(r.message().contains("evil.test") && r.message().contains("not sent"));
+    }
+}

@@ -86,7 +86,7 @@ impl Interceptor {
     /// [`Interceptor::load`] in an explicit [`Scope`] (cgroup v2 mount point and state name).
     pub fn load_in(scope: &Scope) -> Result<Interceptor, InterceptError> {
         pins::ensure_bpffs()?;
-        match pins::cleanup_stale(scope) {
+        match shared::cleanup_stale(scope) {
             Ok(r) if !r.instances.is_empty() => {
                 tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
             }

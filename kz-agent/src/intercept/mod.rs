@@ -95,8 +95,9 @@ pub use maps::{
     AllowMap, Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect,
     UnixRule, UnixSockets,
 };
-pub use pins::{Scope, cleanup_stale};
+pub use pins::Scope;
 pub use shared::UnixGuard;
+pub use shared::cleanup_stale;
 
 use std::path::PathBuf;
 

@@ -12,7 +12,7 @@
 //! ids in the shared maps (policy, ports, allow/deny tries, allowed IPs); a dead
 //! instance's links keep its cgroups cut off until [`cleanup_stale`] removes all of it.
 
-use super::{InterceptError, cgroups, shared};
+use super::{InterceptError, cgroups};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -174,8 +174,13 @@ pub fn live_instances(scope: &Scope) -> Vec<String> {
 /// cgroups, then unpins their links (which detaches the programs from those cgroups), removes
 /// their entries from this build's shared maps and removes the cgroups. Processes are killed
 /// *before* anything is detached, so an orphaned agent is never let out uncut; if a cgroup
-/// cannot be emptied its links stay and this returns an error.
-pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
+/// cannot be emptied its links stay and this returns an error. `purge` removes a dead
+/// instance's cgroup ids from the shared maps ([`super::shared::cleanup_stale`] opens them: the
+/// pins know where things are pinned, not what the maps hold).
+pub fn cleanup_dead(
+    scope: &Scope,
+    purge: &mut dyn FnMut(&BTreeSet<u64>),
+) -> Result<StaleReport, InterceptError> {
     let dead: Vec<String> = instance_names(scope)
         .into_iter()
         .filter(|n| Instance::parse(n).is_some_and(|i| !i.alive()))
@@ -184,9 +189,6 @@ pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
     if dead.is_empty() {
         return Ok(report);
     }
-    // Only this build's sets: another build's maps may have other key layouts (and the next
-    // set that build or this one creates removes them anyway).
-    let mut sets = shared::open_build_maps(scope);
     for name in dead {
         let cg_dir = scope.cgroup_parent().join(&name);
         let pin_dir = scope.pin_root().join(&name);
@@ -227,9 +229,7 @@ pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(InterceptError::io("remove pins", &pin_dir, e)),
         }
-        for set in &mut sets {
-            set.purge_cgroups(&ids);
-        }
+        purge(&ids);
         cgroups::remove_tree(&cg_dir)?;
         tracing::info!(instance = %name, cgroups = ids.len(), "cleaned up a dead kz instance's links, map entries and cgroups");
         report.instances.push(name);

@@ -12,7 +12,7 @@
 //! from other eBPF code, whose maps may be laid out differently, never opens this set.
 //!
 //! The maps are keyed by cgroup id, so one set serves every instance; an instance writes and
-//! removes only the entries of its own cgroups, and [`super::cleanup_stale`] removes those of dead
+//! removes only the entries of its own cgroups, and [`cleanup_stale`] removes those of dead
 //! instances. Block events are the exception: a ring buffer has one reader, so each running
 //! instance claims a ring of its own ([`claim_ring`]): slot `n` of `KZ_EVENT_RINGS`, locked by an
 //! `flock` on `rings/<n>` in the set's directory for as long as the instance lives (the kernel
@@ -664,7 +664,20 @@ pub(crate) fn own_socket_maps(scope: &Scope) -> Vec<SkStorage<MapData, u32>> {
 }
 
 /// Opens the maps of this build's sets present in `scope` (normal and debug), for cleanup.
-pub(crate) fn open_build_maps(scope: &Scope) -> Vec<SharedMaps> {
+/// Cleans up after instances that died without an orderly exit ([`pins::cleanup_dead`]),
+/// removing their entries from this build's shared maps. Only this build's sets: another
+/// build's maps may have other key layouts (and the next set that build or this one creates
+/// removes them anyway).
+pub fn cleanup_stale(scope: &Scope) -> Result<StaleReport, InterceptError> {
+    let mut sets: Option<Vec<SharedMaps>> = None;
+    pins::cleanup_dead(scope, &mut |ids| {
+        for set in sets.get_or_insert_with(|| open_build_maps(scope)) {
+            set.purge_cgroups(ids);
+        }
+    })
+}
+
+fn open_build_maps(scope: &Scope) -> Vec<SharedMaps> {
     [false, true]
         .into_iter()
         .map(|debug| scope.pin_root().join(set_name(debug)))
@@ -697,7 +710,7 @@ pub fn unload(scope: &Scope) -> Result<UnloadReport, InterceptError> {
         return Ok(UnloadReport::default());
     }
     let _lock = ScopeLock::exclusive(&root)?;
-    let stale = pins::cleanup_stale(scope)?;
+    let stale = cleanup_stale(scope)?;
     let live = pins::live_instances(scope);
     if !live.is_empty() {
         return Err(InterceptError::InUse(live));

@@ -704,7 +704,10 @@ mod tests {
         .headers;
         prepare_head(&mut h, true, true, true);
         assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
-        assert_eq!(h["connection"], "upgrade", "an upgrade is announced again, alone");
+        assert_eq!(
+            h["connection"], "upgrade",
+            "an upgrade is announced again, alone"
+        );
         assert_eq!(h["upgrade"], "websocket", "an upgrade keeps Upgrade");
         assert!(h.get("sec-websocket-extensions").is_none());
         assert_eq!(h["accept-encoding"], "identity");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kz_agent::audit::{Fields, MemorySink, WithContext};
 use kz_agent::intercept::dns::{DnsConfig, DnsHooks, DnsServer, ResolvedIp};
 use support::dns::{TestDns, Zone};
-use support::netns::{Netns, link};
+use support::netns::{Netns, Pair};
 
 type Answers = Arc<Mutex<Vec<(String, Vec<ResolvedIp>)>>>;
 
@@ -45,9 +45,9 @@ fn zone() -> Zone {
 }
 
 fn setup(ipv6: bool) -> Env {
-    let client = Netns::new("dnc");
-    let upstream = Netns::new("dnu");
-    link(&client, "10.77.0.1/24", &upstream, "10.77.0.2/24");
+    let Pair {
+        client, upstream, ..
+    } = Pair::new("dnc", "dnu");
     let dns = TestDns::start(&upstream, "10.77.0.2:53".parse().unwrap(), zone());
 
     let answers: Answers = Arc::default();
@@ -70,19 +70,11 @@ fn setup(ipv6: bool) -> Env {
             context,
         }),
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    client.spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let server = DnsServer::start(config, hooks).await.unwrap();
-            tx.send(server.local_addr()).unwrap();
-            std::future::pending::<()>().await;
-        });
+    let addr = client.serve(move |ready| async move {
+        let server = DnsServer::start(config, hooks).await.unwrap();
+        ready.send(server.local_addr()).unwrap();
+        std::future::pending::<()>().await;
     });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(addr.port(), 53);
     Env {
         client,

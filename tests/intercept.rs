@@ -868,10 +868,9 @@ fn native_ipv6_is_intercepted_when_configured() {
     let mut icpt = Interceptor::load().expect("load");
     let table = icpt.orig_dst_table();
     // One dual-stack listener serves 127.0.0.1 and ::1 on the same port.
-    let (tx, rx) = std::sync::mpsc::channel();
-    topo.client.spawn(move || {
+    let port = topo.client.serve_blocking(move |ready| {
         let l = std::net::TcpListener::bind("[::]:0").unwrap();
-        tx.send(l.local_addr().unwrap().port()).unwrap();
+        ready.send(l.local_addr().unwrap().port()).unwrap();
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
             let peer = s.peer_addr().unwrap();
@@ -882,7 +881,6 @@ fn native_ipv6_is_intercepted_when_configured() {
             let _ = s.write_all(line.as_bytes());
         }
     });
-    let port = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let cg = icpt
         .create_cgroup(
             &support::unique_name("v6"),
@@ -1535,15 +1533,13 @@ fn unix_sockets_outside_the_allow_list_are_refused() {
     let _dgram_server = std::os::unix::net::UnixDatagram::bind(&dgram).unwrap();
     let abstract_name = format!("@kz-test-{}", support::unique_name("ab"));
     let allowed_abstract = format!("{abstract_name}-ok");
-    let (tx, rx) = std::sync::mpsc::channel();
     let (a, b) = (abstract_name.clone(), allowed_abstract.clone());
-    topo.client.spawn(move || {
+    topo.client.serve_blocking(move |ready| {
         serve_unix_stream(&a, "abstract");
         serve_unix_stream(&b, "abstract-ok");
-        tx.send(()).unwrap();
+        ready.send(()).unwrap();
         std::thread::park();
     });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let docker_s = docker.to_str().unwrap();
     // Control: outside the cgroup everything answers.
     assert_eq!(

@@ -16,8 +16,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use support::dns::{TestDns, Zone};
-use support::mcp_upstream::{self, Seen, TestCa};
-use support::netns::{self, Netns};
+use support::netns::{Netns, Pair};
+use support::tls::{self, TestCa};
+use support::upstream::{Routes, Upstream};
 
 const MARKER: &str = "[REDACTED by kz]";
 const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -32,7 +33,7 @@ struct Env {
     dir: PathBuf,
     secret: String,
     dns: SocketAddr,
-    seen: Seen,
+    upstream: Upstream,
 }
 
 impl Drop for Env {
@@ -45,21 +46,29 @@ fn setup() -> Option<Env> {
     if !support::require_root() {
         return None;
     }
-    let cli = Netns::new("mc");
-    let up = Netns::new("mu");
-    netns::link(&cli, "10.77.0.1/24", &up, "10.77.0.2/24");
+    let Pair {
+        client: cli,
+        upstream: up,
+        ..
+    } = Pair::new("mc", "mu");
     let dir = std::env::temp_dir().join(support::unique_name("kzmcp"));
     std::fs::create_dir_all(&dir).unwrap();
     let secret = format!("sk-live-{:032x}", rand::random::<u128>());
 
     let ca = TestCa::new("kz test CA (mcp)");
     std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
-    let seen = mcp_upstream::spawn(
-        &up,
-        SocketAddr::from((UPSTREAM_IP, 443)),
-        &ca,
+    // HTTPS (h2 and http/1.1) with a leaf for every name the tests fetch.
+    let cert = ca.server_cert(
         &["api.upstream.test", "other.test", "flip.test", "mixed.test"],
-        &secret,
+        &[],
+    );
+    let upstream = Upstream::start(
+        Some(&up),
+        &[(
+            SocketAddr::from((UPSTREAM_IP, 443)),
+            Some(tls::server_config(&cert)),
+        )],
+        Routes::api(&secret),
     );
     let zone = Zone::new(0)
         .host("api.upstream.test", &[UPSTREAM])
@@ -147,7 +156,7 @@ audit:
         dir,
         secret,
         dns,
-        seen,
+        upstream,
     })
 }
 
@@ -426,7 +435,7 @@ fn stdio_lists_tools_resolves_and_fetches_scrubbed() {
     );
 
     // The upstream saw exactly the fetches that were allowed to go out.
-    let seen = env.seen.lock().unwrap().clone();
+    let seen = env.upstream.paths();
     assert_eq!(
         seen,
         [
@@ -498,7 +507,7 @@ fn ssrf_destinations_are_refused() {
         assert!(t.contains(why), "{url}: expected '{why}' in: {t}");
     }
     assert!(
-        env.seen.lock().unwrap().is_empty(),
+        env.upstream.paths().is_empty(),
         "nothing reached the upstream"
     );
     let audit = env.audit();
@@ -545,7 +554,7 @@ fn rebinding_mixed_answers_and_timeouts() {
         "{short}"
     );
     assert_eq!(ok_fetch(&r[5], "short_lived fetch")["status"], 200);
-    assert_eq!(*env.seen.lock().unwrap(), ["/echo", "/slow", "/echo"]);
+    assert_eq!(env.upstream.paths(), ["/echo", "/slow", "/echo"]);
 }
 
 #[test]
@@ -559,7 +568,7 @@ fn private_upstream_refused_without_allow_list() {
     let (report, _) = env.drive(&env.stdio_plan(false, calls));
     let t = err_text(&report["results"][0], "private upstream");
     assert!(t.contains("10.77.0.2") && t.contains("private"), "{t}");
-    assert!(env.seen.lock().unwrap().is_empty());
+    assert!(env.upstream.paths().is_empty());
 }
 
 #[test]

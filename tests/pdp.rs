@@ -9,6 +9,8 @@ use jsonwebtoken::Algorithm;
 use serde_json::json;
 use std::path::Path;
 use support::pdp::*;
+use support::tls::{self, TestCa};
+use support::upstream::{Routes, Upstream};
 
 const ZENDESK: &str = "zd-secret-4f1c9a77e2";
 const SEARCH: &str = "srch-secret-b8d03e1155";
@@ -159,7 +161,7 @@ fn pattern_least_privilege_default_deny() {
 #[test]
 fn pattern_short_lived_payments_through_the_proxy() {
     let dir = TempDir::new("pay");
-    let upstream = Upstream::start();
+    let upstream = Upstream::loopback(None, Routes::EchoAuthQuery);
     // The shipped bundle scopes the key to api.stripe.com; the test scopes it to its upstream.
     let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
         .unwrap()
@@ -211,14 +213,11 @@ fn pattern_short_lived_payments_through_the_proxy() {
     };
     let up = format!(
         "http://127.0.0.1:{}/v1/charges?amount=100",
-        upstream.addr.port()
+        upstream.addr().port()
     );
     let r = call(&up, &token);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        upstream.seen.lock().unwrap().last().unwrap().0,
-        format!("Bearer {STRIPE}")
-    );
+    assert_eq!(upstream.last().credential(), format!("Bearer {STRIPE}"));
     assert!(
         r.body.contains("auth=[Bearer [redacted by kz]]"),
         "{}",
@@ -762,7 +761,10 @@ fn jwks_cache_refresh_on_unknown_kid_is_rate_limited_and_serves_stale_on_error()
     let dir = TempDir::new("jwks");
     let jwk_a = ec_jwk("agent-es256.key", "a");
     let jwk_b = ec_jwk("kz-signing.key", "b");
-    let jwks = JsonServer::start(&json!({"keys": [jwk_a]}).to_string());
+    let jwks = Upstream::loopback(
+        None,
+        Routes::fixed(200, &json!({"keys": [jwk_a]}).to_string()),
+    );
     let b = dir.path("b.yaml");
     std::fs::write(
         &b,
@@ -785,7 +787,7 @@ resources:
     resolver: env
     path: KZ_DEMO_NPM_TOKEN
 "#,
-            jwks.addr
+            jwks.addr()
         ),
     )
     .unwrap();
@@ -797,7 +799,7 @@ resources:
     let r = ask(&tok("agent-es256.key", "a"));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["results"]["x/y"]["value"], NPM);
-    assert_eq!(jwks.hits(), 1);
+    assert_eq!(jwks.seen().len(), 1);
 
     // Unknown kids right after a fetch do not hammer the JWKS endpoint.
     for _ in 0..5 {
@@ -807,21 +809,21 @@ resources:
             (401, json!("unknown_kid"))
         );
     }
-    assert_eq!(jwks.hits(), 1, "refreshes are rate limited");
+    assert_eq!(jwks.seen().len(), 1, "refreshes are rate limited");
 
     // Key rotation: once the rate limit allows, an unknown kid triggers one refresh.
-    *jwks.reply.lock().unwrap() = (200, json!({"keys": [jwk_a, jwk_b]}).to_string());
+    jwks.set_reply(200, &json!({"keys": [jwk_a, jwk_b]}).to_string());
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let r = ask(&tok("kz-signing.key", "b"));
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(jwks.hits(), 2);
+    assert_eq!(jwks.seen().len(), 2);
 
     // The endpoint fails after the cache expired: the cached keys keep serving.
-    *jwks.reply.lock().unwrap() = (500, "down".into());
+    jwks.set_reply(500, "down");
     std::thread::sleep(std::time::Duration::from_millis(4100));
     let r = ask(&tok("agent-es256.key", "a"));
     assert_eq!(r.status, 200, "stale-while-error: {}", r.body);
-    assert!(jwks.hits() >= 3, "a refresh was attempted");
+    assert!(jwks.seen().len() >= 3, "a refresh was attempted");
     s.wait_log(|l| l.contains("JWKS refresh failed; serving the cached keys"));
     // A token signed by a key the JWKS never had, under a known kid: bad signature.
     let forged = mint("ci-rs256.key", Algorithm::RS256, Some("a"), &claims);
@@ -916,7 +918,7 @@ fn audit_rotation_keeps_one_chain_and_stdout_sink_chains_too() {
 #[test]
 fn keyzero_style_separate_proxy_with_rs256_tokens_and_query_injection() {
     let dir = TempDir::new("sep");
-    let upstream = Upstream::start();
+    let upstream = Upstream::loopback(None, Routes::EchoAuthQuery);
     let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
         .unwrap()
         .replace("hosts: [api.stripe.com]", "hosts: [127.0.0.1]")
@@ -962,21 +964,15 @@ fn keyzero_style_separate_proxy_with_rs256_tokens_and_query_injection() {
         let mut cmd = std::process::Command::new("curl");
         cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-x", &proxy.url])
             .args(["-H", &format!("Authorization: Bearer {tok}")])
-            .arg(format!("http://127.0.0.1:{}{path}", upstream.addr.port()));
+            .arg(format!("http://127.0.0.1:{}{path}", upstream.addr().port()));
         curl(cmd)
     };
     let r = call(&stripe_tok, "/v1/charges");
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        upstream.seen.lock().unwrap().last().unwrap().0,
-        format!("Bearer {STRIPE}")
-    );
+    assert_eq!(upstream.last().credential(), format!("Bearer {STRIPE}"));
     let r = call(&maps_tok, "/geo?q=x");
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        upstream.seen.lock().unwrap().last().unwrap().1,
-        format!("q=x&key={SEARCH}")
-    );
+    assert_eq!(upstream.last().query(), format!("q=x&key={SEARCH}"));
     assert!(
         r.body.contains("query=[q=x&key=[redacted by kz]]"),
         "{}",
@@ -1004,13 +1000,20 @@ fn keyzero_style_separate_proxy_with_rs256_tokens_and_query_injection() {
 #[test]
 fn proxy_verifies_upstream_tls_against_the_configured_ca() {
     let dir = TempDir::new("tls");
-    let upstream = TlsUpstream::start(&dir);
+    // HTTPS on 127.0.0.1 with a certificate for `localhost` from a fresh test CA.
+    let upstream_ca = TestCa::new("kz pdp upstream CA");
+    let ca_pem = upstream_ca.write_pem(&dir.0, "upstream-ca.pem");
+    let cert = upstream_ca.server_cert(&["localhost"], &[]);
+    let upstream = Upstream::loopback(
+        Some(tls::server_config_alpn(&cert, tls::H1)),
+        Routes::fixed(200, "tls upstream ok"),
+    );
     let text = std::fs::read_to_string(bundle("short-lived-payments.yaml"))
         .unwrap()
         .replace("hosts: [api.stripe.com]", "hosts: [localhost]");
     let b = dir.path("b.yaml");
     std::fs::write(&b, text).unwrap();
-    let ca = upstream.ca_pem.to_str().unwrap().to_owned();
+    let ca = ca_pem.to_str().unwrap().to_owned();
     let trusting = Server::start(
         &b,
         &[
@@ -1047,7 +1050,7 @@ fn proxy_verifies_upstream_tls_against_the_configured_ca() {
         // Reverse-proxy style (KeyZero's): the Host header names the upstream, reached over TLS.
         let mut cmd = std::process::Command::new("curl");
         cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
-            .args(["-H", &format!("Host: localhost:{}", upstream.addr.port())])
+            .args(["-H", &format!("Host: localhost:{}", upstream.addr().port())])
             .args(["-H", &format!("Authorization: Bearer {tok}")])
             .arg(format!("{}/v1/charges", s.proxy_url.as_deref().unwrap()));
         curl(cmd)
@@ -1056,10 +1059,10 @@ fn proxy_verifies_upstream_tls_against_the_configured_ca() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, "tls upstream ok");
     assert_eq!(
-        upstream.seen.lock().unwrap().last().unwrap(),
-        &format!("Bearer {STRIPE}")
+        upstream.last().header("authorization").unwrap_or_default(),
+        format!("Bearer {STRIPE}")
     );
-    let before = upstream.seen.lock().unwrap().len();
+    let before = upstream.seen().len();
     let r = call(&untrusting);
     assert_eq!(
         (r.status, r.json()["error"].clone()),
@@ -1069,7 +1072,7 @@ fn proxy_verifies_upstream_tls_against_the_configured_ca() {
     );
     assert!(r.body.contains("TLS"), "{}", r.body);
     assert_eq!(
-        upstream.seen.lock().unwrap().len(),
+        upstream.seen().len(),
         before,
         "nothing reached an unverified upstream"
     );

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use kz_agent::audit::{AuditEvent, MemorySink};
 use kz_agent::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern};
 use kz_agent::secret::Secret;
-use support::netns::{Netns, link};
-use support::upstream::State;
+use support::netns::{Netns, Pair};
+use support::upstream::{Routes, Upstream};
 
 const GOOD: &str = "10.77.0.2";
 const EVIL: &str = "10.77.0.3";
@@ -63,8 +63,8 @@ impl Opts {
 struct Env {
     client: Netns,
     _up: Netns,
-    good: Arc<State>,
-    evil: Arc<State>,
+    good: Upstream,
+    evil: Upstream,
     audit: Arc<MemorySink>,
     transparent: SocketAddr,
     explicit: SocketAddr,
@@ -79,15 +79,13 @@ struct Env {
 
 impl Env {
     fn new(opts: Opts) -> Env {
-        let client = Netns::new("pc");
-        let up = Netns::new("pu");
-        let (_, vb) = link(&client, "10.77.0.1/24", &up, "10.77.0.2/24");
-        let out = up
-            .ip()
-            .args(["addr", "add", "10.77.0.3/24", "dev", &vb])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let pair = Pair::new("pc", "pu");
+        pair.add_upstream_addr(&format!("{EVIL}/24"));
+        let Pair {
+            client,
+            upstream: up,
+            ..
+        } = pair;
         let dir = std::env::temp_dir().join(support::unique_name("kzpx"));
         std::fs::create_dir_all(&dir).unwrap();
 
@@ -96,38 +94,12 @@ impl Env {
         let test_ca_path = test_ca.write_pem(&dir, "test-ca.pem");
         let good_cert = test_ca.server_cert(&["api.test", "other.test"], &[GOOD.parse().unwrap()]);
         let evil_cert = support::tls::self_signed(&["api.test"]);
-        let good = State::new(REAL);
-        let evil = State::new(REAL);
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let good = good.clone();
-            let evil = evil.clone();
-            let good_cfg = support::tls::server_config(&good_cert);
-            let evil_cfg = support::tls::server_config(&evil_cert);
-            up.spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let l = |a: &str| {
-                        let a: SocketAddr = a.parse().unwrap();
-                        let s = std::net::TcpListener::bind(a).unwrap();
-                        s.set_nonblocking(true).unwrap();
-                        tokio::net::TcpListener::from_std(s).unwrap()
-                    };
-                    use support::upstream::serve;
-                    tokio::spawn(serve(l("10.77.0.2:443"), Some(good_cfg), good.clone()));
-                    tokio::spawn(serve(l("10.77.0.2:80"), None, good));
-                    tokio::spawn(serve(l("10.77.0.3:443"), Some(evil_cfg), evil.clone()));
-                    tokio::spawn(serve(l("10.77.0.3:80"), None, evil));
-                    ready_tx.send(()).unwrap();
-                    std::future::pending::<()>().await;
-                });
-            });
-        }
-        ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let host = |ip: &str, cert: &support::tls::ServerCert| {
+            let tls = support::tls::server_config(cert);
+            Upstream::host(&up, ip.parse().unwrap(), tls, Routes::echo(REAL))
+        };
+        let good = host(GOOD, &good_cert);
+        let evil = host(EVIL, &evil_cert);
 
         // The proxy, inside the client namespace.
         let masked = proxy::TokenTable::generate_masked();

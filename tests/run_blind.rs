@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::blind_env::*;
-use support::blind_upstream::{TestCa, Upstream};
 use support::dns::{TestDns, Zone};
-use support::netns::{Netns, link};
+use support::netns::Pair;
+use support::tls::TestCa;
 
 #[test]
 fn child_sees_only_the_masked_value_and_curl_gets_it_swapped() {
@@ -117,11 +117,11 @@ PY
             "{client} did not get an answer:\n{o}"
         );
     }
-    let reqs = env.api.requests();
+    let reqs = env.api.seen();
     for path in ["/py", "/node", "/openssl", "/devtcp"] {
         let r = reqs
             .iter()
-            .find(|r| r.head.starts_with(&format!("GET {path} ")))
+            .find(|r| r.method == "GET" && r.uri == path)
             .unwrap_or_else(|| panic!("upstream never saw {path}: {reqs:?}"));
         assert_eq!(
             r.header("authorization").unwrap(),
@@ -142,7 +142,7 @@ fn out_of_scope_host_receives_the_masked_token() {
     );
     let o = assert_ok(&out);
     let tok = masked_token(&o);
-    let reqs = env.other.requests();
+    let reqs = env.other.seen();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert_eq!(
         reqs[0].header("authorization").unwrap(),
@@ -190,10 +190,7 @@ fn an_allow_rule_naming_an_address_lets_the_agent_dial_it_without_dns() {
     assert!(o.contains("curl exit 0"), "{o}");
     assert!(o.contains("connect: EPERM"), "{o}");
     upstream_got_real(&env.other, false);
-    assert!(
-        env.denied.requests().is_empty(),
-        "the denied host was reached"
-    );
+    assert!(env.denied.seen().is_empty(), "the denied host was reached");
 }
 
 #[test]
@@ -221,7 +218,7 @@ fn a_plain_http_host_claim_is_checked_once_per_connection() {
     ));
     let o = assert_ok(&out);
     assert!(o.contains("curl exit 0"), "{o}");
-    let reqs = env.other.requests();
+    let reqs = env.other.seen();
     assert_eq!(reqs.len(), 3, "{reqs:?}");
     for r in &reqs {
         assert_eq!(r.header("authorization").unwrap(), format!("Bearer {REAL}"));
@@ -267,10 +264,7 @@ PY
     assert!(o.contains("connect: EPERM"), "{o}");
     assert!(!o.contains("curl exit 0"), "{o}");
     assert!(o.contains("udp: EPERM"), "{o}");
-    assert!(
-        env.denied.requests().is_empty(),
-        "the denied host was reached"
-    );
+    assert!(env.denied.seen().is_empty(), "the denied host was reached");
     env.assert_never_forwarded("denied");
     let audit = env.audit();
     let refused = audit
@@ -520,7 +514,7 @@ PY
         !r.contains("REACHED"),
         "orphaned child reached the network:\n{r}"
     );
-    assert!(env.api.requests().is_empty());
+    assert!(env.api.seen().is_empty());
 
     // The next run removes what the dead one left: its processes and its cgroup.
     let orphan: u32 = std::fs::read_to_string(env.dir.join("childpid"))
@@ -617,27 +611,21 @@ fn native_ipv6_is_intercepted_when_the_config_allows_it() {
     if !support::require_root() {
         return;
     }
-    let client = Netns::new("rb6c");
-    let upstream_ns = Netns::new("rb6u");
-    let (va, vb) = link(&client, "10.77.0.1/24", &upstream_ns, "10.77.0.2/24");
-    for (ns, dev, cidr) in [
-        (&client, &va, "fd77::1/64"),
-        (&upstream_ns, &vb, "fd77::10/64"),
-        (&upstream_ns, &vb, "fd77::66/64"),
-    ] {
-        let out = ns
-            .ip()
-            .args(["addr", "add", cidr, "dev", dev, "nodad"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    let pair = Pair::new("rb6c", "rb6u");
+    pair.add_client_addr("fd77::1/64");
+    pair.add_upstream_addr("fd77::10/64");
+    pair.add_upstream_addr("fd77::66/64");
+    let Pair {
+        client,
+        upstream: upstream_ns,
+        ..
+    } = pair;
     let ca = TestCa::new("kz test upstream CA");
-    let api6 = Upstream::start(
+    let api6 = host(
         &upstream_ns,
         "fd77::10".parse().unwrap(),
         &ca,
-        &["api6.allowed.test"],
+        "api6.allowed.test",
     );
     let zone = Zone::new(30).host("api6.allowed.test", &["fd77::10"]);
     let _dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
@@ -677,7 +665,7 @@ except OSError as e:
     let tok = masked_token(&o);
     assert!(o.contains(&format!("authorization=Bearer {tok}")), "{o}");
     assert!(o.contains("connect6: EPERM"), "{o}");
-    let reqs = api6.requests();
+    let reqs = api6.seen();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     assert_eq!(
         reqs[0].header("authorization").unwrap(),
@@ -705,13 +693,13 @@ fn git_over_https_runs_as_the_unprivileged_user_and_gets_the_real_value_swapped(
     let o = assert_ok(&out);
     assert!(o.contains(&format!("user={}", support::AGENT_USER)), "{o}");
     assert!(!o.contains("SSL certificate problem"), "{o}");
-    let reqs = env.api.requests();
+    let reqs = env.api.seen();
     let r = reqs
         .iter()
-        .find(|r| r.head.starts_with("GET /acme/repo.git/info/refs"))
+        .find(|r| r.method == "GET" && r.uri.starts_with("/acme/repo.git/info/refs"))
         .unwrap_or_else(|| panic!("git never reached the upstream:\n{o}\n{reqs:?}"));
     assert_eq!(
-        r.header("authorization").as_deref(),
+        r.header("authorization"),
         Some(&*format!("Bearer {REAL}")),
         "{r:?}"
     );

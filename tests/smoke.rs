@@ -30,10 +30,9 @@ fn netns_pair_is_reachable_only_inside() {
     if !support::require_root() {
         return;
     }
-    let a = support::netns::Netns::new("ta");
-    let b = support::netns::Netns::new("tb");
-    support::netns::link(&a, "10.231.0.1/24", &b, "10.231.0.2/24");
-    let ok = a
+    let pair = support::netns::Pair::with_addrs("ta", "10.231.0.1/24", "tb", "10.231.0.2/24");
+    let ok = pair
+        .client
         .command("ping")
         .args(["-c1", "-W2", "10.231.0.2"])
         .status()

@@ -13,9 +13,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::blind_upstream::{TestCa, Upstream};
+use std::net::IpAddr;
+
 use super::dns::{TestDns, Zone};
-use super::netns::{Netns, link};
+use super::netns::{Netns, Pair};
+use super::tls::{self, TestCa};
+use super::upstream::{Routes, Upstream};
 
 pub const REAL: &str = "real-secret-7f3a9c1e5b";
 pub const API: &str = "10.77.0.10";
@@ -34,31 +37,24 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let client = Netns::new("rbc");
-        let upstream_ns = Netns::new("rbu");
-        let (_, vb) = link(&client, "10.77.0.1/24", &upstream_ns, "10.77.0.2/24");
+        let pair = Pair::new("rbc", "rbu");
         for ip in [API, OTHER, DENIED] {
-            let out = upstream_ns
-                .ip()
-                .args(["addr", "add", &format!("{ip}/24"), "dev", &vb])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
+            pair.add_upstream_addr(&format!("{ip}/24"));
         }
+        let Pair {
+            client,
+            upstream: upstream_ns,
+            ..
+        } = pair;
         let ca = TestCa::new("kz test upstream CA");
-        let api = Upstream::start(
-            &upstream_ns,
-            API.parse().unwrap(),
-            &ca,
-            &["api.allowed.test"],
-        );
-        let other = Upstream::start(
+        let api = host(&upstream_ns, API.parse().unwrap(), &ca, "api.allowed.test");
+        let other = host(
             &upstream_ns,
             OTHER.parse().unwrap(),
             &ca,
-            &["other.allowed.test"],
+            "other.allowed.test",
         );
-        let denied = Upstream::start(&upstream_ns, DENIED.parse().unwrap(), &ca, &["denied.test"]);
+        let denied = host(&upstream_ns, DENIED.parse().unwrap(), &ca, "denied.test");
         let zone = Zone::new(30)
             .host("api.allowed.test", &[API])
             .host("other.allowed.test", &[OTHER])
@@ -148,6 +144,15 @@ impl Drop for Env {
     }
 }
 
+/// An upstream "remote API" host of a blind run at `ip` in `ns`: HTTPS on 443 (HTTP/1.1, a
+/// certificate from `ca` for `name`) and HTTP on 80, answering with [`Routes::EchoAuth`] (the
+/// request's Authorization header echoed back, so a test can check the proxy scrubs real
+/// values out of responses).
+pub fn host(ns: &Netns, ip: IpAddr, ca: &TestCa, name: &str) -> Upstream {
+    let tls = tls::server_config_alpn(&ca.server_cert(&[name], &[]), tls::H1);
+    Upstream::host(ns, ip, tls, Routes::EchoAuth)
+}
+
 /// The project's `.keyzero.toml` in `dir`: `API_KEY` from the environment, scoped to
 /// `secret_host`; the agent may connect to `allowed`; `extra` adds `[blind]` keys.
 pub fn write_config(dir: &Path, secret_host: &str, allowed: &[&str], extra: &str) {
@@ -209,14 +214,14 @@ pub fn assert_ok(out: &Output) -> String {
 
 /// The last request the upstream saw carried `Authorization: Bearer <REAL>`.
 pub fn upstream_got_real(up: &Upstream, tls: bool) {
-    let reqs = up.requests();
+    let reqs = up.seen();
     let req = reqs
         .iter()
         .rev()
         .find(|r| r.tls == tls)
         .unwrap_or_else(|| panic!("no request (tls={tls}): {reqs:?}"));
     assert_eq!(
-        req.header("authorization").as_deref(),
+        req.header("authorization"),
         Some(&*format!("Bearer {REAL}")),
         "{req:?}"
     );

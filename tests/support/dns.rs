@@ -89,60 +89,52 @@ impl TestDns {
     /// returns once both sockets are bound.
     pub fn start(ns: &Netns, addr: SocketAddr, zone: Zone) -> TestDns {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let zone = Arc::new(zone);
         let server_log = log.clone();
-        ns.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                // Port 0: the UDP socket picks the port and TCP takes the same one.
-                let (udp, tcp) = loop {
-                    let udp = UdpSocket::bind(addr).await.unwrap();
-                    let bound = udp.local_addr().unwrap();
-                    match TcpListener::bind(bound).await {
-                        Ok(tcp) => break (Arc::new(udp), tcp),
-                        Err(_) if addr.port() == 0 => continue,
-                        Err(e) => panic!("test DNS server cannot bind TCP {bound}: {e}"),
-                    }
-                };
-                tx.send(udp.local_addr().unwrap()).unwrap();
-                let (z, l) = (zone.clone(), server_log.clone());
-                tokio::spawn(async move {
-                    loop {
-                        let (stream, _) = tcp.accept().await.unwrap();
-                        let (z, l) = (z.clone(), l.clone());
-                        tokio::spawn(async move {
-                            let mut stream = stream;
-                            let mut len = [0u8; 2];
-                            while stream.read_exact(&mut len).await.is_ok() {
-                                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-                                if stream.read_exact(&mut buf).await.is_err() {
+        let addr = ns.serve(move |tx| async move {
+            // Port 0: the UDP socket picks the port and TCP takes the same one.
+            let (udp, tcp) = loop {
+                let udp = UdpSocket::bind(addr).await.unwrap();
+                let bound = udp.local_addr().unwrap();
+                match TcpListener::bind(bound).await {
+                    Ok(tcp) => break (Arc::new(udp), tcp),
+                    Err(_) if addr.port() == 0 => continue,
+                    Err(e) => panic!("test DNS server cannot bind TCP {bound}: {e}"),
+                }
+            };
+            tx.send(udp.local_addr().unwrap()).unwrap();
+            let (z, l) = (zone.clone(), server_log.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = tcp.accept().await.unwrap();
+                    let (z, l) = (z.clone(), l.clone());
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        let mut len = [0u8; 2];
+                        while stream.read_exact(&mut len).await.is_ok() {
+                            let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                            if stream.read_exact(&mut buf).await.is_err() {
+                                return;
+                            }
+                            if let Some(reply) = respond(&z, &l, &buf, usize::MAX) {
+                                let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+                                out.extend_from_slice(&reply);
+                                if stream.write_all(&out).await.is_err() {
                                     return;
                                 }
-                                if let Some(reply) = respond(&z, &l, &buf, usize::MAX) {
-                                    let mut out = (reply.len() as u16).to_be_bytes().to_vec();
-                                    out.extend_from_slice(&reply);
-                                    if stream.write_all(&out).await.is_err() {
-                                        return;
-                                    }
-                                }
                             }
-                        });
-                    }
-                });
-                let mut buf = vec![0u8; 65535];
-                loop {
-                    let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
-                    if let Some(reply) = respond(&zone, &server_log, &buf[..len], 0) {
-                        let _ = udp.send_to(&reply, peer).await;
-                    }
+                        }
+                    });
                 }
             });
+            let mut buf = vec![0u8; 65535];
+            loop {
+                let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
+                if let Some(reply) = respond(&zone, &server_log, &buf[..len], 0) {
+                    let _ = udp.send_to(&reply, peer).await;
+                }
+            }
         });
-        let addr = rx.recv().expect("test DNS server failed to start");
         TestDns { addr, log }
     }
 

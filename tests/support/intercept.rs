@@ -1,7 +1,7 @@
 //! Helpers for the interception tests: a client/upstream netns pair, servers inside them,
 //! clients run inside a cgroup, and a tiny DNS responder.
 
-use super::netns::{Netns, link};
+use super::netns::{Netns, Pair};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Command, Output};
@@ -20,12 +20,12 @@ pub struct Topo {
 
 impl Topo {
     pub fn new() -> Topo {
-        let client = Netns::new("kc");
-        let upstream = Netns::new("ku");
-        link(
-            &client,
+        let Pair {
+            client, upstream, ..
+        } = Pair::with_addrs(
+            "kc",
             &format!("{CLIENT_IP}/24"),
-            &upstream,
+            "ku",
             &format!("{UPSTREAM_IP}/24"),
         );
         Topo { client, upstream }
@@ -35,19 +35,15 @@ impl Topo {
     /// accepted connection is reported on the returned channel.
     pub fn serve_upstream(&self) -> mpsc::Receiver<SocketAddr> {
         let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        self.upstream.spawn(move || {
+        self.upstream.serve_blocking(move |ready| {
             let l = TcpListener::bind((UPSTREAM_IP, UPSTREAM_PORT)).expect("bind upstream");
-            ready_tx.send(()).unwrap();
+            ready.send(()).unwrap();
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
                 let _ = tx.send(s.peer_addr().unwrap());
                 let _ = s.write_all(b"upstream\n");
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("upstream ready");
         rx
     }
 
@@ -57,26 +53,22 @@ impl Topo {
     where
         F: Fn(SocketAddr) -> String + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel();
-        self.client.spawn(move || {
+        self.client.serve_blocking(move |port| {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind listener");
-            tx.send(l.local_addr().unwrap().port()).unwrap();
+            port.send(l.local_addr().unwrap().port()).unwrap();
             for s in l.incoming() {
                 let Ok(mut s) = s else { continue };
                 let peer = s.peer_addr().unwrap();
                 let _ = s.write_all(format!("{}\n", reply(peer)).as_bytes());
             }
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("listener port")
+        })
     }
 
     /// A DNS responder on 127.0.0.1:<port> in the client namespace answering every A query with
     /// `answer`. Reports (query name, source address) of each query.
     pub fn serve_dns(&self, answer: [u8; 4]) -> (u16, mpsc::Receiver<(String, SocketAddr)>) {
         let (tx, rx) = mpsc::channel();
-        let (port_tx, port_rx) = mpsc::channel();
-        self.client.spawn(move || {
+        let port = self.client.serve_blocking(move |port_tx| {
             // 127.0.0.1 and [::1] on the same port, as kz's resolver will listen.
             let v4 = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
             let port = v4.local_addr().unwrap().port();
@@ -86,12 +78,7 @@ impl Topo {
             std::thread::spawn(move || answer_loop(&v6, answer, &tx6));
             answer_loop(&v4, answer, &tx);
         });
-        (
-            port_rx
-                .recv_timeout(Duration::from_secs(5))
-                .expect("dns port"),
-            rx,
-        )
+        (port, rx)
     }
 }
 

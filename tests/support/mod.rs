@@ -9,10 +9,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod blind_env;
-pub mod blind_upstream;
 pub mod dns;
 pub mod intercept;
-pub mod mcp_upstream;
 pub mod netns;
 pub mod pdp;
 pub mod servers;

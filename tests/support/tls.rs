@@ -92,8 +92,18 @@ pub fn self_signed(names: &[&str]) -> ServerCert {
     }
 }
 
+/// ALPN of a server that speaks h2 and HTTP/1.1.
+pub const H2_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// ALPN of a server that speaks HTTP/1.1 only.
+pub const H1: &[&[u8]] = &[b"http/1.1"];
+
 /// A rustls server config presenting `cert`, offering h2 and http/1.1.
 pub fn server_config(cert: &ServerCert) -> Arc<rustls::ServerConfig> {
+    server_config_alpn(cert, H2_H1)
+}
+
+/// A rustls server config presenting `cert`, offering the protocols in `alpn`.
+pub fn server_config_alpn(cert: &ServerCert, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
     let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -105,7 +115,7 @@ pub fn server_config(cert: &ServerCert) -> Arc<rustls::ServerConfig> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone())),
     )
     .unwrap();
-    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Arc::new(c)
 }
 

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use kz_agent::audit::{AuditEvent, MemorySink};
+use kz_agent::egress::location::Places;
 use kz_agent::proxy::{self, CertAuthority, ConnectionRule, ConnectionRules, HostPattern};
 use kz_agent::secret::Secret;
 use support::netns::{Netns, Pair};
@@ -44,6 +45,14 @@ struct Opts {
     refuse_out_of_scope: bool,
     rules: ConnectionRules,
     limits: Option<proxy::Limits>,
+    /// The secret's `credential_location`; `None`: everywhere kz can swap (any header, Basic,
+    /// path, body, and the `key` and `t` query parameters these tests use), so the tests of
+    /// the swap machinery see every place. The tests of the defaults say `Some(default)`.
+    places: Option<Places>,
+    /// The secret's `allow_plaintext`; `None`: allowed (these tests use plain HTTP upstreams).
+    allow_plaintext: Option<bool>,
+    /// The secret's `require`.
+    require: bool,
 }
 
 impl Opts {
@@ -105,12 +114,20 @@ impl Env {
         let masked = proxy::TokenTable::generate_masked();
         let tokens = proxy::TokenTable::new();
         tokens
-            .insert_named(
-                "API_KEY",
-                &masked,
-                Secret::new(REAL),
-                vec!["api.test".into(), GOOD.into()],
-            )
+            .add(proxy::TokenSpec {
+                places: opts
+                    .places
+                    .clone()
+                    .unwrap_or_else(|| Places::everywhere().with_query("key").with_query("t")),
+                allow_plaintext: opts.allow_plaintext.unwrap_or(true),
+                require: opts.require,
+                ..proxy::TokenSpec::new(
+                    "API_KEY",
+                    &masked,
+                    Secret::new(REAL),
+                    vec!["api.test".into(), GOOD.into()],
+                )
+            })
             .unwrap();
         let audit = Arc::new(MemorySink::new());
         let dst = Arc::new(Mutex::new(SocketAddr::from(([10, 77, 0, 2], 443))));
@@ -744,12 +761,20 @@ fn out_of_scope_token_goes_out_masked_and_is_audited() {
     assert_eq!(v[0].fields["refused"], false);
 
     // A forged Host on plain HTTP: the client claims api.test but connects to the evil address.
+    // The claim does not hold (api.test does not resolve there), so the request names another
+    // host than the one checked: 421, and nothing reaches evil.
     env.set_dst(EVIL, 80);
-    ok(&env.curl_t("api.test", 80, &["-H", &auth, "http://api.test/echo"]));
-    assert_eq!(
-        env.evil.last().header("authorization"),
-        Some(format!("Bearer {m}").as_str()),
-        "the evil host gets the token still masked"
+    let out = env.curl_t(
+        "api.test",
+        80,
+        &["-w", "%{http_code}", "-H", &auth, "http://api.test/echo"],
+    );
+    assert!(stdout(&out).ends_with("421"), "{}", stdout(&out));
+    let v = wait(&env.audit, "proxy_request", 2);
+    assert!(
+        v.iter()
+            .any(|e| e.fields["error"] == "host_mismatch" && e.fields["status"] == 421),
+        "{v:?}"
     );
     // And the honest plain-HTTP path swaps.
     env.set_dst(GOOD, 80);
@@ -768,11 +793,7 @@ fn out_of_scope_token_goes_out_masked_and_is_audited() {
     let body = stdout(&out);
     assert!(body.ends_with("502"), "{body}");
     assert!(body.contains("failed verification"), "{body}");
-    assert_eq!(
-        env.evil.seen().len(),
-        1,
-        "only the masked plain request reached evil"
-    );
+    assert_eq!(env.evil.seen().len(), 0, "nothing reached evil");
     env.audit_clean();
 }
 
@@ -1437,4 +1458,116 @@ fn upstream_connect_timeout_is_a_504() {
     );
     let recs = wait(&env.audit, "proxy_request", 1);
     assert_eq!(recs[0].fields["error"], "upstream_connect_timeout");
+}
+
+/// Sends one HTTP/1.1 request over TLS to the transparent listener (as `sni`) and returns the
+/// whole answer (the request should say `Connection: close`).
+fn tls_exchange(env: &Env, sni: &'static str, request: String) -> String {
+    let kz_ca = std::fs::read_to_string(&env.kz_ca).unwrap();
+    raw_async(env, move |addr| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let cfg = support::tls::client_config(&kz_ca, &[b"http/1.1"]);
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(sni.try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+#[test]
+fn a_token_in_a_request_trailer_follows_the_header_rules() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts {
+        refuse_out_of_scope: true,
+        places: Some(Places::parse(&["header:Authorization:Bearer"]).unwrap()),
+        ..Opts::default()
+    });
+    let m = env.masked.clone();
+    let chunked = |host: &str, trailer: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nTrailer: {}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n{trailer}\r\n\r\n",
+            trailer.split(':').next().unwrap()
+        )
+    };
+    // Toward a host outside the token's scope, the token only in a trailer.
+    env.set_dst(GOOD, 443);
+    let out = tls_exchange(
+        &env,
+        "other.test",
+        chunked("other.test", &format!("authorization: Bearer {m}")),
+    );
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(!out.contains(REAL));
+    // Toward its host, in a trailer its credential_location does not name.
+    let out = tls_exchange(
+        &env,
+        "api.test",
+        chunked("api.test", &format!("x-leak: {m}")),
+    );
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(out.contains("credential_location"), "{out}");
+    let v = wait(&env.audit, "proxy_request", 2);
+    let errors: Vec<_> = v.iter().map(|e| e.fields["error"].clone()).collect();
+    assert_eq!(
+        errors,
+        vec![
+            serde_json::json!("token_out_of_scope"),
+            serde_json::json!("token_misplaced")
+        ]
+    );
+    env.audit_clean();
+}
+
+#[test]
+fn credential_locations_path_basic_and_body_through_the_proxy() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts {
+        places: Some(Places::parse(&["basic", "path", "body", "query:key"]).unwrap()),
+        ..Opts::default()
+    });
+    let m = env.masked.clone();
+    env.set_dst(GOOD, 443);
+    let user = format!("bot:{m}");
+    ok(&env.curl_t(
+        "api.test",
+        443,
+        &[
+            "-u",
+            &user,
+            &format!("https://api.test/bot{m}/send?key={m}"),
+        ],
+    ));
+    let seen = env.good.last();
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{REAL}"));
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
+    assert_eq!(seen.path, format!("/bot{REAL}/send"));
+    assert_eq!(seen.query(), format!("key={REAL}"));
+    let body = format!("{{\"token\":\"{m}\"}}");
+    ok(&env.curl_t(
+        "api.test",
+        443,
+        &["--data-binary", &body, "https://api.test/upload"],
+    ));
+    assert_eq!(env.good.last().needle_hits, 1, "the body was swapped");
+    // A bearer header is not a listed place: left masked.
+    let auth = format!("Authorization: Bearer {m}");
+    ok(&env.curl_t("api.test", 443, &["-H", &auth, "https://api.test/echo"]));
+    assert_eq!(
+        env.good.last().header("authorization"),
+        Some(format!("Bearer {m}").as_str())
+    );
+    env.audit_clean();
 }

@@ -704,3 +704,227 @@ fn git_over_https_runs_as_the_unprivileged_user_and_gets_the_real_value_swapped(
         "{r:?}"
     );
 }
+
+/// A `.keyzero.toml` like [`write_config`]'s, with the secret's own keys in `secret` (no
+/// `allow_plaintext` unless given) and `[blind]` keys in `blind`.
+fn write_secret_config(dir: &Path, secret: &str, blind: &str) {
+    let toml = format!(
+        r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_KEY"
+hosts = ["api.allowed.test"]
+{secret}
+
+[blind]
+connections = [
+  {{ allow = true, host = "api.allowed.test" }},
+  {{ allow = true, host = "other.allowed.test" }},
+  {{ allow = true, host = "{API}" }},
+]
+{blind}
+resolver = "10.77.0.2:53"
+upstream_ca = "upstream-ca.pem"
+"#
+    );
+    std::fs::write(dir.join(".keyzero.toml"), toml).unwrap();
+}
+
+/// The proxy's request records with `error` set to `error`.
+fn errors(env: &Env, error: &str) -> Vec<serde_json::Value> {
+    env.audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "proxy_request" && r["error"] == error)
+        .collect()
+}
+
+#[test]
+fn by_default_a_masked_token_is_swapped_in_headers_only() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_secret_config(&env.dir, "", "");
+    // The agent writes its token into a query string and a body (an issue comment, a gist:
+    // what the upstream will store and show back) besides the Authorization header.
+    let out = env.run(
+        r#"
+        curl -sS --max-time 10 "https://api.allowed.test/v1?api_key=$API_KEY" \
+          -H "Authorization: Bearer $API_KEY" --data "comment=$API_KEY"; echo "curl exit $?"
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains("curl exit 0"), "{o}");
+    let tok = masked_token(&o);
+    let seen = env.api.last();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {REAL}").as_str())
+    );
+    assert_eq!(seen.query(), format!("api_key={tok}"), "{seen:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&seen.body),
+        format!("comment={tok}"),
+        "the body must keep the masked token"
+    );
+    let misplaced: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "token_misplaced")
+        .collect();
+    assert_eq!(misplaced.len(), 1, "one record per request");
+    assert_eq!(misplaced[0]["refused"], false);
+}
+
+#[test]
+fn a_credential_location_list_decides_where_the_token_goes_and_refusal_is_specific() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_secret_config(
+        &env.dir,
+        r#"credential_location = ["header:X-Api-Key", "query:key", "basic"]"#,
+        "refuse_out_of_scope = true",
+    );
+    let out = env.run(
+        r#"
+        code() { curl -sS --max-time 10 -o /dev/null -w "%{http_code}" "$@"; echo; }
+        echo "key-header $(code https://api.allowed.test/a -H "X-Api-Key: $API_KEY")"
+        echo "query $(code "https://api.allowed.test/b?key=$API_KEY")"
+        echo "basic $(code -u "x-token:$API_KEY" https://api.allowed.test/c)"
+        echo "bearer $(code https://api.allowed.test/d -H "Authorization: Bearer $API_KEY")"
+        echo "other-param $(code "https://api.allowed.test/e?q=$API_KEY")"
+        "#,
+    );
+    let o = assert_ok(&out);
+    for (what, code) in [
+        ("key-header", 200),
+        ("query", 200),
+        ("basic", 200),
+        ("bearer", 403),
+        ("other-param", 403),
+    ] {
+        assert!(o.contains(&format!("{what} {code}")), "{what}: {o}");
+    }
+    let paths = env.api.paths();
+    assert_eq!(paths, vec!["/a", "/b", "/c"], "refused requests never left");
+    let seen = env.api.seen();
+    assert_eq!(seen[0].header("x-api-key"), Some(REAL));
+    assert_eq!(seen[1].query(), format!("key={REAL}"));
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-token:{REAL}"));
+    assert_eq!(
+        seen[2].header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
+    assert_eq!(errors(&env, "token_misplaced").len(), 2);
+}
+
+#[test]
+fn a_host_header_naming_another_host_than_the_verified_one_is_misdirected() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // TLS verified for api.allowed.test; the request says it is for other.allowed.test (a
+    // shared front end would route it there, with the swapped value).
+    let out = env.run(
+        r#"
+        curl -sS --max-time 10 -o /dev/null -w "code %{http_code}\n" https://api.allowed.test/x \
+          -H "Host: other.allowed.test" -H "Authorization: Bearer $API_KEY"
+        curl -sS --max-time 10 --http2 -o /dev/null -w "h2 %{http_code}\n" https://api.allowed.test/y \
+          -H "Host: other.allowed.test" -H "Authorization: Bearer $API_KEY"
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains("code 421") && o.contains("h2 421"), "{o}");
+    assert!(env.api.seen().is_empty(), "{:?}", env.api.seen());
+    assert!(!errors(&env, "host_mismatch").is_empty());
+}
+
+#[test]
+fn no_swap_into_cleartext_http_unless_the_secret_allows_it() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_secret_config(&env.dir, "", "");
+    let out = env.run(
+        r#"
+        curl -sS --max-time 10 http://api.allowed.test/v1 -H "Authorization: Bearer $API_KEY"; echo "curl exit $?"
+        "#,
+    );
+    let o = assert_ok(&out);
+    let tok = masked_token(&o);
+    assert_eq!(
+        env.api.last().header("authorization"),
+        Some(format!("Bearer {tok}").as_str()),
+        "cleartext HTTP must carry the masked token only"
+    );
+    let plain: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "token_plaintext")
+        .collect();
+    assert_eq!(plain.len(), 1);
+
+    write_secret_config(&env.dir, "", "refuse_out_of_scope = true");
+    let out = env.run(
+        r#"
+        curl -sS --max-time 10 -w "\ncode %{http_code}\n" http://api.allowed.test/v2 -H "Authorization: Bearer $API_KEY"
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(
+        o.contains("code 403") && o.contains("allow_plaintext"),
+        "{o}"
+    );
+    assert_eq!(env.api.paths(), vec!["/v1"]);
+}
+
+#[test]
+fn a_real_key_smuggled_into_the_agent_cannot_be_used_on_a_required_host() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_secret_config(&env.dir, "require = true", "");
+    let out = env.run(
+        r#"
+        curl -sS --max-time 10 -w "\nsmuggled %{http_code}\n" https://api.allowed.test/a \
+          -H "Authorization: Bearer sk-smuggled-real-key"
+        curl -sS --max-time 10 -o /dev/null -w "masked %{http_code}\n" https://api.allowed.test/b \
+          -H "Authorization: Bearer $API_KEY"
+        curl -sS --max-time 10 -o /dev/null -w "other-host %{http_code}\n" https://other.allowed.test/c
+        "#,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains("smuggled 403") && o.contains("require"), "{o}");
+    assert!(o.contains("masked 200"), "{o}");
+    assert!(o.contains("other-host 200"), "{o}");
+    assert_eq!(env.api.paths(), vec!["/b"]);
+    assert_eq!(errors(&env, "token_required").len(), 1);
+}
+
+#[test]
+fn a_plain_http_host_claim_of_a_denied_name_is_never_looked_up() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_secret_config(&env.dir, "", "");
+    // The agent dials an address it may reach and puts data into the Host name: asking the
+    // upstream DNS server about that name would carry the data off the machine.
+    let out = env.run(&format!(
+        r#"
+        curl -sS --max-time 10 -o /dev/null -w "code %{{http_code}}\n" http://{API}/x \
+          -H "Host: leak-c2VjcmV0.denied.test" -H "Authorization: Bearer $API_KEY"
+        "#
+    ));
+    let o = assert_ok(&out);
+    assert!(o.contains("code 403"), "{o}");
+    env.assert_never_forwarded("leak-c2VjcmV0");
+    assert!(env.api.seen().is_empty());
+    assert!(!errors(&env, "connection_denied").is_empty());
+}

@@ -154,7 +154,9 @@ pub fn host(ns: &Netns, ip: IpAddr, ca: &TestCa, name: &str) -> Upstream {
 }
 
 /// The project's `.keyzero.toml` in `dir`: `API_KEY` from the environment, scoped to
-/// `secret_host`; the agent may connect to `allowed`; `extra` adds `[blind]` keys.
+/// `secret_host` and allowed over plain HTTP (most of these tests use `http://` upstreams; the
+/// tests of the TLS-only default write their own); the agent may connect to `allowed`; `extra`
+/// adds `[blind]` keys.
 pub fn write_config(dir: &Path, secret_host: &str, allowed: &[&str], extra: &str) {
     let connections: String = allowed
         .iter()
@@ -166,6 +168,7 @@ pub fn write_config(dir: &Path, secret_host: &str, allowed: &[&str], extra: &str
 resolver = "env"
 ref = "KZ_TEST_REAL_KEY"
 hosts = ["{secret_host}"]
+allow_plaintext = true
 
 [blind]
 connections = [

@@ -4,8 +4,9 @@
 //! "..."}]` (ordered, first match wins; a non-empty list denies what matches nothing) plus kz's
 //! kernel-enforcement options, all off by default:
 //! `ipv6` (let the agent use IPv6 natively), `udp` (UDP other than DNS), `non_http_tcp` (TCP
-//! connections that are not HTTP/TLS to allowed hosts), `refuse_on_scope_violation` (refuse a
-//! request carrying a masked token to a host outside its scope instead of sending it masked),
+//! connections that are not HTTP/TLS to allowed hosts), `refuse_on_scope_violation` (alias
+//! `refuse_out_of_scope`: refuse a request carrying a masked token kz did not swap, outside its
+//! host scope, its `credential_location` or over cleartext HTTP, instead of sending it masked),
 //! `upstream_ca = "FILE"` (extra CA for upstream TLS), `resolver = "ADDR:PORT"` (upstream DNS;
 //! default: the first nameserver of /etc/resolv.conf).
 //!
@@ -95,6 +96,7 @@ pub const KEYS: &[&str] = &[
     "udp",
     "non_http_tcp",
     "refuse_on_scope_violation",
+    "refuse_out_of_scope",
     "upstream_ca",
     "resolver",
     "hide",

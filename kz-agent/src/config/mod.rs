@@ -9,7 +9,10 @@
 //!   `[production.secrets]` chosen by KEYZERO_ENV, then NODE_ENV, RAILS_ENV, APP_ENV, RACK_ENV,
 //!   default `development`; a bare `[secrets]` is the development environment.
 //! - kz additions: per-secret `hosts = ["api.github.com"]` (where its masked token may be
-//!   swapped) and the `[blind]` options (see [`blind`]).
+//!   swapped), `credential_location` (where in a request: `"header:NAME[:PREFIX]"`, `"basic"`,
+//!   `"query:PARAM"`, `"path"`, `"body"`, one or a list; default headers only), `require = true`
+//!   (requests to its hosts must carry its token), `allow_plaintext = true` (cleartext HTTP may
+//!   carry it), and the `[blind]` options (see [`blind`]).
 //!
 //! Errors carry `file:line:column`. Unknown keys are errors with a "did you mean" hint (KeyZero
 //! silently ignores them, which turns a typo into a secret that is never scoped).
@@ -18,6 +21,7 @@ pub mod blind;
 
 pub use blind::{BlindConfig, ConnectionRule, HostPattern, in_scope};
 
+use crate::egress::location::Places;
 use crate::resolve::{self, ResolveError, Resolver, SecretRequest};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -46,6 +50,9 @@ const SECRET_KEYS: &[&str] = &[
     "field",
     "allow_empty",
     "hosts",
+    "credential_location",
+    "require",
+    "allow_plaintext",
     "description",
     "secret_name",
     "secret_id",
@@ -116,6 +123,12 @@ pub struct SecretEntry {
     pub allow_empty: bool,
     /// kz: hosts this secret's masked token may be swapped for (empty = the allowed connections).
     pub hosts: Vec<String>,
+    /// kz: where in a request the token may be swapped (`credential_location`).
+    pub places: Places,
+    /// kz: a request to one of `hosts` must carry the token (`require = true`).
+    pub require: bool,
+    /// kz: cleartext HTTP may carry the real value (`allow_plaintext = true`).
+    pub allow_plaintext: bool,
     /// KeyZero's extra request parameters (`secret_name`, `secret_id`, …).
     pub params: BTreeMap<String, String>,
     pub location: Location,
@@ -653,6 +666,9 @@ fn parse_secret(
     let mut field = None;
     let mut allow_empty = false;
     let mut hosts = Vec::new();
+    let mut places = Places::default();
+    let mut require = false;
+    let mut allow_plaintext = false;
     let mut params = BTreeMap::new();
     for (k, v) in &entries {
         let key = k.get_ref().as_ref();
@@ -660,16 +676,11 @@ fn parse_secret(
             "resolver" => resolver = Some(string(src, v, &what, key)?),
             "ref" => reference = Some(string(src, v, &what, key)?),
             "field" => field = Some(string(src, v, &what, key)?),
-            "allow_empty" => match v.get_ref() {
-                DeValue::Boolean(b) => allow_empty = *b,
-                _ => {
-                    return Err(src.err(
-                        v.span(),
-                        format!("{what}: `allow_empty` must be true or false"),
-                    ));
-                }
-            },
+            "allow_empty" => allow_empty = boolean(src, v, &what, key)?,
+            "require" => require = boolean(src, v, &what, key)?,
+            "allow_plaintext" => allow_plaintext = boolean(src, v, &what, key)?,
             "hosts" => hosts = parse_hosts(src, v, &what)?,
+            "credential_location" => places = parse_places(src, v, &what)?,
             "description" => {
                 string(src, v, &what, key)?;
             }
@@ -710,12 +721,29 @@ fn parse_secret(
             format!("{what}: missing `ref` (what the resolver looks up)"),
         )
     })?;
+    if require && hosts.is_empty() {
+        return Err(src.err(
+            value.span(),
+            format!(
+                "{what}: `require = true` needs `hosts` (the hosts that must receive the token)"
+            ),
+        ));
+    }
+    if require && !places.in_head() {
+        return Err(src.err(
+            value.span(),
+            format!("{what}: `require = true` needs a credential_location in the request head (a header, basic, query or path), not body only"),
+        ));
+    }
     Ok(SecretEntry {
         resolver,
         reference,
         field,
         allow_empty,
         hosts,
+        places,
+        require,
+        allow_plaintext,
         params,
         location: src.location(value.span()),
     })
@@ -731,6 +759,62 @@ fn string(
         DeValue::String(s) => Ok(s.to_string()),
         _ => Err(src.err(v.span(), format!("{what}: `{key}` must be a string"))),
     }
+}
+
+fn boolean(
+    src: &Source<'_>,
+    v: &Spanned<DeValue<'_>>,
+    what: &str,
+    key: &str,
+) -> Result<bool, ConfigError> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Ok(*b),
+        _ => Err(src.err(v.span(), format!("{what}: `{key}` must be true or false"))),
+    }
+}
+
+/// `credential_location = "header:X-Api-Key"` or a list of such entries.
+fn parse_places(
+    src: &Source<'_>,
+    v: &Spanned<DeValue<'_>>,
+    what: &str,
+) -> Result<Places, ConfigError> {
+    let specs: Vec<(String, std::ops::Range<usize>)> = match v.get_ref() {
+        DeValue::String(s) => vec![(s.to_string(), v.span())],
+        DeValue::Array(items) => items
+            .iter()
+            .map(|item| match item.get_ref() {
+                DeValue::String(s) => Ok((s.to_string(), item.span())),
+                _ => Err(src.err(
+                    item.span(),
+                    format!("{what}: each entry of `credential_location` must be a string"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(src.err(
+                v.span(),
+                format!(
+                    "{what}: `credential_location` must be a string or a list, e.g. \"header:Authorization:Bearer\" or [\"header:X-Api-Key\", \"query:api_key\"]"
+                ),
+            ));
+        }
+    };
+    if specs.is_empty() {
+        return Err(src.err(
+            v.span(),
+            format!(
+                "{what}: `credential_location` is empty; leave it out for the default (headers)"
+            ),
+        ));
+    }
+    for (spec, span) in &specs {
+        if let Err(e) = Places::parse(std::slice::from_ref(spec)) {
+            return Err(src.err(span.clone(), format!("{what}: {e}")));
+        }
+    }
+    let list: Vec<&str> = specs.iter().map(|(s, _)| s.as_str()).collect();
+    Places::parse(&list).map_err(|e| src.err(v.span(), format!("{what}: {e}")))
 }
 
 /// Host names (optionally `*.example.com`), lower-cased; no scheme, port or path.
@@ -798,7 +882,10 @@ fn parse_blind(src: &Source<'_>, value: &Spanned<DeValue<'_>>) -> Result<BlindCo
             "ipv6" => cfg.ipv6 = flag(v)?,
             "udp" => cfg.udp = flag(v)?,
             "non_http_tcp" => cfg.non_http_tcp = flag(v)?,
-            "refuse_on_scope_violation" => cfg.refuse_on_scope_violation = flag(v)?,
+            // Also refuses a token outside its credential_location or over cleartext HTTP.
+            "refuse_on_scope_violation" | "refuse_out_of_scope" => {
+                cfg.refuse_on_scope_violation = flag(v)?
+            }
             "upstream_ca" => {
                 let p = PathBuf::from(string(src, v, "[blind]", key)?);
                 let p = if p.is_absolute() { p } else { src.dir.join(p) };

@@ -12,7 +12,7 @@ use http_body_util::combinators::BoxBody;
 
 use super::metrics::Metrics;
 use super::record::Record;
-use super::tokens::Snapshot;
+use super::tokens::{At, Snapshot, SwapPlan};
 use crate::egress::rewrite::StreamRewriter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -40,7 +40,7 @@ pub enum Direction {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "kz refused to forward this request: it carries a masked token outside its host scope (see the audit log)"
+    "kz refused to forward this request: it carries a masked token kz did not swap (outside its host scope, outside its credential_location, or over cleartext HTTP; see the audit log)"
 )]
 pub struct RefusedOutOfScope;
 
@@ -54,6 +54,9 @@ pub struct RewriteBody<B> {
     /// Trailers that arrived while data was still held back.
     pending_trailers: Option<http::HeaderMap>,
     done: bool,
+    /// Up: the request's plan, for why a token was left masked and for the trailers, which
+    /// are headers and follow the header rules (not the body's).
+    plan: Option<Arc<SwapPlan>>,
 }
 
 impl<B> RewriteBody<B> {
@@ -74,6 +77,27 @@ impl<B> RewriteBody<B> {
             refuse_out_of_scope,
             pending_trailers: None,
             done: false,
+            plan: None,
+        }
+    }
+
+    /// Up: the plan the body is swapped with.
+    pub fn swapping(mut self, plan: Arc<SwapPlan>) -> Self {
+        self.plan = Some(plan);
+        self
+    }
+
+    /// Notes token `id` of a request body or trailer (`replaced` or left masked).
+    fn note_token(
+        record: &Record,
+        snap: &Snapshot,
+        plan: Option<&SwapPlan>,
+        id: usize,
+        replaced: bool,
+    ) {
+        match (replaced, plan) {
+            (false, Some(plan)) => record.unswapped(snap.name(id), plan.why_unswapped(id)),
+            _ => record.token(snap.name(id), replaced),
         }
     }
 
@@ -84,13 +108,14 @@ impl<B> RewriteBody<B> {
         let snap = &self.snap;
         let record = &self.record;
         let dir = self.dir;
+        let plan = self.plan.as_deref();
         // Up: swap ids are token ids; Down: scrub ids are pattern ids (a value may have several).
         let mut seen = |id: usize, replaced: bool| match dir {
             Direction::Up => {
                 if !replaced {
                     violation = true;
                 }
-                record.token(snap.name(id), replaced);
+                Self::note_token(record, snap, plan, id, replaced);
             }
             Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
         };
@@ -155,18 +180,48 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                     Err(frame) => {
-                        // Trailers end the body: flush what is held back first. Their values get
-                        // the same treatment as the body.
+                        // Trailers end the body: flush what is held back first. Up, they are
+                        // headers and follow the header rules; down they are scrubbed like
+                        // the body.
+                        let mut violation = false;
                         this.pending_trailers = frame.into_trailers().ok().map(|mut t| {
-                            for (_, v) in t.iter_mut() {
+                            for (name, v) in t.iter_mut() {
                                 let snap = &this.snap;
                                 let record = &this.record;
-                                let dir = this.dir;
-                                let mut seen = |id: usize, replaced: bool| match dir {
-                                    Direction::Up => record.token(snap.name(id), replaced),
-                                    Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
+                                let plan = this.plan.as_deref();
+                                let new = match (this.dir, plan) {
+                                    (Direction::Up, Some(plan)) => {
+                                        let mut seen = |id: usize, replaced: bool| {
+                                            violation |= !replaced;
+                                            Self::note_token(
+                                                record,
+                                                snap,
+                                                Some(plan),
+                                                id,
+                                                replaced,
+                                            );
+                                        };
+                                        plan.patterns().rewrite_all(
+                                            v.as_bytes(),
+                                            &plan.at(At::Header(name, v.as_bytes())),
+                                            &mut seen,
+                                        )
+                                    }
+                                    (Direction::Up, None) => {
+                                        let mut seen = |id: usize, replaced: bool| {
+                                            violation |= !replaced;
+                                            record.token(snap.name(id), replaced);
+                                        };
+                                        this.rw.rewrite_value(v.as_bytes(), &mut seen)
+                                    }
+                                    (Direction::Down, _) => {
+                                        let mut seen = |id: usize, _| {
+                                            record.scrubbed(snap.scrubbed_name(id));
+                                        };
+                                        this.rw.rewrite_value(v.as_bytes(), &mut seen)
+                                    }
                                 };
-                                if let Some(nv) = this.rw.rewrite_value(v.as_bytes(), &mut seen)
+                                if let Some(nv) = new
                                     && let Ok(hv) = http::HeaderValue::from_bytes(&nv)
                                 {
                                     *v = hv;
@@ -174,6 +229,10 @@ where
                             }
                             t
                         });
+                        if violation && this.refuse_out_of_scope {
+                            this.record.with(|f| f.refused = true);
+                            return Poll::Ready(Some(Err(Box::new(RefusedOutOfScope))));
+                        }
                         this.done = true;
                         let (out, _) = this.rewrite(None);
                         if !out.is_empty() {

@@ -1,7 +1,8 @@
 //! One request's exchange with its upstream, as named phases over the request's and the
 //! response's parts:
 //! 1. [`swap_head`]: masked → real in the URL (percent-encoded) and header values, where the
-//!    verified host is in the token's scope;
+//!    verified host is in the token's scope and the token sits where its secret's
+//!    `credential_location` says (headers, Basic, a query parameter, the path);
 //! 2. [`prepare_head`]: hop-by-hop headers out, identity encoding asked for where a secret may go;
 //! 3. [`plan_body`]: the request body sent as is, counted, rewritten whole or streamed;
 //! 4. [`target_uri`]: the absolute URI (and `Host`) for the upstream's protocol;
@@ -28,11 +29,12 @@ use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
 use super::metrics::Metrics;
 use super::record::Record;
 use super::serving::{ConnCtx, fields};
-use super::tokens::{Scrubber, Snapshot, SwapPlan};
+use super::tokens::{At, BodySwap, Scrubber, Snapshot, SwapPlan, Unswapped};
 use super::upstream::{Upstream, UpstreamBody, UpstreamError};
 use crate::egress::hop;
 use crate::egress::location::{Keep, percent_encode};
 use crate::egress::rewrite::{Decide, StreamRewriter};
+use base64::Engine as _;
 
 /// Why kz answers a request itself instead of with the upstream's response.
 #[derive(Debug)]
@@ -42,9 +44,19 @@ pub enum Rejection {
         error: &'static str,
         message: String,
     },
-    /// It carries a masked token not allowed to go to `host`, and the session refuses such
-    /// requests (403).
-    OutOfScope { host: String },
+    /// It carries a masked token kz did not swap (not allowed to go to `host`, outside its
+    /// `credential_location`, or over cleartext HTTP), and the session refuses such requests
+    /// (403).
+    Unswapped {
+        host: String,
+        secret: String,
+        why: Unswapped,
+    },
+    /// It goes to a host of a `require = true` secret without that secret's masked token (403).
+    Required { host: String, secret: String },
+    /// Its `Host` / `:authority` names another host than the one verified for the connection
+    /// (421).
+    Misdirected { verified: String, claimed: String },
     /// The connection rules do not allow `host` (403).
     Denied { host: String },
     /// The upstream could not be reached or spoke badly (502, 504 on a connect timeout).
@@ -59,7 +71,10 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::OutOfScope { .. } | Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Unswapped { .. } | Self::Required { .. } | Self::Denied { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::Upstream(UpstreamError::ConnectTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream(_) | Self::UpstreamCompressed | Self::UpstreamBody(_) => {
                 StatusCode::BAD_GATEWAY
@@ -71,7 +86,9 @@ impl Rejection {
     pub fn error(&self) -> &'static str {
         match self {
             Self::BadRequest { error, .. } => error,
-            Self::OutOfScope { .. } => "token_out_of_scope",
+            Self::Unswapped { why, .. } => why.error(),
+            Self::Required { .. } => "token_required",
+            Self::Misdirected { .. } => "host_mismatch",
             Self::Denied { .. } => "connection_denied",
             Self::Upstream(e) => e.kind(),
             Self::UpstreamCompressed => "upstream_compressed_response",
@@ -83,8 +100,32 @@ impl Rejection {
     pub fn message(&self) -> String {
         match self {
             Self::BadRequest { message, .. } => message.clone(),
-            Self::OutOfScope { host } => format!(
-                "kz: this request carries a masked token that is not allowed to go to {host}; it was not sent"
+            Self::Unswapped {
+                host,
+                secret,
+                why: Unswapped::OutOfScope,
+            } => format!(
+                "kz: this request carries the masked token of {secret}, which is not allowed to go to {host}; it was not sent"
+            ),
+            Self::Unswapped {
+                host,
+                secret,
+                why: Unswapped::Plaintext,
+            } => format!(
+                "kz: this request to {host} carries the masked token of {secret} over cleartext HTTP; use https, or set `allow_plaintext = true` on the secret; it was not sent"
+            ),
+            Self::Unswapped {
+                host,
+                secret,
+                why: Unswapped::Misplaced,
+            } => format!(
+                "kz: this request to {host} carries the masked token of {secret} outside the secret's credential_location; put it where the secret says (or extend credential_location); it was not sent"
+            ),
+            Self::Required { host, secret } => format!(
+                "kz: requests to {host} must carry the masked token of {secret} (`require = true`); it was not sent"
+            ),
+            Self::Misdirected { verified, claimed } => format!(
+                "kz: this connection was verified for {verified}, but the request names {claimed} (Host / :authority); open a connection to {claimed} instead"
             ),
             Self::Denied { host } => {
                 format!("kz: connections to {host} are not allowed by the connection rules")
@@ -112,7 +153,10 @@ impl Rejection {
         rec.with(|f| {
             f.status = status.as_u16();
             f.error = Some(self.error().to_owned());
-            f.refused |= matches!(self, Self::OutOfScope { .. });
+            f.refused |= matches!(
+                self,
+                Self::Unswapped { .. } | Self::Required { .. } | Self::Misdirected { .. }
+            );
         });
         text(status, self.message())
     }
@@ -136,8 +180,24 @@ pub fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
     r
 }
 
-/// Real values placed into a URL, percent-encoded ([`Keep::Unreserved`]).
+/// Real values placed into a URL, percent-encoded ([`Keep::Unreserved`]), for the tokens the
+/// plan allows at one place of it.
 struct UrlEncoded(Vec<Option<Vec<u8>>>);
+
+impl UrlEncoded {
+    fn new(plan: &SwapPlan, at: At<'_>) -> Self {
+        let decide = plan.at(at);
+        Self(
+            (0..plan.snapshot().len())
+                .map(|i| {
+                    decide
+                        .replacement(i)
+                        .map(|v| percent_encode(v, Keep::Unreserved).into_bytes())
+                })
+                .collect(),
+        )
+    }
+}
 
 impl Decide for UrlEncoded {
     fn replacement(&self, id: usize) -> Option<&[u8]> {
@@ -145,43 +205,90 @@ impl Decide for UrlEncoded {
     }
 }
 
-/// Phase 1: masked → real in the URL's path and query and in every header value, for the
-/// tokens `plan` allows toward its host; `seen(token, swapped)` hears of every token found
-/// (`swapped` false: out of scope, left masked). Returns the new path and query when a token
-/// was found there.
+/// Phase 1: masked → real in the URL's path and query and in the header values, for the
+/// tokens `plan` allows toward its host at the place each was found; `seen(token, swapped)`
+/// hears of every token found (`swapped` false: left masked, [`SwapPlan::why_unswapped`] says
+/// why). Returns the new path and query when a token was swapped into it.
 pub fn swap_head(
     parts: &mut http::request::Parts,
-    snap: &Snapshot,
     plan: &SwapPlan,
     seen: &mut dyn FnMut(usize, bool),
 ) -> Result<Option<String>, Rejection> {
-    if snap.is_empty() {
+    if plan.snapshot().is_empty() {
         return Ok(None);
     }
+    let patterns = plan.patterns();
     let mut swapped_pq = None;
     if let Some(pq) = parts.uri.path_and_query() {
         let mut hit = false;
-        plan.patterns()
-            .for_each_match(pq.as_str().as_bytes(), |_| hit = true);
+        patterns.for_each_match(pq.as_str().as_bytes(), |_| hit = true);
         if hit {
-            let enc = UrlEncoded(
-                (0..snap.len())
-                    .map(|i| {
-                        plan.replacement(i)
-                            .map(|v| percent_encode(v, Keep::Unreserved).into_bytes())
-                    })
-                    .collect(),
-            );
-            if let Some(v) = plan
-                .patterns()
-                .rewrite_all(pq.as_str().as_bytes(), &enc, seen)
-            {
-                swapped_pq = Some(String::from_utf8_lossy(&v).into_owned());
+            let (path, query) = match pq.as_str().split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (pq.as_str(), None),
+            };
+            let mut changed = false;
+            let mut out =
+                match patterns.rewrite_all(path.as_bytes(), &UrlEncoded::new(plan, At::Path), seen)
+                {
+                    Some(v) => {
+                        changed = true;
+                        v
+                    }
+                    None => path.as_bytes().to_vec(),
+                };
+            if let Some(query) = query {
+                out.push(b'?');
+                for (i, pair) in query.split('&').enumerate() {
+                    if i > 0 {
+                        out.push(b'&');
+                    }
+                    let (name, value) = match pair.split_once('=') {
+                        Some((n, v)) => (n, Some(v)),
+                        None => (pair, None),
+                    };
+                    // A token in a parameter's name is never where a location points.
+                    let nowhere = UrlEncoded(Vec::new());
+                    match patterns.rewrite_all(name.as_bytes(), &nowhere, seen) {
+                        Some(v) => out.extend_from_slice(&v),
+                        None => out.extend_from_slice(name.as_bytes()),
+                    }
+                    if let Some(value) = value {
+                        out.push(b'=');
+                        let enc = UrlEncoded::new(plan, At::Query(name.as_bytes()));
+                        match patterns.rewrite_all(value.as_bytes(), &enc, seen) {
+                            Some(v) => {
+                                changed = true;
+                                out.extend_from_slice(&v);
+                            }
+                            None => out.extend_from_slice(value.as_bytes()),
+                        }
+                    }
+                }
+            }
+            if changed {
+                swapped_pq = Some(String::from_utf8_lossy(&out).into_owned());
             }
         }
     }
-    for (_, value) in parts.headers.iter_mut() {
-        if let Some(v) = plan.patterns().rewrite_all(value.as_bytes(), plan, seen) {
+    for (name, value) in parts.headers.iter_mut() {
+        let new = match basic_credentials(name, value.as_bytes()) {
+            Some(decoded) => patterns
+                .rewrite_all(&decoded, &plan.at(At::Basic), seen)
+                .map(|v| {
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(v)
+                    )
+                    .into_bytes()
+                }),
+            None => patterns.rewrite_all(
+                value.as_bytes(),
+                &plan.at(At::Header(name, value.as_bytes())),
+                seen,
+            ),
+        };
+        if let Some(v) = new {
             *value = HeaderValue::from_bytes(&v).map_err(|_| {
                 bad_request(
                     "swapped_header_invalid",
@@ -191,6 +298,50 @@ pub fn swap_head(
         }
     }
     Ok(swapped_pq)
+}
+
+/// The decoded `user:password` of an `Authorization: Basic …` value; `None` for any other
+/// header or a value that is not valid base64 (then it is an ordinary header value).
+fn basic_credentials(name: &http::HeaderName, value: &[u8]) -> Option<Vec<u8>> {
+    if name != header::AUTHORIZATION {
+        return None;
+    }
+    let v = value.trim_ascii();
+    let (scheme, rest) = v.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()
+}
+
+/// The first `require = true` secret toward this host that `swapped` (token ids swapped in the
+/// head) does not include.
+pub fn missing_required(plan: &SwapPlan, swapped: &[usize]) -> Option<usize> {
+    plan.required()
+        .iter()
+        .copied()
+        .find(|id| !swapped.contains(id))
+}
+
+/// Do the `Host` header and the request target's authority (absolute form, or h2's
+/// `:authority`) both name `verified`, with the connection's port if they give one? `None` when
+/// they do, else the first other name claimed (for the 421).
+pub fn misdirected(parts: &http::request::Parts, verified: &str, port: u16) -> Option<String> {
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let host = parts
+        .headers
+        .get_all(header::HOST)
+        .iter()
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+    authority.into_iter().chain(host).find(|claimed| {
+        let (name, claimed_port) = super::serving::split_authority(claimed, port);
+        let same_name = name
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(verified.trim_end_matches('.'));
+        !same_name || claimed_port != port
+    })
 }
 
 /// Phase 2: hop-by-hop headers out (`Upgrade` kept for an upgrade); for an upgrade that may
@@ -388,30 +539,65 @@ pub async fn forward(
         fields(&ctx, &req, &host, port),
         Some(Box::new(guard)),
     );
-    let (snap, plan, guarded) = ctx.plan_for(&host);
+    let (snap, plan, guarded) = ctx.plan_for(&host, !tls);
     let refuse_out_of_scope = ctx.session.refuse_out_of_scope;
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
-    let mut violation = false;
+    // A shared front end routes by Host: a value verified for one name must not be carried to
+    // another behind the same address. (Plain HTTP's host was checked against the same claim.)
+    if let Some(claimed) = misdirected(&parts, &host, port) {
+        return Rejection::Misdirected {
+            verified: host,
+            claimed,
+        }
+        .respond(&rec);
+    }
+    let mut unswapped: Option<(usize, Unswapped)> = None;
+    let mut swapped: Vec<usize> = Vec::new();
     let mut seen = |id: usize, replaced: bool| {
-        violation |= !replaced;
-        rec.token(snap.name(id), replaced);
+        if replaced {
+            rec.token(snap.name(id), true);
+            if !swapped.contains(&id) {
+                swapped.push(id);
+            }
+        } else {
+            let why = plan.why_unswapped(id);
+            unswapped.get_or_insert((id, why));
+            rec.unswapped(snap.name(id), why);
+        }
     };
 
-    let swapped_pq = match swap_head(&mut parts, &snap, &plan, &mut seen) {
+    let swapped_pq = match swap_head(&mut parts, &plan, &mut seen) {
         Ok(pq) => pq,
         Err(r) => return r.respond(&rec),
     };
-    if violation && refuse_out_of_scope {
-        return Rejection::OutOfScope { host }.respond(&rec);
+    if let Some((id, why)) = unswapped
+        && refuse_out_of_scope
+    {
+        return Rejection::Unswapped {
+            host,
+            secret: snap.name(id).to_owned(),
+            why,
+        }
+        .respond(&rec);
+    }
+    if let Some(id) = missing_required(&plan, &swapped) {
+        return Rejection::Required {
+            host,
+            secret: snap.name(id).to_owned(),
+        }
+        .respond(&rec);
     }
     prepare_head(&mut parts.headers, upgrade, !snap.is_empty(), guarded);
 
+    // A body is read through the swapper only where a token may be swapped in it, or where a
+    // token found in it must refuse the request.
+    let body_swaps = plan.body_swaps();
     let plan_now = plan_body(
         &parts.headers,
         incoming.is_end_stream(),
-        !snap.is_empty(),
+        !snap.is_empty() && (body_swaps || refuse_out_of_scope),
         sh.limits.max_buffered_body,
     );
     let up_body = match plan_now {
@@ -429,17 +615,29 @@ pub async fn forward(
                     .respond(&rec);
                 }
             };
-            let mut violation = false;
+            let mut unswapped: Option<(usize, Unswapped)> = None;
             let mut seen = |id: usize, replaced: bool| {
-                violation |= !replaced;
-                rec.token(snap.name(id), replaced);
+                if replaced {
+                    rec.token(snap.name(id), true);
+                } else {
+                    let why = plan.why_unswapped(id);
+                    unswapped.get_or_insert((id, why));
+                    rec.unswapped(snap.name(id), why);
+                }
             };
             let out = plan
                 .patterns()
-                .rewrite_all(&data, plan.as_ref(), &mut seen)
+                .rewrite_all(&data, &plan.at(At::Body), &mut seen)
                 .map_or(data, Bytes::from);
-            if violation && refuse_out_of_scope {
-                return Rejection::OutOfScope { host }.respond(&rec);
+            if let Some((id, why)) = unswapped
+                && refuse_out_of_scope
+            {
+                return Rejection::Unswapped {
+                    host,
+                    secret: snap.name(id).to_owned(),
+                    why,
+                }
+                .respond(&rec);
             }
             rec.bytes_up.fetch_add(out.len() as u64, Ordering::Relaxed);
             Metrics::add(&sh.metrics.bytes_upstream_total, out.len() as u64);
@@ -449,13 +647,13 @@ pub async fn forward(
             body::full(out)
         }
         BodyPlan::Stream => {
-            // Only a swap changes a body's length, and none can happen toward a host no token
-            // may go to: there the length stays exact (object stores refuse chunked uploads).
-            // Elsewhere it is known only at the end: chunked / h2 DATA frames.
-            if guarded {
+            // Only a swap changes a body's length: where none can happen the length stays exact
+            // (object stores refuse chunked uploads). Elsewhere it is known only at the end:
+            // chunked / h2 DATA frames.
+            if body_swaps {
                 parts.headers.remove(header::CONTENT_LENGTH);
             }
-            let rw = StreamRewriter::new(plan.patterns().clone(), plan.clone());
+            let rw = StreamRewriter::new(plan.patterns().clone(), Arc::new(BodySwap(plan.clone())));
             RewriteBody::new(
                 incoming,
                 rw,
@@ -464,6 +662,7 @@ pub async fn forward(
                 Direction::Up,
                 refuse_out_of_scope,
             )
+            .swapping(plan.clone())
             .boxed()
         }
     };
@@ -475,7 +674,15 @@ pub async fn forward(
     let resp = match up.send(&sh, Request::from_parts(parts, up_body)).await {
         Ok(r) => r,
         // A streamed body that met an out-of-scope token stopped the send.
-        Err(_) if rec.with(|f| f.refused) => return Rejection::OutOfScope { host }.respond(&rec),
+        Err(_) if rec.with(|f| f.refused) => {
+            let (secret, why) = rec.with(|f| {
+                (
+                    f.out_of_scope.iter().next().cloned().unwrap_or_default(),
+                    f.unswapped.unwrap_or(Unswapped::OutOfScope),
+                )
+            });
+            return Rejection::Unswapped { host, secret, why }.respond(&rec);
+        }
         Err(e) => return Rejection::Upstream(e).respond(&rec),
     };
     respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
@@ -603,23 +810,37 @@ fn relay_upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::TokenTable;
+    use crate::egress::location::Places;
+    use crate::proxy::{TokenSpec, TokenTable};
     use crate::secret::Secret;
 
     const REAL: &str = "sk-real/value+0123456789";
 
-    /// A table with one secret scoped to api.test, and its masked token.
+    /// A table with one secret scoped to api.test (swapped wherever kz can: any header, Basic,
+    /// the path, the body and `?key=`), and its masked token.
     fn table() -> (TokenTable, String) {
+        table_with(|s| TokenSpec {
+            places: Places::everywhere().with_query("key"),
+            ..s
+        })
+    }
+
+    /// A table with one secret scoped to api.test, set up by `f` from the defaults.
+    fn table_with(f: impl FnOnce(TokenSpec) -> TokenSpec) -> (TokenTable, String) {
         let masked = TokenTable::generate_masked();
         let t = TokenTable::new();
-        t.insert_named(
+        t.add(f(TokenSpec::new(
             "API_KEY",
             &masked,
             Secret::new(REAL),
             vec!["api.test".into()],
-        )
+        )))
         .unwrap();
         (t, masked)
+    }
+
+    fn places(specs: &[&str]) -> Places {
+        Places::parse(specs).unwrap()
     }
 
     fn request(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
@@ -631,16 +852,219 @@ mod tests {
     }
 
     /// Runs phase 1 toward `host`; returns the swapped path and query and what `seen` heard.
-    fn swap(
+    fn swap(parts: &mut http::request::Parts, t: &TokenTable, host: &str) -> Swapped {
+        swap_over(parts, t, host, false).0
+    }
+
+    /// What phase 1 returned and what `seen` heard.
+    type Swapped = (Option<String>, Vec<(usize, bool)>);
+
+    /// Phase 1 toward `host` (over cleartext when `plaintext`); also returns the plan, for
+    /// `why_unswapped` and `missing_required`.
+    fn swap_over(
         parts: &mut http::request::Parts,
         t: &TokenTable,
         host: &str,
-    ) -> (Option<String>, Vec<(usize, bool)>) {
-        let snap = t.snapshot();
-        let plan = SwapPlan::new(snap.clone(), host);
+        plaintext: bool,
+    ) -> (Swapped, SwapPlan) {
+        let plan = SwapPlan::new(t.snapshot(), host, plaintext);
         let mut heard = Vec::new();
-        let pq = swap_head(parts, &snap, &plan, &mut |id, ok| heard.push((id, ok))).unwrap();
-        (pq, heard)
+        let pq = swap_head(parts, &plan, &mut |id, ok| heard.push((id, ok))).unwrap();
+        ((pq, heard), plan)
+    }
+
+    fn b64(v: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(v)
+    }
+
+    #[test]
+    fn by_default_a_token_is_swapped_in_headers_only() {
+        let (t, masked) = table_with(|s| s);
+        let bearer = format!("Bearer {masked}");
+        let mut p = request(
+            &format!("/bot{masked}/x?key={masked}"),
+            &[("authorization", &bearer), ("x-any", &masked)],
+        );
+        let ((pq, heard), plan) = swap_over(&mut p, &t, "api.test", false);
+        assert_eq!(pq, None, "the URL keeps the masked token");
+        assert_eq!(
+            p.headers["authorization"],
+            format!("Bearer {REAL}").as_str()
+        );
+        assert_eq!(p.headers["x-any"], REAL);
+        assert_eq!(
+            heard.iter().filter(|(_, ok)| !ok).count(),
+            2,
+            "path and query: {heard:?}"
+        );
+        assert_eq!(plan.why_unswapped(0), Unswapped::Misplaced);
+        assert!(!plan.body_swaps(), "no body swap by default");
+    }
+
+    #[test]
+    fn a_header_location_names_the_header_and_its_prefix() {
+        let (t, masked) = table_with(|s| TokenSpec {
+            places: places(&["header:Authorization:Bearer", "header:X-Api-Key"]),
+            ..s
+        });
+        let cases = [
+            ("authorization", format!("Bearer {masked}"), true),
+            ("authorization", format!("bearer  {masked} "), true),
+            ("authorization", format!("token {masked}"), false),
+            ("authorization", format!("Bearer {masked} extra"), false),
+            ("x-api-key", masked.clone(), true),
+            ("x-api-key", format!("pre-{masked}"), true),
+            ("x-echo-me", masked.clone(), false),
+            ("cookie", format!("s={masked}"), false),
+        ];
+        for (name, value, swapped) in cases {
+            let mut p = request("/", &[(name, &value)]);
+            let ((_, heard), _) = swap_over(&mut p, &t, "api.test", false);
+            assert_eq!(heard, vec![(0, swapped)], "{name}: {value}");
+            assert_eq!(
+                p.headers[name].to_str().unwrap().contains(REAL),
+                swapped,
+                "{name}: {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded_swapped_and_re_encoded() {
+        let (t, masked) = table_with(|s| s);
+        let mut p = request(
+            "/",
+            &[(
+                "authorization",
+                &format!("Basic {}", b64(&format!("x-token:{masked}"))),
+            )],
+        );
+        let ((_, heard), _) = swap_over(&mut p, &t, "api.test", false);
+        assert_eq!(heard, vec![(0, true)]);
+        assert_eq!(
+            p.headers["authorization"],
+            format!("Basic {}", b64(&format!("x-token:{REAL}"))).as_str()
+        );
+        // `basic` not listed: the token stays masked inside the encoding.
+        let (t, masked) = table_with(|s| TokenSpec {
+            places: places(&["header:X-Api-Key"]),
+            ..s
+        });
+        let value = format!("Basic {}", b64(&format!("u:{masked}")));
+        let mut p = request("/", &[("authorization", &value)]);
+        let ((_, heard), plan) = swap_over(&mut p, &t, "api.test", false);
+        assert_eq!(heard, vec![(0, false)]);
+        assert_eq!(plan.why_unswapped(0), Unswapped::Misplaced);
+        assert_eq!(p.headers["authorization"], value.as_str());
+    }
+
+    #[test]
+    fn a_query_location_names_its_parameter_and_path_is_opt_in() {
+        let (t, masked) = table_with(|s| TokenSpec {
+            places: places(&["query:api_key", "path"]),
+            ..s
+        });
+        let mut p = request(
+            &format!("/bot{masked}/send?api_key={masked}&other={masked}&{masked}=1"),
+            &[],
+        );
+        let ((pq, heard), _) = swap_over(&mut p, &t, "api.test", false);
+        let enc = "sk-real%2Fvalue%2B0123456789";
+        assert_eq!(
+            pq.as_deref(),
+            Some(format!("/bot{enc}/send?api_key={enc}&other={masked}&{masked}=1").as_str())
+        );
+        assert_eq!(
+            heard,
+            vec![(0, true), (0, true), (0, false), (0, false)],
+            "path, api_key swapped; another parameter and a parameter name are not"
+        );
+        // A header is not a listed place either.
+        let mut p = request("/", &[("x-api-key", &masked)]);
+        let ((_, heard), _) = swap_over(&mut p, &t, "api.test", false);
+        assert_eq!(heard, vec![(0, false)]);
+    }
+
+    #[test]
+    fn cleartext_http_carries_a_value_only_when_the_secret_allows_it() {
+        let (t, masked) = table_with(|s| s);
+        let mut p = request("/", &[("x-api-key", &masked)]);
+        let ((_, heard), plan) = swap_over(&mut p, &t, "api.test", true);
+        assert_eq!(heard, vec![(0, false)]);
+        assert_eq!(plan.why_unswapped(0), Unswapped::Plaintext);
+        let (t, masked) = table_with(|s| TokenSpec {
+            allow_plaintext: true,
+            ..s
+        });
+        let mut p = request("/", &[("x-api-key", &masked)]);
+        let ((_, heard), _) = swap_over(&mut p, &t, "api.test", true);
+        assert_eq!(heard, vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_required_token_must_be_in_the_head_toward_its_hosts() {
+        let (t, masked) = table_with(|s| TokenSpec { require: true, ..s });
+        let mut p = request("/", &[("authorization", "Bearer sk-smuggled-real-key")]);
+        let ((_, heard), plan) = swap_over(&mut p, &t, "api.test", false);
+        assert!(heard.is_empty());
+        assert_eq!(missing_required(&plan, &[]), Some(0));
+        let mut p = request("/", &[("authorization", &format!("Bearer {masked}"))]);
+        let ((_, heard), plan) = swap_over(&mut p, &t, "api.test", false);
+        assert_eq!(missing_required(&plan, &[0]), None, "{heard:?}");
+        // Other hosts are not concerned.
+        let plan = SwapPlan::new(t.snapshot(), "other.test", false);
+        assert_eq!(missing_required(&plan, &[]), None);
+        // A required secret needs hosts and a head location.
+        let bad = TokenTable::new().add(TokenSpec {
+            require: true,
+            ..TokenSpec::new("X", &masked, Secret::new(REAL), vec![])
+        });
+        assert!(matches!(
+            bad,
+            Err(crate::proxy::TokenError::RequireWithoutHosts(_))
+        ));
+        let bad = TokenTable::new().add(TokenSpec {
+            require: true,
+            places: places(&["body"]),
+            ..TokenSpec::new("X", &masked, Secret::new(REAL), vec!["api.test".into()])
+        });
+        assert!(matches!(
+            bad,
+            Err(crate::proxy::TokenError::RequireInBody(_))
+        ));
+    }
+
+    #[test]
+    fn host_and_authority_must_name_the_verified_host() {
+        let ok = [
+            ("/", Some("api.test")),
+            ("/", Some("API.test.")),
+            ("/", Some("api.test:443")),
+            ("https://api.test/x", None),
+            ("https://api.test:443/x", Some("api.test")),
+            ("/", None),
+        ];
+        for (uri, host) in ok {
+            let headers: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+            let p = request(uri, &headers);
+            assert_eq!(misdirected(&p, "api.test", 443), None, "{uri} {host:?}");
+        }
+        let bad = [
+            ("/", Some("evil.test"), "evil.test"),
+            ("/", Some("api.test:8443"), "api.test:8443"),
+            ("/", Some("api.test.evil"), "api.test.evil"),
+            ("https://evil.test/x", Some("api.test"), "evil.test"),
+            ("https://api.test/x", Some("evil.test"), "evil.test"),
+        ];
+        for (uri, host, claimed) in bad {
+            let headers: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+            let p = request(uri, &headers);
+            assert_eq!(
+                misdirected(&p, "api.test", 443).as_deref(),
+                Some(claimed),
+                "{uri} {host:?}"
+            );
+        }
     }
 
     #[test]
@@ -831,9 +1255,47 @@ mod tests {
         };
         let cases = [
             (
-                Rejection::OutOfScope { host: "h".into() },
+                Rejection::Unswapped {
+                    host: "h".into(),
+                    secret: "S".into(),
+                    why: Unswapped::OutOfScope,
+                },
                 403,
                 "token_out_of_scope",
+            ),
+            (
+                Rejection::Unswapped {
+                    host: "h".into(),
+                    secret: "S".into(),
+                    why: Unswapped::Misplaced,
+                },
+                403,
+                "token_misplaced",
+            ),
+            (
+                Rejection::Unswapped {
+                    host: "h".into(),
+                    secret: "S".into(),
+                    why: Unswapped::Plaintext,
+                },
+                403,
+                "token_plaintext",
+            ),
+            (
+                Rejection::Required {
+                    host: "h".into(),
+                    secret: "S".into(),
+                },
+                403,
+                "token_required",
+            ),
+            (
+                Rejection::Misdirected {
+                    verified: "h".into(),
+                    claimed: "e".into(),
+                },
+                421,
+                "host_mismatch",
             ),
             (
                 Rejection::Denied { host: "h".into() },
@@ -866,8 +1328,10 @@ mod tests {
             assert_eq!(r.error(), error);
             assert!(r.message().starts_with("kz: "), "{}", r.message());
         }
-        let r = Rejection::OutOfScope {
+        let r = Rejection::Unswapped {
             host: "evil.test".into(),
+            secret: "S".into(),
+            why: Unswapped::OutOfScope,
         };
         assert!(r.message().contains("evil.test") && r.message().contains("not sent"));
     }

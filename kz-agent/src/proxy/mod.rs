@@ -46,7 +46,7 @@ use futures_util::future::BoxFuture;
 pub use rules::{ConnectionRule, ConnectionRules, HostPattern, RuleError, Verdict};
 pub use session::{Redirected, Session, SessionError, SessionId, Sessions};
 pub use tls::{CertAuthority, TlsError};
-pub use tokens::{Scrubber, TokenError, TokenTable};
+pub use tokens::{Scrubber, TokenError, TokenSpec, TokenTable, Unswapped};
 
 use crate::audit::AuditSink;
 use metrics::Metrics;

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::metrics::Metrics;
+use super::tokens::Unswapped;
 use crate::audit::{AuditEvent, AuditSink};
 
 #[derive(Default)]
@@ -29,6 +30,8 @@ pub struct Fields {
     pub scrubbed: BTreeSet<String>,
     pub error: Option<String>,
     pub refused: bool,
+    /// Why the first token left masked was (see [`Record::unswapped`]).
+    pub unswapped: Option<Unswapped>,
 }
 
 pub struct Record {
@@ -90,6 +93,14 @@ impl Record {
         });
     }
 
+    /// Notes a token of secret `name` left masked, and why.
+    pub fn unswapped(&self, name: &str, why: Unswapped) {
+        self.token(name, false);
+        self.with(|f| {
+            f.unswapped.get_or_insert(why);
+        });
+    }
+
     pub fn scrubbed(&self, name: &str) {
         Metrics::inc(&self.shared.metrics.secrets_scrubbed_total);
         self.with(|f| {
@@ -111,8 +122,9 @@ impl Drop for Record {
         let down = self.bytes_down.load(Ordering::Relaxed);
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         // The fields are the record's last use: their strings move into the event.
+        let why = f.unswapped.unwrap_or(Unswapped::OutOfScope);
         let violation = (!f.out_of_scope.is_empty()).then(|| {
-            AuditEvent::new("token_out_of_scope")
+            AuditEvent::new(why.error())
                 .with("host", f.host.as_str())
                 .with("method", f.method.as_str())
                 .with("path", f.path.as_str())

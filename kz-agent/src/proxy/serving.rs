@@ -67,6 +67,7 @@ pub(super) struct ConnCtx {
 
 struct CachedPlan {
     host: String,
+    plaintext: bool,
     version: u64,
     plan: Arc<SwapPlan>,
     guarded: bool,
@@ -95,20 +96,27 @@ impl ConnCtx {
         })
     }
 
-    /// The current snapshot, the swap plan for `host`, and whether any token may go to `host`.
-    pub(super) fn plan_for(&self, host: &str) -> (Arc<Snapshot>, Arc<SwapPlan>, bool) {
+    /// The current snapshot, the swap plan for `host` (`plaintext`: over cleartext HTTP), and
+    /// whether any token may go to `host`.
+    pub(super) fn plan_for(
+        &self,
+        host: &str,
+        plaintext: bool,
+    ) -> (Arc<Snapshot>, Arc<SwapPlan>, bool) {
         let snap = self.session.tokens.snapshot();
         let mut g = self.plan.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = g.as_ref()
             && c.host == host
+            && c.plaintext == plaintext
             && c.version == snap.version()
         {
             return (snap, c.plan.clone(), c.guarded);
         }
-        let plan = Arc::new(SwapPlan::new(snap.clone(), host));
+        let plan = Arc::new(SwapPlan::new(snap.clone(), host, plaintext));
         let guarded = snap.any_in_scope(host);
         *g = Some(CachedPlan {
             host: host.to_owned(),
+            plaintext,
             version: snap.version(),
             plan: plan.clone(),
             guarded,
@@ -205,7 +213,7 @@ async fn idle_watch(last: &AtomicU64, inflight: &AtomicUsize, timeout: Duration,
     }
 }
 
-fn split_authority(auth: &str, default_port: u16) -> (String, u16) {
+pub(super) fn split_authority(auth: &str, default_port: u16) -> (String, u16) {
     // `[v6]:port`, `host:port` or `host`.
     if let Some(rest) = auth.strip_prefix('[')
         && let Some((h, p)) = rest.split_once(']')
@@ -288,7 +296,10 @@ async fn handle(
         } => {
             let host = match fixed_host {
                 Some(h) => h.clone(),
-                None => verify_plain_host(&ctx, &req, *dst).await,
+                None => match verify_plain_host(&ctx, &req, *dst).await {
+                    Ok(h) => h,
+                    Err(denied_name) => return Ok(denied(&ctx, req, &denied_name, dst.port())),
+                },
             };
             if ctx.session.rules.check(&host, dst.port()) == Verdict::Deny {
                 return Ok(denied(&ctx, req, &host, dst.port()));
@@ -299,24 +310,36 @@ async fn handle(
 }
 
 /// Plain HTTP has no certificate: the Host header counts only if it resolves to the address the
-/// client actually connected to. Otherwise the host is the bare IP (and tokens scoped to names
-/// are not swapped). Checked once per connection and claim.
-async fn verify_plain_host(ctx: &ConnCtx, req: &Request<Incoming>, dst: SocketAddr) -> String {
+/// client actually connected to. Otherwise the host is the bare IP (and the request, which names
+/// another host than the one checked, is answered 421 by the exchange). Checked once per
+/// connection and claim. A claimed name the connection rules deny is refused (`Err(name)`)
+/// before any lookup: asking the upstream resolver about it would carry the name, and whatever
+/// the agent encoded in it, off the machine.
+async fn verify_plain_host(
+    ctx: &ConnCtx,
+    req: &Request<Incoming>,
+    dst: SocketAddr,
+) -> Result<String, String> {
     let claimed = req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
     });
     let Some(claimed) = claimed else {
-        return dst.ip().to_string();
+        return Ok(dst.ip().to_string());
     };
     let cache = || ctx.plain_host.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((c, verified)) = cache().as_ref()
         && c == claimed
     {
-        return verified.clone();
+        return Ok(verified.clone());
     }
     let (name, _) = split_authority(claimed, dst.port());
+    if name.parse::<std::net::IpAddr>().is_err()
+        && ctx.session.rules.check(&name, dst.port()) == Verdict::Deny
+    {
+        return Err(name);
+    }
     let holds = match name.parse::<std::net::IpAddr>() {
         Ok(addr) => addr == dst.ip(),
         Err(_) => upstream::resolve_all(&ctx.session, &name, dst.port())
@@ -326,7 +349,7 @@ async fn verify_plain_host(ctx: &ConnCtx, req: &Request<Incoming>, dst: SocketAd
     };
     let verified = if holds { name } else { dst.ip().to_string() };
     *cache() = Some((claimed.to_owned(), verified.clone()));
-    verified
+    Ok(verified)
 }
 
 pub(super) fn fields(ctx: &ConnCtx, req: &Request<Incoming>, host: &str, port: u16) -> Fields {

@@ -1,4 +1,5 @@
-//! The token table: masked token → (real value, hosts it may go to).
+//! The token table: masked token → (real value, hosts it may go to, where in a request it may
+//! be swapped, whether it must be present, whether cleartext HTTP may carry it).
 //!
 //! Readers (every request) take an immutable [`Snapshot`] with both automata precompiled:
 //! masked tokens (for swapping out) and real values (for scrubbing back). Writers rebuild the
@@ -6,6 +7,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::egress::location::Places;
 use crate::egress::rewrite::{Decide, Patterns, RewriteError, StreamRewriter};
 use crate::egress::scope::ScopePattern;
 use crate::egress::scrub::{self, Forms, Replacement, ScrubError};
@@ -25,18 +27,85 @@ pub enum TokenError {
     Duplicate(String),
     #[error("scope host `{host}` for token `{token}` is invalid: use `name`, `*.suffix` or an IP")]
     BadScope { token: String, host: String },
+    #[error(
+        "secret `{0}` has `require = true` but no hosts: list the hosts that must receive it, or drop `require`"
+    )]
+    RequireWithoutHosts(String),
+    #[error(
+        "secret `{0}` has `require = true` but its credential_location is body only: a required token must be in the request head (a header, basic, query or path)"
+    )]
+    RequireInBody(String),
     #[error("{0}")]
     Build(#[from] RewriteError),
     #[error("{0}")]
     Scrub(#[from] ScrubError),
 }
 
+#[derive(Clone)]
 struct Entry {
     name: String,
     masked: String,
     secret: Secret,
     /// Empty = any host the connection rules allow (KeyZero behaviour).
     hosts: Vec<ScopePattern>,
+    places: Places,
+    require: bool,
+    allow_plaintext: bool,
+}
+
+/// One secret for [`TokenTable::add`].
+#[derive(Clone)]
+pub struct TokenSpec {
+    /// For audit records (e.g. `OPENAI_API_KEY`); never the value.
+    pub name: String,
+    pub masked: String,
+    pub secret: Secret,
+    /// `name`, `*.suffix` or an IP literal; empty = any host the connection rules allow.
+    pub hosts: Vec<String>,
+    /// Where in a request the token may be swapped (default: headers only).
+    pub places: Places,
+    /// A request to one of `hosts` must carry the token in one of `places` (in the head), or it
+    /// is refused: a real key the agent got hold of some other way cannot be used there.
+    pub require: bool,
+    /// The real value may go over cleartext HTTP (default: only over TLS).
+    pub allow_plaintext: bool,
+}
+
+impl TokenSpec {
+    /// Defaults for everything but the name, token, value and hosts.
+    pub fn new(name: &str, masked: &str, secret: Secret, hosts: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            masked: masked.to_owned(),
+            secret,
+            hosts,
+            places: Places::default(),
+            require: false,
+            allow_plaintext: false,
+        }
+    }
+}
+
+/// Why a masked token found in a request was left masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unswapped {
+    /// The verified host is not in the secret's scope.
+    OutOfScope,
+    /// The request goes over cleartext HTTP and the secret does not say `allow_plaintext`.
+    Plaintext,
+    /// The token is somewhere its `credential_location` does not name.
+    Misplaced,
+}
+
+impl Unswapped {
+    /// The stable name in audit records.
+    pub fn error(self) -> &'static str {
+        match self {
+            Self::OutOfScope => "token_out_of_scope",
+            Self::Plaintext => "token_plaintext",
+            Self::Misplaced => "token_misplaced",
+        }
+    }
 }
 
 /// One consistent view of the table.
@@ -84,18 +153,59 @@ impl Snapshot {
     }
 }
 
-/// Swapping decisions for one verified host: masked → real when in scope, else kept masked.
+/// Swapping decisions for one verified host: masked → real when in scope (and, over cleartext
+/// HTTP, allowed there), else kept masked. Where in the request a token may be swapped is asked
+/// per place ([`SwapPlan::at`]).
 pub struct SwapPlan {
     snap: Arc<Snapshot>,
-    in_scope: Vec<bool>,
+    /// `None`: may be swapped toward this host; else why not.
+    blocked: Vec<Option<Unswapped>>,
+    /// Tokens that must be present in the head of a request to this host.
+    required: Vec<usize>,
+}
+
+/// A place in a request, for [`SwapPlan::at`].
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    /// A header (or trailer) and its whole value.
+    Header(&'a http::HeaderName, &'a [u8]),
+    /// The decoded `user:password` of `Authorization: Basic`.
+    Basic,
+    /// The value of a query parameter (its raw name).
+    Query(&'a [u8]),
+    Path,
+    Body,
 }
 
 impl SwapPlan {
-    pub fn new(snap: Arc<Snapshot>, host: &str) -> Self {
-        let in_scope = (0..snap.entries.len())
-            .map(|i| snap.in_scope(i, host))
+    /// The plan toward `host`; `plaintext`: the request goes over cleartext HTTP.
+    pub fn new(snap: Arc<Snapshot>, host: &str, plaintext: bool) -> Self {
+        let blocked = snap
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if !snap.in_scope(i, host) {
+                    Some(Unswapped::OutOfScope)
+                } else if plaintext && !e.allow_plaintext {
+                    Some(Unswapped::Plaintext)
+                } else {
+                    None
+                }
+            })
             .collect();
-        Self { snap, in_scope }
+        let required = snap
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.require && e.hosts.iter().any(|p| p.matches(host)))
+            .map(|(i, _)| i)
+            .collect();
+        Self {
+            snap,
+            blocked,
+            required,
+        }
     }
 
     pub fn snapshot(&self) -> &Arc<Snapshot> {
@@ -105,15 +215,85 @@ impl SwapPlan {
     pub fn patterns(&self) -> &Arc<Patterns> {
         &self.snap.masked
     }
+
+    /// The decisions for tokens found at `at`.
+    pub fn at<'a>(&'a self, at: At<'a>) -> PlaceDecide<'a> {
+        PlaceDecide { plan: self, at }
+    }
+
+    /// Why token `id`, found at a place its secret does not allow or toward a host it may not
+    /// go to, was left masked. (Only meaningful for a token that was not swapped.)
+    pub fn why_unswapped(&self, id: usize) -> Unswapped {
+        self.blocked
+            .get(id)
+            .copied()
+            .flatten()
+            .unwrap_or(Unswapped::Misplaced)
+    }
+
+    /// The secrets whose token must be in the head of every request to this host.
+    pub fn required(&self) -> &[usize] {
+        &self.required
+    }
+
+    /// Whether a body can need a swap at all toward this host (some token may go there and
+    /// may be swapped in a body).
+    pub fn body_swaps(&self) -> bool {
+        self.snap
+            .entries
+            .iter()
+            .zip(&self.blocked)
+            .any(|(e, b)| b.is_none() && e.places.body())
+    }
+
+    fn allows(&self, id: usize, at: At<'_>) -> bool {
+        let Some(e) = self.snap.entries.get(id) else {
+            return false;
+        };
+        if self.blocked.get(id).copied().flatten().is_some() {
+            return false;
+        }
+        match at {
+            At::Header(name, value) => e.places.header(name, value, e.masked.as_bytes()),
+            At::Basic => e.places.basic(),
+            At::Query(param) => e.places.query(param),
+            At::Path => e.places.path(),
+            At::Body => e.places.body(),
+        }
+    }
+
+    fn real(&self, id: usize) -> Option<&[u8]> {
+        self.snap
+            .entries
+            .get(id)
+            .map(|e| e.secret.expose().as_bytes())
+    }
 }
 
-impl Decide for SwapPlan {
+/// [`SwapPlan`]'s decisions at one place of a request.
+pub struct PlaceDecide<'a> {
+    plan: &'a SwapPlan,
+    at: At<'a>,
+}
+
+impl Decide for PlaceDecide<'_> {
     fn replacement(&self, id: usize) -> Option<&[u8]> {
-        if self.in_scope.get(id).copied().unwrap_or(false) {
-            self.snap
-                .entries
-                .get(id)
-                .map(|e| e.secret.expose().as_bytes())
+        if self.plan.allows(id, self.at) {
+            self.plan.real(id)
+        } else {
+            None
+        }
+    }
+}
+
+/// The body's decisions, owned (a streamed body outlives the request's borrow of the plan).
+#[derive(Clone)]
+pub struct BodySwap(pub Arc<SwapPlan>);
+
+impl Decide for BodySwap {
+    fn replacement(&self, id: usize) -> Option<&[u8]> {
+        if self.0.allows(id, At::Body) {
+            self.0.real(id)
         } else {
             None
         }
@@ -196,15 +376,16 @@ impl TokenTable {
         format!("kz_masked_{}", hex::encode(bytes))
     }
 
-    /// Adds `masked` → `secret`, allowed to go to `hosts` (`name`, `*.suffix`, IP literal).
-    /// An empty `hosts` list means any host the connection rules allow (KeyZero behaviour).
+    /// Adds `masked` → `secret`, allowed to go to `hosts` (`name`, `*.suffix`, IP literal), in
+    /// headers only. An empty `hosts` list means any host the connection rules allow (KeyZero
+    /// behaviour).
     pub fn insert(
         &self,
         masked: &str,
         secret: Secret,
         hosts: Vec<String>,
     ) -> Result<(), TokenError> {
-        self.insert_named(masked, masked, secret, hosts)
+        self.add(TokenSpec::new(masked, masked, secret, hosts))
     }
 
     /// Same as [`insert`](Self::insert), with a name for audit records (e.g. `OPENAI_API_KEY`).
@@ -215,8 +396,22 @@ impl TokenTable {
         secret: Secret,
         hosts: Vec<String>,
     ) -> Result<(), TokenError> {
+        self.add(TokenSpec::new(name, masked, secret, hosts))
+    }
+
+    /// Adds one secret with all its settings.
+    pub fn add(&self, spec: TokenSpec) -> Result<(), TokenError> {
+        let TokenSpec {
+            name,
+            masked,
+            secret,
+            hosts,
+            places,
+            require,
+            allow_plaintext,
+        } = spec;
         if masked.len() < 8 || !masked.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(TokenError::BadToken(masked.to_owned()));
+            return Err(TokenError::BadToken(masked));
         }
         if secret.is_empty()
             || secret
@@ -224,36 +419,36 @@ impl TokenTable {
                 .bytes()
                 .any(|b| matches!(b, b'\r' | b'\n' | 0))
         {
-            return Err(TokenError::BadValue(masked.to_owned()));
+            return Err(TokenError::BadValue(masked));
+        }
+        if require && hosts.is_empty() {
+            return Err(TokenError::RequireWithoutHosts(name));
+        }
+        if require && !places.in_head() {
+            return Err(TokenError::RequireInBody(name));
         }
         let hosts = hosts
             .iter()
             .map(|h| {
                 ScopePattern::parse(h).map_err(|_| TokenError::BadScope {
-                    token: masked.to_owned(),
+                    token: masked.clone(),
                     host: h.clone(),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if guard.entries.iter().any(|e| e.masked == masked) {
-            return Err(TokenError::Duplicate(masked.to_owned()));
+            return Err(TokenError::Duplicate(masked));
         }
-        let mut entries: Vec<Entry> = guard
-            .entries
-            .iter()
-            .map(|e| Entry {
-                name: e.name.clone(),
-                masked: e.masked.clone(),
-                secret: e.secret.clone(),
-                hosts: e.hosts.clone(),
-            })
-            .collect();
+        let mut entries = guard.entries.clone();
         entries.push(Entry {
-            name: name.to_owned(),
-            masked: masked.to_owned(),
+            name,
+            masked,
             secret,
             hosts,
+            places,
+            require,
+            allow_plaintext,
         });
         let next = build(entries, guard.version + 1)?;
         *guard = Arc::new(next);
@@ -270,12 +465,7 @@ impl TokenTable {
             .entries
             .iter()
             .filter(|e| e.masked != masked)
-            .map(|e| Entry {
-                name: e.name.clone(),
-                masked: e.masked.clone(),
-                secret: e.secret.clone(),
-                hosts: e.hosts.clone(),
-            })
+            .cloned()
             .collect();
         let next = build(entries, guard.version + 1)?;
         *guard = Arc::new(next);
@@ -336,7 +526,9 @@ mod tests {
         )
         .unwrap();
         let snap = t.snapshot();
-        let plan = SwapPlan::new(snap.clone(), "api.openai.com");
+        let plan = SwapPlan::new(snap.clone(), "api.openai.com", false);
+        let auth = http::header::AUTHORIZATION;
+        let plan = plan.at(At::Header(&auth, b""));
         let hay = format!("Bearer {m}");
         let mut seen = Vec::new();
         let out = snap
@@ -344,7 +536,8 @@ mod tests {
             .rewrite_all(hay.as_bytes(), &plan, &mut |id, r| seen.push((id, r)))
             .unwrap();
         assert_eq!(out, b"Bearer sk-real-1");
-        let other = SwapPlan::new(snap.clone(), "evil.com");
+        let other = SwapPlan::new(snap.clone(), "evil.com", false);
+        let other = other.at(At::Header(&auth, b""));
         assert!(
             snap.masked
                 .rewrite_all(hay.as_bytes(), &other, &mut |_, r| assert!(!r))

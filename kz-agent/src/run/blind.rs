@@ -299,12 +299,16 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // 1-2: masked tokens and their scopes.
     let tokens = TokenTable::new();
     for s in std::mem::take(&mut req.secrets) {
-        tokens
-            .insert_named(&s.name, &s.token, s.value, s.hosts)
-            .map_err(|source| BlindError::Token {
-                name: s.name.clone(),
-                source,
-            })?;
+        let spec = proxy::TokenSpec {
+            places: s.swap.places,
+            require: s.swap.require,
+            allow_plaintext: s.swap.allow_plaintext,
+            ..proxy::TokenSpec::new(&s.name, &s.token, s.value, s.hosts)
+        };
+        tokens.add(spec).map_err(|source| BlindError::Token {
+            name: s.name.clone(),
+            source,
+        })?;
         req.command.env(&s.name, &s.token);
     }
 

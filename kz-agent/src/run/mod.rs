@@ -82,8 +82,20 @@ pub struct ResolvedSecret {
     pub value: Secret,
     /// The secret's `hosts` scope (empty = the blind connection rules).
     pub hosts: Vec<String>,
+    /// Where in a request, whether required, whether over cleartext (see
+    /// [`crate::config::SecretEntry`]).
+    pub swap: SwapRules,
     /// The resolver name from the config, for audit records.
     pub resolver: String,
+}
+
+/// A secret's swap settings besides its hosts: `credential_location`, `require`,
+/// `allow_plaintext`.
+#[derive(Debug, Clone, Default)]
+pub struct SwapRules {
+    pub places: crate::egress::location::Places,
+    pub require: bool,
+    pub allow_plaintext: bool,
 }
 
 /// Resolves each selected secret concurrently and reports each outcome, sorted by name; the
@@ -174,6 +186,11 @@ pub async fn resolve_all(
                 let entry = &config.secrets[&name];
                 ok.push(ResolvedSecret {
                     hosts: entry.hosts.clone(),
+                    swap: SwapRules {
+                        places: entry.places.clone(),
+                        require: entry.require,
+                        allow_plaintext: entry.allow_plaintext,
+                    },
                     resolver: entry.resolver.clone(),
                     name,
                     value,
@@ -228,6 +245,7 @@ pub struct MaskedSecret {
     /// Where the token may be swapped for the value (empty = the blind connection rules; see
     /// [`crate::config::in_scope`]).
     pub hosts: Vec<String>,
+    pub swap: SwapRules,
     pub resolver: String,
 }
 
@@ -241,6 +259,7 @@ pub fn mask_all(secrets: Vec<ResolvedSecret>) -> Vec<MaskedSecret> {
             name: s.name,
             value: s.value,
             hosts: s.hosts,
+            swap: s.swap,
             resolver: s.resolver,
         })
         .collect()
@@ -499,6 +518,7 @@ mod tests {
                 name: format!("S{i}"),
                 value: Secret::new(format!("value-{i}")),
                 hosts: vec![format!("h{i}.example.com")],
+                swap: SwapRules::default(),
                 resolver: "env".into(),
             })
             .collect();

@@ -1136,10 +1136,10 @@ refuse_on_scope_violation = true"#,
             gids: vec![nix::unistd::getegid().as_raw()],
         };
         let file = dir.path().join(".keyzero.toml");
-        assert!(agent_writable(&[file.clone()], &other).is_empty());
+        assert!(agent_writable(std::slice::from_ref(&file), &other).is_empty());
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
         assert_eq!(
-            agent_writable(&[file.clone()], &other)[0].why,
+            agent_writable(std::slice::from_ref(&file), &other)[0].why,
             "writable by a group of the agent's user"
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o646)).unwrap();

@@ -20,6 +20,8 @@ fn kz(dir: &Path) -> Command {
     c.arg("--dir")
         .arg(dir)
         .env("HOME", dir.join("home"))
+        // Blind runs' config approvals stay in the test's directory.
+        .env("KZ_STATE_DIR", dir.join("kz-state"))
         .env_remove("XDG_CONFIG_HOME");
     for v in [
         "KEYZERO_ENV",

@@ -460,13 +460,11 @@ fn sigkill_of_kz_leaves_the_child_cut_off_and_the_next_run_cleans_up() {
         return;
     }
     let env = Env::new();
-    // The agent (the unprivileged test user) writes its results into the project directory.
-    std::fs::set_permissions(
-        &env.dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let flag = env.dir.join("after-kill");
+    // The agent (the unprivileged test user) writes its results into a directory of its own:
+    // a project directory it can write would not be trusted on first use.
+    let work = support::agent_readable_dir("kzsk");
+    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let flag = work.join("after-kill");
     let mut child = env
         .kz(
             &[],
@@ -484,7 +482,7 @@ for target in [("{API}", 443), ("{API}", 80), ("10.77.0.2", 53)]:
         print("cut off", target, e.errno)
 PY
                 sleep 300"#,
-                dir = env.dir.display(),
+                dir = work.display(),
                 flag = flag.display()
             ),
         )
@@ -497,7 +495,7 @@ PY
     signal(child.id(), "KILL");
     let _ = child.wait();
     std::fs::write(&flag, "").unwrap();
-    let result = env.dir.join("result");
+    let result = work.join("result");
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::read_to_string(&result)
         .map(|r| r.lines().count() < 3)
@@ -517,7 +515,7 @@ PY
     assert!(env.api.seen().is_empty());
 
     // The next run removes what the dead one left: its processes and its cgroup.
-    let orphan: u32 = std::fs::read_to_string(env.dir.join("childpid"))
+    let orphan: u32 = std::fs::read_to_string(work.join("childpid"))
         .unwrap()
         .trim()
         .parse()
@@ -542,6 +540,7 @@ PY
     }
     assert!(cg.contains("kz"), "{cg}");
     assert!(!cgroup_exists(&cg), "stale cgroup {cg} left");
+    let _ = std::fs::remove_dir_all(&work);
 }
 
 #[test]
@@ -657,6 +656,7 @@ except OSError as e:
         )
         .env("KZ_TEST_REAL_KEY", REAL)
         .env("KZ_AUDIT_LOG", dir.join("audit.jsonl"))
+        .env("KZ_STATE_DIR", dir.join("kz-state"))
         .current_dir(&dir)
         .output()
         .unwrap();
@@ -703,6 +703,200 @@ fn git_over_https_runs_as_the_unprivileged_user_and_gets_the_real_value_swapped(
         Some(&*format!("Bearer {REAL}")),
         "{r:?}"
     );
+}
+
+/// The records of one audit log file of `kind`.
+fn audit_records(path: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+fn chown(path: &Path, user: support::AgentUser) {
+    let status = Command::new("chown")
+        .arg(format!("{}:{}", user.uid, user.gid))
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "chown {}", path.display());
+}
+
+/// Issue 14, policy files the agent can write: the developer is the agent's user (kz runs
+/// unprivileged, as that user), so the project's `.keyzero.toml` is the agent's to write. The
+/// agent of a first run widens its secret's scope in the file, as an agent would; the next
+/// run stops with the diff before it resolves the secret or starts its child (exit 77), and
+/// goes on only after `kz allow`.
+#[test]
+fn an_agent_that_widens_its_secrets_scope_in_the_config_is_stopped_until_kz_allow() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let agent = support::agent_user();
+    let config = env.dir.join(".keyzero.toml");
+    chown(&config, agent);
+    // The agent user's home: kz's state (approvals) and the audit log live there.
+    let home = support::agent_readable_dir("kzah");
+    chown(&home, agent);
+    let audit_log = home.join("audit.jsonl");
+    let kz = |args: &[&str], real_key: bool| -> std::process::Output {
+        let mut cmd = env.client.command("setpriv");
+        cmd.arg(format!("--reuid={}", agent.uid))
+            .arg(format!("--regid={}", agent.gid))
+            .args(["--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_kz"))
+            .arg("--dir")
+            .arg(&env.dir)
+            .args(args)
+            .env("KZ_AUDIT_LOG", &audit_log)
+            .env("HOME", &home)
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("KZ_STATE_DIR")
+            .current_dir(&env.dir);
+        if real_key {
+            cmd.env("KZ_TEST_REAL_KEY", REAL);
+        } else {
+            cmd.env_remove("KZ_TEST_REAL_KEY");
+        }
+        let out = cmd.output().unwrap();
+        no_leak(&out);
+        out
+    };
+    // 1: first use; the agent edits the file in place, the way a coding agent rewrites a file.
+    let out = kz(
+        &[
+            "run",
+            "--blind",
+            "--",
+            "python3",
+            "-c",
+            r#"
+p = ".keyzero.toml"
+s = open(p).read()
+s = s.replace('hosts = ["api.allowed.test"]', 'hosts = ["api.allowed.test", "evil.example"]')
+open(p, "w").write(s)
+print("EDITED")
+"#,
+        ],
+        true,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains("EDITED"), "{o}");
+    let (_, first_use) = text(&out);
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("evil.example"),
+        "the agent's edit did not land"
+    );
+
+    // 2: the widened scope is not trusted: no child, the diff and the approving command.
+    let out = kz(&["run", "--blind", "--", "echo", "SHOULD-NOT-RUN"], true);
+    let (o, e) = text(&out);
+    assert!(!o.contains("SHOULD-NOT-RUN"), "the child ran:\n{o}\n{e}");
+    assert_eq!(out.status.code(), Some(77), "{e}");
+    assert!(
+        e.contains(r#"+ secrets.API_KEY.hosts: "evil.example""#),
+        "no diff: {e}"
+    );
+    assert!(
+        e.contains(&format!("kz allow --dir {}", env.dir.display())),
+        "no approving command: {e}"
+    );
+    assert!(
+        first_use.contains("first blind run"),
+        "no first-use line: {first_use}"
+    );
+    // The stop comes before resolution: with the secret's source gone, the error is still the
+    // approval's, not a resolution failure.
+    let out = kz(&["run", "--blind", "--", "echo", "SHOULD-NOT-RUN"], false);
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(77), "{e}");
+    assert!(
+        !o.contains("SHOULD-NOT-RUN") && !e.contains("resolve"),
+        "{e}"
+    );
+    let refused = audit_records(&audit_log, "config_refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|r| r["reason"] == "config_changed"));
+
+    // `kz allow --show` shows the same diff and records nothing; `kz allow` approves.
+    let out = kz(&["allow", "--show"], true);
+    let (o, _) = text(&out);
+    assert_eq!(out.status.code(), Some(77), "{o}");
+    assert!(
+        o.contains(r#"+ secrets.API_KEY.hosts: "evil.example""#),
+        "{o}"
+    );
+    let out = kz(&["allow"], true);
+    let o = assert_ok(&out);
+    assert!(
+        o.contains(r#"+ secrets.API_KEY.hosts: "evil.example""#),
+        "{o}"
+    );
+
+    // 3: approved, the run goes on.
+    let out = kz(
+        &["run", "--blind", "--", "sh", "-c", "echo RAN $API_KEY"],
+        true,
+    );
+    let o = assert_ok(&out);
+    assert!(o.contains("RAN kz_masked_"), "{o}");
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// With kz as root started through sudo, a config file the agent's user owns is not a source
+/// of `[blind]` and scopes, not even on first use: refused with the file, its owner and mode and
+/// `sudo kz allow`; accepted once the developer has approved it.
+#[test]
+fn an_agent_owned_config_is_refused_under_sudo_until_approved() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let agent = support::agent_user();
+    let config = env.dir.join(".keyzero.toml");
+    chown(&config, agent);
+    let out = env.run("echo SHOULD-NOT-RUN");
+    let (o, e) = text(&out);
+    assert!(!o.contains("SHOULD-NOT-RUN"), "the child ran:\n{o}\n{e}");
+    assert_eq!(out.status.code(), Some(77), "{e}");
+    for want in [
+        format!(
+            "{}: owner uid {} ({}), mode 0644: owned by the agent's user",
+            config.display(),
+            agent.uid,
+            agent.name
+        ),
+        format!("sudo kz allow --dir {}", env.dir.display()),
+    ] {
+        assert!(e.contains(&want), "{want:?} not in:\n{e}");
+    }
+    let refused = audit_records(&env.audit_path(), "config_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["reason"], "config_agent_writable");
+
+    // The developer approves it (root's store, as `sudo kz allow` would write it).
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .arg("--dir")
+        .arg(&env.dir)
+        .arg("allow")
+        .env("KZ_STATE_DIR", env.state_dir())
+        .output()
+        .unwrap();
+    let o = assert_ok(&out);
+    assert!(
+        o.contains(r#"secrets.API_KEY.hosts: "api.allowed.test""#),
+        "{o}"
+    );
+    let out = env.run("echo RAN $API_KEY");
+    let o = assert_ok(&out);
+    assert!(o.contains("RAN kz_masked_"), "{o}");
+    assert!(audit_records(&env.audit_path(), "config_first_use").is_empty());
 }
 
 /// A `.keyzero.toml` like [`write_config`]'s, with the secret's own keys in `secret` (no

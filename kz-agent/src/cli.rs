@@ -46,6 +46,11 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Approve the project's config for `kz run --blind`: shows what changed since the last
+    /// approval, then records it (`--show`: only show; exit 77 when not approved).
+    Allow(AllowArgs),
+    /// Forget the project's approvals: its next `kz run --blind` is a first use again.
+    Deny,
     /// Check whether kernel interception can work here and say what to fix.
     Doctor,
     /// Interception internals for tests and the demo (not a stable interface).
@@ -102,6 +107,17 @@ pub struct RunArgs {
     /// Command and arguments to run
     #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
     pub cmd: Vec<OsString>,
+}
+
+/// `kz allow`: approve the project's config (the project is `--dir` or the current directory).
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "kz remembers, per project, the security-relevant part of the config a blind run last used\n(secret scopes and references, [blind], resolvers, CA files). A change stops `kz run --blind`\n(exit 77) until `kz allow` approves it. As root (sudo kz run --blind), approve with sudo kz allow."
+)]
+pub struct AllowArgs {
+    /// Only show the changes and whether the config is approved; record nothing
+    #[arg(long)]
+    pub show: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

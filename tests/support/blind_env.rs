@@ -84,6 +84,12 @@ impl Env {
         self.dir.join("audit.jsonl")
     }
 
+    /// kz's state directory for this test's runs (config approvals): one per test, so a
+    /// record of an earlier test that had the same (pid-derived) project path never applies.
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(format!("{}.kzstate", self.dir.display()))
+    }
+
     /// `kz run --blind -- bash -c SCRIPT` in the client netns, as root started by `sudo` from
     /// the test user: the agent runs as that user.
     pub fn kz(&self, extra: &[&str], script: &str) -> Command {
@@ -103,6 +109,7 @@ impl Env {
             .args(["--", "bash", "-c", script])
             .env("KZ_TEST_REAL_KEY", REAL)
             .env("KZ_AUDIT_LOG", self.audit_path())
+            .env("KZ_STATE_DIR", self.state_dir())
             .env("KZ_LOG", "info")
             .current_dir(&self.dir);
         cmd
@@ -141,6 +148,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }
 

@@ -7,10 +7,12 @@
 //! pieces differently.
 //!
 //! One file per command group: `run` (`run`, `export`, `status`), `config` (`validate`,
-//! `init`, `list`), `server` (`server start|check`, MCP included), `audit`
+//! `init`, `list`), `allow` (`allow`, `deny`: approvals of blind runs' configs), `server`
+//! (`server start|check`, MCP included), `audit`
 //! (`audit verify`), `doctor`, `intercept` (the hidden `intercept …` commands, with the
 //! `demo`); `signals` is the one place that waits for SIGINT/SIGTERM and SIGHUP.
 
+mod allow;
 mod audit;
 mod config;
 mod demo;
@@ -57,6 +59,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut cmd, "kz", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Allow(args) => allow::allow(dir, &args),
+        Command::Deny => allow::deny(dir),
         Command::Doctor => Ok(doctor::run()),
         Command::Intercept(cmd) => intercept::run(cmd),
         Command::Server { command } => server::run(command),

@@ -5,15 +5,26 @@
 //! [`crate::run::resolve_each`].
 
 use crate::cli::{ExportArgs, OutputFormat, RunArgs, Shell, StatusArgs};
+use crate::config::approval::{ApprovalError, EXIT_NOT_APPROVED};
 use crate::config::{Config, print_warnings};
+use crate::run::blind::BlindError;
 use crate::run::{RunError, RunOptions, resolve_all, resolve_each};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// `kz run [--blind]`: the flags as the library's options, nothing else.
+/// `kz run [--blind]`: the flags as the library's options; a blind run whose config is not
+/// approved exits [`EXIT_NOT_APPROVED`] (77), distinct from kz's other errors (2).
 pub(super) async fn run(dir: Option<&Path>, args: RunArgs) -> Result<ExitCode, RunError> {
-    crate::run::run(dir, run_options(args)).await
+    match crate::run::run(dir, run_options(args)).await {
+        Err(RunError::Blind(BlindError::Approval(
+            e @ (ApprovalError::Changed { .. } | ApprovalError::AgentWritable { .. }),
+        ))) => {
+            eprintln!("kz: {e}");
+            Ok(ExitCode::from(EXIT_NOT_APPROVED))
+        }
+        other => other,
+    }
 }
 
 fn run_options(args: RunArgs) -> RunOptions {

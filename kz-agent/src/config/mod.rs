@@ -17,6 +17,7 @@
 //! Errors carry `file:line:column`. Unknown keys are errors with a "did you mean" hint (KeyZero
 //! silently ignores them, which turns a typo into a secret that is never scoped).
 
+pub mod approval;
 pub mod blind;
 
 pub use blind::{BlindConfig, ConnectionRule, HostPattern, in_scope};

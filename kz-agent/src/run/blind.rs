@@ -28,6 +28,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::audit::{AuditEvent, AuditSink, ChainSink, Fields, Fsync, SinkTarget, WithContext};
+use crate::config::Config;
+use crate::config::approval::{self, AgentIds, Gate, Store};
 use crate::config::blind::{BlindConfig, HostPattern as ConfigPattern};
 use crate::contain::{self, AgentUser, ContainError, Prepared};
 use crate::intercept::Interceptor;
@@ -65,6 +67,8 @@ pub enum BlindError {
     Child(Box<super::RunError>),
     #[error(transparent)]
     Contain(#[from] ContainError),
+    #[error(transparent)]
+    Approval(#[from] approval::ApprovalError),
 }
 
 pub struct BlindRequest {
@@ -167,6 +171,47 @@ fn default_audit_path() -> PathBuf {
         })
         .unwrap_or_else(std::env::temp_dir);
     state.join("kz/audit.jsonl")
+}
+
+/// The approval gate ([`approval::gate`]) of a blind run, once the config is loaded and before
+/// any secret is resolved: a first use is said on stderr and audited; a refusal is audited
+/// (`config_refused`, with the error's reason) and returned.
+pub fn approve_config(
+    config: &Config,
+    agent: &AgentUser,
+    audit_log: Option<&Path>,
+) -> Result<(), BlindError> {
+    let env = crate::config::process_env;
+    // The agent's user matters only when it is not kz's own (then it may own the files).
+    let other = (!agent.is_self()).then(|| AgentIds {
+        uid: agent.uid,
+        gids: agent.groups.iter().copied().chain([agent.gid]).collect(),
+    });
+    let outcome =
+        Store::open(&env).and_then(|store| approval::gate(config, &store, other.as_ref(), &env));
+    let event = match &outcome {
+        Ok(Gate::Approved) => return Ok(()),
+        Ok(Gate::FirstUse { record }) => {
+            eprintln!(
+                "kz: first blind run in {} (environment {}): trusting its config as it is and remembering it ({}); a later change to secret scopes, [blind] or resolvers stops `kz run --blind` until you approve it with `kz allow`",
+                config.dir.display(),
+                config.environment,
+                record.display()
+            );
+            AuditEvent::new("config_first_use")
+        }
+        Err(e) => AuditEvent::new("config_refused")
+            .with("reason", e.reason())
+            .with("error", e.to_string()),
+    };
+    let event = event
+        .with("project", config.dir.display().to_string())
+        .with("environment", config.environment.clone());
+    match open_audit(&audit_path(audit_log)) {
+        Ok(sink) => audit(&*sink, event),
+        Err(e) => eprintln!("kz: {e}"),
+    }
+    outcome.map(|_| ()).map_err(BlindError::from)
 }
 
 /// Runs the command blind and returns its exit code.

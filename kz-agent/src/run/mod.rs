@@ -435,6 +435,10 @@ pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunEr
     let preload = opts.blind.then(blind::Preload::start);
     let config = Config::load(dir)?;
     crate::config::print_warnings(&config);
+    // Blind mode: only the config approved for this project (or its first use) goes on.
+    if let Some(agent) = &agent {
+        blind::approve_config(&config, agent, opts.audit_log.as_deref())?;
+    }
     let secrets = resolve_all(&config, opts.only.as_deref()).await?;
     // Resolution is over. The variables that held a real value or a resolver's login (derived
     // from the resolvers' settings) leave kz's own environment and the block

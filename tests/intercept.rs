@@ -1648,3 +1648,233 @@ fn unix_sockets_outside_the_allow_list_are_refused() {
     icpt.set_policy(cg.id, &policy).unwrap();
     assert_eq!(unix(&["stream", docker_s]), "docker");
 }
+
+// ---- The shared allowed-IP map under a sandbox that resolves without end (issue 14) ----
+
+/// Sends one DNS A query per name `h<i>.<suffix>` (i in 0..n) to argv[3]:53, with EDNS so a
+/// big answer fits one datagram, and prints how many answers came back with each rcode
+/// (`0:…` NOERROR, `2:…` SERVFAIL, `T:…` no answer in time), e.g. "0:64 2:1036".
+const PY_FLOOD: &str = r#"
+import socket, struct, sys
+n, suffix, server = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+counts = {}
+for i in range(n):
+    name = "h%d.%s" % (i, suffix)
+    qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q = struct.pack(">HHHHHH", i & 0xffff, 0x0100, 1, 0, 0, 1) + qname + b"\x00\x01\x00\x01"
+    q += b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+    s.sendto(q, (server, 53))
+    try:
+        while True:
+            data, _ = s.recvfrom(65535)
+            if data[:2] == q[:2]:
+                break
+        key = str(data[3] & 0x0f)
+    except socket.timeout:
+        key = "T"
+    counts[key] = counts.get(key, 0) + 1
+print(" ".join("%s:%d" % kv for kv in sorted(counts.items())))
+"#;
+
+/// What an agent does: getaddrinfo (glibc's stub resolver, whatever /etc/resolv.conf names:
+/// the kernel sends it to the sandbox's resolver), connect, one HTTP request. Prints the status
+/// line, "RESOLVE_FAILED <errno>" or "ERR <errno>".
+const PY_RESOLVE_AND_GET: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+except socket.gaierror as e:
+    print("RESOLVE_FAILED", e.errno)
+    sys.exit(0)
+try:
+    s = socket.create_connection((ip, port), timeout=5)
+    s.sendall(("GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (host, port)).encode())
+    print(s.makefile("rb").readline().decode().strip())
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// A program run in `cgroup`, inside the network namespace at `netns` (with a timeout).
+fn run_in_cgroup(netns: &std::path::Path, cgroup: &Cgroup, script: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .args(["--", &python(), "-c", script])
+        .args(args);
+    cgroup.place_child(&mut cmd).expect("place child");
+    let out = output_with_timeout(cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_line(&out)
+}
+
+/// Entries of the allowed-IP map of the set in `shared_dir`: (those of `cgroup_id`, all).
+fn allowed_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> (usize, usize) {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(shared_dir.join("maps").join("KZ_ALLOWED_IPS")).unwrap();
+    let map: HashMap<_, kz_common::IpKey, u64> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let keys: Vec<kz_common::IpKey> = map.keys().filter_map(Result::ok).collect();
+    let own = keys.iter().filter(|k| k.cgroup_id == cgroup_id).count();
+    (own, keys.len())
+}
+
+/// A sandbox spec for the quota tests: `allow` is its one connection rule.
+fn quota_spec(
+    name: &str,
+    allow: &str,
+    dns: SocketAddr,
+    audit: std::sync::Arc<kz_agent::audit::MemorySink>,
+) -> kz_agent::sandbox::SandboxSpec {
+    use kz_agent::proxy::{CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable};
+    kz_agent::sandbox::SandboxSpec {
+        name: name.to_owned(),
+        ca: std::sync::Arc::new(CertAuthority::generate(16).unwrap()),
+        tokens: TokenTable::new(),
+        rules: ConnectionRules(vec![ConnectionRule::allow(
+            HostPattern::host(allow).unwrap(),
+        )]),
+        refuse_out_of_scope: false,
+        dns_upstream: dns,
+        ipv6: false,
+        udp: false,
+        listen: kz_agent::intercept::Listen::Loopback,
+        unix: UnixSockets::Any,
+        audit,
+        echo_blocks: false,
+    }
+}
+
+/// What the flood test saw, gathered inside the client namespace and checked outside it (so
+/// the node and the scope are cleaned up whatever the outcome).
+#[derive(Debug)]
+struct FloodSeen {
+    flood: String,
+    a_entries: usize,
+    map_entries: usize,
+    b_get: String,
+    a_audit: Vec<kz_agent::audit::AuditEvent>,
+}
+
+#[test]
+fn a_sandbox_resolving_endless_names_cannot_fill_the_allowed_ip_map_for_others() {
+    if !support::require_root() {
+        return;
+    }
+    use kz_agent::audit::MemorySink;
+    use kz_agent::sandbox::{Node, NodeOptions};
+    use std::sync::Arc;
+    use support::dns::{TestDns, Zone};
+    use support::upstream::{Routes, Upstream};
+
+    let topo = Topo::new();
+    // 64 new addresses per name: 1100 names offer 70400, more than the whole map held before
+    // the quota (65536).
+    let zone = Zone::new(300)
+        .wildcard("flood.test", 64)
+        .host("b.ok.test", &[UPSTREAM_IP]);
+    let dns = TestDns::start(
+        &topo.upstream,
+        format!("{UPSTREAM_IP}:53").parse().unwrap(),
+        zone,
+    );
+    let _web = Upstream::start(
+        Some(&topo.upstream),
+        &[(format!("{UPSTREAM_IP}:{UPSTREAM_PORT}").parse().unwrap(), None)],
+        Routes::fixed(200, "b reached the upstream\n"),
+    );
+    // A scope of its own: the map this test fills is not the one of other tests and kz runs.
+    let root = kz_agent::intercept::cgroups::cgroup2_root().unwrap();
+    let scope_name = format!("kz-test-{}", support::unique_name("q"));
+    let scope = kz_agent::intercept::Scope::new(&root, &scope_name).unwrap();
+    let icpt = Interceptor::load_in(&scope).expect("load");
+    let shared_dir = icpt.shared_dir().to_path_buf();
+    let netns = topo.client.path();
+    let dns_addr = dns.addr;
+
+    let seen = topo
+        .client
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let node = Node::start(NodeOptions {
+                    kernel: Some(icpt),
+                    ipv6: false,
+                    upstream_ca: None,
+                    limits: kz_agent::proxy::Limits::default(),
+                    audit: Arc::new(MemorySink::new()),
+                })
+                .await
+                .unwrap();
+                let audit_a = Arc::new(MemorySink::new());
+                let a = node
+                    .admit(quota_spec(
+                        &support::unique_name("qa"),
+                        "*.flood.test",
+                        dns_addr,
+                        audit_a.clone(),
+                    ))
+                    .await
+                    .unwrap();
+                let b = node
+                    .admit(quota_spec(
+                        &support::unique_name("qb"),
+                        "b.ok.test",
+                        dns_addr,
+                        Arc::new(MemorySink::new()),
+                    ))
+                    .await
+                    .unwrap();
+                let cg_a = a.cgroup().unwrap().clone();
+                let cg_b = b.cgroup().unwrap().clone();
+                // The attacker: a real process in A resolving name after name.
+                let flood = run_in_cgroup(
+                    &netns,
+                    &cg_a,
+                    PY_FLOOD,
+                    &["1100", "flood.test", UPSTREAM_IP],
+                );
+                let (a_entries, map_entries) = allowed_entries(&shared_dir, cg_a.id);
+                // Another run on the node, afterwards: resolves its one name and connects.
+                let b_get = run_in_cgroup(
+                    &netns,
+                    &cg_b,
+                    PY_RESOLVE_AND_GET,
+                    &["b.ok.test", &UPSTREAM_PORT.to_string()],
+                );
+                node.close(a).await;
+                node.close(b).await;
+                node.shutdown().await;
+                FloodSeen {
+                    flood,
+                    a_entries,
+                    map_entries,
+                    b_get,
+                    a_audit: audit_a.events(),
+                }
+            })
+        })
+        .join()
+        .unwrap();
+    unload_scope(&scope_name, &scope.cgroup_parent());
+    eprintln!("{seen:?}");
+
+    assert_eq!(
+        seen.b_get, "HTTP/1.1 200 OK",
+        "sandbox B could not resolve and reach its allowed host after A's flood ({seen:?})"
+    );
+    assert!(
+        seen.a_entries <= 4096,
+        "A holds {} allowed-IP entries, more than its quota ({seen:?})",
+        seen.a_entries
+    );
+}

@@ -1648,3 +1648,450 @@ fn unix_sockets_outside_the_allow_list_are_refused() {
     icpt.set_policy(cg.id, &policy).unwrap();
     assert_eq!(unix(&["stream", docker_s]), "docker");
 }
+
+// ---- The shared allowed-IP map under a sandbox that resolves without end (issue 14) ----
+
+/// Sends one DNS A query per name `h<i>.<suffix>` (i in 0..n) to argv[3]:53, with EDNS so a
+/// big answer fits one datagram, and prints how many answers came back with each rcode
+/// (`0:…` NOERROR, `2:…` SERVFAIL, `T:…` no answer in time), e.g. "0:64 2:1036".
+const PY_FLOOD: &str = r#"
+import socket, struct, sys
+n, suffix, server = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+counts = {}
+for i in range(n):
+    name = "h%d.%s" % (i, suffix)
+    qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    q = struct.pack(">HHHHHH", i & 0xffff, 0x0100, 1, 0, 0, 1) + qname + b"\x00\x01\x00\x01"
+    q += b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+    s.sendto(q, (server, 53))
+    try:
+        while True:
+            data, _ = s.recvfrom(65535)
+            if data[:2] == q[:2]:
+                break
+        key = str(data[3] & 0x0f)
+    except socket.timeout:
+        key = "T"
+    counts[key] = counts.get(key, 0) + 1
+print(" ".join("%s:%d" % kv for kv in sorted(counts.items())))
+"#;
+
+/// What an agent does: getaddrinfo (glibc's stub resolver, whatever /etc/resolv.conf names:
+/// the kernel sends it to the sandbox's resolver), connect, one HTTP request. Prints the status
+/// line, "RESOLVE_FAILED <errno>" or "ERR <errno>".
+const PY_RESOLVE_AND_GET: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+except socket.gaierror as e:
+    print("RESOLVE_FAILED", e.errno)
+    sys.exit(0)
+try:
+    s = socket.create_connection((ip, port), timeout=5)
+    s.sendall(("GET / HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (host, port)).encode())
+    print(s.makefile("rb").readline().decode().strip())
+except OSError as e:
+    print("ERR", e.errno)
+"#;
+
+/// A program run in `cgroup`, inside the network namespace at `netns` (with a timeout).
+fn run_in_cgroup(netns: &std::path::Path, cgroup: &Cgroup, script: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .args(["--", &python(), "-c", script])
+        .args(args);
+    cgroup.place_child(&mut cmd).expect("place child");
+    let out = output_with_timeout(cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout_line(&out)
+}
+
+/// Entries of the allowed-IP map of the set in `shared_dir`: (those of `cgroup_id`, all).
+fn allowed_entries(shared_dir: &std::path::Path, cgroup_id: u64) -> (usize, usize) {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(shared_dir.join("maps").join("KZ_ALLOWED_IPS")).unwrap();
+    let map: HashMap<_, kz_common::IpKey, u64> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let keys: Vec<kz_common::IpKey> = map.keys().filter_map(Result::ok).collect();
+    let own = keys.iter().filter(|k| k.cgroup_id == cgroup_id).count();
+    (own, keys.len())
+}
+
+/// A sandbox spec for the quota tests: `allow` is its one connection rule.
+fn quota_spec(
+    allow: &str,
+    dns: SocketAddr,
+    quota: usize,
+    ttl_floor: Duration,
+) -> (
+    kz_agent::sandbox::SandboxSpec,
+    std::sync::Arc<kz_agent::audit::MemorySink>,
+) {
+    use kz_agent::proxy::{
+        CertAuthority, ConnectionRule, ConnectionRules, HostPattern, TokenTable,
+    };
+    let audit = std::sync::Arc::new(kz_agent::audit::MemorySink::new());
+    let spec = kz_agent::sandbox::SandboxSpec {
+        name: support::unique_name("q"),
+        ca: std::sync::Arc::new(CertAuthority::generate(16).unwrap()),
+        tokens: TokenTable::new(),
+        rules: ConnectionRules(vec![ConnectionRule::allow(
+            HostPattern::host(allow).unwrap(),
+        )]),
+        refuse_out_of_scope: false,
+        dns_upstream: dns,
+        ipv6: false,
+        udp: false,
+        listen: kz_agent::intercept::Listen::Loopback,
+        unix: UnixSockets::Any,
+        audit: audit.clone(),
+        echo_blocks: false,
+        max_allowed_ips: quota,
+        dns_ttl_floor: ttl_floor,
+    };
+    (spec, audit)
+}
+
+/// The quota tests' layout: a test DNS server answering `*.flood.test` with 64 new addresses per
+/// name and `b.ok.test` with the upstream, whose HTTP server answers 200 on UPSTREAM_PORT.
+struct FloodTopo {
+    topo: Topo,
+    dns: support::dns::TestDns,
+    _web: support::upstream::Upstream,
+}
+
+fn flood_topo(ttl: u32) -> FloodTopo {
+    use support::dns::{TestDns, Zone};
+    use support::upstream::{Routes, Upstream};
+    let topo = Topo::new();
+    let zone = Zone::new(ttl)
+        .wildcard("flood.test", 64)
+        .host("b.ok.test", &[UPSTREAM_IP]);
+    let dns = TestDns::start(
+        &topo.upstream,
+        format!("{UPSTREAM_IP}:53").parse().unwrap(),
+        zone,
+    );
+    let web = Upstream::start(
+        Some(&topo.upstream),
+        &[(
+            format!("{UPSTREAM_IP}:{UPSTREAM_PORT}").parse().unwrap(),
+            None,
+        )],
+        Routes::fixed(200, "b reached the upstream\n"),
+    );
+    FloodTopo {
+        topo,
+        dns,
+        _web: web,
+    }
+}
+
+/// Runs `body` on a thread in the client namespace, inside a tokio runtime, with a node started
+/// on an interceptor of a scope of its own (the map a test fills is not the one other tests and
+/// kz runs use; the scope is removed afterwards, whatever happened). `body` gets the node, the
+/// shared set's directory and the netns path, and must close what it admits.
+fn on_own_node<R: Send + 'static>(
+    topo: &Topo,
+    purge: Duration,
+    body: impl AsyncFnOnce(&kz_agent::sandbox::Node, std::path::PathBuf, std::path::PathBuf) -> R
+    + Send
+    + 'static,
+) -> R {
+    use kz_agent::sandbox::{Node, NodeOptions};
+    let root = kz_agent::intercept::cgroups::cgroup2_root().unwrap();
+    let scope_name = format!("kz-test-{}", support::unique_name("q"));
+    let scope = kz_agent::intercept::Scope::new(&root, &scope_name).unwrap();
+    let icpt = Interceptor::load_in(&scope).expect("load");
+    let shared_dir = icpt.shared_dir().to_path_buf();
+    let netns = topo.client.path();
+    let outcome = topo
+        .client
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let node = Node::start(NodeOptions {
+                    kernel: Some(icpt),
+                    ipv6: false,
+                    upstream_ca: None,
+                    limits: kz_agent::proxy::Limits::default(),
+                    audit: std::sync::Arc::new(kz_agent::audit::MemorySink::new()),
+                    allowed_ip_purge: purge,
+                })
+                .await
+                .unwrap();
+                let r = body(&node, shared_dir, netns).await;
+                node.shutdown().await;
+                r
+            })
+        })
+        .join();
+    unload_scope(&scope_name, &scope.cgroup_parent());
+    outcome.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// What the flood test saw, gathered inside the client namespace and checked outside it (so
+/// the node and the scope are cleaned up whatever the outcome).
+#[derive(Debug)]
+struct FloodSeen {
+    flood: String,
+    a_entries: usize,
+    map_entries: usize,
+    b_get: String,
+    a_audit: Vec<kz_agent::audit::AuditEvent>,
+}
+
+#[test]
+fn a_sandbox_resolving_endless_names_cannot_fill_the_allowed_ip_map_for_others() {
+    if !support::require_root() {
+        return;
+    }
+    use kz_agent::intercept::allowed::DEFAULT_QUOTA;
+    use kz_agent::sandbox::TTL_FLOOR;
+    // 1100 names of 64 new addresses each offer 70400, more than the whole map held before the
+    // quota (65536).
+    let t = flood_topo(300);
+    let dns = t.dns.addr;
+    let seen = on_own_node(
+        &t.topo,
+        Duration::from_secs(30),
+        async move |node, shared, netns| {
+            let (spec_a, audit_a) = quota_spec("*.flood.test", dns, DEFAULT_QUOTA, TTL_FLOOR);
+            let a = node.admit(spec_a).await.unwrap();
+            let b = node
+                .admit(quota_spec("b.ok.test", dns, DEFAULT_QUOTA, TTL_FLOOR).0)
+                .await
+                .unwrap();
+            let cg_a = a.cgroup().unwrap().clone();
+            let cg_b = b.cgroup().unwrap().clone();
+            // The attacker: a real process in A resolving name after name.
+            let flood = run_in_cgroup(
+                &netns,
+                &cg_a,
+                PY_FLOOD,
+                &["1100", "flood.test", UPSTREAM_IP],
+            );
+            let (a_entries, map_entries) = allowed_entries(&shared, cg_a.id);
+            // Another run on the node, afterwards: resolves its one name and connects.
+            let b_get = run_in_cgroup(
+                &netns,
+                &cg_b,
+                PY_RESOLVE_AND_GET,
+                &["b.ok.test", &UPSTREAM_PORT.to_string()],
+            );
+            node.close(a).await;
+            node.close(b).await;
+            FloodSeen {
+                flood,
+                a_entries,
+                map_entries,
+                b_get,
+                a_audit: audit_a.events(),
+            }
+        },
+    );
+    eprintln!("{seen:?}");
+
+    assert_eq!(
+        seen.b_get, "HTTP/1.1 200 OK",
+        "sandbox B could not resolve and reach its allowed host after A's flood ({seen:?})"
+    );
+    assert!(
+        seen.a_entries <= DEFAULT_QUOTA,
+        "A holds {} allowed-IP entries, more than its quota ({seen:?})",
+        seen.a_entries
+    );
+    // Exactly the answers that fit the quota were opened; every later one got SERVFAIL.
+    assert_eq!(seen.flood, "0:64 2:1036");
+    assert_eq!((seen.a_entries, seen.map_entries), (4096, 4096));
+    // 1036 refusals, one burst: one record when it began, one when the sandbox closed with the
+    // count of the rest.
+    let records: Vec<_> = seen
+        .a_audit
+        .iter()
+        .filter(|e| e.kind == "allowed_ip_quota")
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let first = &records[0].fields;
+    assert_eq!(first["name"], "h64.flood.test");
+    assert_eq!(first["reason"], "over_quota");
+    assert_eq!(first["refused"], 1);
+    assert_eq!(first["open"], 4096);
+    assert_eq!(first["wanted"], 64);
+    assert_eq!(first["quota"], 4096);
+    assert!(first["sandbox"].as_str().unwrap().starts_with('q'));
+    let last = &records[1].fields;
+    assert_eq!(last["reason"], "refusals_since_last_record");
+    assert_eq!(last["refused"], 1035);
+}
+
+#[test]
+fn expired_allowed_ips_are_purged_from_the_kernel_map_on_the_nodes_timer() {
+    if !support::require_root() {
+        return;
+    }
+    // Records live 1 s; A's floor is 1 s, B's the usual 300 s. The node purges every second.
+    let t = flood_topo(1);
+    let dns = t.dns.addr;
+    let seen = on_own_node(
+        &t.topo,
+        Duration::from_secs(1),
+        async move |node, shared, netns| {
+            let a = node
+                .admit(quota_spec("*.flood.test", dns, 64, Duration::from_secs(1)).0)
+                .await
+                .unwrap();
+            let b = node
+                .admit(quota_spec("b.ok.test", dns, 64, Duration::from_secs(300)).0)
+                .await
+                .unwrap();
+            let cg_a = a.cgroup().unwrap().clone();
+            let cg_b = b.cgroup().unwrap().clone();
+            let first = run_in_cgroup(&netns, &cg_a, PY_FLOOD, &["1", "flood.test", UPSTREAM_IP]);
+            let b_get = run_in_cgroup(
+                &netns,
+                &cg_b,
+                PY_RESOLVE_AND_GET,
+                &["b.ok.test", &UPSTREAM_PORT.to_string()],
+            );
+            let before = (
+                allowed_entries(&shared, cg_a.id).0,
+                allowed_entries(&shared, cg_b.id).0,
+            );
+            // Expired after 1 s, deleted by the next tick: nothing of A asks for it meanwhile.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut waited = Duration::ZERO;
+            while allowed_entries(&shared, cg_a.id).0 > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                waited += Duration::from_millis(100);
+            }
+            let after = (
+                allowed_entries(&shared, cg_a.id).0,
+                allowed_entries(&shared, cg_b.id).0,
+            );
+            // A's quota is free again: a new name of 64 addresses opens.
+            let again = run_in_cgroup(
+                &netns,
+                &cg_a,
+                PY_FLOOD,
+                &["1", "again.flood.test", UPSTREAM_IP],
+            );
+            let a_after_again = allowed_entries(&shared, cg_a.id).0;
+            node.close(a).await;
+            let (b_after_a_closed, total) = allowed_entries(&shared, cg_b.id);
+            node.close(b).await;
+            let (_, total_after) = allowed_entries(&shared, cg_b.id);
+            (
+                first,
+                b_get,
+                before,
+                after,
+                waited,
+                again,
+                a_after_again,
+                (b_after_a_closed, total, total_after),
+            )
+        },
+    );
+    eprintln!("{seen:?}");
+    let (first, b_get, before, after, waited, again, a_after_again, closed) = seen;
+    assert_eq!(first, "0:1");
+    assert_eq!(b_get, "HTTP/1.1 200 OK");
+    assert_eq!(before, (64, 1));
+    assert_eq!(
+        after,
+        (0, 1),
+        "A's expired entries are still in the kernel map"
+    );
+    assert!(
+        waited >= Duration::from_millis(500),
+        "gone too early: {waited:?}"
+    );
+    assert_eq!((again.as_str(), a_after_again), ("0:1", 64));
+    // Closing a sandbox removes all of its entries (and only its).
+    assert_eq!(closed, (1, 1, 0));
+}
+
+#[test]
+fn a_full_allowed_ip_map_refuses_new_answers_and_other_sandboxes_keep_theirs() {
+    if !support::require_root() {
+        return;
+    }
+    use kz_agent::intercept::allowed::{CAPACITY, DEFAULT_QUOTA};
+    use kz_agent::sandbox::TTL_FLOOR;
+    // A's quota is the whole map (a misconfiguration, or many sandboxes at once): the map itself
+    // fills. 4200 names of 64 addresses: 268800 > 262144.
+    let t = flood_topo(300);
+    let dns = t.dns.addr;
+    let seen = on_own_node(
+        &t.topo,
+        Duration::from_secs(30),
+        async move |node, shared, netns| {
+            let (spec_a, audit_a) = quota_spec("*.flood.test", dns, CAPACITY, TTL_FLOOR);
+            let a = node.admit(spec_a).await.unwrap();
+            let b = node
+                .admit(quota_spec("b.ok.test", dns, DEFAULT_QUOTA, TTL_FLOOR).0)
+                .await
+                .unwrap();
+            let cg_a = a.cgroup().unwrap().clone();
+            let cg_b = b.cgroup().unwrap().clone();
+            let get = || {
+                run_in_cgroup(
+                    &netns,
+                    &cg_b,
+                    PY_RESOLVE_AND_GET,
+                    &["b.ok.test", &UPSTREAM_PORT.to_string()],
+                )
+            };
+            let b_before = get();
+            let flood = run_in_cgroup(
+                &netns,
+                &cg_a,
+                PY_FLOOD,
+                &["4200", "flood.test", UPSTREAM_IP],
+            );
+            let counts = (
+                allowed_entries(&shared, cg_a.id).0,
+                allowed_entries(&shared, cg_b.id),
+            );
+            // B's entry stays, and asking for its name again renews it in the full map.
+            let b_after = get();
+            node.close(a).await;
+            node.close(b).await;
+            (b_before, flood, counts, b_after, audit_a.events())
+        },
+    );
+    let (b_before, flood, counts, b_after, audit_a) = seen;
+    eprintln!("{b_before} | {flood} | {counts:?} | {b_after}");
+    assert_eq!(b_before, "HTTP/1.1 200 OK");
+    // 4095 answers fit beside B's one entry; the 4096th (63 free slots for 64) is taken back.
+    assert_eq!(flood, "0:4095 2:105");
+    assert_eq!(counts, (4095 * 64, (1, 4095 * 64 + 1)));
+    assert_eq!(b_after, "HTTP/1.1 200 OK");
+    let kinds: Vec<(&str, &serde_json::Value)> = audit_a
+        .iter()
+        .filter(|e| e.kind.starts_with("allowed_ip_"))
+        .map(|e| (e.kind, &e.fields["refused"]))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("allowed_ip_map_full", &serde_json::json!(1)),
+            ("allowed_ip_map_full", &serde_json::json!(104)),
+        ]
+    );
+    let first = &audit_a[0].fields;
+    assert_eq!(first["reason"], "map_full");
+    assert_eq!(first["name"], "h4095.flood.test");
+}

@@ -177,6 +177,12 @@ pub struct PeerKey {
 /// How many cgroups kz can guard at once, over all instances (size of the per-cgroup maps).
 pub const MAX_CGROUPS: u32 = 4096;
 
+/// Size of the `ALLOWED_IPS` map, shared by every cgroup of every kz instance on the machine.
+/// Each sandbox may hold at most its own quota of it (`[blind] max_allowed_ips`, 4096 by
+/// default), so 64 sandboxes at full quota fill it. The map is not preallocated: the cost of
+/// the size is its bucket array (16 bytes per slot, 4 MiB), not the entries.
+pub const MAX_ALLOWED_IPS: u32 = 262_144;
+
 /// Size of the `EVENT_RINGS` array: how many kz instances can run at once with block events.
 pub const MAX_EVENT_RINGS: u32 = 1024;
 

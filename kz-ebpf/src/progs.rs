@@ -22,9 +22,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use kz_common::{
     AF_INET, AF_INET6, AF_UNIX, BlockEvent, CgroupPolicy, EVENT_RING_BYTES, IpKey, KZ_SO_MARK,
-    Lpm4, Lpm6, MAX_CGROUPS, MAX_EVENT_RINGS, OWN_SOCKET, OrigDst, PROTO_TCP, PROTO_UDP, PeerKey,
-    PortKey, SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, UNIX_ALLOW, UNIX_KEY_PATH,
-    UNIX_PATH_MAX, UnixAbstractKey, UnixPathKey, flags, op, reason,
+    Lpm4, Lpm6, MAX_ALLOWED_IPS, MAX_CGROUPS, MAX_EVENT_RINGS, OWN_SOCKET, OrigDst, PROTO_TCP,
+    PROTO_UDP, PeerKey, PortKey, SOCK_ADDR_KERN_UADDR, SOCK_ADDR_KERN_UADDRLEN, UNIX_ALLOW,
+    UNIX_KEY_PATH, UNIX_PATH_MAX, UnixAbstractKey, UnixPathKey, flags, op, reason,
 };
 
 // The hash maps only user space writes are not preallocated: the program set stays pinned for
@@ -43,9 +43,11 @@ static KZ_DENY4: LpmTrie<Lpm4, u8> = LpmTrie::with_max_entries(65536, 0);
 static KZ_ALLOW6: LpmTrie<Lpm6, u8> = LpmTrie::with_max_entries(65536, 0);
 #[map]
 static KZ_DENY6: LpmTrie<Lpm6, u8> = LpmTrie::with_max_entries(65536, 0);
-/// Value: expiry in CLOCK_MONOTONIC ns.
+/// Value: expiry in CLOCK_MONOTONIC ns. User space keeps each cgroup under its quota and
+/// deletes expired entries; the check here makes an expired entry useless at once.
 #[map]
-static KZ_ALLOWED_IPS: HashMap<IpKey, u64> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+static KZ_ALLOWED_IPS: HashMap<IpKey, u64> =
+    HashMap::with_max_entries(MAX_ALLOWED_IPS, BPF_F_NO_PREALLOC);
 #[map]
 static KZ_ORIG_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 #[map]

@@ -26,6 +26,10 @@ pub struct Zone {
     /// Answer sets served in turn (one per A query), and how many were served per name.
     sets: HashMap<String, Vec<Vec<IpAddr>>>,
     turns: Arc<Mutex<HashMap<String, usize>>>,
+    /// Suffixes answered for any name below them, with how many addresses per name, and the
+    /// block of addresses each name got (in the order they were first asked).
+    wildcards: Vec<(String, u32)>,
+    blocks: Arc<Mutex<HashMap<String, u32>>>,
     pub ttl: u32,
 }
 
@@ -58,8 +62,34 @@ impl Zone {
         self
     }
 
+    /// Every name below `suffix` answers with `per_name` IPv4 addresses of 10.128.0.0/9 that no
+    /// other name gets: an agent asking for `n1.suffix`, `n2.suffix`, … collects ever new ones.
+    pub fn wildcard(mut self, suffix: &str, per_name: u32) -> Zone {
+        self.wildcards.push((suffix.to_owned(), per_name));
+        self
+    }
+
+    fn wildcard_answer(&self, name: &str) -> Option<Vec<IpAddr>> {
+        let (_, per_name) = self
+            .wildcards
+            .iter()
+            .find(|(suffix, _)| name.ends_with(&format!(".{suffix}")))?;
+        let mut blocks = self.blocks.lock().unwrap();
+        let next = blocks.len() as u32;
+        let block = *blocks.entry(name.to_owned()).or_insert(next);
+        let base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + block * per_name;
+        Some(
+            (0..*per_name)
+                .map(|i| IpAddr::V4((base + i).into()))
+                .collect(),
+        )
+    }
+
     /// The addresses `name` answers now (advancing its turn for A queries with answer sets).
     fn answer(&self, name: &str, query: RecordType) -> Option<Vec<IpAddr>> {
+        if let Some(ips) = self.wildcard_answer(name) {
+            return Some(ips);
+        }
         if let Some(sets) = self.sets.get(name) {
             let mut turns = self.turns.lock().unwrap();
             let turn = turns.entry(name.to_owned()).or_default();

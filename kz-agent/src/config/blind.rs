@@ -8,7 +8,9 @@
 //! `refuse_out_of_scope`: refuse a request carrying a masked token kz did not swap, outside its
 //! host scope, its `credential_location` or over cleartext HTTP, instead of sending it masked),
 //! `upstream_ca = "FILE"` (extra CA for upstream TLS), `resolver = "ADDR:PORT"` (upstream DNS;
-//! default: the first nameserver of /etc/resolv.conf).
+//! default: the first nameserver of /etc/resolv.conf), `max_allowed_ips = N` (addresses the
+//! agent's DNS answers may hold open at once in the machine's shared allowed-IP map; default
+//! 4096, at most 262144; an answer beyond it gets SERVFAIL and is audited).
 //!
 //! Containment of the agent itself: `listen = "loopback"` (default: its servers are reachable
 //! from this machine only; a bind to the wildcard address is moved to loopback) or `"any"`, and
@@ -63,6 +65,9 @@ pub struct BlindConfig {
     pub listen: Listen,
     /// `unix_sockets = [...]`; `None`: [`DEFAULT_UNIX_SOCKETS`].
     pub unix_sockets: Option<Vec<UnixRule>>,
+    /// `max_allowed_ips = N` (1..=[`crate::intercept::allowed::CAPACITY`]); `None`:
+    /// [`crate::intercept::allowed::DEFAULT_QUOTA`].
+    pub max_allowed_ips: Option<usize>,
 }
 
 /// The unix sockets an agent may reach when `[blind] unix_sockets` is not set: the system log
@@ -102,6 +107,7 @@ pub const KEYS: &[&str] = &[
     "hide",
     "listen",
     "unix_sockets",
+    "max_allowed_ips",
 ];
 
 impl BlindConfig {

@@ -950,6 +950,24 @@ fn parse_blind(src: &Source<'_>, value: &Spanned<DeValue<'_>>) -> Result<BlindCo
                 }
                 cfg.unix_sockets = Some(rules);
             }
+            "max_allowed_ips" => {
+                let cap = crate::intercept::allowed::CAPACITY;
+                let bad = || {
+                    src.err(
+                        v.span(),
+                        format!("[blind] max_allowed_ips must be a whole number from 1 to {cap} (the machine's shared map; default {})", crate::intercept::allowed::DEFAULT_QUOTA),
+                    )
+                };
+                let DeValue::Integer(i) = v.get_ref() else {
+                    return Err(bad());
+                };
+                let n = usize::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                    .map_err(|_| bad())?;
+                if n == 0 || n > cap {
+                    return Err(bad());
+                }
+                cfg.max_allowed_ips = Some(n);
+            }
             "resolver" => {
                 let s = string(src, v, "[blind]", key)?;
                 cfg.resolver = Some(blind::parse_resolver(&s).ok_or_else(|| {

@@ -381,3 +381,25 @@ fn malformed_input_never_panics() {
         let _ = load(dir.path(), &[("KEYZERO_ENV", "production")]);
     }
 }
+
+#[test]
+fn blind_max_allowed_ips_is_a_bounded_count() {
+    let parse = |v: &str| {
+        let dir = dir_with(&[(
+            ".keyzero.toml",
+            &format!("[blind]\nmax_allowed_ips = {v}\n"),
+        )]);
+        load(dir.path(), &[]).map(|c| c.blind.max_allowed_ips)
+    };
+    assert_eq!(parse("64").unwrap(), Some(64));
+    assert_eq!(parse("262_144").unwrap(), Some(262_144));
+    for bad in ["0", "262145", "-1", "\"64\"", "1.5"] {
+        let err = parse(bad).unwrap_err().to_string();
+        assert!(
+            err.contains(":2:19: [blind] max_allowed_ips must be a whole number from 1 to 262144"),
+            "{bad}: {err}"
+        );
+    }
+    let dir = dir_with(&[(".keyzero.toml", "[blind]\nipv6 = true\n")]);
+    assert_eq!(load(dir.path(), &[]).unwrap().blind.max_allowed_ips, None);
+}

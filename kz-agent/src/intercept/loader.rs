@@ -1,10 +1,11 @@
 //! [`Interceptor`]: one kz instance's view of the shared program set, and the cgroups it guards.
 
 use super::InterceptError;
+use super::allowed::AllowMap;
 use super::cgroups::{self, Cgroup};
 use super::events::{BlockEvents, Guards};
 use super::logs;
-use super::maps::{AllowMap, LpmKey, OrigDstTable, Policy, UnixKeys, UnixSockets, lpm_key};
+use super::maps::{LpmKey, OrigDstTable, Policy, UnixKeys, UnixSockets, lpm_key};
 use super::pins::{self, Instance, Scope};
 use super::rawbpf;
 use super::shared::{self, RingSlot, SharedSet, UnixGuard, map_err, program_err};

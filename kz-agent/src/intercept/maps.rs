@@ -3,7 +3,7 @@
 use super::InterceptError;
 use aya::maps::{HashMap, MapData};
 use kz_common::{
-    AF_INET6, IpKey, Lpm4, Lpm6, PeerKey, UNIX_ALLOW, UNIX_DENY, UNIX_KEY_PATH, UNIX_PATH_MAX,
+    AF_INET6, Lpm4, Lpm6, PeerKey, UNIX_ALLOW, UNIX_DENY, UNIX_KEY_PATH, UNIX_PATH_MAX,
     UnixAbstractKey, UnixPathKey, flags,
 };
 use std::fmt;
@@ -13,7 +13,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 /// Which TCP connections go to the proxy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -318,7 +317,7 @@ pub struct Policy {
     pub dns_port: u16,
     pub tcp: TcpRedirect,
     pub ipv6: Ipv6Mode,
-    /// Destinations must match [`Policy::allow`] or an [`AllowMap`] entry, else EPERM.
+    /// Destinations must match [`Policy::allow`] or an [`super::AllowMap`] entry, else EPERM.
     pub require_allow: bool,
     /// UDP to ports other than 53 is let through (after the checks) instead of refused.
     pub allow_udp: bool,
@@ -564,86 +563,6 @@ impl OrigDstTable {
             let _ = map.remove(&key);
         }
         found
-    }
-}
-
-/// IPs a cgroup may reach, with expiry; kz's DNS resolver fills it for names it allows.
-/// Cheap to clone and share between tasks.
-#[derive(Clone)]
-pub struct AllowMap {
-    map: Arc<Mutex<HashMap<MapData, IpKey, u64>>>,
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-pub(crate) fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| {
-            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-                + u64::try_from(t.tv_nsec()).unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
-
-impl AllowMap {
-    pub(crate) fn new(map: HashMap<MapData, IpKey, u64>) -> AllowMap {
-        AllowMap {
-            map: Arc::new(Mutex::new(map)),
-        }
-    }
-
-    /// Lets `cgroup_id` reach `ip` for `ttl` (None = until revoked or the cgroup is removed).
-    /// Only matters under [`Policy::require_allow`].
-    pub fn allow_ip(
-        &self,
-        cgroup_id: u64,
-        ip: IpAddr,
-        ttl: Option<Duration>,
-    ) -> Result<(), InterceptError> {
-        let expiry = match ttl {
-            None => u64::MAX,
-            Some(t) => {
-                monotonic_ns().saturating_add(u64::try_from(t.as_nanos()).unwrap_or(u64::MAX))
-            }
-        };
-        let key = IpKey {
-            cgroup_id,
-            addr: addr16(ip),
-        };
-        lock(&self.map)
-            .insert(key, expiry, 0)
-            .map_err(|e| InterceptError::Map {
-                name: kz_common::map_names::ALLOWED_IPS,
-                detail: format!(
-                    "{e} (the map holds 65536 entries across all cgroups of all kz instances)"
-                ),
-            })
-    }
-
-    pub fn revoke_ip(&self, cgroup_id: u64, ip: IpAddr) {
-        let key = IpKey {
-            cgroup_id,
-            addr: addr16(ip),
-        };
-        let _ = lock(&self.map).remove(&key);
-    }
-
-    /// Removes every entry of `cgroup_id`, and the expired entries of the cgroups in
-    /// `expired_of`. Only ever cgroups of the caller: the map is shared with other kz instances,
-    /// which may be renewing their own entries at this very moment.
-    pub(crate) fn purge(&self, cgroup_id: u64, expired_of: &[u64]) {
-        let now = monotonic_ns();
-        let mut map = lock(&self.map);
-        let doomed: Vec<IpKey> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, exp)| {
-                k.cgroup_id == cgroup_id || (*exp <= now && expired_of.contains(&k.cgroup_id))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in doomed {
-            let _ = map.remove(&k);
-        }
     }
 }
 

@@ -12,7 +12,7 @@
 //!   the client asked; other UDP is refused unless [`Policy::allow_udp`];
 //! - destinations in [`Policy::deny`] fail with EPERM at once; with [`Policy::require_allow`] so
 //!   does every destination not in [`Policy::allow`] nor in the allow map that kz's DNS resolver
-//!   fills through [`AllowMap::allow_ip`];
+//!   fills through [`AllowMap::open`] (a quota per cgroup, expired entries purged: [`allowed`]);
 //! - every refusal is reported on [`BlockEvents`] (pid, tgid, comm, cgroup id, destination or
 //!   unix path, operation, reason), through a ring buffer of the instance's own: an instance
 //!   sees the events of its cgroups (and of cgroups nested below them) and no other instance's.
@@ -71,10 +71,12 @@
 //!
 //! Submodules: [`cgroups`] (cgroup v2 files), [`pins`] (bpffs layout, stale cleanup),
 //! [`shared`] (the pinned program set), [`rawbpf`] (loading what aya cannot), [`kbtf`] (kernel
-//! struct layouts), [`maps`] (policy and table types), [`loader`] ([`Interceptor`]), [`events`],
+//! struct layouts), [`maps`] (policy and table types), [`allowed`] (the allowed-IP table: quota,
+//! expiry, purge), [`loader`] ([`Interceptor`]), [`events`],
 //! [`spawn`] (a child born in a cgroup), [`doctor`] (`kz doctor`'s checks). The commands that
 //! drive it (`kz doctor`, the hidden `kz intercept …` commands and the demo) live in `cmd`.
 
+pub mod allowed;
 pub mod cgroups;
 pub mod dns;
 pub mod doctor;
@@ -88,12 +90,13 @@ pub mod rawbpf;
 pub mod shared;
 pub mod spawn;
 
+pub use allowed::{AllowError, AllowMap};
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
 pub use loader::Interceptor;
 pub use maps::{
-    AllowMap, Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect,
-    UnixRule, UnixSockets,
+    Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect, UnixRule,
+    UnixSockets,
 };
 pub use pins::Scope;
 pub use shared::UnixGuard;

@@ -28,8 +28,9 @@
 //! disturb it (the kernel frees programs and maps when the last reference goes).
 
 use super::InterceptError;
+use super::allowed::AllowMap;
 use super::kbtf;
-use super::maps::{AllowMap, OrigDstTable};
+use super::maps::OrigDstTable;
 use super::pins::{self, Scope, StaleReport};
 use super::rawbpf;
 use aya::maps::{ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, RingBuf, SkStorage};

@@ -405,6 +405,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         upstream_ca: req.config.upstream_ca.clone(),
         limits,
         audit: req.audit.clone(),
+        allowed_ip_purge: crate::sandbox::ALLOWED_IP_PURGE,
     })
     .await?;
     let sandbox = node
@@ -421,6 +422,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
             unix: crate::intercept::UnixSockets::Only(req.config.unix_rules()),
             audit: req.audit.clone(),
             echo_blocks: true,
+            max_allowed_ips: req
+                .config
+                .max_allowed_ips
+                .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
+            dns_ttl_floor: crate::sandbox::TTL_FLOOR,
         })
         .await?;
     phase(t0, "proxy, DNS and cgroup ready");

@@ -13,10 +13,17 @@
 //! the one its policy names (the kernel picks the port by cgroup id), its answers open addresses
 //! in that cgroup's allow map only, and its block events carry the cgroup's id.
 //!
+//! The allow map is one for the whole machine: each sandbox may hold at most
+//! [`SandboxSpec::max_allowed_ips`] live entries of it (an answer beyond that is refused,
+//! SERVFAIL, audited once per burst: [`allowed`]), and the node deletes expired entries every
+//! [`NodeOptions::allowed_ip_purge`], so one agent resolving name after name cannot exhaust it
+//! for the others.
+//!
 //! `kz run --blind` is a node with one sandbox; the node daemon, a node with many. Without the
 //! kernel (no root, cgroup v2 or BPF) a node is an explicit proxy serving one sandbox: its agent
 //! is told `HTTP(S)_PROXY` ([`Sandbox::proxy_env`]).
 
+mod allowed;
 mod blocks;
 mod names;
 
@@ -69,6 +76,8 @@ pub struct NodeOptions {
     pub limits: proxy::Limits,
     /// The node's own sink: what happens before a sandbox is known (or after it closed).
     pub audit: Arc<dyn AuditSink>,
+    /// How often expired entries are deleted from the allowed-IP map ([`ALLOWED_IP_PURGE`]).
+    pub allowed_ip_purge: Duration,
 }
 
 /// What a sandbox is admitted with.
@@ -92,6 +101,12 @@ pub struct SandboxSpec {
     pub audit: Arc<dyn AuditSink>,
     /// Also print each blocked connection on kz's stderr (an interactive `kz run`).
     pub echo_blocks: bool,
+    /// Live entries it may hold in the node's allowed-IP map (`[blind] max_allowed_ips`,
+    /// default [`crate::intercept::allowed::DEFAULT_QUOTA`]).
+    pub max_allowed_ips: usize,
+    /// How long a name's addresses stay allowed at least ([`TTL_FLOOR`]; see
+    /// [`DnsConfig::ttl_floor`]).
+    pub dns_ttl_floor: Duration,
 }
 
 /// The cgroup of a sandbox does not exist before its policy names its DNS port, so the
@@ -99,7 +114,12 @@ pub struct SandboxSpec {
 type CgroupCell = Arc<OnceLock<u64>>;
 
 /// How long a name's addresses stay allowed at least (see [`DnsConfig::ttl_floor`]).
-const TTL_FLOOR: Duration = Duration::from_secs(300);
+pub const TTL_FLOOR: Duration = Duration::from_secs(300);
+
+/// How often the node deletes expired allowed-IP entries. The kernel ignores an expired entry
+/// at once; this only frees its slot in the shared map (and a sandbox at its quota frees its own
+/// expired entries itself before its next answer is refused).
+pub const ALLOWED_IP_PURGE: Duration = Duration::from_secs(30);
 
 /// The session id of the one sandbox of a node without the kernel (cgroup ids start at 1).
 const EXPLICIT_SESSION: SessionId = 0;
@@ -107,6 +127,32 @@ const EXPLICIT_SESSION: SessionId = 0;
 struct Kernel {
     icpt: Mutex<Interceptor>,
     blocks: blocks::Dispatch,
+    _purge: PurgeTask,
+}
+
+/// The timer deleting expired allowed-IP entries; stops with the node.
+struct PurgeTask(tokio::task::JoinHandle<()>);
+
+impl PurgeTask {
+    fn start(map: crate::intercept::AllowMap, every: Duration) -> PurgeTask {
+        PurgeTask(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let purged = map.purge_expired();
+                if purged > 0 {
+                    tracing::debug!(purged, "deleted expired allowed-IP entries");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for PurgeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What is started once: the interception core and the proxy.
@@ -161,10 +207,12 @@ impl Node {
         };
         let events = icpt.block_events()?;
         let proxy = proxy::start(pcfg).await?;
+        let purge = PurgeTask::start(icpt.allow_map(), opts.allowed_ip_purge);
         Ok(Node {
             kernel: Some(Kernel {
                 icpt: Mutex::new(icpt),
                 blocks: blocks::Dispatch::start(events, opts.audit),
+                _purge: purge,
             }),
             proxy,
             ipv6: opts.ipv6,
@@ -201,6 +249,7 @@ impl Node {
                 session: EXPLICIT_SESSION,
                 cgroup: None,
                 dns: Vec::new(),
+                allowed: None,
                 explicit_proxy: self.proxy.explicit_addrs.first().copied(),
             });
         };
@@ -208,7 +257,15 @@ impl Node {
             return Err(SandboxError::Ipv6NotOnNode);
         }
         let cgroup_id = CgroupCell::default();
-        let dns = self.start_dns(&spec, &cgroup_id, answers, kernel).await?;
+        let opener = Arc::new(allowed::Opener::new(
+            lock(&kernel.icpt).allow_map(),
+            spec.max_allowed_ips,
+            &spec.name,
+            spec.audit.clone(),
+        ));
+        let dns = self
+            .start_dns(&spec, &cgroup_id, answers, opener.clone())
+            .await?;
         let proxy_port = self
             .proxy
             .transparent_addrs
@@ -252,6 +309,7 @@ impl Node {
             session: cgroup.id,
             cgroup: Some(cgroup),
             dns,
+            allowed: Some(opener),
             explicit_proxy: None,
         })
     }
@@ -262,9 +320,8 @@ impl Node {
         spec: &SandboxSpec,
         cgroup_id: &CgroupCell,
         answers: names::Answers,
-        kernel: &Kernel,
+        opener: Arc<allowed::Opener>,
     ) -> Result<Vec<DnsServer>, SandboxError> {
-        let allow_map = lock(&kernel.icpt).allow_map();
         let on_answer = {
             let cgroup_id = cgroup_id.clone();
             Arc::new(
@@ -272,9 +329,7 @@ impl Node {
                     let id = *cgroup_id
                         .get()
                         .ok_or("the sandbox's cgroup does not exist yet")?;
-                    for r in ips {
-                        allow_map.allow_ip(id, r.ip, Some(r.ttl))?;
-                    }
+                    opener.open(id, name, ips)?;
                     answers.remember(name, ips.iter().map(|r| r.ip).collect());
                     Ok(())
                 },
@@ -287,7 +342,7 @@ impl Node {
             audit: spec.audit.clone(),
         };
         let mut dcfg = DnsConfig::new(([127, 0, 0, 1], 0).into(), spec.dns_upstream);
-        dcfg.ttl_floor = TTL_FLOOR;
+        dcfg.ttl_floor = spec.dns_ttl_floor;
         dcfg.ipv6 = spec.ipv6;
         let v4 = DnsServer::start(dcfg.clone(), hooks.clone()).await?;
         let mut servers = vec![];
@@ -299,12 +354,16 @@ impl Node {
         Ok(servers)
     }
 
-    /// Closes a sandbox: the events its agent caused are audited, whatever is left in its
-    /// cgroup is killed and the cgroup removed, its session and resolver stop. Connections
-    /// still open finish with their session (see [`proxy::Sessions::close`]).
+    /// Closes a sandbox: the events its agent caused are audited (and the allowed-IP refusals
+    /// no record counted yet), whatever is left in its cgroup is killed and the cgroup removed
+    /// with its allowed-IP entries, its session and resolver stop. Connections still open finish
+    /// with their session (see [`proxy::Sessions::close`]).
     pub async fn close(&self, sandbox: Sandbox) {
         if let (Some(kernel), Some(cgroup)) = (&self.kernel, &sandbox.cgroup) {
             kernel.blocks.unroute(cgroup.id).await;
+            if let Some(opener) = &sandbox.allowed {
+                opener.flush(cgroup.id);
+            }
             if let Err(e) = lock(&kernel.icpt).remove_cgroup(cgroup.id) {
                 eprintln!("kz: {e}");
             }
@@ -331,6 +390,8 @@ pub struct Sandbox {
     session: SessionId,
     cgroup: Option<Cgroup>,
     dns: Vec<DnsServer>,
+    /// Opens its DNS answers in the allowed-IP map (none without the kernel).
+    allowed: Option<Arc<allowed::Opener>>,
     explicit_proxy: Option<SocketAddr>,
 }
 

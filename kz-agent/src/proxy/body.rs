@@ -92,7 +92,7 @@ impl<B> RewriteBody<B> {
                 }
                 record.token(snap.name(id), replaced);
             }
-            Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
+            Direction::Down => record.scrubbed(snap.scrubbed_name(id), snap.scrubbed_form(id)),
         };
         let out = match data {
             Some(d) => self.rw.push(d, &mut seen),
@@ -164,7 +164,8 @@ where
                                 let dir = this.dir;
                                 let mut seen = |id: usize, replaced: bool| match dir {
                                     Direction::Up => record.token(snap.name(id), replaced),
-                                    Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
+                                    Direction::Down => record
+                                        .scrubbed(snap.scrubbed_name(id), snap.scrubbed_form(id)),
                                 };
                                 if let Some(nv) = this.rw.rewrite_value(v.as_bytes(), &mut seen)
                                     && let Ok(hv) = http::HeaderValue::from_bytes(&nv)

@@ -33,8 +33,8 @@
 //!   some Java), non-ASCII as `\uXXXX` with surrogate pairs (Python's `ensure_ascii`, PHP), `<`
 //!   `>` `&` U+2028 U+2029 as `\u003c`… (Go's `encoding/json`), upper-case hex (Jackson).
 //! - **base64** / **base64url** ([`Form::Base64`], [`Form::Base64Url`]): the standard and the
-//!   URL-safe alphabet. The exact encoding of the value alone, padded and unpadded (a Basic
-//!   credential's password aside, how an upstream echoes a token it decoded), and the value
+//!   URL-safe alphabet. The exact encoding of the value alone, padded and unpadded (how an
+//!   upstream re-encodes a token it decoded, or a JWT-style segment), and the value
 //!   inside a longer encoded blob (`base64("user:" + value)`, a JSON document encoded whole):
 //!   there the characters depend on where the value starts within a 3-byte group. For each of
 //!   the three offsets `o` a value of `n` bytes has a run of characters that depends only on

@@ -32,6 +32,9 @@ use support::upstream::{Routes, Upstream};
 const GOOD: &str = "10.77.0.2";
 const EVIL: &str = "10.77.0.3";
 const REAL: &str = "sk-live-REAL-0123456789abcdef";
+/// A second secret (`Opts::special`) whose percent-encoded and JSON-escaped forms differ from
+/// its raw bytes: `/`, `+`, `"`, `\`, `<&>`, a non-ASCII letter.
+const SPECIAL: &str = "sk/live+\"q\"\\<&>\u{e9}-9876543210zyx";
 /// The one session of these tests (any id works; a node uses the sandbox's cgroup id).
 const SESSION: proxy::SessionId = 42;
 
@@ -53,6 +56,8 @@ struct Opts {
     allow_plaintext: Option<bool>,
     /// The secret's `require`.
     require: bool,
+    /// Also put [`SPECIAL`] in the table as `SPECIAL_KEY` (scoped like `API_KEY`).
+    special: bool,
 }
 
 impl Opts {
@@ -81,6 +86,8 @@ struct Env {
     kz_ca: PathBuf,
     dst: Arc<Mutex<SocketAddr>>,
     masked: String,
+    /// `SPECIAL_KEY`'s masked token (in the table only with `Opts::special`).
+    special_masked: String,
     stop: Option<mpsc::Sender<()>>,
     proxy_thread: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
@@ -129,6 +136,17 @@ impl Env {
                 )
             })
             .unwrap();
+        let special_masked = proxy::TokenTable::generate_masked();
+        if opts.special {
+            tokens
+                .insert_named(
+                    "SPECIAL_KEY",
+                    &special_masked,
+                    Secret::new(SPECIAL),
+                    vec!["api.test".into(), GOOD.into()],
+                )
+                .unwrap();
+        }
         let audit = Arc::new(MemorySink::new());
         let dst = Arc::new(Mutex::new(SocketAddr::from(([10, 77, 0, 2], 443))));
         let (info_tx, info_rx) = mpsc::channel();
@@ -204,6 +222,7 @@ impl Env {
             kz_ca,
             dst,
             masked,
+            special_masked,
             stop: Some(stop_tx),
             proxy_thread: Some(proxy_thread),
             dir,
@@ -1570,4 +1589,410 @@ fn credential_locations_path_basic_and_body_through_the_proxy() {
         Some(format!("Bearer {m}").as_str())
     );
     env.audit_clean();
+}
+
+// ---- Issue 14: encoded forms of a real value are scrubbed too ------------------------------
+
+/// How a client could get `secret` back out of `out`: as it is, after percent-decoding,
+/// JSON-unescaping or both, or by base64-decoding (either alphabet, from any of a run's first
+/// four characters) any run of base64 characters in one of those texts. `None`: in no way
+/// tried. Decoders written here, independently of kz's encoders.
+fn recoverable(out: &[u8], secret: &str) -> Option<String> {
+    let s = secret.as_bytes();
+    let pct = percent_decode(out);
+    let texts = [
+        ("raw", out.to_vec()),
+        ("percent-decoded", pct.clone()),
+        ("json-unescaped", json_unescape(out)),
+        ("percent-decoded, json-unescaped", json_unescape(&pct)),
+    ];
+    for (how, text) in texts {
+        if contains(&text, s) {
+            return Some(how.to_owned());
+        }
+        if let Some(run) = base64_runs(&text).into_iter().find(|run| {
+            (0..4).any(|k| contains(&base64_decode_lenient(&run[k.min(run.len())..]), s))
+        }) {
+            return Some(format!(
+                "base64 in the {how} text: {}",
+                String::from_utf8_lossy(&run)
+            ));
+        }
+    }
+    None
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn percent_decode(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        let hex = v
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (v[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn json_unescape(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    let unit = |at: usize| {
+        v.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    while i < v.len() {
+        if v[i] != b'\\' || i + 1 >= v.len() {
+            out.push(v[i]);
+            i += 1;
+            continue;
+        }
+        let simple = match v[i + 1] {
+            b'"' => Some(b'"'),
+            b'\\' => Some(b'\\'),
+            b'/' => Some(b'/'),
+            b'n' => Some(b'\n'),
+            b't' => Some(b'\t'),
+            b'r' => Some(b'\r'),
+            b'b' => Some(8),
+            b'f' => Some(12),
+            _ => None,
+        };
+        if let Some(b) = simple {
+            out.push(b);
+            i += 2;
+        } else if v[i + 1] == b'u'
+            && let Some(hi) = unit(i + 2)
+        {
+            let (c, used) = match (hi, v.get(i + 6..i + 8), unit(i + 8)) {
+                (0xd800..=0xdbff, Some(b"\\u"), Some(lo)) => {
+                    (char::decode_utf16([hi, lo]).next(), 12)
+                }
+                _ => (char::decode_utf16([hi]).next(), 6),
+            };
+            let c = c.and_then(Result::ok).unwrap_or('\u{fffd}');
+            out.extend_from_slice(c.to_string().as_bytes());
+            i += used;
+        } else {
+            out.push(v[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Maximal runs of base64 characters (both alphabets) of at least 8 characters.
+fn base64_runs(v: &[u8]) -> Vec<Vec<u8>> {
+    v.split(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')))
+        .filter(|r| r.len() >= 8)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Decodes base64 of either alphabet, ignoring padding and trailing bits.
+fn base64_decode_lenient(run: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in run {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+/// The value of line `key=` in a route's text answer.
+fn line<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= line in {out}"))
+}
+
+#[test]
+fn encoded_echoes_of_a_real_value_never_reach_the_client() {
+    if !support::require_root() {
+        return;
+    }
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+    let env = Env::new(Opts {
+        special: true,
+        ..Opts::default()
+    });
+    let secrets = [
+        ("API_KEY", REAL, env.masked.clone()),
+        ("SPECIAL_KEY", SPECIAL, env.special_masked.clone()),
+    ];
+    let mut leaks = Vec::new();
+    let mut requests = 0;
+    for (name, real, m) in &secrets {
+        let auth = format!("Authorization: Bearer {m}");
+        for flag in ["--http1.1", "--http2"] {
+            for path in ["/echo-b64", "/echo-json", "/echo-pct", "/echo-location"] {
+                let url = format!("https://api.test{path}");
+                let out = ok(&env.curl_t("api.test", 443, &[flag, "-i", "-H", &auth, &url]));
+                requests += 1;
+                assert_eq!(
+                    env.good.last().header("authorization"),
+                    Some(format!("Bearer {real}").as_str()),
+                    "the upstream got the real value"
+                );
+                if let Some(how) = recoverable(out.as_bytes(), real) {
+                    leaks.push(format!("{name} {flag} {path}: {how}\n{out}"));
+                    continue;
+                }
+                // Where the encoding is exact, the client gets its masked token in that form.
+                let m = m.as_bytes();
+                match path {
+                    "/echo-b64" => {
+                        assert_eq!(STANDARD.decode(line(&out, "std")).unwrap(), m, "{out}");
+                        assert_eq!(URL_SAFE.decode(line(&out, "url_padded")).unwrap(), m);
+                        // Unpadded, the end of the value's encoding cannot be told from a blob
+                        // going on: the value's bytes come back as zeros (egress::scrub docs).
+                        let url = URL_SAFE_NO_PAD.decode(line(&out, "url")).unwrap();
+                        assert_eq!(url, vec![0; real.len()]);
+                        // Inside a longer blob the value is replaced in place: the rest of
+                        // the blob still decodes to what the upstream wrote.
+                        let blob = STANDARD.decode(line(&out, "blob1")).unwrap();
+                        assert!(blob.ends_with(b"-tail-of-a-longer-blob"), "{blob:?}");
+                    }
+                    "/echo-pct" => {
+                        assert_eq!(percent_decode(line(&out, "alnum").as_bytes()), m);
+                        assert_eq!(percent_decode(line(&out, "unreserved_lower").as_bytes()), m);
+                    }
+                    "/echo-json" => {
+                        let serde: serde_json::Value = serde_json::from_str(
+                            out.lines().find(|l| l.contains("serde")).unwrap(),
+                        )
+                        .unwrap();
+                        assert_eq!(serde["serde"].as_str().unwrap().as_bytes(), m);
+                    }
+                    _ => {
+                        let loc = out
+                            .lines()
+                            .find(|l| l.to_ascii_lowercase().starts_with("location:"))
+                            .unwrap_or_else(|| panic!("no Location in {out}"));
+                        assert!(loc.contains(&format!("t={}", env_str(m))), "{loc}");
+                    }
+                }
+            }
+            // kz's own percent-encoding of a value it put in a URL, echoed back by `/echo`.
+            let url = format!("https://api.test/echo?key={m}");
+            let out = ok(&env.curl_t("api.test", 443, &[flag, &url]));
+            requests += 1;
+            if let Some(how) = recoverable(out.as_bytes(), real) {
+                leaks.push(format!("{name} {flag} kz's own URL encoding: {how}\n{out}"));
+            } else {
+                // (`uri=` is the whole URL over h2.)
+                assert!(out.contains(&format!("/echo?key={m}\n")), "{out}");
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "the client could recover a real value:\n{}",
+        leaks.join("\n")
+    );
+    // The records name the secret and the form it was found in; never a value.
+    let recs = wait(&env.audit, "proxy_request", requests);
+    let forms: std::collections::BTreeSet<(String, String)> = recs
+        .iter()
+        .flat_map(|r| {
+            r.fields["scrubbed_forms"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|f| {
+            (
+                f["secret"].as_str().unwrap().to_owned(),
+                f["form"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        // REAL's base64 has no `+` or `/`: its URL-safe spellings are the standard ones.
+        ("API_KEY", "base64"),
+        ("API_KEY", "percent"),
+        ("SPECIAL_KEY", "base64"),
+        ("SPECIAL_KEY", "base64url"),
+        ("SPECIAL_KEY", "json"),
+        ("SPECIAL_KEY", "percent"),
+    ] {
+        assert!(
+            forms.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "{want:?} not in {forms:?}"
+        );
+    }
+    for e in env.audit.events() {
+        let s = serde_json::to_string(&e.fields).unwrap();
+        assert!(recoverable(s.as_bytes(), REAL).is_none(), "{s}");
+        assert!(recoverable(s.as_bytes(), SPECIAL).is_none(), "{s}");
+    }
+}
+
+/// A masked token as text (they are ASCII).
+fn env_str(m: &[u8]) -> String {
+    String::from_utf8(m.to_vec()).unwrap()
+}
+
+#[test]
+fn websocket_control_frames_and_close_reason_are_scrubbed() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts::default());
+    let m = env.masked.clone();
+    let kz_ca = std::fs::read_to_string(&env.kz_ca).unwrap();
+    let port = env.transparent.port();
+    let frames = env
+        .client
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use futures_util::StreamExt;
+                use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let cfg = support::tls::client_config(&kz_ca, &[b"http/1.1"]);
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect("api.test".try_into().unwrap(), tcp)
+                    .await
+                    .unwrap();
+                let mut req = "wss://api.test/ws-control".into_client_request().unwrap();
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {m}").parse().unwrap());
+                let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+                assert_eq!(resp.status(), 101);
+                let mut frames = Vec::new();
+                let read = async {
+                    while let Some(Ok(msg)) = ws.next().await {
+                        let (kind, payload) = match msg {
+                            Message::Ping(p) => ("ping", p.to_vec()),
+                            Message::Pong(p) => ("pong", p.to_vec()),
+                            Message::Text(t) => ("text", t.as_bytes().to_vec()),
+                            Message::Binary(b) => ("binary", b.to_vec()),
+                            Message::Close(c) => (
+                                "close",
+                                c.map(|c| c.reason.as_bytes().to_vec()).unwrap_or_default(),
+                            ),
+                            Message::Frame(_) => continue,
+                        };
+                        let last = kind == "close";
+                        frames.push((kind, payload));
+                        if last {
+                            break;
+                        }
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(10), read)
+                    .await
+                    .ok();
+                frames
+            })
+        })
+        .join()
+        .unwrap();
+    let m = env.masked.clone();
+    let shown: Vec<(&str, String)> = frames
+        .iter()
+        .map(|(k, p)| (*k, String::from_utf8_lossy(p).into_owned()))
+        .collect();
+    let kinds: Vec<&str> = shown.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, ["ping", "pong", "text", "close"], "{shown:?}");
+    for (kind, payload) in &frames {
+        assert_eq!(
+            recoverable(payload, REAL),
+            None,
+            "the {kind} frame hands the real value back: {shown:?}"
+        );
+    }
+    let bearer = format!("Bearer {m}");
+    assert_eq!(shown[0].1, bearer, "ping payload");
+    assert_eq!(shown[1].1, bearer, "pong payload");
+    assert_eq!(shown[3].1, bearer, "close reason");
+    let recs = wait(&env.audit, "proxy_request", 1);
+    assert_eq!(recs[0].fields["scrubbed"], serde_json::json!(["API_KEY"]));
+}
+
+#[test]
+fn identity_is_forced_toward_guarded_hosts_and_compressed_answers_are_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts::default());
+    // A client asking for compression (curl --compressed sends gzip, deflate, br, zstd) still
+    // gets `identity` asked upstream, with or without a token in the request, h1, h2, plain.
+    for (port, flag, url) in [
+        (443, "--http1.1", "https://api.test/echo"),
+        (443, "--http2", "https://api.test/echo"),
+        (80, "--http1.1", "http://api.test/echo"),
+    ] {
+        env.set_dst(GOOD, port);
+        ok(&env.curl_t("api.test", port, &[flag, "--compressed", url]));
+        assert_eq!(
+            env.good.last().header("accept-encoding"),
+            Some("identity"),
+            "{url} {flag}"
+        );
+    }
+    env.set_dst(GOOD, 443);
+    // A compressed answer anyway: a 502 that says why, and a record with the error code.
+    for flag in ["--http1.1", "--http2"] {
+        let out = env.curl_t(
+            "api.test",
+            443,
+            &[
+                flag,
+                "--compressed",
+                "-w",
+                "\n%{http_code}",
+                "https://api.test/gzip",
+            ],
+        );
+        let body = stdout(&out);
+        assert!(body.ends_with("502"), "{body}");
+        assert!(body.contains("compressed"), "{body}");
+    }
+    let recs = wait(&env.audit, "proxy_request", 5);
+    let gz: Vec<_> = recs
+        .iter()
+        .filter(|r| r.fields["path"] == "/gzip")
+        .collect();
+    assert_eq!(gz.len(), 2);
+    for r in gz {
+        assert_eq!(r.fields["status"], 502);
+        assert_eq!(r.fields["error"], "upstream_compressed_response");
+    }
 }

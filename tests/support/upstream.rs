@@ -13,6 +13,16 @@
 //!     straddles chunk boundaries.
 //!   - `/sse` an event stream: one event with the needle at once, a second 2 s later.
 //!   - `/ws` WebSocket: a greeting repeating the Authorization header, then echo.
+//!   - `/ws-control` WebSocket: the Authorization header in a ping, a pong, a text frame
+//!     (base64 at an unaligned offset) and the close reason, then the server closes.
+//!   - Encoded echoes of the Authorization value `v` (the header without `Bearer `), one line
+//!     per encoder, as an upstream's own libraries would write it (issue 14's scrubbing):
+//!     `/echo-b64` (standard and URL-safe, padded and not, at offsets 0, 1 and 2 of a longer
+//!     blob, and such a blob percent-encoded and PHP-JSON-escaped; also an `x-echo-b64`
+//!     header), `/echo-json` (serde_json, PHP-style `\/` and
+//!     `\uXXXX`, Go-style `\u003c`, upper-case hex), `/echo-pct` (every byte but letters and
+//!     digits, RFC 3986 unreserved in lower-case hex, `encodeURIComponent`, form encoding),
+//!     `/echo-location` (a 302 whose `Location` carries `v` percent-encoded and base64url).
 //!   - `/gzip` a response claiming `Content-Encoding: gzip` whatever was asked.
 //!   - `/hangup` like `/echo`, then the server closes the connection (as servers do with idle
 //!     keep-alive connections), without saying so in the response.
@@ -358,6 +368,9 @@ async fn handle(
     if matches!(state.routes, Routes::Echo { .. }) && seen.path == "/ws" {
         return Ok(websocket(&state, seen, &mut req));
     }
+    if matches!(state.routes, Routes::Echo { .. }) && seen.path == "/ws-control" {
+        return Ok(encoded::websocket_control(&state, seen, &mut req));
+    }
     read_body(&mut seen, req.into_body(), state.routes.needle()).await;
     state.seen.lock().unwrap().push(seen.clone());
     Ok(match &state.routes {
@@ -491,6 +504,9 @@ async fn echo(needle: &str, conn: &Conn, seen: &Seen) -> Response<Body> {
             .header("content-encoding", "gzip")
             .body(full(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0]))
             .unwrap(),
+        "/echo-b64" | "/echo-json" | "/echo-pct" | "/echo-location" => {
+            encoded::echo(&seen.path, auth.strip_prefix("Bearer ").unwrap_or(auth))
+        }
         _ => {
             let head = &seen.body[..seen.body.len().min(200)];
             Response::builder()
@@ -599,5 +615,172 @@ async fn api(secret: &str, seen: &Seen) -> Response<Body> {
             .body(full(&b"\x1f\x8b\x08\x00not really"[..]))
             .unwrap(),
         _ => resp.status(404).body(full("")).unwrap(),
+    }
+}
+
+/// The encoded echoes of [`Routes::Echo`] (`/echo-b64`, `/echo-json`, `/echo-pct`,
+/// `/echo-location`, `/ws-control`): encoders written here, independently of kz's.
+mod encoded {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    use super::*;
+
+    /// `v` percent-encoded: bytes outside letters, digits and `keep` as `%XX`, `space` for a
+    /// space (form encoding writes `+`).
+    fn pct(v: &str, keep: &str, upper: bool, space: &str) -> String {
+        let mut out = String::new();
+        for b in v.bytes() {
+            if b.is_ascii_alphanumeric() || keep.as_bytes().contains(&b) {
+                out.push(char::from(b));
+            } else if b == b' ' && !space.is_empty() {
+                out.push_str(space);
+            } else if upper {
+                out.push_str(&format!("%{b:02X}"));
+            } else {
+                out.push_str(&format!("%{b:02x}"));
+            }
+        }
+        out
+    }
+
+    /// `v` as the inside of a JSON string: `slash` writes `\/`, `ascii` writes non-ASCII as
+    /// `\uXXXX` (surrogate pairs above U+FFFF), `html` writes `<`, `>`, `&` as `\u003c`…
+    fn json(v: &str, slash: bool, ascii: bool, html: bool, upper: bool) -> String {
+        let mut out = String::new();
+        let u = |out: &mut String, c: u16| {
+            if upper {
+                out.push_str(&format!("\\u{c:04X}"));
+            } else {
+                out.push_str(&format!("\\u{c:04x}"));
+            }
+        };
+        for ch in v.chars() {
+            match ch {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '/' if slash => out.push_str("\\/"),
+                '<' | '>' | '&' if html => u(&mut out, ch as u16),
+                c if (c as u32) < 0x20 => u(&mut out, c as u16),
+                c if !c.is_ascii() && ascii => {
+                    let mut buf = [0u16; 2];
+                    for unit in c.encode_utf16(&mut buf) {
+                        u(&mut out, *unit);
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    pub(super) fn echo(path: &str, v: &str) -> Response<Body> {
+        let b = v.as_bytes();
+        let cat = |pre: &[u8], post: &[u8]| [pre, b, post].concat();
+        let resp = Response::builder().header("content-type", "text/plain");
+        let lines =
+            match path {
+                "/echo-b64" => {
+                    return resp
+                    .header("x-echo-b64", STANDARD.encode(b))
+                    .body(full(format!(
+                        "std={}\nurl={}\nurl_padded={}\nbasic={}\nblob0={}\nblob1={}\nblob2={}\n\
+                         in_url={}\nin_php_json={}\n",
+                        STANDARD.encode(b),
+                        URL_SAFE_NO_PAD.encode(b),
+                        URL_SAFE.encode(b),
+                        STANDARD.encode(cat(b"user:", b"")),
+                        STANDARD.encode(cat(b"abc", b"-tail-of-a-longer-blob")),
+                        STANDARD.encode(cat(b"x", b"-tail-of-a-longer-blob")),
+                        URL_SAFE_NO_PAD.encode(cat(b"xy", b"-tail-of-a-longer-blob")),
+                        pct(&STANDARD.encode(cat(b"user:", b"")), "", false, ""),
+                        STANDARD.encode(cat(b"{\"t\":\"", b"\"}")).replace('/', "\\/"),
+                    )))
+                    .unwrap();
+                }
+                "/echo-json" => vec![
+                    format!("{{\"serde\":{}}}", serde_json::Value::from(v)),
+                    format!("{{\"php\":\"{}\"}}", json(v, true, true, false, false)),
+                    format!("{{\"python\":\"{}\"}}", json(v, false, true, false, false)),
+                    format!("{{\"go\":\"{}\"}}", json(v, false, false, true, false)),
+                    format!("{{\"upper\":\"{}\"}}", json(v, true, true, true, true)),
+                ],
+                "/echo-pct" => vec![
+                    format!("alnum={}", pct(v, "", true, "")),
+                    format!("unreserved_lower={}", pct(v, "-._~", false, "")),
+                    format!("uri_component={}", pct(v, "-_.!~*'()", true, "")),
+                    format!("form={}", pct(v, "-._*", true, "+")),
+                    format!("python_quote={}", pct(v, "-._~/", true, "")),
+                ],
+                _ => {
+                    return resp
+                        .status(302)
+                        .header(
+                            "location",
+                            format!(
+                                "https://api.test/landing?t={}&l={}&b={}",
+                                pct(v, "-._~", true, ""),
+                                pct(v, "", false, ""),
+                                URL_SAFE_NO_PAD.encode(cat(b"z", b""))
+                            ),
+                        )
+                        .body(full(""))
+                        .unwrap();
+                }
+            };
+        resp.body(full(lines.join("\n") + "\n")).unwrap()
+    }
+
+    /// `/ws-control`: the Authorization header in every kind of frame a server can send
+    /// unasked, then a close frame whose reason repeats it.
+    pub(super) fn websocket_control(
+        state: &State,
+        seen: Seen,
+        req: &mut Request<Incoming>,
+    ) -> Response<Body> {
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| k.as_bytes().to_vec())
+            .unwrap_or_default();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        let auth = seen.header("authorization").unwrap_or("").to_owned();
+        state.seen.lock().unwrap().push(seen);
+        let on = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                None,
+            )
+            .await;
+            let blob = STANDARD.encode([b"x", auth.as_bytes(), b"-tail"].concat());
+            for msg in [
+                Message::Ping(Bytes::from(auth.clone())),
+                Message::Pong(Bytes::from(auth.clone())),
+                Message::text(format!("b64={blob}")),
+                Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: auth.clone().into(),
+                })),
+            ] {
+                if ws.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            // Until the client answers the close.
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(full(""))
+            .unwrap()
     }
 }

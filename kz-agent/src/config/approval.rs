@@ -233,6 +233,7 @@ impl View {
             hide,
             listen,
             unix_sockets,
+            max_allowed_ips,
         } = b;
         for (i, ConnectionRule { allow, pattern }) in connections.iter().enumerate() {
             let (kind, text) = match pattern {
@@ -245,6 +246,7 @@ impl View {
             );
         }
         self.put("blind.ipv6", ipv6.to_string());
+        self.put("blind.max_allowed_ips", format!("{max_allowed_ips:?}"));
         self.put("blind.udp", udp.to_string());
         self.put("blind.non_http_tcp", non_http_tcp.to_string());
         self.put(

@@ -26,9 +26,10 @@ pub struct Patterns {
     /// `None` for an empty set (aho-corasick is not asked to build one).
     ac: Option<AhoCorasick>,
     pats: Vec<Box<[u8]>>,
-    /// `first[b]` is true when some pattern starts with byte `b`: the hold-back scan only looks at
-    /// those positions.
-    first: [bool; 256],
+    /// `by_first[b]`: the patterns that start with byte `b`. The hold-back scan only looks at
+    /// positions holding such a byte, and compares only those patterns: a scrubber has several
+    /// spellings per value (issue 14), and most start with a different byte.
+    by_first: Vec<Vec<usize>>,
     max_len: usize,
 }
 
@@ -53,15 +54,15 @@ impl Patterns {
             .match_kind(MatchKind::LeftmostLongest)
             .build(&pats)
             .map_err(|e| RewriteError::Build(e.to_string()))?;
-        let mut first = [false; 256];
-        for p in &pats {
-            first[usize::from(p[0])] = true;
+        let mut by_first = vec![Vec::new(); 256];
+        for (i, p) in pats.iter().enumerate() {
+            by_first[usize::from(p[0])].push(i);
         }
         let max_len = pats.iter().map(|p| p.len()).max().unwrap_or(0);
         Ok(Self {
             ac: Some(ac),
             pats,
-            first,
+            by_first,
             max_len,
         })
     }
@@ -71,7 +72,7 @@ impl Patterns {
         Self {
             ac: None,
             pats: Vec::new(),
-            first: [false; 256],
+            by_first: vec![Vec::new(); 256],
             max_len: 0,
         }
     }
@@ -139,15 +140,13 @@ impl Patterns {
         let len = buf.len();
         let window = len.saturating_sub(self.max_len.saturating_sub(1)).max(from);
         for i in window..len {
-            if !self.first[usize::from(buf[i])] {
-                continue;
-            }
             let tail = &buf[i..];
-            if self
-                .pats
-                .iter()
-                .any(|p| p.len() > tail.len() && p.starts_with(tail))
-            {
+            let could_grow = self.by_first[usize::from(buf[i])].iter().any(|&p| {
+                self.pats
+                    .get(p)
+                    .is_some_and(|p| p.len() > tail.len() && p.starts_with(tail))
+            });
+            if could_grow {
                 return i;
             }
         }

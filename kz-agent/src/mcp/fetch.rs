@@ -190,9 +190,10 @@ async fn fetch_inner(
     } else {
         credential.hosts.to_vec()
     };
-    // Raw, percent-encoded and JSON-escaped: `fetch` hands whole bodies back, so every common
-    // echo of the value is looked for; a fixed marker, since the agent holds no masked token.
-    let scrubber = Scrubber::for_value(credential.secret.expose(), Forms::ECHOES, scrub::MARKER)?;
+    // Every spelling (raw, percent-encoded, JSON-escaped, base64): `fetch` hands whole bodies
+    // back, so every common echo of the value is looked for; a fixed marker (in the same
+    // spelling), since the agent holds no masked token.
+    let scrubber = Scrubber::for_value(credential.secret.expose(), Forms::ALL, scrub::MARKER)?;
 
     let mut redirects = 0;
     loop {

@@ -362,8 +362,10 @@ impl Proxy {
             })?
             .to_bytes();
         // Never hand the credential back: an echoing upstream must not leak it to the agent.
-        // Raw value only, and the exchange's own marker (see `scrub::EXCHANGE_MARKER`).
-        let scrubber = Scrubber::for_value(secret.expose(), Forms::RAW, scrub::EXCHANGE_MARKER)
+        // Every spelling, as the proxy and MCP `fetch` do (a `query:` injection is
+        // percent-encoded, an upstream may echo it encoded), and the exchange's own marker (see
+        // `scrub::EXCHANGE_MARKER`). A header holding any spelling is dropped below.
+        let scrubber = Scrubber::for_value(secret.expose(), Forms::ALL, scrub::EXCHANGE_MARKER)
             .map_err(|e| refuse(StatusCode::BAD_GATEWAY, "upstream_error", e.to_string()))?;
         // Nothing to scrub (the common case): hand the upstream's bytes back without a copy.
         let body = match scrubber.scrub(&rbody) {

@@ -117,7 +117,7 @@ impl<B> RewriteBody<B> {
                 }
                 Self::note_token(record, snap, plan, id, replaced);
             }
-            Direction::Down => record.scrubbed(snap.scrubbed_name(id)),
+            Direction::Down => record.scrubbed(snap.scrubbed_name(id), snap.scrubbed_form(id)),
         };
         let out = match data {
             Some(d) => self.rw.push(d, &mut seen),
@@ -216,7 +216,10 @@ where
                                     }
                                     (Direction::Down, _) => {
                                         let mut seen = |id: usize, _| {
-                                            record.scrubbed(snap.scrubbed_name(id));
+                                            record.scrubbed(
+                                                snap.scrubbed_name(id),
+                                                snap.scrubbed_form(id),
+                                            );
                                         };
                                         this.rw.rewrite_value(v.as_bytes(), &mut seen)
                                     }

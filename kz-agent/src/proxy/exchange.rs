@@ -453,8 +453,13 @@ pub fn target_uri(
     Ok(())
 }
 
-/// Phase 5: real → masked in every response header value; `seen` hears the secret's name.
-pub fn scrub_head(headers: &mut HeaderMap, scrub: &Scrubber, seen: &mut dyn FnMut(&str)) {
+/// Phase 5: real → masked in every response header value (`Location` too); `seen` hears the
+/// secret's name and the spelling found.
+pub fn scrub_head(
+    headers: &mut HeaderMap,
+    scrub: &Scrubber,
+    seen: &mut dyn FnMut(&str, &'static str),
+) {
     for (_, value) in headers.iter_mut() {
         if let Some(v) = scrub.rewrite_value(value.as_bytes(), seen)
             && let Ok(hv) = HeaderValue::from_bytes(&v)
@@ -709,7 +714,9 @@ async fn respond(
     }
     let (mut parts, incoming) = resp.into_parts();
     if !snap.is_empty() {
-        scrub_head(&mut parts.headers, &scrub, &mut |name| rec.scrubbed(name));
+        scrub_head(&mut parts.headers, &scrub, &mut |name, form| {
+            rec.scrubbed(name, form)
+        });
     }
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
     hop::strip(&mut parts.headers, upgraded);
@@ -736,7 +743,7 @@ async fn respond(
                 Ok(c) => c.to_bytes(),
                 Err(e) => return Rejection::UpstreamBody(e.to_string()).respond(&rec),
             };
-            let mut seen = |name: &str| rec.scrubbed(name);
+            let mut seen = |name: &str, form| rec.scrubbed(name, form);
             let out = scrub
                 .rewrite_value(&data, &mut seen)
                 .map_or(data, Bytes::from);
@@ -792,7 +799,8 @@ fn relay_upgrade(
             if !is_ws && !snap.is_empty() {
                 return 0;
             }
-            let mut seen = |id: usize, _| rec.scrubbed(snap.scrubbed_name(id));
+            let mut seen =
+                |id: usize, _| rec.scrubbed(snap.scrubbed_name(id), snap.scrubbed_form(id));
             match super::ws::relay_down(sr, cw, rw, &mut seen).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -1203,11 +1211,25 @@ mod tests {
             HeaderValue::from_str(&format!("key={REAL}")).unwrap(),
         );
         h.insert("x-other", HeaderValue::from_static("fine"));
+        // A redirect carrying the value as kz percent-encoded it into a URL.
+        let enc = percent_encode(REAL.as_bytes(), Keep::Unreserved);
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_str(&format!("/next?k={enc}")).unwrap(),
+        );
         let mut heard = Vec::new();
-        scrub_head(&mut h, &scrub, &mut |n| heard.push(n.to_owned()));
+        scrub_head(&mut h, &scrub, &mut |n, f| heard.push((n.to_owned(), f)));
         assert_eq!(h["x-echo"], format!("key={masked}").as_str());
         assert_eq!(h["x-other"], "fine");
-        assert_eq!(heard, vec!["API_KEY".to_owned()]);
+        assert_eq!(h[header::LOCATION], format!("/next?k={masked}").as_str());
+        heard.sort();
+        assert_eq!(
+            heard,
+            vec![
+                ("API_KEY".to_owned(), "percent"),
+                ("API_KEY".to_owned(), "raw")
+            ]
+        );
     }
 
     #[test]

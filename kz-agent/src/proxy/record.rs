@@ -28,6 +28,8 @@ pub struct Fields {
     pub swapped: BTreeSet<String>,
     pub out_of_scope: BTreeSet<String>,
     pub scrubbed: BTreeSet<String>,
+    /// (secret, spelling) pairs of what was scrubbed: `raw`, `percent`, `json`, `base64`…
+    pub scrubbed_forms: BTreeSet<(String, &'static str)>,
     pub error: Option<String>,
     pub refused: bool,
     /// Why the first token left masked was (see [`Record::unswapped`]).
@@ -101,11 +103,19 @@ impl Record {
         });
     }
 
-    pub fn scrubbed(&self, name: &str) {
+    /// Notes that secret `name` was scrubbed from the response, found spelled as `form`.
+    pub fn scrubbed(&self, name: &str, form: &'static str) {
         Metrics::inc(&self.shared.metrics.secrets_scrubbed_total);
         self.with(|f| {
             if !f.scrubbed.contains(name) {
                 f.scrubbed.insert(name.to_owned());
+            }
+            if !f
+                .scrubbed_forms
+                .iter()
+                .any(|(n, s)| n == name && *s == form)
+            {
+                f.scrubbed_forms.insert((name.to_owned(), form));
             }
         });
     }
@@ -145,6 +155,15 @@ impl Drop for Record {
             .with("swapped", list(&mut f.swapped))
             .with("out_of_scope", list(&mut f.out_of_scope))
             .with("scrubbed", list(&mut f.scrubbed))
+            .with(
+                "scrubbed_forms",
+                Value::Array(
+                    std::mem::take(&mut f.scrubbed_forms)
+                        .into_iter()
+                        .map(|(secret, form)| serde_json::json!({"secret": secret, "form": form}))
+                        .collect(),
+                ),
+            )
             .with("bytes_up", up)
             .with("bytes_down", down)
             .with("duration_ms", (ms * 1000.0).round() / 1000.0);

@@ -141,6 +141,12 @@ impl Snapshot {
         self.name(self.real.value_of(pattern))
     }
 
+    /// Which spelling of the value a scrub match was (`raw`, `base64`, …; the audit record's
+    /// `form`).
+    pub fn scrubbed_form(&self, pattern: usize) -> &'static str {
+        self.real.form_of(pattern).as_str()
+    }
+
     pub fn in_scope(&self, id: usize, host: &str) -> bool {
         self.entries
             .get(id)
@@ -324,11 +330,16 @@ impl Scrubber {
         self.snap.real.stream()
     }
 
-    /// Scrubs one complete value (a header); `seen` gets the secret's name per occurrence.
-    pub fn rewrite_value(&self, v: &[u8], seen: &mut dyn FnMut(&str)) -> Option<Vec<u8>> {
-        self.snap
-            .real
-            .rewrite_value(v, &mut |id| seen(self.snap.scrubbed_name(id)))
+    /// Scrubs one complete value (a header); `seen` gets the secret's name and the spelling
+    /// found per occurrence.
+    pub fn rewrite_value(
+        &self,
+        v: &[u8],
+        seen: &mut dyn FnMut(&str, &'static str),
+    ) -> Option<Vec<u8>> {
+        self.snap.real.rewrite_value(v, &mut |id| {
+            seen(self.snap.scrubbed_name(id), self.snap.scrubbed_form(id))
+        })
     }
 
     /// Names of the secrets found in `data` (for audit records).
@@ -489,11 +500,12 @@ fn build(entries: Vec<Entry>, version: u64) -> Result<Snapshot, TokenError> {
             .map(|e| e.masked.as_bytes().to_vec().into_boxed_slice())
             .collect(),
     )?;
-    // Raw values only: the proxy streams bodies through this, and the encoded forms issue 14
-    // asks for are switched on here (one `Forms` change) once they are under test.
+    // Every spelling (raw, percent-encoded, JSON-escaped, base64): an upstream echoing a value
+    // encoded hands it back as surely as one echoing it raw. Each is replaced by the same
+    // spelling of the masked token where the encoding allows (`egress::scrub` docs).
     let real = scrub::Scrubber::new(
         entries.iter().map(|e| e.secret.expose().as_bytes()),
-        Forms::RAW,
+        Forms::ALL,
         Replacement::Tokens(
             entries
                 .iter()

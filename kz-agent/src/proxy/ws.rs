@@ -1,7 +1,19 @@
 //! WebSocket relay after a 101: client → server bytes pass as they are (the handshake was
-//! already swapped); server → client data frames are re-framed with their payload scrubbed
-//! (real → masked), so an upstream echoing a secret over a WebSocket does not hand it to the
-//! agent. Compression extensions are stripped from the handshake by the caller, so payloads are
+//! already swapped); server → client frames are re-framed with their payload scrubbed
+//! (real → masked, every spelling `egress::scrub` knows), so an upstream echoing a secret over
+//! a WebSocket does not hand it to the agent. Scrubbing runs where kz scrubs, toward the agent:
+//!
+//! - data frames (text, binary, continuation) are scrubbed as one stream per message, so a
+//!   value split across a message's fragments is found;
+//! - control frames (ping, pong, close) are scrubbed one by one: each is complete, may arrive
+//!   between two fragments of a message (without disturbing that message's carried tail), and
+//!   a pong the agent's client sends back for a ping repeats what the ping held. A close
+//!   frame's 2-byte status code is kept and its reason scrubbed. A control payload may hold at
+//!   most 125 bytes; when the replacement (a masked token longer than the value) makes it
+//!   longer, it is cut to 125 (a close reason at a UTF-8 boundary): what is cut is replacement
+//!   text, never part of a value.
+//!
+//! Compression extensions are stripped from the handshake by the caller, so payloads are
 //! plain; a compressed (RSV1) or oversized frame closes the relay instead of leaking.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -11,6 +23,11 @@ use crate::egress::rewrite::StreamRewriter;
 
 /// Largest frame buffered for scrubbing.
 const MAX_FRAME: u64 = 16 * 1024 * 1024;
+
+/// Largest control frame payload (RFC 6455 §5.5).
+const MAX_CONTROL: usize = 125;
+
+const CLOSE: u8 = 0x8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
@@ -52,7 +69,7 @@ where
                 }
                 out
             } else {
-                payload
+                control(opcode, payload, &rw, seen)
             };
             total += out.len() as u64;
             let mut frame = BytesMut::with_capacity(out.len() + 10);
@@ -76,6 +93,41 @@ where
             return Ok(total);
         }
     }
+}
+
+/// A control frame's payload scrubbed (a close frame's reason, after its status code), and
+/// cut to [`MAX_CONTROL`] bytes if the replacement made it longer.
+fn control(
+    opcode: u8,
+    payload: Bytes,
+    rw: &StreamRewriter,
+    seen: &mut (dyn FnMut(usize, bool) + Send),
+) -> Bytes {
+    let keep = if opcode == CLOSE {
+        payload.len().min(2)
+    } else {
+        0
+    };
+    let Some(text) = payload.get(keep..) else {
+        return payload;
+    };
+    let Some(scrubbed) = rw.rewrite_value(text, seen) else {
+        return payload;
+    };
+    let mut out = BytesMut::with_capacity(keep + scrubbed.len());
+    out.extend_from_slice(payload.get(..keep).unwrap_or_default());
+    out.extend_from_slice(&scrubbed);
+    if out.len() > MAX_CONTROL {
+        let mut cut = MAX_CONTROL;
+        if opcode == CLOSE {
+            // Not inside a UTF-8 sequence: the reason must stay valid text.
+            while cut > keep && out.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+                cut -= 1;
+            }
+        }
+        out.truncate(cut);
+    }
+    out.freeze()
 }
 
 /// One complete frame from `buf` (header byte 0 and unmasked payload), if buffered.
@@ -181,5 +233,84 @@ mod tests {
             relay_down(&input[..], &mut out, rw, &mut |_, _| {}).await,
             Err(WsError::Compressed)
         ));
+    }
+
+    fn scrubber(to: &[u8]) -> StreamRewriter {
+        let pats = Arc::new(Patterns::new(vec![b"sk-real".to_vec().into_boxed_slice()]).unwrap());
+        StreamRewriter::new(pats, Arc::new(Fixed(vec![to.to_vec().into_boxed_slice()])))
+    }
+
+    #[tokio::test]
+    async fn control_frames_are_scrubbed_even_between_fragments() {
+        let mut input = frame(0x01, b"a sk-r"); // text, not final: "sk-r" is carried
+        input.extend(frame(0x89, b"ping sk-real")); // ping in the middle of the message
+        input.extend(frame(0x8a, b"sk-real pong")); // unsolicited pong
+        input.extend(frame(0x80, b"eal b")); // continuation, final
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye sk-real");
+        input.extend(frame(0x88, &close));
+        let mut out = Vec::new();
+        let mut hits = 0;
+        relay_down(
+            &input[..],
+            &mut out,
+            scrubber(b"kz_masked_x"),
+            &mut |_, _| hits += 1,
+        )
+        .await
+        .unwrap();
+        let mut want = frame(0x01, b"a ");
+        want.extend(frame(0x89, b"ping kz_masked_x"));
+        want.extend(frame(0x8a, b"kz_masked_x pong"));
+        want.extend(frame(0x80, b"kz_masked_x b"));
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye kz_masked_x");
+        want.extend(frame(0x88, &close));
+        assert_eq!(out, want);
+        assert_eq!(hits, 4);
+    }
+
+    #[tokio::test]
+    async fn a_control_payload_stays_within_125_bytes() {
+        // 2-byte code + 116 bytes of reason holding the value: the replacement is longer.
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(&[b'r'; 100]);
+        close.extend_from_slice(b"sk-real");
+        close.extend_from_slice("\u{e9}\u{e9}\u{e9}\u{e9}".as_bytes());
+        assert!(close.len() <= MAX_CONTROL);
+        let long = [b'M'; 20];
+        let mut out = Vec::new();
+        relay_down(
+            &frame(0x88, &close)[..],
+            &mut out,
+            scrubber(&long),
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap();
+        let n = usize::from(out[1]);
+        assert!(n <= MAX_CONTROL, "{n}");
+        let payload = &out[2..];
+        assert_eq!(payload.len(), n);
+        assert_eq!(&payload[..2], &1000u16.to_be_bytes());
+        let reason = std::str::from_utf8(&payload[2..]).unwrap();
+        assert!(
+            !reason.contains("sk-real") && reason.contains("MMMM"),
+            "{reason}"
+        );
+        // A ping is cut at 125 bytes exactly.
+        let mut ping = vec![b'p'; 118];
+        ping.extend_from_slice(b"sk-real");
+        let mut out = Vec::new();
+        relay_down(
+            &frame(0x89, &ping)[..],
+            &mut out,
+            scrubber(&long),
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(usize::from(out[1]), MAX_CONTROL);
+        assert!(!out.windows(7).any(|w| w == b"sk-real"));
     }
 }

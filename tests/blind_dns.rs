@@ -70,6 +70,11 @@ fn zone() -> Zone {
 }
 
 fn setup(ipv6: bool) -> Env {
+    setup_with(ipv6, None)
+}
+
+/// `guard`: the address guard of a run's rules (None: the resolver's default).
+fn setup_with(ipv6: bool, guard: Option<kz_agent::egress::Guard>) -> Env {
     let Pair {
         client, upstream, ..
     } = Pair::new("dnc", "dnu");
@@ -81,6 +86,9 @@ fn setup(ipv6: bool) -> Env {
     config.upstream_timeout = Duration::from_millis(800);
     config.ttl_floor = Duration::from_secs(300);
     config.ipv6 = ipv6;
+    if let Some(g) = guard {
+        config.guard = g;
+    }
     let mut context = Fields::default();
     context.insert("run", "test-run-1".into());
     let sink = answers.clone();
@@ -495,4 +503,39 @@ fn getaddrinfo_of_a_rebinding_name_fails() {
     assert!(stdout.contains("NOADDR"), "{stdout}");
     assert!(stdout.contains("['10.77.0.10']"), "{stdout}");
     assert!(!fed(&env).iter().any(|ip| ip == "127.0.0.1"), "{:?}", fed(&env));
+}
+
+/// An explicit `cidr` rule is the way to let an allowed name resolve to loopback: the loopback
+/// answer then passes (and feeds the allow map); metadata stays dropped inside any range.
+#[test]
+fn an_allow_cidr_rule_lets_its_range_through() {
+    if !support::require_root() {
+        return;
+    }
+    use kz_agent::proxy::{ConnectionRule, ConnectionRules, HostPattern};
+    let rules = ConnectionRules(vec![
+        ConnectionRule::allow(HostPattern::cidr("127.0.0.0/8").unwrap()),
+        ConnectionRule::allow(HostPattern::cidr("169.254.0.0/16").unwrap()),
+        ConnectionRule::allow(HostPattern::host("*.allowed.test").unwrap()),
+    ]);
+    let env = setup_with(false, Some(rules.address_guard()));
+    let out = dig(&env, &["+short", "127-0-0-1.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["127.0.0.1"], "{out}");
+    let out = dig(&env, &["+short", "mixed.allowed.test"]);
+    assert_eq!(
+        sorted_lines(&out),
+        ["10.77.0.10", "127.0.0.1", "169.254.1.1"],
+        "{out}"
+    );
+    let out = dig(&env, &["+short", "metadata.allowed.test"]);
+    assert_eq!(sorted_lines(&out), Vec::<String>::new(), "{out}");
+    assert_eq!(fed(&env), ["10.77.0.10", "127.0.0.1", "169.254.1.1"]);
+    let dropped: Vec<String> = env
+        .audit
+        .of_kind("dns_answer_dropped")
+        .iter()
+        .map(|e| e.fields["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(dropped.iter().any(|a| a == "169.254.169.254"), "{dropped:?}");
+    assert!(!dropped.iter().any(|a| a == "127.0.0.1"), "{dropped:?}");
 }

@@ -1521,3 +1521,36 @@ fn the_proxy_refuses_to_dial_loopback() {
         assert_eq!(r.fields["error"], "address_refused", "{r:?}");
     }
 }
+
+/// An allow `cidr` rule is the explicit word that opens a range to the proxy's dials; a deny
+/// `cidr` rule closes a range even to a name the rules allow.
+#[test]
+fn an_allow_cidr_rule_opens_loopback_to_the_proxy() {
+    if !support::require_root() {
+        return;
+    }
+    let cidr = |allow, c: &str| ConnectionRule::from_table(0, allow, None, None, Some(c)).unwrap();
+    let rules = ConnectionRules(vec![
+        cidr(true, "127.0.0.0/8"),
+        cidr(false, EVIL),
+        ConnectionRule::allow(HostPattern::host("*.test").unwrap()),
+    ]);
+    let env = Env::new(Opts {
+        rules,
+        ..Opts::default()
+    });
+    let port = env.metrics.port();
+    let url = format!("http://loopback.test:{port}/metrics");
+    let out = ok(&env.curl_x(&[&url]));
+    assert!(out.contains("kz_proxy_requests_total"), "{out}");
+    // evil.test is allowed by name, but its address is in a deny range.
+    env.set_dst(EVIL, 443);
+    let out = env.curl_t("evil.test", 443, &["-w", "\n%{http_code}", "https://evil.test/echo"]);
+    assert!(stdout(&out).ends_with("502"), "{}", stdout(&out));
+    assert!(env.evil.seen().is_empty());
+    let recs = wait(&env.audit, "proxy_request", 2);
+    assert!(
+        recs.iter().any(|r| r.fields["error"] == "address_refused"),
+        "{recs:?}"
+    );
+}

@@ -45,7 +45,10 @@ fn zone() -> Zone {
         // Rebinding: allowed names whose answers point at this machine, its link, a metadata
         // service or no unicast host at all (`*.nip.io` style), mixed with a good address.
         .host("127-0-0-1.allowed.test", &["127.0.0.1"])
-        .host("metadata.allowed.test", &["169.254.169.254", "fd00:ec2::254"])
+        .host(
+            "metadata.allowed.test",
+            &["169.254.169.254", "fd00:ec2::254"],
+        )
         .host(
             "mixed.allowed.test",
             &[
@@ -502,7 +505,11 @@ fn getaddrinfo_of_a_rebinding_name_fails() {
     );
     assert!(stdout.contains("NOADDR"), "{stdout}");
     assert!(stdout.contains("['10.77.0.10']"), "{stdout}");
-    assert!(!fed(&env).iter().any(|ip| ip == "127.0.0.1"), "{:?}", fed(&env));
+    assert!(
+        !fed(&env).iter().any(|ip| ip == "127.0.0.1"),
+        "{:?}",
+        fed(&env)
+    );
 }
 
 /// An explicit `cidr` rule is the way to let an allowed name resolve to loopback: the loopback
@@ -536,6 +543,9 @@ fn an_allow_cidr_rule_lets_its_range_through() {
         .iter()
         .map(|e| e.fields["address"].as_str().unwrap().to_owned())
         .collect();
-    assert!(dropped.iter().any(|a| a == "169.254.169.254"), "{dropped:?}");
+    assert!(
+        dropped.iter().any(|a| a == "169.254.169.254"),
+        "{dropped:?}"
+    );
     assert!(!dropped.iter().any(|a| a == "127.0.0.1"), "{dropped:?}");
 }

@@ -1545,7 +1545,11 @@ fn an_allow_cidr_rule_opens_loopback_to_the_proxy() {
     assert!(out.contains("kz_proxy_requests_total"), "{out}");
     // evil.test is allowed by name, but its address is in a deny range.
     env.set_dst(EVIL, 443);
-    let out = env.curl_t("evil.test", 443, &["-w", "\n%{http_code}", "https://evil.test/echo"]);
+    let out = env.curl_t(
+        "evil.test",
+        443,
+        &["-w", "\n%{http_code}", "https://evil.test/echo"],
+    );
     assert!(stdout(&out).ends_with("502"), "{}", stdout(&out));
     assert!(env.evil.seen().is_empty());
     let recs = wait(&env.audit, "proxy_request", 2);

@@ -61,12 +61,7 @@ fn session(id: SessionId, real: &str) -> (Session, String, String, Arc<MemorySin
         proxy::ConnectionRule::allow(proxy::HostPattern::cidr("127.0.0.1").unwrap()),
         proxy::ConnectionRule::allow(proxy::HostPattern::host("api.test").unwrap()),
     ]);
-    (
-        session,
-        masked,
-        pem,
-        audit,
-    )
+    (session, masked, pem, audit)
 }
 
 async fn node() -> Node {

@@ -480,7 +480,10 @@ fn record_ip(r: &Record) -> Option<IpAddr> {
 
 /// The A/AAAA addresses of an upstream answer with their allow-map lifetimes, and the ones the
 /// address guard refuses (with why).
-fn addresses(upstream: &Message, config: &DnsConfig) -> (Vec<ResolvedIp>, Vec<(IpAddr, GuardError)>) {
+fn addresses(
+    upstream: &Message,
+    config: &DnsConfig,
+) -> (Vec<ResolvedIp>, Vec<(IpAddr, GuardError)>) {
     let mut allowed = Vec::new();
     let mut dropped: Vec<(IpAddr, GuardError)> = Vec::new();
     for r in &upstream.answers {

@@ -138,10 +138,12 @@ impl HostPattern {
     }
 
     pub fn cidr(given: &str) -> Result<Self, RuleError> {
-        parse_cidr(given).map(Self::Cidr).ok_or_else(|| RuleError::Cidr {
-            index: 0,
-            given: given.to_owned(),
-        })
+        parse_cidr(given)
+            .map(Self::Cidr)
+            .ok_or_else(|| RuleError::Cidr {
+                index: 0,
+                given: given.to_owned(),
+            })
     }
 
     /// Whether this pattern matches `host` in a rule that allows (`true`) or denies: only a
@@ -352,7 +354,10 @@ mod tests {
         assert_eq!(r.check("evil.b.test", 443), Verdict::Deny);
         // A KeyZero rule written with anchors means the same.
         let r = rules(&[(true, None, Some(r"^(.+\.)?example\.com$"))]);
-        assert!(matches!(r.check("a.example.com", 443), Verdict::Allow { .. }));
+        assert!(matches!(
+            r.check("a.example.com", 443),
+            Verdict::Allow { .. }
+        ));
         assert_eq!(r.check("example.com.evil", 443), Verdict::Deny);
         // Deny: KeyZero's search reading, the stricter one for a deny rule.
         let r = rules(&[(false, None, Some("pastebin")), (true, None, Some(".*"))]);
@@ -374,7 +379,10 @@ mod tests {
             ConnectionRule::allow(HostPattern::host("*.test").unwrap()),
         ]);
         assert!(matches!(r.check("127.0.0.5", 80), Verdict::Allow { .. }));
-        assert!(matches!(r.check("[::ffff:127.0.0.5]", 80), Verdict::Allow { .. }));
+        assert!(matches!(
+            r.check("[::ffff:127.0.0.5]", 80),
+            Verdict::Allow { .. }
+        ));
         assert_eq!(r.check("127.0.0.9", 80), Verdict::Deny);
         assert_eq!(r.check("10.0.0.1", 80), Verdict::Deny);
         assert_eq!(r.check("127.test.evil", 80), Verdict::Deny);

@@ -184,8 +184,11 @@ impl Node {
     /// of it is left behind when this fails.
     pub async fn admit(&self, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {
         let answers = names::Answers::default();
-        let resolve =
-            names::host_lookup(answers.clone(), spec.dns_upstream, spec.rules.address_guard());
+        let resolve = names::host_lookup(
+            answers.clone(),
+            spec.dns_upstream,
+            spec.rules.address_guard(),
+        );
         let session = |id| {
             let mut s = Session::new(id, spec.ca.clone(), spec.tokens.clone(), spec.audit.clone());
             s.rules = spec.rules.clone();

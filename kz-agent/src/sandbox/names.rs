@@ -167,9 +167,8 @@ mod tests {
 
     #[test]
     fn allow_cidr_ranges_are_known_to_the_kernel_unless_a_deny_range_holds_them() {
-        let cidr = |allow, c: &str| {
-            ConnectionRule::from_table(0, allow, None, None, Some(c)).unwrap()
-        };
+        let cidr =
+            |allow, c: &str| ConnectionRule::from_table(0, allow, None, None, Some(c)).unwrap();
         let rules = ConnectionRules(vec![
             cidr(false, "10.0.0.0/8"),
             cidr(true, "10.1.0.0/16"),
@@ -177,7 +176,10 @@ mod tests {
             cidr(false, "192.168.0.0/16"),
         ]);
         let got = literal_ips_allowed(&rules);
-        assert_eq!(got, vec![Cidr::new("127.0.0.0".parse().unwrap(), 8).unwrap()]);
+        assert_eq!(
+            got,
+            vec![Cidr::new("127.0.0.0".parse().unwrap(), 8).unwrap()]
+        );
         // A cidr rule names no name.
         assert!(!name_allowed(&rules, "localhost"));
     }

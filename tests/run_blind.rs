@@ -736,7 +736,10 @@ fn a_rebinding_answer_opens_no_loopback_service() {
     assert!(o.contains("getent exit 2"), "{o}");
     assert!(!o.contains("curl exit 0"), "{o}");
     assert!(o.contains("connect: EPERM"), "{o}");
-    assert!(service.seen().is_empty(), "the loopback service was reached");
+    assert!(
+        service.seen().is_empty(),
+        "the loopback service was reached"
+    );
     let audit = env.audit();
     assert!(
         audit.iter().any(|r| r["kind"] == "dns_answer_dropped"

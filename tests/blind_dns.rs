@@ -42,9 +42,42 @@ fn zone() -> Zone {
         .cname("www.allowed.test", "api.allowed.test")
         .host("big.allowed.test", &big)
         .host("secret.denied.test", &["10.77.0.66"])
+        // Rebinding: allowed names whose answers point at this machine, its link, a metadata
+        // service or no unicast host at all (`*.nip.io` style), mixed with a good address.
+        .host("127-0-0-1.allowed.test", &["127.0.0.1"])
+        .host(
+            "metadata.allowed.test",
+            &["169.254.169.254", "fd00:ec2::254"],
+        )
+        .host(
+            "mixed.allowed.test",
+            &[
+                "127.0.0.1",
+                "169.254.169.254",
+                "169.254.1.1",
+                "168.63.129.16",
+                "224.0.0.1",
+                "0.0.0.0",
+                "255.255.255.255",
+                "10.77.0.10",
+                "fd00:ec2::254",
+                "::1",
+                "fe80::1",
+                "ff02::1",
+                "::",
+                "::ffff:127.0.0.1",
+                "fd00::10",
+            ],
+        )
+        .cname("alias.allowed.test", "127-0-0-1.allowed.test")
 }
 
 fn setup(ipv6: bool) -> Env {
+    setup_with(ipv6, None)
+}
+
+/// `guard`: the address guard of a run's rules (None: the resolver's default).
+fn setup_with(ipv6: bool, guard: Option<kz_agent::egress::Guard>) -> Env {
     let Pair {
         client, upstream, ..
     } = Pair::new("dnc", "dnu");
@@ -56,6 +89,9 @@ fn setup(ipv6: bool) -> Env {
     config.upstream_timeout = Duration::from_millis(800);
     config.ttl_floor = Duration::from_secs(300);
     config.ipv6 = ipv6;
+    if let Some(g) = guard {
+        config.guard = g;
+    }
     let mut context = Fields::default();
     context.insert("run", "test-run-1".into());
     let sink = answers.clone();
@@ -367,4 +403,149 @@ fn aaaa_is_forwarded_only_when_ipv6_is_allowed() {
     let answers = env6.answers.lock().unwrap().clone();
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].1[0].ip.to_string(), "fd00::10");
+}
+
+/// The addresses the resolver handed to the allow-map hook, over all answers so far.
+fn fed(env: &Env) -> Vec<String> {
+    let answers = env.answers.lock().unwrap().clone();
+    let mut ips: Vec<String> = answers
+        .iter()
+        .flat_map(|(_, ips)| ips.iter().map(|r| r.ip.to_string()))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// DNS rebinding: an allowed wildcard name answered with loopback, link-local, metadata,
+/// multicast, broadcast or unspecified addresses. The agent's `dig` gets none of them, the
+/// allow map is never fed them, and each drop is audited with the name and the address.
+#[test]
+fn answers_pointing_an_allowed_name_at_dangerous_addresses_are_dropped() {
+    if !support::require_root() {
+        return;
+    }
+    let env = setup(true);
+    let out = dig(&env, &["+short", "127-0-0-1.allowed.test"]);
+    assert_eq!(sorted_lines(&out), Vec::<String>::new(), "{out}");
+    let out = dig(&env, &["127-0-0-1.allowed.test"]);
+    assert!(out.contains("status: NOERROR"), "{out}");
+    let out = dig(&env, &["+short", "metadata.allowed.test"]);
+    assert_eq!(sorted_lines(&out), Vec::<String>::new(), "{out}");
+    let out = dig(&env, &["+short", "AAAA", "metadata.allowed.test"]);
+    assert_eq!(sorted_lines(&out), Vec::<String>::new(), "{out}");
+    // A mixed answer keeps its good addresses only.
+    let out = dig(&env, &["+short", "mixed.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["10.77.0.10"], "{out}");
+    let out = dig(&env, &["+short", "AAAA", "mixed.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["fd00::10"], "{out}");
+    // Over TCP too, and through a CNAME.
+    let out = dig(&env, &["+tcp", "+short", "mixed.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["10.77.0.10"], "{out}");
+    let out = dig(&env, &["+short", "alias.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["127-0-0-1.allowed.test."], "{out}");
+
+    assert_eq!(fed(&env), ["10.77.0.10", "fd00::10"]);
+    let dropped = env.audit.of_kind("dns_answer_dropped");
+    let mut pairs: Vec<(String, String)> = dropped
+        .iter()
+        .map(|e| {
+            assert_eq!(e.fields["run"], "test-run-1");
+            assert!(e.fields["reason"].as_str().is_some_and(|r| !r.is_empty()));
+            (
+                e.fields["name"].as_str().unwrap().to_owned(),
+                e.fields["address"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    pairs.dedup();
+    for (name, addr) in [
+        ("127-0-0-1.allowed.test", "127.0.0.1"),
+        ("alias.allowed.test", "127.0.0.1"),
+        ("metadata.allowed.test", "169.254.169.254"),
+        ("metadata.allowed.test", "fd00:ec2::254"),
+        ("mixed.allowed.test", "0.0.0.0"),
+        ("mixed.allowed.test", "168.63.129.16"),
+        ("mixed.allowed.test", "169.254.1.1"),
+        ("mixed.allowed.test", "224.0.0.1"),
+        ("mixed.allowed.test", "255.255.255.255"),
+        ("mixed.allowed.test", "::"),
+        ("mixed.allowed.test", "::1"),
+        ("mixed.allowed.test", "::ffff:127.0.0.1"),
+        ("mixed.allowed.test", "fe80::1"),
+        ("mixed.allowed.test", "ff02::1"),
+    ] {
+        assert!(
+            pairs.contains(&(name.to_owned(), addr.to_owned())),
+            "no dns_answer_dropped for {name} {addr}: {pairs:?}"
+        );
+    }
+}
+
+/// Python's getaddrinfo (glibc's stub resolver) on a rebinding name: it does not resolve.
+#[test]
+fn getaddrinfo_of_a_rebinding_name_fails() {
+    if !support::require_root() {
+        return;
+    }
+    let env = setup(false);
+    let out = python(
+        &env,
+        "import socket\n\
+         try:\n    print(socket.getaddrinfo('127-0-0-1.allowed.test', 80))\n    print('RESOLVED')\n\
+         except socket.gaierror as e:\n    print('NOADDR', e.errno)\n\
+         print(sorted({a[4][0] for a in socket.getaddrinfo('mixed.allowed.test', 80)}))\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("NOADDR"), "{stdout}");
+    assert!(stdout.contains("['10.77.0.10']"), "{stdout}");
+    assert!(
+        !fed(&env).iter().any(|ip| ip == "127.0.0.1"),
+        "{:?}",
+        fed(&env)
+    );
+}
+
+/// An explicit `cidr` rule is the way to let an allowed name resolve to loopback: the loopback
+/// answer then passes (and feeds the allow map); metadata stays dropped inside any range.
+#[test]
+fn an_allow_cidr_rule_lets_its_range_through() {
+    if !support::require_root() {
+        return;
+    }
+    use kz_agent::proxy::{ConnectionRule, ConnectionRules, HostPattern};
+    let rules = ConnectionRules(vec![
+        ConnectionRule::allow(HostPattern::cidr("127.0.0.0/8").unwrap()),
+        ConnectionRule::allow(HostPattern::cidr("169.254.0.0/16").unwrap()),
+        ConnectionRule::allow(HostPattern::host("*.allowed.test").unwrap()),
+    ]);
+    let env = setup_with(false, Some(rules.address_guard()));
+    let out = dig(&env, &["+short", "127-0-0-1.allowed.test"]);
+    assert_eq!(sorted_lines(&out), ["127.0.0.1"], "{out}");
+    let out = dig(&env, &["+short", "mixed.allowed.test"]);
+    assert_eq!(
+        sorted_lines(&out),
+        ["10.77.0.10", "127.0.0.1", "169.254.1.1"],
+        "{out}"
+    );
+    let out = dig(&env, &["+short", "metadata.allowed.test"]);
+    assert_eq!(sorted_lines(&out), Vec::<String>::new(), "{out}");
+    assert_eq!(fed(&env), ["10.77.0.10", "127.0.0.1", "169.254.1.1"]);
+    let dropped: Vec<String> = env
+        .audit
+        .of_kind("dns_answer_dropped")
+        .iter()
+        .map(|e| e.fields["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        dropped.iter().any(|a| a == "169.254.169.254"),
+        "{dropped:?}"
+    );
+    assert!(!dropped.iter().any(|a| a == "127.0.0.1"), "{dropped:?}");
 }

@@ -171,6 +171,12 @@ impl Env {
                             Some(SocketAddr::new(GOOD.parse().unwrap(), port))
                         }
                         "evil.test" => Some(SocketAddr::new(EVIL.parse().unwrap(), port)),
+                        // Names an unanchored regex rule for api.test would match.
+                        "api.test.evil" | "evilapi.test" => {
+                            Some(SocketAddr::new(EVIL.parse().unwrap(), port))
+                        }
+                        // An allowed name answered with loopback (DNS rebinding).
+                        "loopback.test" => Some(SocketAddr::from(([127, 0, 0, 1], port))),
                         _ => None,
                     }));
                     let mut cfg = proxy::Config::new(audit);
@@ -1995,4 +2001,118 @@ fn identity_is_forced_toward_guarded_hosts_and_compressed_answers_are_refused() 
         assert_eq!(r.fields["status"], 502);
         assert_eq!(r.fields["error"], "upstream_compressed_response");
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Issue 14 (dns): anchored regex rules and the proxy's dial guard.
+
+/// A regex rule matches the whole host name: `api\.test` allows api.test, not a name that
+/// merely contains it. Plain HTTP to the evil upstream with a Host the resolver maps to it (so
+/// the Host check holds): refused 403 and audited, nothing reaches the upstream.
+#[test]
+fn regex_rules_match_the_whole_host_name() {
+    if !support::require_root() {
+        return;
+    }
+    let rules = ConnectionRules(vec![
+        ConnectionRule::from_keyzero(0, true, None, Some(r"api\.test")).unwrap(),
+    ]);
+    let env = Env::new(Opts {
+        rules,
+        ..Opts::default()
+    });
+    env.set_dst(EVIL, 80);
+    for host in ["api.test.evil", "evilapi.test"] {
+        let url = format!("http://{host}/echo");
+        let out = env.curl_t(host, 80, &["-w", "\n%{http_code}", &url]);
+        assert!(stdout(&out).ends_with("403"), "{host}: {}", stdout(&out));
+    }
+    // Explicit proxy, plain forward and CONNECT.
+    let out = env.curl_x(&["-w", "\n%{http_code}", "http://api.test.evil/echo"]);
+    assert!(stdout(&out).ends_with("403"), "{}", stdout(&out));
+    let out = env.curl_x(&["-w", "\n%{http_code}", "https://evilapi.test/echo"]);
+    assert!(!out.status.success() || stdout(&out).ends_with("403"));
+    assert!(env.evil.seen().is_empty(), "{:?}", env.evil.seen());
+    let recs = wait(&env.audit, "proxy_request", 3);
+    let hosts: Vec<&str> = recs
+        .iter()
+        .map(|r| {
+            assert_eq!(r.fields["status"], 403, "{r:?}");
+            assert_eq!(r.fields["error"], "connection_denied", "{r:?}");
+            r.fields["host"].as_str().unwrap()
+        })
+        .collect();
+    assert!(hosts.contains(&"api.test.evil") && hosts.contains(&"evilapi.test"));
+    // The name itself still works.
+    env.set_dst(GOOD, 443);
+    ok(&env.curl_t("api.test", 443, &["https://api.test/echo"]));
+}
+
+/// The proxy never dials loopback for an agent: a name that resolves to 127.0.0.1 (and a
+/// transparent connection whose original destination is loopback) would otherwise reach kz's
+/// own metrics endpoint, or any service of the host, from inside the sandbox. 502 and an audit
+/// record `address_refused`.
+#[test]
+fn the_proxy_refuses_to_dial_loopback() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new(Opts::default());
+    let port = env.metrics.port();
+    // Explicit plain forward to a name the resolver maps to loopback.
+    let url = format!("http://loopback.test:{port}/metrics");
+    let out = env.curl_x(&["-w", "\n%{http_code}", &url]);
+    let body = stdout(&out);
+    assert!(!body.contains("kz_proxy_requests_total"), "{body}");
+    assert!(body.ends_with("502"), "{body}");
+    // Transparent: the agent connected to 127.0.0.1 itself.
+    env.set_dst("127.0.0.1", port);
+    let url = format!("http://loopback.test:{port}/metrics");
+    let out = env.curl_t("loopback.test", port, &["-w", "\n%{http_code}", &url]);
+    let body = stdout(&out);
+    assert!(!body.contains("kz_proxy_requests_total"), "{body}");
+    assert!(body.ends_with("502"), "{body}");
+    let recs = wait(&env.audit, "proxy_request", 2);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    for r in &recs {
+        assert_eq!(r.fields["status"], 502, "{r:?}");
+        assert_eq!(r.fields["error"], "address_refused", "{r:?}");
+    }
+}
+
+/// An allow `cidr` rule is the explicit word that opens a range to the proxy's dials; a deny
+/// `cidr` rule closes a range even to a name the rules allow.
+#[test]
+fn an_allow_cidr_rule_opens_loopback_to_the_proxy() {
+    if !support::require_root() {
+        return;
+    }
+    let cidr = |allow, c: &str| ConnectionRule::from_table(0, allow, None, None, Some(c)).unwrap();
+    let rules = ConnectionRules(vec![
+        cidr(true, "127.0.0.0/8"),
+        cidr(false, EVIL),
+        ConnectionRule::allow(HostPattern::host("*.test").unwrap()),
+    ]);
+    let env = Env::new(Opts {
+        rules,
+        ..Opts::default()
+    });
+    let port = env.metrics.port();
+    let url = format!("http://loopback.test:{port}/metrics");
+    let out = ok(&env.curl_x(&[&url]));
+    assert!(out.contains("kz_proxy_requests_total"), "{out}");
+    // evil.test is allowed by name, but its address is in a deny range.
+    env.set_dst(EVIL, 443);
+    let out = env.curl_t(
+        "evil.test",
+        443,
+        &["-w", "\n%{http_code}", "https://evil.test/echo"],
+    );
+    assert!(stdout(&out).ends_with("502"), "{}", stdout(&out));
+    assert!(env.evil.seen().is_empty());
+    let recs = wait(&env.audit, "proxy_request", 2);
+    assert!(
+        recs.iter().any(|r| r.fields["error"] == "address_refused"),
+        "{recs:?}"
+    );
 }

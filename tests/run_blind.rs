@@ -1122,3 +1122,47 @@ fn a_plain_http_host_claim_of_a_denied_name_is_never_looked_up() {
     assert!(env.api.seen().is_empty());
     assert!(!errors(&env, "connection_denied").is_empty());
 }
+
+/// Issue 14, DNS rebinding under the kernel: the rules allow `*.allowed.test`, and the name
+/// rebind.allowed.test answers 127.0.0.1, where a service of the host listens (kz's proxy runs
+/// in the same network namespace and would dial it for the agent). The agent's lookup finds no
+/// address, the kernel's allow map never learns 127.0.0.1 (a connect there with the address
+/// given by hand is EPERM), nothing reaches the service, and the drop is audited.
+#[test]
+fn a_rebinding_answer_opens_no_loopback_service() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    write_config(&env.dir, "api.allowed.test", &["*.allowed.test"], "");
+    let service = support::upstream::Upstream::start(
+        Some(&env.client),
+        &[("127.0.0.1:0".parse().unwrap(), None)],
+        support::upstream::Routes::EchoAuth,
+    );
+    let port = service.addrs[0].port();
+    let out = env.run(&format!(
+        r#"
+        getent ahostsv4 rebind.allowed.test; echo "getent exit $?"
+        curl -sS --max-time 10 http://rebind.allowed.test:{port}/x; echo "curl exit $?"
+        curl -sS --max-time 10 --resolve rebind.allowed.test:{port}:127.0.0.1 http://rebind.allowed.test:{port}/x; echo "curl exit $?"
+        {connect}
+        "#,
+        connect = py_connect("127.0.0.1", port)
+    ));
+    let o = assert_ok(&out);
+    assert!(o.contains("getent exit 2"), "{o}");
+    assert!(!o.contains("curl exit 0"), "{o}");
+    assert!(o.contains("connect: EPERM"), "{o}");
+    assert!(
+        service.seen().is_empty(),
+        "the loopback service was reached"
+    );
+    let audit = env.audit();
+    assert!(
+        audit.iter().any(|r| r["kind"] == "dns_answer_dropped"
+            && r["name"] == "rebind.allowed.test"
+            && r["address"] == "127.0.0.1"),
+        "no dns_answer_dropped record: {audit:?}"
+    );
+}

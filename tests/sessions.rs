@@ -55,12 +55,13 @@ fn session(id: SessionId, real: &str) -> (Session, String, String, Arc<MemorySin
     let ca = Arc::new(CertAuthority::generate(16).unwrap());
     let pem = ca.cert_pem().to_owned();
     let audit = Arc::new(MemorySink::new());
-    (
-        Session::new(id, ca, tokens, audit.clone()),
-        masked,
-        pem,
-        audit,
-    )
+    let mut session = Session::new(id, ca, tokens, audit.clone());
+    // The upstream is on loopback: the proxy dials it only because a rule opens that address.
+    session.rules = proxy::ConnectionRules(vec![
+        proxy::ConnectionRule::allow(proxy::HostPattern::cidr("127.0.0.1").unwrap()),
+        proxy::ConnectionRule::allow(proxy::HostPattern::host("api.test").unwrap()),
+    ]);
+    (session, masked, pem, audit)
 }
 
 async fn node() -> Node {

@@ -58,7 +58,9 @@ impl Env {
         let zone = Zone::new(30)
             .host("api.allowed.test", &[API])
             .host("other.allowed.test", &[OTHER])
-            .host("denied.test", &[DENIED]);
+            .host("denied.test", &[DENIED])
+            // An allowed name pointed at this machine (DNS rebinding, issue 14).
+            .host("rebind.allowed.test", &["127.0.0.1"]);
         let dns = TestDns::start(&upstream_ns, "10.77.0.2:53".parse().unwrap(), zone);
 
         let dir = super::agent_readable_dir("kzrb");

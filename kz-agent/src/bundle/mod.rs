@@ -819,7 +819,7 @@ fn check_semantics(lb: &LoadedBundle) -> Vec<Problem> {
                 ));
             }
             if let Some(re) = &rule.regex
-                && let Err(e) = regex::Regex::new(re)
+                && let Err(e) = crate::proxy::rules::HostRegex::new(re)
             {
                 out.push(lb.problem(
                     &["blind", "connections", &i.to_string(), "regex"],

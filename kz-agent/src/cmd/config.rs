@@ -141,9 +141,11 @@ const STARTER: &str = r#"# keyzero configuration (read by kz and KeyZero)
 # hosts = ["api.github.com"]        # kz: where `kz run --blind` may swap it in
 
 # [blind]                           # kz run --blind: where the agent may connect
-# connections = [
+# connections = [                  # first match wins; no match = refused
 #   { allow = true, host = "api.github.com" },
-# ]
+#   { allow = true, regex = '(.+\.)?example\.com' },   # must match the whole host name
+#   { allow = true, cidr = "10.20.0.0/16" },  # kz: an address range (needed for loopback,
+# ]                                           #   link-local, multicast: refused otherwise)
 # hide = ["~/.aws/credentials", ".env"]   # masked for the agent (default: common credential files)
 "#;
 

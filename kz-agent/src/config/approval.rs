@@ -237,12 +237,13 @@ impl View {
         } = b;
         for (i, ConnectionRule { allow, pattern }) in connections.iter().enumerate() {
             let (kind, text) = match pattern {
-                HostPattern::Host(h) => ("host", h.as_str()),
-                HostPattern::Regex(re) => ("regex", re.as_str()),
+                HostPattern::Host(h) => ("host", h.clone()),
+                HostPattern::Regex(re) => ("regex", re.as_str().to_owned()),
+                HostPattern::Cidr(net) => ("cidr", net.to_string()),
             };
             self.put(
                 &format!("blind.connections[{i}]"),
-                format!("{{allow = {allow}, {kind} = {}}}", json(text)),
+                format!("{{allow = {allow}, {kind} = {}}}", json(&text)),
             );
         }
         self.put("blind.ipv6", ipv6.to_string());

@@ -1,8 +1,12 @@
 //! The `[blind]` table: what a `kz run --blind` agent may reach.
 //!
 //! KeyZero's `connections = [{allow = true, host = "api.github.com"}, {allow = false, regex =
-//! "..."}]` (ordered, first match wins; a non-empty list denies what matches nothing) plus kz's
-//! kernel-enforcement options, all off by default:
+//! "..."}]` (ordered, first match wins; a non-empty list denies what matches nothing), with
+//! kz's `{allow = true, cidr = "127.0.0.0/8"}` address ranges; an allow rule's regex must match
+//! the whole host name, a deny rule's anywhere in it, and a blind run reaches loopback,
+//! link-local, multicast and broadcast addresses only through an allow `cidr` rule (the rule
+//! language, and the compatibility decision on regexes, are in [`crate::proxy::rules`]). Plus
+//! kz's kernel-enforcement options, all off by default:
 //! `ipv6` (let the agent use IPv6 natively), `udp` (UDP other than DNS), `non_http_tcp` (TCP
 //! connections that are not HTTP/TLS to allowed hosts), `refuse_on_scope_violation` (alias
 //! `refuse_out_of_scope`: refuse a request carrying a masked token kz did not swap, outside its
@@ -20,7 +24,8 @@
 //! D-Bus buses, SSH and GPG agents, name-service caches and everything else are refused.
 
 use crate::intercept::{Listen, UnixRule};
-use regex::Regex;
+use crate::proxy::rules::{HostRegex, cidr_matches};
+use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -28,15 +33,20 @@ use std::path::{Path, PathBuf};
 pub enum HostPattern {
     /// Exact host name, compared case-insensitively.
     Host(String),
-    Regex(Regex),
+    /// `regex = '…'`, compiled once ([`HostRegex`]).
+    Regex(HostRegex),
+    /// `cidr = "127.0.0.0/8"`.
+    Cidr(IpNet),
 }
 
 impl HostPattern {
-    pub fn matches(&self, host: &str) -> bool {
-        let host = host.trim_end_matches('.');
+    /// Whether the pattern matches `host` in a rule that allows (`true`) or denies (a regex
+    /// reads differently for each, see [`crate::proxy::rules`]).
+    pub fn matches_for(&self, allow: bool, host: &str) -> bool {
         match self {
-            HostPattern::Host(h) => h.eq_ignore_ascii_case(host),
-            HostPattern::Regex(re) => re.is_match(host),
+            HostPattern::Host(h) => h.eq_ignore_ascii_case(host.trim_end_matches('.')),
+            HostPattern::Regex(re) => re.matches_for(allow, host),
+            HostPattern::Cidr(net) => cidr_matches(net, host),
         }
     }
 }
@@ -120,7 +130,7 @@ impl BlindConfig {
         }
         self.connections
             .iter()
-            .find(|r| r.pattern.matches(host))
+            .find(|r| r.pattern.matches_for(r.allow, host))
             .is_some_and(|r| r.allow)
     }
 
@@ -208,7 +218,7 @@ mod tests {
                 rule(false, HostPattern::Host("evil.example.com".into())),
                 rule(
                     true,
-                    HostPattern::Regex(Regex::new(r"(^|\.)example\.com$").unwrap()),
+                    HostPattern::Regex(HostRegex::new(r"(.+\.)?example\.com").unwrap()),
                 ),
                 rule(true, HostPattern::Host("API.GitHub.com".into())),
             ],

@@ -873,7 +873,7 @@ fn parse_blind(src: &Source<'_>, value: &Spanned<DeValue<'_>>) -> Result<BlindCo
                 let DeValue::Array(rules) = v.get_ref() else {
                     return Err(src.err(
                         v.span(),
-                        "[blind] `connections` must be a list of {allow, host|regex} tables",
+                        "[blind] `connections` must be a list of {allow, host|regex|cidr} tables",
                     ));
                 };
                 for rule in rules {
@@ -1000,8 +1000,7 @@ fn parse_rule(
 ) -> Result<ConnectionRule, ConfigError> {
     let what = "[blind] connection rule";
     let mut allow = None;
-    let mut host = None;
-    let mut regex = None;
+    let mut given = Vec::new();
     for (k, v) in table_of(src, rule, what)? {
         match k.get_ref().as_ref() {
             "allow" => match v.get_ref() {
@@ -1010,14 +1009,15 @@ fn parse_rule(
                     return Err(src.err(v.span(), format!("{what}: `allow` must be true or false")));
                 }
             },
-            "host" => host = Some((string(src, v, what, "host")?, v.span())),
-            "regex" => regex = Some((string(src, v, what, "regex")?, v.span())),
+            key @ ("host" | "regex" | "cidr") => {
+                given.push((key, string(src, v, what, key)?, v.span()));
+            }
             other => {
                 return Err(src.err(
                     k.span(),
                     format!(
-                        "{what}: unknown key `{other}`{}; accepted: allow, host, regex",
-                        crate::suggest::hint(other, ["allow", "host", "regex"])
+                        "{what}: unknown key `{other}`{}; accepted: allow, host, regex, cidr",
+                        crate::suggest::hint(other, ["allow", "host", "regex", "cidr"])
                     ),
                 ));
             }
@@ -1025,22 +1025,34 @@ fn parse_rule(
     }
     let allow = allow
         .ok_or_else(|| src.err(rule.span(), format!("{what}: missing `allow = true|false`")))?;
-    let pattern = match (host, regex) {
-        (Some((h, _)), None) => HostPattern::Host(h.trim_end_matches('.').to_ascii_lowercase()),
-        (None, Some((r, span))) => HostPattern::Regex(
-            regex::Regex::new(&r)
-                .map_err(|e| src.err(span, format!("{what}: invalid regex: {e}")))?,
+    let pattern = match given.as_slice() {
+        [("host", h, _)] => HostPattern::Host(h.trim_end_matches('.').to_ascii_lowercase()),
+        [("regex", r, span)] => HostPattern::Regex(
+            crate::proxy::rules::HostRegex::new(r)
+                .map_err(|e| src.err(span.clone(), format!("{what}: invalid regex: {e}")))?,
         ),
-        (Some(_), Some(_)) => {
+        [("cidr", c, span)] => {
+            HostPattern::Cidr(crate::proxy::rules::parse_cidr(c).ok_or_else(|| {
+                src.err(
+                    span.clone(),
+                    format!(
+                        "{what}: cidr `{c}` is not an address range like \"127.0.0.0/8\", \"fd00::/8\" or a single address"
+                    ),
+                )
+            })?)
+        }
+        [] => {
             return Err(src.err(
                 rule.span(),
-                format!("{what} must specify either 'host' or 'regex', not both"),
+                format!("{what} must specify either 'host' or 'regex' (or kz's 'cidr')"),
             ));
         }
-        (None, None) => {
+        _ => {
             return Err(src.err(
                 rule.span(),
-                format!("{what} must specify either 'host' or 'regex'"),
+                format!(
+                    "{what} must specify either 'host' or 'regex', not both (or kz's 'cidr' alone)"
+                ),
             ));
         }
     };

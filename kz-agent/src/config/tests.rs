@@ -217,6 +217,14 @@ fn errors_carry_file_line_and_hints() {
             ":2:40: [blind] connection rule: invalid regex",
         ),
         (
+            "[blind]\nconnections = [{ allow = true, cidr = \"127.0.0.0/33\" }]\n",
+            ":2:39: [blind] connection rule: cidr `127.0.0.0/33` is not an address range like \"127.0.0.0/8\"",
+        ),
+        (
+            "[blind]\nconnections = [{ allow = true, host = \"a\", cidr = \"127.0.0.1\" }]\n",
+            "must specify either 'host' or 'regex', not both",
+        ),
+        (
             "[blind]\nresolver = \"dns.google\"\n",
             ":2:12: [blind] resolver: `dns.google` is not ADDR:PORT",
         ),
@@ -275,7 +283,7 @@ fn blind_table_parses() {
         ("ca.pem", "-----BEGIN CERTIFICATE-----\n"),
         (
             ".keyzero.toml",
-            "[secrets.K]\nresolver = \"env\"\nref = \"V\"\nhosts = [\"API.GitHub.com\", \"*.example.com\"]\n\n[blind]\nconnections = [\n  { allow = false, host = \"evil.example.com\" },\n  { allow = true, regex = '(^|\\.)example\\.com$' },\n]\nipv6 = true\nrefuse_on_scope_violation = true\nupstream_ca = \"ca.pem\"\nresolver = \"127.0.0.1:5353\"\n",
+            "[secrets.K]\nresolver = \"env\"\nref = \"V\"\nhosts = [\"API.GitHub.com\", \"*.example.com\"]\n\n[blind]\nconnections = [\n  { allow = false, host = \"evil.example.com\" },\n  { allow = true, regex = '(.+\\.)?example\\.com' },\n  { allow = true, cidr = \"127.0.0.0/8\" },\n  { allow = true, regex = 'github\\.com' },\n]\nipv6 = true\nrefuse_on_scope_violation = true\nupstream_ca = \"ca.pem\"\nresolver = \"127.0.0.1:5353\"\n",
         ),
     ]);
     let cfg = load(dir.path(), &[]).unwrap();
@@ -291,8 +299,16 @@ fn blind_table_parses() {
     );
     assert_eq!(b.dns_upstream().unwrap(), "127.0.0.1:5353".parse().unwrap());
     assert!(b.connection_allowed("api.example.com"));
+    assert!(b.connection_allowed("example.com"));
     assert!(!b.connection_allowed("evil.example.com"));
     assert!(!b.connection_allowed("other.org"));
+    // Regex rules match the whole name (issue 14); the cidr rule matches address literals.
+    assert!(b.connection_allowed("github.com"));
+    assert!(!b.connection_allowed("github.com.evil.io"));
+    assert!(!b.connection_allowed("evilgithub.com"));
+    assert!(!b.connection_allowed("example.com.evil.io"));
+    assert!(b.connection_allowed("127.0.0.5"));
+    assert!(!b.connection_allowed("10.0.0.1"));
     // Containment defaults: servers on loopback only, unix sockets: the system log only.
     assert_eq!(b.listen, crate::intercept::Listen::Loopback);
     assert_eq!(b.unix_sockets, None);

@@ -1,14 +1,21 @@
-//! The address guard: which destinations kz will carry a real credential to.
+//! The address guard: which destinations kz will carry a real credential, or an agent's
+//! connection, to.
 //!
 //! The check runs on the addresses a name resolved to, and the caller connects to exactly an
 //! address that passed (never re-resolving), so a DNS answer that changes between check and
 //! connect (rebinding) cannot move the request onto an internal host. Cloud metadata endpoints
-//! are refused even inside an allow-listed range: no upstream ever needs a credential there, and
-//! stealing instance credentials is the classic SSRF payoff.
+//! (Azure's WireServer included) are refused even inside an allowed range, for every caller: no
+//! upstream ever needs a credential there, and stealing instance credentials is the classic SSRF
+//! payoff.
 //!
-//! Two callers judge addresses with two [`Classes`] (see there for why they still differ); the
-//! proxy's own dials are checked by the connection rules and the kernel, not here (issue 14 will
-//! put them behind this guard too).
+//! Every caller judges addresses with this one [`Guard`]; what differs is a parameter, the
+//! [`Classes`] it refuses (see there for why each caller has its own), plus the ranges its
+//! operator opened or closed explicitly ([`AddrRule`], first match wins):
+//! - MCP `fetch` ([`Classes::NonPublic`]);
+//! - the PDP's exchange proxy ([`Classes::Internal`]);
+//! - a blind run ([`Classes::Local`]): the DNS resolver drops such answers before the agent or
+//!   the kernel's allow map sees them, and the swapping proxy refuses to dial them; the rules
+//!   are the `{allow, cidr}` connection rules.
 
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -24,17 +31,15 @@ const BLOCKED_NAMES: &[&str] = &[
     "instance-data.ec2.internal",
 ];
 
-/// Cloud metadata endpoints (AWS/GCP/Azure/OpenStack, ECS task metadata, Alibaba, AWS IPv6).
+/// Cloud metadata endpoints (AWS/GCP/Azure/OpenStack, ECS task metadata, Alibaba, AWS IPv6,
+/// Azure's WireServer).
 const METADATA_ADDRS: &[IpAddr] = &[
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
 ];
-
-/// Azure's WireServer. Only [`Classes::Internal`] lists it (the PDP's list had it, MCP fetch's
-/// did not); issue 14 folds it into [`METADATA_ADDRS`] for every caller.
-const AZURE_WIRESERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16));
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
@@ -43,16 +48,37 @@ pub enum GuardError {
          public addresses (an operator can allow a private range with --allow-private-cidr)"
     )]
     NonPublic { addr: IpAddr, class: &'static str },
+    #[error(
+        "destination {addr} is refused: it is a {class} address, which no name an agent uses \
+         should point at (DNS rebinding); if the agent needs it, allow it explicitly with a \
+         [blind] connection rule {{allow = true, cidr = \"{addr}\"}} (or its range)"
+    )]
+    Local { addr: IpAddr, class: &'static str },
     #[error("destination {addr} is refused: it is a cloud metadata endpoint")]
     Metadata { addr: IpAddr },
+    #[error("destination {addr} is refused by the connection rule for {net}")]
+    DeniedByRule { addr: IpAddr, net: IpNet },
     #[error("host '{host}' is refused: it names the local machine or a metadata service")]
     BlockedName { host: String },
     #[error("`{given}` is not a CIDR block like 10.0.0.0/8 or fd00::/8")]
     BadCidr { given: String },
 }
 
-/// Which addresses count as "not public". The two callers were written apart and refuse
-/// different sets; both are kept so neither caller's behaviour moves in this refactoring.
+impl GuardError {
+    /// What kind of address was refused, for audit records (`loopback`, `cloud metadata`, …).
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::NonPublic { class, .. } | Self::Local { class, .. } => class,
+            Self::Metadata { .. } => "cloud metadata",
+            Self::DeniedByRule { .. } => "denied by rule",
+            Self::BlockedName { .. } => "blocked name",
+            Self::BadCidr { .. } => "bad cidr",
+        }
+    }
+}
+
+/// Which addresses a caller refuses. The callers were written apart and refuse different sets;
+/// each keeps its own so no caller's behaviour moved when they came together here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Classes {
     /// Everything but public unicast (MCP `fetch`): the IANA special-purpose ranges too
@@ -64,25 +90,47 @@ pub enum Classes {
     /// Internal networks only (the PDP's exchange proxy): private, loopback, link-local,
     /// CGNAT, this-network, IETF-assignment, multicast, reserved/broadcast; only mapped IPv6 is
     /// unwrapped, all of 64:ff9b::/32 counts as internal, and the allow list is matched against
-    /// the address as resolved. Its metadata list also has Azure's WireServer. The exchange's
-    /// targets are named by an operator's bundle (`hosts`), not picked freely by the agent.
+    /// the address as resolved. The exchange's targets are named by an operator's bundle
+    /// (`hosts`), not picked freely by the agent.
     Internal,
+    /// What no name should ever lead an agent to (a blind run's DNS answers and the swapping
+    /// proxy's dials): this machine (loopback, unspecified / this-network), the local link
+    /// (169.254.0.0/16, fe80::/10, fec0::/10), multicast, broadcast and 240.0.0.0/4, and cloud
+    /// metadata; IPv4 carried in IPv6 judged as the IPv4 address, as for [`Classes::NonPublic`].
+    /// Private and CGNAT ranges pass: the agent's connection rules name internal services by
+    /// name, and a blind run has always let it reach them.
+    Local,
 }
 
-/// Destination policy: which address classes are refused, and the private ranges an operator
-/// opened (off by default; operators and tests add the exact ranges their upstreams live in).
+/// An operator's explicit word on a range, first match wins: `allow` opens it whatever its
+/// class (cloud metadata stays refused), `!allow` refuses it even when it is public.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrRule {
+    pub allow: bool,
+    pub net: IpNet,
+}
+
+/// Destination policy: which address classes are refused, and the ranges an operator opened or
+/// closed (none by default; operators and tests add the exact ranges their upstreams live in).
 #[derive(Debug, Clone, Default)]
 pub struct Guard {
-    allow_private: Vec<IpNet>,
+    rules: Vec<AddrRule>,
     classes: Classes,
 }
 
 impl Guard {
+    /// A guard whose only rules open `allow_private`.
     pub fn new(allow_private: Vec<IpNet>, classes: Classes) -> Self {
-        Self {
-            allow_private,
-            classes,
-        }
+        let rules = allow_private
+            .into_iter()
+            .map(|net| AddrRule { allow: true, net })
+            .collect();
+        Self::with_rules(rules, classes)
+    }
+
+    /// A guard with ordered allow/deny ranges (first match wins).
+    pub fn with_rules(rules: Vec<AddrRule>, classes: Classes) -> Self {
+        Self { rules, classes }
     }
 
     /// Refuses names that exist to reach this machine or a metadata service.
@@ -94,31 +142,47 @@ impl Guard {
         Ok(())
     }
 
-    /// Accepts an address only if it is public, or non-public but inside an allow-listed range
-    /// (metadata endpoints are never accepted).
+    /// Accepts an address unless it is a metadata endpoint, a rule refuses it, or it is of a
+    /// refused class and no rule opens it.
     pub fn check_addr(&self, addr: IpAddr) -> Result<(), GuardError> {
-        let (judged, allow_on) = match self.classes {
-            Classes::NonPublic => {
+        let (judged, rule_on) = match self.classes {
+            Classes::NonPublic | Classes::Local => {
                 let judged = canonical(addr);
                 (judged, judged)
             }
             Classes::Internal => (unmapped(addr), addr),
         };
-        if METADATA_ADDRS.contains(&judged)
-            || (self.classes == Classes::Internal && judged == AZURE_WIRESERVER)
-        {
+        if METADATA_ADDRS.contains(&judged) {
             return Err(GuardError::Metadata { addr: judged });
         }
-        let class = match self.classes {
-            Classes::NonPublic => classify(judged),
-            Classes::Internal => classify_internal(judged),
-        };
-        match class {
-            None => Ok(()),
-            Some(_) if self.allow_private.iter().any(|net| net.contains(&allow_on)) => Ok(()),
-            Some(class) => Err(GuardError::NonPublic {
-                addr: judged,
-                class,
+        if let Some(rule) = self.rules.iter().find(|r| r.net.contains(&rule_on)) {
+            return if rule.allow {
+                Ok(())
+            } else {
+                Err(GuardError::DeniedByRule {
+                    addr: judged,
+                    net: rule.net,
+                })
+            };
+        }
+        match self.classes {
+            Classes::NonPublic => classify(judged).map_or(Ok(()), |class| {
+                Err(GuardError::NonPublic {
+                    addr: judged,
+                    class,
+                })
+            }),
+            Classes::Internal => classify_internal(judged).map_or(Ok(()), |class| {
+                Err(GuardError::NonPublic {
+                    addr: judged,
+                    class,
+                })
+            }),
+            Classes::Local => classify_local(judged).map_or(Ok(()), |class| {
+                Err(GuardError::Local {
+                    addr: judged,
+                    class,
+                })
             }),
         }
     }
@@ -273,6 +337,41 @@ fn classify_v6(a: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
+/// [`Classes::Local`]: the address arrives with IPv4-in-IPv6 already unwrapped.
+fn classify_local(addr: IpAddr) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(a) => {
+            if a.is_unspecified() || a.octets()[0] == 0 {
+                Some("unspecified/this-network")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_link_local() {
+                Some("link-local")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else if a.is_broadcast() || a.octets()[0] >= 240 {
+                Some("broadcast/reserved")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if a.is_unspecified() {
+                Some("unspecified")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if (s[0] & 0xffc0) == 0xfe80 || (s[0] & 0xffc0) == 0xfec0 {
+                Some("link-local")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// [`Classes::Internal`]: the address arrives with mapped IPv6 already unwrapped.
 fn classify_internal(addr: IpAddr) -> Option<&'static str> {
     match addr {
@@ -372,12 +471,108 @@ mod tests {
             "::ffff:169.254.169.254",
             "fd00:ec2::254",
             "100.100.100.200",
+            "168.63.129.16",
         ] {
             assert!(
                 matches!(g.check_addr(ip(a)), Err(GuardError::Metadata { .. })),
                 "{a}"
             );
         }
+    }
+
+    /// A blind run's class: this machine, the link, multicast, broadcast and metadata are
+    /// refused (IPv4 inside IPv6 too); private and public ranges pass.
+    #[test]
+    fn local_classes() {
+        let g = Guard::new(Vec::new(), Classes::Local);
+        for a in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "169.254.1.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "::ffff:169.254.1.1",
+        ] {
+            assert!(
+                matches!(g.check_addr(ip(a)), Err(GuardError::Local { .. })),
+                "{a} must be refused: {:?}",
+                g.check_addr(ip(a))
+            );
+        }
+        for a in [
+            "169.254.169.254",
+            "169.254.170.2",
+            "168.63.129.16",
+            "100.100.100.200",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(
+                matches!(g.check_addr(ip(a)), Err(GuardError::Metadata { .. })),
+                "{a}"
+            );
+        }
+        for a in [
+            "10.77.0.10",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "fd00::10",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(g.check_addr(ip(a)), Ok(()), "{a} must pass");
+        }
+        let e = g.check_addr(ip("127.0.0.1")).unwrap_err();
+        assert_eq!(e.class(), "loopback");
+        assert!(e.to_string().contains("cidr = \"127.0.0.1\""), "{e}");
+    }
+
+    #[test]
+    fn rules_decide_in_order_and_never_open_metadata() {
+        let rule = |allow, net: &str| AddrRule {
+            allow,
+            net: net.parse().unwrap(),
+        };
+        let g = Guard::with_rules(
+            vec![
+                rule(false, "127.0.0.9/32"),
+                rule(true, "127.0.0.0/8"),
+                rule(true, "169.254.0.0/16"),
+                rule(false, "93.184.0.0/16"),
+            ],
+            Classes::Local,
+        );
+        assert_eq!(g.check_addr(ip("127.0.0.1")), Ok(()));
+        assert_eq!(g.check_addr(ip("::ffff:127.0.0.1")), Ok(()));
+        assert!(matches!(
+            g.check_addr(ip("127.0.0.9")),
+            Err(GuardError::DeniedByRule { .. })
+        ));
+        assert_eq!(g.check_addr(ip("169.254.1.1")), Ok(()));
+        assert!(matches!(
+            g.check_addr(ip("169.254.169.254")),
+            Err(GuardError::Metadata { .. })
+        ));
+        // A deny rule closes a public range too.
+        assert!(matches!(
+            g.check_addr(ip("93.184.216.34")),
+            Err(GuardError::DeniedByRule { .. })
+        ));
+        assert!(g.check_addr(ip("::1")).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod rewrite;
 pub mod scope;
 pub mod scrub;
 
-pub use guard::{Classes, Guard, GuardError};
+pub use guard::{AddrRule, Classes, Guard, GuardError};
 pub use location::{Keep, Location, LocationError, percent_encode};
 pub use scope::{ScopeError, ScopePattern};
 pub use scrub::{Forms, Replacement, ScrubError, Scrubber};

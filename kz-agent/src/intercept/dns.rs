@@ -11,7 +11,14 @@
 //!   `nameserver` of /etc/resolv.conf) with a fresh query of our own (random id, random source
 //!   port, no client-supplied EDNS options), and every A/AAAA answer is handed to a callback that
 //!   puts the addresses into the cgroup's allow map *before* the client sees the reply, so its
-//!   `connect()` right after resolution cannot race the map update.
+//!   `connect()` right after resolution cannot race the map update;
+//! - an answer address the address guard refuses ([`DnsConfig::guard`], by default
+//!   [`Classes::Local`]: loopback, link-local, cloud metadata, unspecified, multicast,
+//!   broadcast, unless the run's `cidr` connection rules allow the range) is dropped from the
+//!   reply *and* from what the callback sees, and audited (`dns_answer_dropped`, with the name
+//!   and the address): an allowed wildcard name (`*.nip.io`) answered with `127.0.0.1` must not
+//!   open this machine to the agent (DNS rebinding). The rest of the answer is kept; an answer
+//!   left without addresses is an empty NOERROR, which clients report as "no address".
 //!
 //! Upstream UDP answers with TC set are retried over TCP; replies too big for the client's UDP
 //! buffer are truncated (TC set) so the client retries over TCP, which we serve on the same port.
@@ -24,13 +31,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditEvent, AuditSink};
+use crate::egress::guard::{Classes, Guard, GuardError};
 
 /// EDNS payload size we advertise upstream and accept from clients at most (the DNS flag day
 /// 2020 value: avoids IP fragmentation).
@@ -92,6 +100,10 @@ pub struct DnsConfig {
     /// Concurrent upstream queries from UDP clients; datagrams beyond that are dropped (the
     /// client retries), which bounds memory and sockets under a flood.
     pub max_in_flight: usize,
+    /// Which answer addresses are handed out; the others are dropped and audited. Default:
+    /// [`Classes::Local`] with no explicit ranges (a sandbox passes its rules'
+    /// [`crate::proxy::ConnectionRules::address_guard`]).
+    pub guard: Guard,
 }
 
 impl DnsConfig {
@@ -103,6 +115,7 @@ impl DnsConfig {
             ttl_floor: Duration::from_secs(300),
             ipv6: false,
             max_in_flight: 256,
+            guard: Guard::new(Vec::new(), Classes::Local),
         }
     }
 }
@@ -423,7 +436,10 @@ async fn answer(
             return reply;
         }
     };
-    let ips = addresses(&upstream, &shared.config);
+    let (ips, dropped) = addresses(&upstream, &shared.config);
+    for (ip, why) in &dropped {
+        drop_answer(shared, &name, qtype, *ip, why, peer, transport);
+    }
     if !ips.is_empty()
         && let Err(e) = (shared.hooks.on_answer)(&name, &ips)
     {
@@ -431,35 +447,82 @@ async fn answer(
         reply.metadata.response_code = ResponseCode::ServFail;
         return reply;
     }
-    tracing::debug!(name = %name, count = ips.len(), "dns: resolved");
+    tracing::debug!(name = %name, count = ips.len(), dropped = dropped.len(), "dns: resolved");
+    let refused = |r: &Record| record_ip(r).is_some_and(|ip| dropped.iter().any(|(d, _)| *d == ip));
     reply.metadata.response_code = upstream.metadata.response_code;
-    reply.metadata.authentic_data = upstream.metadata.authentic_data;
+    reply.metadata.authentic_data = upstream.metadata.authentic_data && dropped.is_empty();
     reply.answers = upstream
         .answers
         .into_iter()
         .filter(|r| shared.config.ipv6 || r.record_type() != RecordType::AAAA)
+        .filter(|r| !refused(r))
         .collect();
-    reply.authorities = upstream.authorities;
+    // Addresses have no business in the authority section (NS and SOA live there); whatever a
+    // resolver put there would not be in the allow map, and must not reach the client either.
+    reply.authorities = upstream
+        .authorities
+        .into_iter()
+        .filter(|r| record_ip(r).is_none())
+        .collect();
     // Additional records are dropped: resolvers put glue there that clients do not need, and
     // addresses there would not be in the allow map.
     reply
 }
 
-/// The A/AAAA addresses of an upstream answer with their allow-map lifetimes.
-fn addresses(upstream: &Message, config: &DnsConfig) -> Vec<ResolvedIp> {
-    upstream
-        .answers
-        .iter()
-        .filter_map(|r| {
-            let ip = match &r.data {
-                RData::A(a) => IpAddr::V4(a.0),
-                RData::AAAA(a) if config.ipv6 => IpAddr::V6(a.0),
-                _ => return None,
-            };
-            let ttl = Duration::from_secs(u64::from(r.ttl)).max(config.ttl_floor);
-            Some(ResolvedIp { ip, ttl })
-        })
-        .collect()
+/// The address of an A or AAAA record.
+fn record_ip(r: &Record) -> Option<IpAddr> {
+    match &r.data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+        _ => None,
+    }
+}
+
+/// The A/AAAA addresses of an upstream answer with their allow-map lifetimes, and the ones the
+/// address guard refuses (with why).
+fn addresses(
+    upstream: &Message,
+    config: &DnsConfig,
+) -> (Vec<ResolvedIp>, Vec<(IpAddr, GuardError)>) {
+    let mut allowed = Vec::new();
+    let mut dropped: Vec<(IpAddr, GuardError)> = Vec::new();
+    for r in &upstream.answers {
+        let Some(ip) = record_ip(r) else { continue };
+        if ip.is_ipv6() && !config.ipv6 {
+            continue;
+        }
+        match config.guard.check_addr(ip) {
+            Ok(()) => {
+                let ttl = Duration::from_secs(u64::from(r.ttl)).max(config.ttl_floor);
+                allowed.push(ResolvedIp { ip, ttl });
+            }
+            Err(e) if !dropped.iter().any(|(d, _)| *d == ip) => dropped.push((ip, e)),
+            Err(_) => {}
+        }
+    }
+    (allowed, dropped)
+}
+
+fn drop_answer(
+    shared: &Shared,
+    name: &str,
+    qtype: RecordType,
+    ip: IpAddr,
+    why: &GuardError,
+    peer: SocketAddr,
+    transport: Transport,
+) {
+    tracing::warn!(name, %ip, %peer, reason = why.class(), "dns: answer address dropped");
+    let event = AuditEvent::new("dns_answer_dropped")
+        .with("name", name)
+        .with("address", ip.to_string())
+        .with("qtype", qtype.to_string())
+        .with("client", peer.to_string())
+        .with("transport", transport.as_str())
+        .with("reason", why.class());
+    if let Err(e) = shared.hooks.audit.record(event) {
+        tracing::error!(error = %e, "dns: cannot audit a dropped answer");
+    }
 }
 
 fn refuse(

@@ -95,6 +95,11 @@ async fn splice(
     host: &str,
     dst: SocketAddr,
 ) {
+    if let Err(e) = upstream::check_dial(sh, session.id, dst) {
+        tracing::info!(%peer, error = %e, "splice refused");
+        refuse(sh, &*session.audit, peer, Some(dst), "address_refused");
+        return;
+    }
     let up =
         tokio::time::timeout(sh.limits.upstream_connect_timeout, TcpStream::connect(dst)).await;
     let Ok(Ok(mut up)) = up else {

@@ -429,6 +429,10 @@ async fn connect_checked(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response
             format!("kz: {host}:{port} is the proxy itself"),
         );
     }
+    // Refused at the CONNECT already (the dial would be refused anyway): loopback, metadata…
+    if let Err(e) = upstream::check_dial(&ctx.sh, ctx.session.id, dst) {
+        return upstream_failed(ctx, req, &host, port, &e);
+    }
     tunnel(ctx, req, host, dst)
 }
 

@@ -1,5 +1,12 @@
 //! Upstream connections: dial the address kz chose itself, verify TLS against the verified host
 //! name, and speak h1 or h2 as negotiated.
+//!
+//! Every dial is checked first by the session's address guard ([`check_dial`]: the connection
+//! rules' [`super::ConnectionRules::address_guard`]): the proxy runs outside the sandbox, so a
+//! dial to loopback, link-local, metadata, multicast or broadcast addresses would reach this
+//! machine's services (kz's own listeners included) or the cloud's credentials on the agent's
+//! behalf. Such a dial is refused (`address_refused`, a 502) unless an allow `cidr` rule holds
+//! the address.
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
@@ -38,6 +45,8 @@ pub enum UpstreamError {
     Tls { host: String, reason: String },
     #[error("HTTP with the upstream failed: {0}")]
     Http(String),
+    #[error("kz does not connect to {addr}: {reason}")]
+    AddressRefused { addr: SocketAddr, reason: String },
 }
 
 impl UpstreamError {
@@ -50,6 +59,7 @@ impl UpstreamError {
             Self::Certificate { .. } => "upstream_certificate_invalid",
             Self::Tls { .. } => "upstream_tls_failed",
             Self::Http(_) => "upstream_http_failed",
+            Self::AddressRefused { .. } => "address_refused",
         }
     }
 }
@@ -151,17 +161,41 @@ pub async fn resolve(sh: &Session, host: &str, port: u16) -> Result<SocketAddr, 
     })
 }
 
-/// All addresses `host` resolves to (override first), for checking a plain-HTTP Host header.
+/// All addresses `host` resolves to (override first), for checking a plain-HTTP Host header;
+/// addresses the session's guard refuses are left out (a Host claim cannot be verified by an
+/// address kz would not dial).
 pub async fn resolve_all(sh: &Session, host: &str, port: u16) -> Vec<SocketAddr> {
-    if let Some(f) = &sh.resolve
+    let found = if let Some(f) = &sh.resolve
         && let Some(a) = f(host, port).await
     {
-        return vec![a];
-    }
-    match tokio::net::lookup_host((host, port)).await {
-        Ok(it) => it.collect(),
-        Err(_) => Vec::new(),
-    }
+        vec![a]
+    } else {
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(it) => it.collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+    let guard = sh.rules.address_guard();
+    found
+        .into_iter()
+        .filter(|a| guard.check_addr(a.ip()).is_ok())
+        .collect()
+}
+
+/// Whether the proxy may dial `addr` for `session`: its rules' address guard decides. A session
+/// that closed meanwhile has no rules any more: only the guard's defaults apply, which open no
+/// range.
+pub fn check_dial(sh: &Shared, session: SessionId, addr: SocketAddr) -> Result<(), UpstreamError> {
+    let guard = match sh.sessions.get(session) {
+        Some(s) => s.rules.address_guard(),
+        None => super::ConnectionRules::default().address_guard(),
+    };
+    guard
+        .check_addr(addr.ip())
+        .map_err(|e| UpstreamError::AddressRefused {
+            addr,
+            reason: e.to_string(),
+        })
 }
 
 async fn tcp(sh: &Shared, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
@@ -176,8 +210,10 @@ async fn tcp(sh: &Shared, addr: SocketAddr) -> Result<TcpStream, UpstreamError> 
     Ok(s)
 }
 
-/// Connects (TCP, TLS when `target.tls`, HTTP handshake) and returns a sender.
+/// Connects (TCP, TLS when `target.tls`, HTTP handshake) and returns a sender; refuses an
+/// address the session's guard rejects ([`check_dial`]) before dialling.
 pub async fn connect(sh: &Shared, target: &Target, offer: Offer) -> Result<Sender, UpstreamError> {
+    check_dial(sh, target.session, target.addr)?;
     let tcp = tcp(sh, target.addr).await?;
     if !target.tls {
         return h1(TokioIo::new(tcp)).await;

@@ -245,6 +245,7 @@ pub fn connection_rules(config: &BlindConfig) -> Result<ConnectionRules, BlindEr
         let pattern = match &rule.pattern {
             ConfigPattern::Host(h) => HostPattern::host(h)?,
             ConfigPattern::Regex(re) => HostPattern::Regex(re.clone()),
+            ConfigPattern::Cidr(net) => HostPattern::Cidr(*net),
         };
         let mut r = if rule.allow {
             ConnectionRule::allow(pattern)
@@ -591,7 +592,9 @@ mod tests {
             (false, ConfigPattern::Host("evil.example.com".into())),
             (
                 true,
-                ConfigPattern::Regex(regex::Regex::new(r"(^|\.)example\.com$").unwrap()),
+                ConfigPattern::Regex(
+                    crate::proxy::rules::HostRegex::new(r"(.+\.)?example\.com").unwrap(),
+                ),
             ),
             (true, ConfigPattern::Host("API.GitHub.com".into())),
         ]);

@@ -232,7 +232,11 @@ impl Node {
     /// of it is left behind when this fails.
     pub async fn admit(&self, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {
         let answers = names::Answers::default();
-        let resolve = names::host_lookup(answers.clone(), spec.dns_upstream);
+        let resolve = names::host_lookup(
+            answers.clone(),
+            spec.dns_upstream,
+            spec.rules.address_guard(),
+        );
         let session = |id| {
             let mut s = Session::new(id, spec.ca.clone(), spec.tokens.clone(), spec.audit.clone());
             s.rules = spec.rules.clone();
@@ -344,6 +348,9 @@ impl Node {
         let mut dcfg = DnsConfig::new(([127, 0, 0, 1], 0).into(), spec.dns_upstream);
         dcfg.ttl_floor = spec.dns_ttl_floor;
         dcfg.ipv6 = spec.ipv6;
+        // Answers pointing an allowed name at loopback, link-local, metadata… are dropped
+        // unless the rules allow that range (`cidr`).
+        dcfg.guard = spec.rules.address_guard();
         let v4 = DnsServer::start(dcfg.clone(), hooks.clone()).await?;
         let mut servers = vec![];
         if spec.ipv6 {

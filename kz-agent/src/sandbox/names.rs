@@ -1,10 +1,18 @@
 //! What a sandbox may resolve and reach by name, and the proxy's view of the sandbox's DNS.
+//!
+//! Names follow the connection rules ([`name_allowed`]); the addresses they lead to follow the
+//! rules' address guard ([`ConnectionRules::address_guard`]): its resolver drops answers that
+//! point an allowed name at loopback, link-local, metadata, multicast or broadcast addresses
+//! (they never reach the agent nor the kernel's allow map), and the proxy's own lookups here
+//! skip them too. Allow `cidr` rules are the one way to open such a range, and they open it in
+//! the kernel from the start, as literal addresses do ([`literal_ips_allowed`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::egress::Guard;
 use crate::intercept::Cidr;
 use crate::intercept::dns;
 use crate::proxy::{self, ConnectionRules, HostPattern};
@@ -16,7 +24,7 @@ pub fn name_allowed(rules: &ConnectionRules, name: &str) -> bool {
         return true;
     }
     for r in &rules.0 {
-        if r.pattern.matches(name) {
+        if r.matches(name) {
             if r.allow {
                 return true;
             }
@@ -28,20 +36,34 @@ pub fn name_allowed(rules: &ConnectionRules, name: &str) -> bool {
     false
 }
 
-/// Addresses named literally by allow rules (`host = "10.0.0.5"`): the agent reaches them
-/// without asking kz's DNS, so the kernel must know them from the start. An address an earlier
-/// deny rule names is left out (first match wins); port limits are the proxy's to enforce.
+/// Addresses named literally by allow rules (`host = "10.0.0.5"`) and the ranges of allow
+/// `cidr` rules: the agent reaches them without asking kz's DNS, so the kernel must know them
+/// from the start. An address an earlier deny rule names (a range an earlier deny range holds
+/// whole) is left out (first match wins); port limits and partly shadowed ranges are the
+/// proxy's to enforce (it checks every connection's destination against the same rules).
 /// Exact patterns are normalized (`[v6]` brackets already gone).
 pub fn literal_ips_allowed(rules: &ConnectionRules) -> Vec<Cidr> {
     rules
         .0
         .iter()
-        .filter(|r| r.allow)
-        .filter_map(|r| match &r.pattern {
-            HostPattern::Exact(h) if name_allowed(rules, h) => h.parse::<IpAddr>().ok(),
+        .enumerate()
+        .filter(|(_, r)| r.allow)
+        .filter_map(|(i, r)| match &r.pattern {
+            HostPattern::Exact(h) if name_allowed(rules, h) => {
+                h.parse::<IpAddr>().ok().map(Cidr::host)
+            }
+            HostPattern::Cidr(net) => {
+                let shadowed = rules.0[..i].iter().any(|d| {
+                    !d.allow
+                        && d.ports.is_none()
+                        && matches!(&d.pattern, HostPattern::Cidr(dn) if dn.contains(net))
+                });
+                (!shadowed)
+                    .then(|| Cidr::new(net.addr(), net.prefix_len()).ok())
+                    .flatten()
+            }
             _ => None,
         })
-        .map(Cidr::host)
         .collect()
 }
 
@@ -66,9 +88,9 @@ impl Answers {
 }
 
 /// The proxy's name lookups for a sandbox (plain-HTTP Host checks, explicit-proxy targets) use
-/// what the sandbox's resolver answered, else ask the same upstream resolver; never the
-/// system's.
-pub fn host_lookup(answers: Answers, upstream: SocketAddr) -> proxy::HostLookup {
+/// what the sandbox's resolver answered (already through `guard`), else ask the same upstream
+/// resolver and keep the addresses `guard` accepts; never the system's.
+pub fn host_lookup(answers: Answers, upstream: SocketAddr, guard: Guard) -> proxy::HostLookup {
     Arc::new(move |host: &str, port: u16| {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         if let Some(ip) = answers.first(&host) {
@@ -77,10 +99,13 @@ pub fn host_lookup(answers: Answers, upstream: SocketAddr) -> proxy::HostLookup 
         // A name the agent did not resolve through kz (a Host header, an SNI to a literal
         // address): ask the upstream server on the blocking pool. Asked inline, a silent server
         // stalled the proxy worker, and every connection on it, for the whole timeout.
+        let guard = guard.clone();
         Box::pin(async move {
             let query = move || dns::lookup_blocking(upstream, &host, Duration::from_secs(3));
             let ips = tokio::task::spawn_blocking(query).await.unwrap_or_default();
-            ips.first().map(|ip| SocketAddr::new(*ip, port))
+            ips.into_iter()
+                .find(|ip| guard.check_addr(*ip).is_ok())
+                .map(|ip| SocketAddr::new(ip, port))
         })
     })
 }
@@ -97,7 +122,7 @@ mod tests {
         let answers = Answers::default();
         let known: IpAddr = "10.1.2.3".parse().unwrap();
         answers.remember("api.test", vec![known]);
-        let lookup = host_lookup(answers, silent.local_addr().unwrap());
+        let lookup = host_lookup(answers, silent.local_addr().unwrap(), Guard::default());
 
         assert_eq!(
             lookup("API.test.", 443).await,
@@ -138,5 +163,24 @@ mod tests {
         ]);
         let got = literal_ips_allowed(&rules);
         assert_eq!(got, vec![Cidr::host("10.0.0.5".parse().unwrap())]);
+    }
+
+    #[test]
+    fn allow_cidr_ranges_are_known_to_the_kernel_unless_a_deny_range_holds_them() {
+        let cidr =
+            |allow, c: &str| ConnectionRule::from_table(0, allow, None, None, Some(c)).unwrap();
+        let rules = ConnectionRules(vec![
+            cidr(false, "10.0.0.0/8"),
+            cidr(true, "10.1.0.0/16"),
+            cidr(true, "127.0.0.1/8"),
+            cidr(false, "192.168.0.0/16"),
+        ]);
+        let got = literal_ips_allowed(&rules);
+        assert_eq!(
+            got,
+            vec![Cidr::new("127.0.0.0".parse().unwrap(), 8).unwrap()]
+        );
+        // A cidr rule names no name.
+        assert!(!name_allowed(&rules, "localhost"));
     }
 }

@@ -380,4 +380,41 @@ mod tests {
         assert_eq!(report.records, 10);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn rotation_prunes_by_count_and_age() {
+        let dir = std::env::temp_dir().join(format!("kz-audit-{}", rand::random::<u64>()));
+        let path = dir.join("audit.jsonl");
+        let sink = ChainSink::open(SinkTarget::File {
+            path: path.clone(),
+            fsync: Fsync::Never,
+            max_bytes: Some(300),
+        })
+        .unwrap();
+        for i in 0..40 {
+            sink.record(AuditEvent::new("decision").with("ref", format!("a/{i}")))
+                .unwrap();
+        }
+        let rotated = rotated_files(&path);
+        assert!(rotated.len() <= 10, "kept {} rotated files", rotated.len());
+        // Age: files last written 31 days ago go at the next rotation, wherever they are in
+        // the order (the count cap alone would take the oldest, rotated[0]).
+        let old = SystemTime::now() - std::time::Duration::from_secs(31 * 86_400);
+        for p in &rotated[3..6] {
+            File::options()
+                .append(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        sink.record(AuditEvent::new("decision").with("ref", "b"))
+            .unwrap();
+        let now = rotated_files(&path);
+        for p in &rotated[3..6] {
+            assert!(!now.contains(p), "{} is older than 30 days", p.display());
+        }
+        assert!(now.contains(&rotated[1]) && now.contains(&rotated[6]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

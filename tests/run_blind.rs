@@ -739,7 +739,9 @@ fn a_rewritten_and_rehashed_audit_record_fails_verify_which_names_it() {
     let records = env.audit();
     let k = records
         .iter()
-        .position(|r| r["kind"] == "proxy_request" && r["swapped"] == serde_json::json!(["API_KEY"]))
+        .position(|r| {
+            r["kind"] == "proxy_request" && r["swapped"] == serde_json::json!(["API_KEY"])
+        })
         .unwrap_or_else(|| panic!("no swap recorded: {records:?}"));
     assert!(k + 1 < records.len(), "records after the swap: {records:?}");
     let rehash = Command::new("python3")
@@ -846,7 +848,10 @@ fn an_audit_log_in_a_directory_the_agent_can_write_is_refused() {
     );
     assert!(!o.contains("AGENT-RAN"), "{o}");
     assert!(e.contains(&logs.display().to_string()), "{e}");
-    assert!(e.contains("/var/lib/kz"), "the error names a safe place: {e}");
+    assert!(
+        e.contains("/var/lib/kz"),
+        "the error names a safe place: {e}"
+    );
 }
 
 #[test]

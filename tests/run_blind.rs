@@ -460,13 +460,13 @@ fn sigkill_of_kz_leaves_the_child_cut_off_and_the_next_run_cleans_up() {
         return;
     }
     let env = Env::new();
-    // The agent (the unprivileged test user) writes its results into the project directory.
-    std::fs::set_permissions(
-        &env.dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let flag = env.dir.join("after-kill");
+    // The agent (the unprivileged test user) writes its results into a directory of the
+    // project (not the project directory itself: the audit log is there, and kz refuses a log
+    // in a directory the agent can write).
+    let out = env.dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let flag = out.join("after-kill");
     let mut child = env
         .kz(
             &[],
@@ -484,7 +484,7 @@ for target in [("{API}", 443), ("{API}", 80), ("10.77.0.2", 53)]:
         print("cut off", target, e.errno)
 PY
                 sleep 300"#,
-                dir = env.dir.display(),
+                dir = out.display(),
                 flag = flag.display()
             ),
         )
@@ -497,7 +497,7 @@ PY
     signal(child.id(), "KILL");
     let _ = child.wait();
     std::fs::write(&flag, "").unwrap();
-    let result = env.dir.join("result");
+    let result = out.join("result");
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::read_to_string(&result)
         .map(|r| r.lines().count() < 3)
@@ -517,7 +517,7 @@ PY
     assert!(env.api.seen().is_empty());
 
     // The next run removes what the dead one left: its processes and its cgroup.
-    let orphan: u32 = std::fs::read_to_string(env.dir.join("childpid"))
+    let orphan: u32 = std::fs::read_to_string(out.join("childpid"))
         .unwrap()
         .trim()
         .parse()
@@ -768,9 +768,27 @@ fn a_rewritten_and_rehashed_audit_record_fails_verify_which_names_it() {
         "a rewritten log must fail verify:\nstdout:\n{o}\nstderr:\n{e}"
     );
     assert!(
-        e.contains(&format!(":{}: record {k} ", k + 1)),
+        e.contains(&format!(":{}: record seq {k}", k + 1)) && e.contains(&format!("(record {k})")),
         "verify names the rewritten record (line {}, record {k}):\n{e}",
         k + 1
+    );
+    // The whole log rewritten from its first record: it would pass for a log from before kz
+    // keyed its chains, but kz's ledger knows this one was keyed from seq 0.
+    let rehash = Command::new("python3")
+        .args(["-c", REHASH, &env.audit_path().display().to_string(), "0"])
+        .status()
+        .unwrap();
+    assert!(rehash.success());
+    let v = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["audit", "verify"])
+        .arg(env.audit_path())
+        .output()
+        .unwrap();
+    let (o, e) = text(&v);
+    assert_eq!(v.status.code(), Some(1), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(
+        e.contains(":1: record seq 0 is unkeyed, but kz has keyed this log"),
+        "{e}"
     );
 }
 

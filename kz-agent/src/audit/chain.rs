@@ -16,8 +16,8 @@
 //! last record on disk, after checking that record's MAC against its key.
 
 use super::key::AuditKey;
-use super::location;
 use super::{AuditError, AuditEvent, AuditSink, Fields};
+use super::{ledger, location};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -324,7 +324,10 @@ impl ChainSink {
                 fsync,
                 rotation,
             } => {
+                // Where the log is comes first: nothing is read from a place the agent's user
+                // could have prepared.
                 location::refuse_link(&path)?;
+                location::check_dirs(&path)?;
                 check_rotated(&path)?;
                 let mut last = last_record(&path, &key)?;
                 if last.is_none()
@@ -363,6 +366,12 @@ impl ChainSink {
                         last_sync: Instant::now(),
                     }),
                 };
+                if let Some(fs) = &inner.file {
+                    // A new chain, or an upgrade: keyed from here on, as the ledger will say.
+                    if seq == 0 || upgrade {
+                        ledger::note(&inner.key, &fs.path, seq);
+                    }
+                }
                 if upgrade {
                     // The documented upgrade point: the chain is keyed from this record on.
                     let id = inner.key.id();

@@ -5,6 +5,7 @@
 //!
 //! - `chain`: the JSONL sink (HMAC-SHA-256 chain, rotation with count and age caps);
 //! - `key`: the chain's key, where it lives and how it is made;
+//! - `ledger`: which logs kz has keyed, so a log rewritten wholly as unkeyed is caught;
 //! - `location`: where the log and the key live, and opening them so the agent cannot
 //!   redirect or replace either (`O_NOFOLLOW`, directories only root can write);
 //! - `verify`: `kz audit verify`, which names the first record that fails and why.
@@ -146,6 +147,7 @@ pub trait AuditSink: Send + Sync {
 
 mod chain;
 mod key;
+mod ledger;
 mod location;
 #[cfg(any(test, feature = "testing"))]
 mod memory;

@@ -11,7 +11,7 @@ use super::chain::{
     GENESIS, PRUNED_KIND, UPGRADE_KIND, canonical_body, record_hash, rotated_files,
 };
 use super::key::AuditKey;
-use super::location;
+use super::{ledger, location};
 use serde_json::{Map, Value};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,14 @@ pub enum Problem {
     },
     Downgrade,
     UnmarkedUpgrade,
+    /// Unkeyed, though the ledger says kz keyed this log from `from_seq` on.
+    KeyedByLedger {
+        from_seq: u64,
+    },
+    /// The log ends before `from_seq`, where the ledger says kz began keying it.
+    EndsBeforeKeyed {
+        from_seq: u64,
+    },
     Missing {
         expected: u64,
         found: u64,
@@ -63,78 +71,81 @@ pub enum Problem {
     BrokenLink,
 }
 
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Problem {
+    /// Why the record fails, as one sentence; `seq` names the record where it is known. Content
+    /// problems begin `record seq N was edited` (the wording scripts have matched since the
+    /// unkeyed chain).
+    pub fn describe(&self, seq: Option<u64>) -> String {
+        let rec = seq.map_or_else(|| "record".to_owned(), |s| format!("record seq {s}"));
         match self {
-            Problem::BadJson => write!(f, "bad JSON: the line was damaged or edited"),
-            Problem::Torn => write!(
-                f,
-                "torn last line: the file ends inside a record (a write cut short by a crash or a full disk, or the file was truncated); nothing after it can be trusted to be complete"
-            ),
-            Problem::MissingField(field) => {
-                write!(f, "the record has no `{field}`: it was edited")
+            Problem::BadJson => {
+                "bad JSON: the line is not a JSON record; it was damaged or edited".to_owned()
             }
-            Problem::TwoDigests => write!(
-                f,
-                "the record carries both `mac` and `hash`: kz writes one; it was edited"
+            Problem::Torn => "torn last line: the file ends inside a record (a write cut short by a crash or a full disk, or the file was truncated)".to_owned(),
+            Problem::MissingField(field) => format!("{rec} has no `{field}`; it was edited"),
+            Problem::TwoDigests => format!(
+                "{rec} was edited: it carries both `mac` and `hash`, and kz writes one"
             ),
-            Problem::HashMismatch => write!(
-                f,
-                "hash mismatch: the record was edited (its SHA-256 does not match its content)"
+            Problem::HashMismatch => format!(
+                "{rec} was edited (hash mismatch: its SHA-256 does not match its content)"
             ),
             Problem::MacMismatch {
                 key,
                 first,
                 other_key,
             } => {
-                write!(
-                    f,
-                    "mac mismatch: the record was edited, or rewritten by someone without the audit key ({key})"
-                )?;
+                let mut s = format!(
+                    "{rec} was edited, or rewritten by someone without the audit key (mac mismatch under {key})"
+                );
                 if let Some(other) = other_key {
-                    write!(f, "; it names key id {other}, so pass that key with --key")?;
+                    s.push_str(&format!(
+                        "; it names key id {other}: pass that key with --key"
+                    ));
                 } else if *first {
-                    write!(
-                        f,
-                        "; no record before it checked out either, so the log may have been written with another key (pass it with --key)"
-                    )?;
+                    s.push_str("; no record before it checked out either, so the log may have been written with another key (pass it with --key)");
                 }
-                Ok(())
+                s
             }
-            Problem::Downgrade => write!(
-                f,
-                "the chain goes from keyed (HMAC-SHA-256) back to unkeyed SHA-256 here, which kz never does: this record and the ones after it were rewritten by someone without the key"
+            Problem::Downgrade => format!(
+                "{rec}: the chain goes from keyed (HMAC-SHA-256) back to unkeyed SHA-256 here, which kz never does: this record and the ones after it were rewritten by someone without the key"
             ),
-            Problem::UnmarkedUpgrade => write!(
-                f,
-                "the chain changes from unkeyed SHA-256 to keyed here, but this is not the `{UPGRADE_KIND}` record kz writes at an upgrade: records were spliced"
+            Problem::UnmarkedUpgrade => format!(
+                "{rec}: the chain changes from unkeyed SHA-256 to keyed here, but this is not the `{UPGRADE_KIND}` record kz writes at an upgrade: records were spliced"
+            ),
+            Problem::KeyedByLedger { from_seq } => format!(
+                "{rec} is unkeyed, but kz has keyed this log from seq {from_seq} on (its ledger, `audit.keyed` beside the key, says so): the log was rewritten by someone without the key"
+            ),
+            Problem::EndsBeforeKeyed { from_seq } => format!(
+                "the log ends at {rec}, but kz keyed it from seq {from_seq} on (its ledger says so): records were removed or the log was replaced"
             ),
             Problem::Missing {
                 expected,
                 found,
                 pruned_at,
             } => {
-                write!(
-                    f,
+                let mut s = format!(
                     "records are missing before this one (expected seq {expected}, found {found})"
-                )?;
+                );
                 if let Some(at) = pruned_at {
-                    write!(
-                        f,
+                    s.push_str(&format!(
                         "; the last pruning (record {at}) kept the chain from seq {expected}, so files were removed after it"
-                    )?;
+                    ));
                 }
-                Ok(())
+                s
             }
-            Problem::Reordered { expected, found } => write!(
-                f,
+            Problem::Reordered { expected, found } => format!(
                 "records are out of order (expected seq {expected}, found {found}): a record was moved"
             ),
-            Problem::BrokenLink => write!(
-                f,
-                "broken prev link: its `prev` is not the digest of the record before it: the log was spliced"
+            Problem::BrokenLink => format!(
+                "{rec} does not chain to the record before it (broken prev link: its `prev` is not that record's digest): the log was spliced"
             ),
         }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe(None))
     }
 }
 
@@ -142,7 +153,7 @@ impl std::fmt::Display for Problem {
 pub enum VerifyError {
     #[error("cannot read {path}: {message}")]
     Read { path: String, message: String },
-    #[error("{path}:{line}: record {index}{}: {problem}", seq_note(*.seq))]
+    #[error("{path}:{line}: {} (record {index})", problem.describe(*.seq))]
     Record {
         path: String,
         line: usize,
@@ -161,10 +172,6 @@ pub enum VerifyError {
     },
     #[error("{path}: the log is empty")]
     Empty { path: String },
-}
-
-fn seq_note(seq: Option<u64>) -> String {
-    seq.map(|s| format!(" (seq {s})")).unwrap_or_default()
 }
 
 /// Verifies `path` together with its rotated predecessors (`path.1`, `path.2`, …), checking
@@ -187,7 +194,8 @@ pub fn verify_path_with(
     if path.exists() || files.is_empty() {
         files.push(path.to_path_buf());
     }
-    verify_files(&files, key)
+    let keyed_from = key.as_ref().ok().and_then(|k| ledger::keyed_from(k, path));
+    verify_chain(&files, key, keyed_from)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
@@ -213,10 +221,19 @@ struct Start {
     prev: String,
 }
 
-/// Verifies the given files as one chain, in order.
+/// Verifies the given files as one chain, in order (no ledger: copies of a log, say).
 pub fn verify_files(
     files: &[PathBuf],
     key: Result<&AuditKey, String>,
+) -> Result<VerifyReport, VerifyError> {
+    verify_chain(files, key, None)
+}
+
+/// The chain of `files`; with `keyed_from`, every record from that `seq` on must be keyed.
+fn verify_chain(
+    files: &[PathBuf],
+    key: Result<&AuditKey, String>,
+    keyed_from: Option<u64>,
 ) -> Result<VerifyReport, VerifyError> {
     let mut expected_seq = 0u64;
     let mut prev = GENESIS.to_owned();
@@ -228,6 +245,8 @@ pub fn verify_files(
     let mut upgraded_at = None;
     let mut start: Option<Start> = None;
     let mut last_prune: Option<(u64, u64, String)> = None;
+    // Where the last record was (file, line).
+    let mut last_at: Option<(String, usize)> = None;
     for file in files {
         let shown = file.display().to_string();
         let bytes = read(file)?;
@@ -300,6 +319,8 @@ pub fn verify_files(
                 keyed_ok = true;
             } else if record_hash(&rec_prev, &body) != digest {
                 return Err(fail(Some(seq), Problem::HashMismatch));
+            } else if let Some(from_seq) = keyed_from.filter(|s| seq >= *s) {
+                return Err(fail(Some(seq), Problem::KeyedByLedger { from_seq }));
             }
             match (last_keyed, keyed) {
                 (Some(true), false) => return Err(fail(Some(seq), Problem::Downgrade)),
@@ -370,6 +391,7 @@ pub fn verify_files(
                 }
             }
             last_keyed = Some(keyed);
+            last_at = Some((shown.clone(), line_no));
             unkeyed += u64::from(!keyed);
             prev = digest;
             expected_seq += 1;
@@ -382,6 +404,17 @@ pub fn verify_files(
                 .last()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+        });
+    }
+    if let (Some(from_seq), Some((path, line))) = (keyed_from, &last_at)
+        && expected_seq <= from_seq
+    {
+        return Err(VerifyError::Record {
+            path: path.clone(),
+            line: *line,
+            index: records - 1,
+            seq: Some(expected_seq - 1),
+            problem: Problem::EndsBeforeKeyed { from_seq },
         });
     }
     let mut pruned_before = None;
@@ -526,7 +559,8 @@ mod tests {
         assert_eq!((line, index, p), (4, 3, Problem::Downgrade));
         let msg = verify_path_with(&path, Ok(&key)).unwrap_err().to_string();
         assert!(
-            msg.contains(":4: record 3 (seq 3): the chain goes from keyed"),
+            msg.contains(":4: record seq 3: the chain goes from keyed")
+                && msg.ends_with("(record 3)"),
             "{msg}"
         );
         // The same with the digest written as `mac`: a MAC mismatch at the same record.
@@ -576,6 +610,11 @@ mod tests {
         let (line, index, p) = problem(verify_path_with(&path, Ok(&key)));
         assert_eq!((line, index, p), (4, 3, Problem::Torn));
         assert!(Problem::Torn.to_string().starts_with("torn last line"));
+        let e = verify_path_with(&path, Ok(&key)).unwrap_err().to_string();
+        assert!(
+            e.contains(":4: torn last line") && e.ends_with("(record 3)"),
+            "{e}"
+        );
 
         let mut bad = lines.clone();
         bad[1] = bad[1].replacen('{', "{{", 1);
@@ -593,7 +632,7 @@ mod tests {
         write(&path, &spliced);
         let (line, index, p) = problem(verify_path_with(&path, Ok(&key)));
         assert_eq!((line, index, p.clone()), (3, 2, Problem::BrokenLink));
-        assert!(p.to_string().starts_with("broken prev link"));
+        assert!(p.to_string().contains("broken prev link"), "{p}");
 
         let mut dropped = lines.clone();
         dropped.remove(1);
@@ -638,5 +677,32 @@ mod tests {
             problem(verify_path_with(&path, Ok(&key))),
             (2, 1, Problem::UnmarkedUpgrade)
         );
+    }
+
+    #[test]
+    fn the_ledger_catches_a_log_rewritten_wholly_as_unkeyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(AuditKey::load_or_create(&dir.path().join("state/audit.key")).unwrap());
+        let path = dir.path().join("audit.jsonl");
+        let mut lines = log(&path, &key, 4);
+        assert!(verify_path_with(&path, Ok(&key)).is_ok());
+        rehash_from(&mut lines, 0, "hash");
+        write(&path, &lines);
+        let (line, index, p) = problem(verify_path_with(&path, Ok(&key)));
+        assert_eq!(
+            (line, index, p),
+            (1, 0, Problem::KeyedByLedger { from_seq: 0 })
+        );
+        // The same bytes elsewhere (a copy, no ledger entry): only unkeyed.
+        let copy = dir.path().join("copy.jsonl");
+        std::fs::copy(&path, &copy).unwrap();
+        let r = verify_path_with(&copy, Ok(&key)).unwrap();
+        assert_eq!(r.unkeyed, 4);
+        // A log replaced by a shorter one than the ledger knows was keyed.
+        std::fs::remove_file(&path).unwrap();
+        log(&path, &key, 2);
+        ledger::note(&key, &path, 7);
+        let (_, index, p) = problem(verify_path_with(&path, Ok(&key)));
+        assert_eq!((index, p), (1, Problem::EndsBeforeKeyed { from_seq: 7 }));
     }
 }

@@ -386,7 +386,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 
 /// The agent's identity in its environment, and the containment of its process: its user,
 /// and (when kz is root) a mount namespace masking bpffs, cgroupfs, other processes, kz's run
-/// directory, the audit log and the credential files of `[blind] hide`.
+/// directory, the audit log and its key, and the credential files of `[blind] hide`.
 fn contain_agent(
     req: &mut BlindRequest,
     agent: AgentUser,

@@ -22,6 +22,9 @@ enum Agent {
 
 const AGENTS: [Agent; 2] = [Agent::Sudo, Agent::Root];
 
+/// The audit chain's key when kz runs as root (docs/audit.md).
+const AUDIT_KEY: &str = "/var/lib/kz/audit.key";
+
 fn run_as(env: &Env, agent: Agent, script: &str) -> Output {
     let out = match agent {
         Agent::Sudo => env.kz(&[], script),
@@ -410,7 +413,8 @@ fn hidden_credential_files_read_as_empty() {
 }
 
 #[test]
-fn the_run_directory_and_audit_log_are_out_of_reach() {
+fn the_run_directory_audit_log_and_audit_key_are_out_of_reach() {
+    use std::os::unix::fs::MetadataExt;
     if !support::require_root() {
         return;
     }
@@ -424,8 +428,26 @@ fn the_run_directory_and_audit_log_are_out_of_reach() {
             ls -A "$(dirname "$SSL_CERT_FILE")" | sed 's/^/rundir: /'
             head -c 27 "$SSL_CERT_FILE"; echo
             echo "audit=[$(cat "$KZ_AUDIT_LOG" 2>/dev/null | head -c 100)]"
+            echo "key=[$(cat /var/lib/kz/audit.key 2>/dev/null | head -c 100)]"
+            python3 -c '
+try:
+    print("keyread=", open("/var/lib/kz/audit.key", "rb").read(100))
+except OSError as e:
+    print("keyread=", type(e).__name__)'
+            echo "keymask=$(grep -c " /var/lib/kz/audit.key " /proc/self/mountinfo)"
             "#,
         );
+        // The chain's key: root's, 0600 in a 0700 directory, and covered in the agent's view.
+        let key = std::fs::read_to_string(AUDIT_KEY)
+            .unwrap_or_else(|e| panic!("no audit key at {AUDIT_KEY}: {e}"));
+        let meta = std::fs::symlink_metadata(AUDIT_KEY).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o600));
+        let dir = std::fs::metadata("/var/lib/kz").unwrap();
+        assert_eq!((dir.uid(), dir.mode() & 0o7777), (0, 0o700));
+        assert!(!o.contains(key.trim()), "{agent:?} read the key:\n{o}");
+        assert!(o.contains("key=[]"), "{agent:?}:\n{o}");
+        assert!(o.contains("keyread= PermissionError"), "{agent:?}:\n{o}");
+        assert!(o.contains("keymask=1"), "{agent:?}: key not masked:\n{o}");
         assert!(o.contains("runkz: runs\n"), "{agent:?}:\n{o}");
         assert_eq!(
             o.lines()

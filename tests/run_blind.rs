@@ -1166,3 +1166,199 @@ fn a_rebinding_answer_opens_no_loopback_service() {
         "no dns_answer_dropped record: {audit:?}"
     );
 }
+
+/// The attacker of issue 14: it can write the audit log (or a copy an operator will verify),
+/// edits one record (the swap of API_KEY disappears from it) and recomputes the chain from
+/// there on with plain SHA-256, exactly as kz's sink hashed records before the chain was keyed:
+/// SHA-256(prev ‖ "\n" ‖ the line without its digest key). Python, as an agent would do it.
+const REHASH: &str = r#"
+import hashlib, json, re, sys
+path, k = sys.argv[1], int(sys.argv[2])
+lines = open(path, encoding="utf-8").read().splitlines()
+out, prev = lines[:k], None
+for i, line in enumerate(lines[k:], k):
+    # kz appends the record's digest as the last key; the body is the line without it.
+    body = re.match(r'^(.*),"(?:hash|mac)":"[0-9a-f]+"\}$', line).group(1) + "}"
+    if i == k:
+        body = body.replace('"swapped":["API_KEY"]', '"swapped":[]')
+    if prev is not None:
+        body = re.sub(r'"prev":"[0-9a-f]+"', '"prev":"%s"' % prev, body, count=1)
+    p = json.loads(body)["prev"]
+    prev = hashlib.sha256((p + "\n" + body).encode()).hexdigest()
+    out.append(body[:-1] + ',"hash":"%s"}' % prev)
+open(path, "w", encoding="utf-8").write("\n".join(out) + "\n")
+"#;
+
+#[test]
+fn a_rewritten_and_rehashed_audit_record_fails_verify_which_names_it() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    assert_ok(&env.run(
+        r#"curl -sS --max-time 10 https://api.allowed.test/v1 -H "Authorization: Bearer $API_KEY""#,
+    ));
+    let records = env.audit();
+    let k = records
+        .iter()
+        .position(|r| {
+            r["kind"] == "proxy_request" && r["swapped"] == serde_json::json!(["API_KEY"])
+        })
+        .unwrap_or_else(|| panic!("no swap recorded: {records:?}"));
+    assert!(k + 1 < records.len(), "records after the swap: {records:?}");
+    let rehash = Command::new("python3")
+        .args(["-c", REHASH])
+        .arg(env.audit_path())
+        .arg(k.to_string())
+        .status()
+        .unwrap();
+    assert!(rehash.success());
+    let rewritten = std::fs::read_to_string(env.audit_path()).unwrap();
+    assert!(
+        !rewritten.contains("\"swapped\":[\"API_KEY\"]"),
+        "the attacker removed the swap"
+    );
+    let v = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["audit", "verify"])
+        .arg(env.audit_path())
+        .output()
+        .unwrap();
+    let (o, e) = text(&v);
+    assert_eq!(
+        v.status.code(),
+        Some(1),
+        "a rewritten log must fail verify:\nstdout:\n{o}\nstderr:\n{e}"
+    );
+    assert!(
+        e.contains(&format!(":{}: record seq {k}", k + 1)) && e.contains(&format!("(record {k})")),
+        "verify names the rewritten record (line {}, record {k}):\n{e}",
+        k + 1
+    );
+    // The whole log rewritten from its first record: it would pass for a log from before kz
+    // keyed its chains, but kz's ledger knows this one was keyed from seq 0.
+    let rehash = Command::new("python3")
+        .args(["-c", REHASH, &env.audit_path().display().to_string(), "0"])
+        .status()
+        .unwrap();
+    assert!(rehash.success());
+    let v = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["audit", "verify"])
+        .arg(env.audit_path())
+        .output()
+        .unwrap();
+    let (o, e) = text(&v);
+    assert_eq!(v.status.code(), Some(1), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(
+        e.contains(":1: record seq 0 is unkeyed, but kz has keyed this log"),
+        "{e}"
+    );
+}
+
+/// A directory owned by the agent's user (its project, say): it can create names there.
+fn agent_owned_dir(env: &Env, name: &str) -> std::path::PathBuf {
+    let user = support::agent_user();
+    let d = env.dir.join(name);
+    std::fs::create_dir(&d).unwrap();
+    std::os::unix::fs::chown(&d, Some(user.uid), Some(user.gid)).unwrap();
+    d
+}
+
+/// `cmd` run as the agent's user, outside any sandbox (what it does between runs).
+fn as_agent_user(cmd: &str) {
+    let user = support::agent_user();
+    let st = Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--clear-groups", "--", "sh", "-c", cmd])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+#[test]
+fn a_symlink_planted_at_the_audit_log_path_is_refused_and_its_target_untouched() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    // What the attacker wants kz (root) to create and write: a file in a root-only directory
+    // that it cannot create itself (think /etc/ld.so.preload or a cron.d entry).
+    let root_only = env.dir.join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    let victim = root_only.join("ld.so.preload");
+    let logs = agent_owned_dir(&env, "logs");
+    as_agent_user(&format!(
+        "ln -s {} {}/audit.jsonl",
+        victim.display(),
+        logs.display()
+    ));
+    let out = env
+        .kz(&[], "echo AGENT-RAN")
+        .env("KZ_AUDIT_LOG", logs.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    no_leak(&out);
+    let (o, e) = text(&out);
+    assert!(
+        !victim.exists(),
+        "kz created the link's target:\nstdout:\n{o}\nstderr:\n{e}"
+    );
+    assert!(!out.status.success(), "{o}\n{e}");
+    assert!(!o.contains("AGENT-RAN"), "{o}");
+    assert!(e.contains("symbolic link"), "{e}");
+}
+
+#[test]
+fn an_audit_log_in_a_directory_the_agent_can_write_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let env = Env::new();
+    let logs = agent_owned_dir(&env, "logs");
+    let out = env
+        .kz(&[], "echo AGENT-RAN")
+        .env("KZ_AUDIT_LOG", logs.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    no_leak(&out);
+    let (o, e) = text(&out);
+    assert!(
+        !out.status.success(),
+        "kz used a log the agent's user could replace:\nstdout:\n{o}\nstderr:\n{e}"
+    );
+    assert!(!o.contains("AGENT-RAN"), "{o}");
+    assert!(e.contains(&logs.display().to_string()), "{e}");
+    assert!(
+        e.contains("/var/lib/kz"),
+        "the error names a safe place: {e}"
+    );
+}
+
+#[test]
+fn through_sudo_the_default_audit_log_is_in_a_root_owned_directory() {
+    if !support::require_root() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    // sudo -E keeps the invoking user's HOME and XDG_STATE_HOME: both point at the agent's.
+    let home = agent_owned_dir(&env, "home");
+    let out = env
+        .kz(&[], "echo AGENT-RAN")
+        .env_remove("KZ_AUDIT_LOG")
+        .env("HOME", &home)
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .output()
+        .unwrap();
+    let o = assert_ok(&out);
+    assert!(o.contains("AGENT-RAN"), "{o}");
+    assert!(
+        !home.join(".local/state/kz/audit.jsonl").exists(),
+        "the log went to the agent's home"
+    );
+    let dir = std::fs::metadata("/var/lib/kz").unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o700));
+    let log = std::fs::symlink_metadata("/var/lib/kz/audit.jsonl").unwrap();
+    assert!(log.file_type().is_file());
+    assert_eq!((log.uid(), log.mode() & 0o777), (0, 0o600));
+}

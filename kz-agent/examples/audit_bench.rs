@@ -1,8 +1,8 @@
 //! `cargo xtask bench audit`: what one proxy audit record costs through the hash-chained file
-//! sink, against the plain path (the same event as one JSON line appended to a file, no chain).
+//! sink (HMAC-SHA-256 chain), against the plain path (the same event as one JSON line appended to a file, no chain).
 //! The proxy writes one per request on its worker thread, so this is per-request overhead.
 
-use kz_agent::audit::{AuditEvent, AuditSink, ChainSink, Fsync, SinkTarget};
+use kz_agent::audit::{AuditEvent, AuditKey, AuditSink, ChainSink, Fsync, Rotation, SinkTarget};
 use std::io::Write;
 use std::time::Instant;
 
@@ -34,11 +34,15 @@ fn main() -> std::io::Result<()> {
         .unwrap_or(200_000);
     let dir = tempfile_dir()?;
     let chained = dir.join("audit.jsonl");
-    let sink = ChainSink::open(SinkTarget::File {
-        path: chained.clone(),
-        fsync: Fsync::Interval,
-        max_bytes: None,
-    })
+    let key = std::sync::Arc::new(AuditKey::generate().map_err(std::io::Error::other)?);
+    let sink = ChainSink::open_with_key(
+        SinkTarget::File {
+            path: chained.clone(),
+            fsync: Fsync::Interval,
+            rotation: Rotation::size(None),
+        },
+        key.clone(),
+    )
     .map_err(std::io::Error::other)?;
     let plain_path = dir.join("plain.jsonl");
     let mut plain = std::fs::OpenOptions::new()
@@ -71,7 +75,8 @@ fn main() -> std::io::Result<()> {
         per(t_chain),
         t_chain / t_plain
     );
-    let report = kz_agent::audit::verify_path(&chained).map_err(std::io::Error::other)?;
+    let report =
+        kz_agent::audit::verify_path_with(&chained, Ok(&key)).map_err(std::io::Error::other)?;
     println!("  chain verified: {} records", report.records);
     std::fs::remove_dir_all(&dir)
 }

@@ -100,8 +100,9 @@ pub struct RunArgs {
     /// namespace of its own (mapped to nobody outside), still without capabilities
     #[arg(long, requires = "blind")]
     pub allow_root_agent: bool,
-    /// With --blind: append audit records (hash-chained JSONL) to FILE
-    /// [default: $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
+    /// With --blind: append audit records (HMAC-chained JSONL) to FILE, in a directory only
+    /// root can write when kz is root [default: /var/lib/kz/audit.jsonl as root (sudo
+    /// included), else $XDG_STATE_HOME/kz/audit.jsonl or ~/.local/state/kz/audit.jsonl]
     #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// Command and arguments to run
@@ -239,10 +240,15 @@ pub struct McpArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check a hash-chained audit log (and its rotated predecessors FILE.1, FILE.2, …).
+    /// Check an audit log's keyed chain (and its rotated predecessors FILE.1, FILE.2, …); names
+    /// the first record that fails and why, and exits 1.
     Verify {
         /// The audit log file.
         file: PathBuf,
+        /// The chain's key [default: /var/lib/kz/audit.key as root, else
+        /// $XDG_STATE_HOME/kz/audit.key or ~/.local/state/kz/audit.key]
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
 }
 

@@ -1,7 +1,16 @@
 //! Audit: one record per decision, swap, block and denial; never a value.
 //!
 //! Producers (PDP, proxy, interception, MCP) build an [`AuditEvent`] and hand it to an
-//! [`AuditSink`]. The sink owns ordering and the hash chain, so producers stay simple.
+//! [`AuditSink`]. The sink owns ordering and the keyed chain, so producers stay simple.
+//!
+//! - `chain`: the JSONL sink (HMAC-SHA-256 chain, rotation with count and age caps);
+//! - `key`: the chain's key, where it lives and how it is made;
+//! - `ledger`: which logs kz has keyed, so a log rewritten wholly as unkeyed is caught;
+//! - `location`: where the log and the key live, and opening them so the agent cannot
+//!   redirect or replace either (`O_NOFOLLOW`, directories only root can write);
+//! - `verify`: `kz audit verify`, which names the first record that fails and why.
+//!
+//! The format, the key's location and what verification proves: docs/audit.md.
 
 use std::borrow::Cow;
 
@@ -120,6 +129,14 @@ pub enum AuditError {
         "the audit log {path} ends with a damaged record ({reason}); run `kz audit verify {path}` and move the file aside before restarting"
     )]
     DamagedTail { path: String, reason: String },
+    #[error(
+        "the audit log {path} ends with a record whose MAC does not match the audit key ({key}): it was written with another key, or edited. Run `kz audit verify {path}` (with `--key FILE` for another key), then move the file aside to start a new chain"
+    )]
+    ForeignTail { path: String, key: String },
+    #[error(transparent)]
+    Location(#[from] LocationError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// Where audit events go. Implementations must be cheap to call from hot paths (the proxy calls
@@ -129,6 +146,9 @@ pub trait AuditSink: Send + Sync {
 }
 
 mod chain;
+mod key;
+mod ledger;
+mod location;
 #[cfg(any(test, feature = "testing"))]
 mod memory;
 mod verify;
@@ -136,8 +156,13 @@ mod verify;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemorySink;
 
-pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget, rotated_files};
-pub use verify::{VerifyError, VerifyReport, verify_files, verify_path};
+pub use chain::{
+    ChainSink, DEFAULT_MAX_AGE_DAYS, DEFAULT_MAX_FILES, Fsync, GENESIS, PRUNED_KIND, Rotation,
+    SinkTarget, UPGRADE_KIND, rotated_files,
+};
+pub use key::{AuditKey, KeyError};
+pub use location::{LocationError, ROOT_STATE_DIR, default_key_path, default_log_path, state_dir};
+pub use verify::{Problem, VerifyError, VerifyReport, verify_files, verify_path, verify_path_with};
 
 /// A sink that drops everything (no `audit:` section in the bundle).
 #[derive(Debug, Default)]

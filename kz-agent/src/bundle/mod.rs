@@ -163,10 +163,39 @@ pub struct AuditConfig {
     pub path: Option<PathBuf>,
     #[serde(default)]
     pub fsync: Fsync,
-    /// Rotate the file once it reaches this size; the hash chain continues in the next file.
+    /// Rotate the file once it reaches this size; the chain continues in the next file.
     pub max_bytes: Option<u64>,
+    /// Rotated files kept (the newest); 0 keeps every one. Pruned at rotation.
+    #[serde(default = "default_audit_max_files")]
+    pub max_files: u32,
+    /// Rotated files last written more than this many days ago are removed at rotation; 0
+    /// keeps them however old.
+    #[serde(default = "default_audit_max_age_days")]
+    pub max_age_days: u32,
+    /// The chain's HMAC key file [default: `crate::audit::default_key_path`], created 0600 on
+    /// first use.
+    pub key: Option<PathBuf>,
     #[serde(default)]
     pub stdout: bool,
+}
+
+fn default_audit_max_files() -> u32 {
+    crate::audit::DEFAULT_MAX_FILES
+}
+fn default_audit_max_age_days() -> u32 {
+    crate::audit::DEFAULT_MAX_AGE_DAYS
+}
+
+impl AuditConfig {
+    /// The sink's rotation: `max_bytes`, and the caps (0 turns one off).
+    pub fn rotation(&self) -> crate::audit::Rotation {
+        crate::audit::Rotation {
+            max_bytes: self.max_bytes,
+            max_files: (self.max_files > 0).then_some(self.max_files),
+            max_age: (self.max_age_days > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(self.max_age_days) * 86_400)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -504,6 +533,9 @@ static TOP: Shape = Shape::Obj(
                     f("path", Shape::Str),
                     f("fsync", Shape::OneOf(&["always", "interval", "never"])),
                     f("max_bytes", Shape::Int),
+                    f("max_files", Shape::Int),
+                    f("max_age_days", Shape::Int),
+                    f("key", Shape::Str),
                     f("stdout", Shape::Bool),
                 ],
                 false,

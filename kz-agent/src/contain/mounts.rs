@@ -14,7 +14,8 @@
 //! - `/proc`: a fresh instance with `hidepid=2`, so the agent sees its own processes only;
 //! - kz's run directory tree (`/run/kz`: other runs, the node daemon's socket): replaced by a
 //!   read-only tmpfs holding only this run's CA bundle, at the path the agent was given;
-//! - the audit log and every `[blind] hide` path: an empty file or directory over each.
+//! - the audit log, its rotated files, the audit chain's key (`audit::default_key_path`) and
+//!   every `[blind] hide` path: an empty file or directory over each.
 
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;

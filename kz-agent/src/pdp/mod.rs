@@ -10,7 +10,9 @@ pub mod proxy;
 
 pub mod token;
 
-use crate::audit::{AuditError, AuditEvent, AuditSink, ChainSink, MultiSink, NullSink, SinkTarget};
+use crate::audit::{
+    AuditError, AuditEvent, AuditKey, AuditSink, ChainSink, MultiSink, NullSink, SinkTarget,
+};
 use crate::bundle::{
     self, AuditConfig, BundleError, CredentialLocation, LoadedBundle, Mode, Resource,
 };
@@ -278,16 +280,23 @@ pub fn audit_sink(config: Option<&AuditConfig>) -> Result<Arc<dyn AuditSink>, Au
     let Some(cfg) = config else {
         return Ok(Arc::new(NullSink));
     };
+    let key = Arc::new(match &cfg.key {
+        Some(path) => AuditKey::load_or_create(path)?,
+        None => AuditKey::load_or_create(&crate::audit::default_key_path())?,
+    });
     let mut sinks: Vec<Arc<dyn AuditSink>> = Vec::new();
     if let Some(path) = &cfg.path {
-        sinks.push(Arc::new(ChainSink::open(SinkTarget::File {
-            path: path.clone(),
-            fsync: cfg.fsync,
-            max_bytes: cfg.max_bytes,
-        })?));
+        sinks.push(Arc::new(ChainSink::open_with_key(
+            SinkTarget::File {
+                path: path.clone(),
+                fsync: cfg.fsync,
+                rotation: cfg.rotation(),
+            },
+            key.clone(),
+        )?));
     }
     if cfg.stdout {
-        sinks.push(Arc::new(ChainSink::open(SinkTarget::Stdout)?));
+        sinks.push(Arc::new(ChainSink::open_with_key(SinkTarget::Stdout, key)?));
     }
     Ok(match sinks.len() {
         1 => sinks.remove(0),

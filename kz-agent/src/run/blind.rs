@@ -141,36 +141,24 @@ impl Drop for Preload {
 
 /// In-flight requests get this long when the child has exited.
 const PROXY_DRAIN: Duration = Duration::from_secs(1);
-/// The audit sink of a blind run, appending to `path` ([`audit_path`]).
+/// The audit sink of a blind run, appending to `path` ([`audit_path`]), keyed with kz's
+/// user's audit key, rotated at 64 MiB with the default caps on rotated files.
 pub fn open_audit(path: &Path) -> Result<Arc<dyn AuditSink>, crate::audit::AuditError> {
     let sink = ChainSink::open(SinkTarget::File {
         path: path.to_owned(),
         fsync: Fsync::Interval,
-        max_bytes: Some(64 * 1024 * 1024),
+        rotation: crate::audit::Rotation::size(Some(64 * 1024 * 1024)),
     })?;
     Ok(Arc::new(sink))
 }
 
-/// The audit log of a blind run: `path`, else `$XDG_STATE_HOME/kz/audit.jsonl`, else
-/// `~/.local/state/kz/audit.jsonl`.
+/// The audit log of a blind run: `path`, else [`crate::audit::default_log_path`]
+/// (`/var/lib/kz/audit.jsonl` as root, through sudo too).
 pub fn audit_path(path: Option<&Path>) -> PathBuf {
     match path {
         Some(p) => p.to_owned(),
-        None => default_audit_path(),
+        None => crate::audit::default_log_path(),
     }
-}
-
-fn default_audit_path() -> PathBuf {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local/state"))
-        })
-        .unwrap_or_else(std::env::temp_dir);
-    state.join("kz/audit.jsonl")
 }
 
 /// The approval gate ([`approval::gate`]) of a blind run, once the config is loaded and before
@@ -454,7 +442,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
 
 /// The agent's identity in its environment, and the containment of its process: its user,
 /// and (when kz is root) a mount namespace masking bpffs, cgroupfs, other processes, kz's run
-/// directory, the audit log and the credential files of `[blind] hide`.
+/// directory, the audit log and its key, and the credential files of `[blind] hide`.
 fn contain_agent(
     req: &mut BlindRequest,
     agent: AgentUser,
@@ -492,6 +480,9 @@ fn contain_agent(
             hide.push(log.clone());
             hide.extend(crate::audit::rotated_files(log));
         }
+        // The chain's key (root's, 0700 directory, 0600 file): masked too, in case its
+        // directory's mode is ever loosened.
+        hide.push(crate::audit::default_key_path());
         let empty = dir.write("empty", b"", 0o444)?;
         // The run directory's tree (every run's, and the node daemon's socket) is replaced by
         // one that holds only this run's CA bundle, at the path the agent was given.

@@ -1493,7 +1493,12 @@ fn proxy_child_process() {
         let masked = proxy::TokenTable::generate_masked();
         let tokens = proxy::TokenTable::new();
         tokens
-            .insert_named("API_KEY", &masked, Secret::new(REAL), vec!["api.test".into()])
+            .insert_named(
+                "API_KEY",
+                &masked,
+                Secret::new(REAL),
+                vec!["api.test".into()],
+            )
             .unwrap();
         let file = std::fs::File::create(dir.join("audit.jsonl")).unwrap();
         let audit = Arc::new(JsonLines(Mutex::new(file)));
@@ -1515,8 +1520,10 @@ fn proxy_child_process() {
         let h = proxy::start(cfg).await.unwrap();
         println!("READY {} {masked}", h.transparent_addrs[0]);
         std::io::stdout().flush().unwrap();
-        let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
-            .await;
+        let _ = tokio::task::spawn_blocking(|| {
+            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
+        })
+        .await;
         h.shutdown().await;
     });
 }
@@ -1537,7 +1544,12 @@ impl ProxyChild {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = env.client.command(exe.to_str().unwrap());
         let mut child = cmd
-            .args(["proxy_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "proxy_child_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(PROXY_CHILD, &dir)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -1633,9 +1645,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -1684,7 +1694,10 @@ async fn slow_body(
         Err(e) => return SlowEnd::Refused(format!("connect: {e}")),
     };
     let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
-    let tls = match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
+    let tls = match tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+    {
         Ok(t) => t,
         Err(e) => return SlowEnd::Refused(format!("tls: {e}")),
     };
@@ -1824,9 +1837,18 @@ fn hostile_slow_bodies_are_bounded_in_memory_and_cut_off() {
             let out = env.run(
                 "curl",
                 &[
-                    "-sS", "--max-time", "10", "--cacert", kz_ca.to_str().unwrap(),
-                    "--connect-to", &connect_to, "-H", &auth,
-                    "-w", "\n%{http_code}", "https://api.test/echo",
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "--cacert",
+                    kz_ca.to_str().unwrap(),
+                    "--connect-to",
+                    &connect_to,
+                    "-H",
+                    &auth,
+                    "-w",
+                    "\n%{http_code}",
+                    "https://api.test/echo",
                 ],
             );
             normal = Some((stdout(&out), t.elapsed()));
@@ -1837,7 +1859,11 @@ fn hostile_slow_bodies_are_bounded_in_memory_and_cut_off() {
     let peak_hwm = kz.status_kb("VmHWM:");
     let cpu = |pid: String| {
         let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let f: Vec<&str> = st.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
+        let f: Vec<&str> = st
+            .rsplit_once(')')
+            .map_or("", |x| x.1)
+            .split_whitespace()
+            .collect();
         let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         (t(11) + t(12)) as f64 / 100.0
     };
@@ -1893,7 +1919,9 @@ fn hostile_slow_bodies_are_bounded_in_memory_and_cut_off() {
         normal,
         cut_other.len(),
         &cut_other[..cut_other.len().min(5)],
-        ends.iter().filter(|e| matches!(e, SlowEnd::Refused(_))).count(),
+        ends.iter()
+            .filter(|e| matches!(e, SlowEnd::Refused(_)))
+            .count(),
         &refused[..refused.len().min(5)],
         t0.elapsed(),
     );
@@ -1909,7 +1937,10 @@ fn hostile_slow_bodies_are_bounded_in_memory_and_cut_off() {
     );
     assert_eq!(held, 0, "{held} slow bodies were never cut off");
     assert!(refused.is_empty(), "attackers refused: {refused:?}");
-    assert!(cut_other.is_empty(), "attackers cut off otherwise: {cut_other:?}");
+    assert!(
+        cut_other.is_empty(),
+        "attackers cut off otherwise: {cut_other:?}"
+    );
     // How many find the buffer cap held depends on how many are in flight at once (on a
     // loaded machine the first are cut before the last arrive); every one is cut either way.
     assert_eq!(cut_408 + cut_503, attackers);

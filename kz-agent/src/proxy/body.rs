@@ -404,7 +404,9 @@ where
                         }
                         s
                     }
-                    None => this.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
@@ -479,9 +481,7 @@ impl Reserved {
 pub enum ReadWholeError {
     #[error(transparent)]
     Timeout(#[from] BodyTimeout),
-    #[error(
-        "kz is holding as many buffered bodies as `max_buffered_total` allows; retry shortly"
-    )]
+    #[error("kz is holding as many buffered bodies as `max_buffered_total` allows; retry shortly")]
     PoolFull,
     #[error("the body is longer than its Content-Length ({0} bytes)")]
     TooLong(usize),
@@ -620,7 +620,11 @@ mod tests {
         let t = tokio::time::Instant::now();
         let b = TimedBody::new(paced(chunks), idle, 100, None);
         assert!(drain(b).await.is_err());
-        assert!(t.elapsed() < Duration::from_millis(1000), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
         // Without a declared length only the gap rule holds: the same trickle goes through.
         let chunks = (0..20).map(|_| (70, &b"x"[..])).collect();
         let b = TimedBody::new(paced(chunks), idle, 0, None);
@@ -654,7 +658,11 @@ mod tests {
         // The pool cannot cover a second one.
         let e = read_whole(body(), 6000, &pool, pool.reserve(0).unwrap()).await;
         assert!(matches!(e, Err(ReadWholeError::PoolFull)));
-        assert_eq!(pool.available(), 4000, "a refused body gives back what it took");
+        assert_eq!(
+            pool.available(),
+            4000,
+            "a refused body gives back what it took"
+        );
         drop(held_a);
         assert_eq!(pool.available(), 10_000);
         // Longer than declared: refused.

@@ -65,6 +65,10 @@ pub enum Rejection {
     UpstreamCompressed,
     /// Reading the upstream's response body failed (502).
     UpstreamBody(String),
+    /// The request body stalled: `body_read_timeout` / `body_min_rate` (408).
+    BodyTimeout(body::BodyTimeout),
+    /// Bodies read whole already hold `max_buffered_total` (503, `Retry-After`).
+    BuffersFull,
 }
 
 impl Rejection {
@@ -79,6 +83,8 @@ impl Rejection {
             Self::Upstream(_) | Self::UpstreamCompressed | Self::UpstreamBody(_) => {
                 StatusCode::BAD_GATEWAY
             }
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BuffersFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -93,6 +99,8 @@ impl Rejection {
             Self::Upstream(e) => e.kind(),
             Self::UpstreamCompressed => "upstream_compressed_response",
             Self::UpstreamBody(_) => "upstream_body_failed",
+            Self::BodyTimeout(_) => body::BODY_TIMEOUT,
+            Self::BuffersFull => "buffered_bodies_full",
         }
     }
 
@@ -133,6 +141,10 @@ impl Rejection {
             Self::Upstream(e) => format!("kz: {e}"),
             Self::UpstreamCompressed => "kz: the upstream sent a compressed response although kz asked for identity encoding; kz cannot scrub it, so it was not forwarded".into(),
             Self::UpstreamBody(e) => format!("kz: reading the upstream response failed: {e}"),
+            Self::BodyTimeout(e) => e.to_string(),
+            Self::BuffersFull => {
+                "kz: too many request bodies are being buffered on this node; retry shortly".into()
+            }
         }
     }
 
@@ -158,7 +170,15 @@ impl Rejection {
                 Self::Unswapped { .. } | Self::Required { .. } | Self::Misdirected { .. }
             );
         });
-        text(status, self.message())
+        let mut r = text(status, self.message());
+        // Both leave the request body unread: hyper closes an h1 connection after the answer
+        // and resets an h2 stream, so what the client still sends costs nothing.
+        if matches!(self, Self::BuffersFull) {
+            Metrics::inc(&rec.metrics().buffered_bodies_full_total);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -517,6 +537,51 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+/// Bytes a body of `declared` length must bring per `body_read_timeout` of waiting.
+fn min_window_bytes(limits: &super::Limits, declared: Option<u64>) -> u64 {
+    match declared {
+        Some(n) if n > 0 => limits
+            .body_min_rate
+            .saturating_mul(limits.body_read_timeout.as_secs().max(1)),
+        _ => 0,
+    }
+}
+
+/// The request body under the body read timeout (every plan).
+fn timed(
+    incoming: Incoming,
+    limits: &super::Limits,
+    declared: Option<u64>,
+    rec: &Arc<Record>,
+) -> body::TimedBody<Incoming> {
+    body::TimedBody::new(
+        incoming,
+        limits.body_read_timeout,
+        min_window_bytes(limits, declared),
+        Some(rec.clone()),
+    )
+}
+
+/// Reads a request body of at most `limit` bytes whole, its bytes taken from the node's
+/// buffer pool as they arrive.
+async fn read_request_body(
+    incoming: body::TimedBody<Incoming>,
+    limit: usize,
+    sh: &super::Shared,
+) -> Result<(Bytes, body::Reserved), Rejection> {
+    let none = sh.buffers.reserve(0).ok_or(Rejection::BuffersFull)?;
+    body::read_whole(incoming, limit, &sh.buffers, none)
+        .await
+        .map_err(|e| match e {
+            body::ReadWholeError::Timeout(t) => Rejection::BodyTimeout(t),
+            body::ReadWholeError::PoolFull => Rejection::BuffersFull,
+            e => Rejection::BadRequest {
+                error: "request_body_read_failed",
+                message: format!("kz: {e}"),
+            },
+        })
+}
+
 struct InflightGuard(Arc<AtomicUsize>);
 
 impl Drop for InflightGuard {
@@ -605,20 +670,16 @@ pub async fn forward(
         !snap.is_empty() && (body_swaps || refuse_out_of_scope),
         sh.limits.max_buffered_body,
     );
+    let declared = content_length(&parts.headers);
+    let incoming = timed(incoming, &sh.limits, declared, &rec);
     let up_body = match plan_now {
         BodyPlan::Empty => body::empty(),
         BodyPlan::Count => CountBody::new(incoming, rec.clone(), Direction::Up).boxed(),
         BodyPlan::Buffer => {
-            let data = match incoming.collect().await {
-                Ok(c) => c.to_bytes(),
-                Err(e) => {
-                    let message = format!("kz: reading the request body failed: {e}");
-                    return Rejection::BadRequest {
-                        error: "request_body_read_failed",
-                        message,
-                    }
-                    .respond(&rec);
-                }
+            let limit = declared.map_or(0, |n| n as usize);
+            let (data, held) = match read_request_body(incoming, limit, &sh).await {
+                Ok(x) => x,
+                Err(r) => return r.respond(&rec),
             };
             let mut unswapped: Option<(usize, Unswapped)> = None;
             let mut seen = |id: usize, replaced: bool| {
@@ -649,7 +710,7 @@ pub async fn forward(
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-            body::full(out)
+            body::full_held(out, held)
         }
         BodyPlan::Stream => {
             // Only a swap changes a body's length: where none can happen the length stays exact
@@ -688,6 +749,14 @@ pub async fn forward(
             });
             return Rejection::Unswapped { host, secret, why }.respond(&rec);
         }
+        // A streamed or passed-through body stalled and stopped the send.
+        Err(_) if rec.with(|f| f.error.as_deref() == Some(body::BODY_TIMEOUT)) => {
+            return Rejection::BodyTimeout(body::BodyTimeout {
+                idle: sh.limits.body_read_timeout,
+                min_bytes: min_window_bytes(&sh.limits, declared),
+            })
+            .respond(&rec);
+        }
         Err(e) => return Rejection::Upstream(e).respond(&rec),
     };
     respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
@@ -723,7 +792,7 @@ async fn respond(
     if upgraded {
         return Response::from_parts(parts, body::empty());
     }
-    let planned = plan_response_body(
+    let mut planned = plan_response_body(
         &method,
         status,
         &parts.headers,
@@ -731,6 +800,18 @@ async fn respond(
         guarded,
         sh.limits.max_buffered_body,
     );
+    // A response read whole holds its length of the node's buffer pool until it is sent (an
+    // agent that does not read its answers would otherwise pin them); with the pool held it
+    // streams, which for a response costs nothing more.
+    let mut held = None;
+    if let Ok(BodyPlan::Buffer) = planned {
+        let len = content_length(&parts.headers).map_or(0, |n| n as usize);
+        held = sh.buffers.reserve(len).map(|h| (h, len));
+        if held.is_none() {
+            Metrics::inc(&sh.metrics.buffered_responses_streamed_total);
+            planned = Ok(BodyPlan::Stream);
+        }
+    }
     match planned {
         Err(r) => r.respond(&rec),
         Ok(BodyPlan::Empty) => Response::from_parts(parts, body::empty()),
@@ -739,8 +820,11 @@ async fn respond(
             CountBody::new(incoming, rec, Direction::Down).boxed(),
         ),
         Ok(BodyPlan::Buffer) => {
-            let data = match incoming.collect().await {
-                Ok(c) => c.to_bytes(),
+            let Some((held, len)) = held else {
+                return Rejection::BuffersFull.respond(&rec);
+            };
+            let (data, held) = match body::read_whole(incoming, len, &sh.buffers, held).await {
+                Ok(x) => x,
                 Err(e) => return Rejection::UpstreamBody(e.to_string()).respond(&rec),
             };
             let mut seen = |name: &str, form| rec.scrubbed(name, form);
@@ -753,7 +837,7 @@ async fn respond(
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-            Response::from_parts(parts, body::full(out))
+            Response::from_parts(parts, body::full_held(out, held))
         }
         Ok(BodyPlan::Stream) => {
             parts.headers.remove(header::CONTENT_LENGTH);

@@ -47,6 +47,9 @@ metrics! {
     bytes_upstream_total: "counter", "Request body bytes sent upstream.";
     bytes_downstream_total: "counter", "Response body bytes sent to clients.";
     audit_errors_total: "counter", "Audit records the sink failed to write.";
+    request_body_timeouts_total: "counter", "Request bodies cut off by the body read timeout (body_read_timeout, body_min_rate).";
+    buffered_bodies_full_total: "counter", "Request bodies refused (503) because max_buffered_total was held by other bodies.";
+    buffered_responses_streamed_total: "counter", "Response bodies streamed instead of read whole because max_buffered_total was held.";
 }
 
 impl Metrics {

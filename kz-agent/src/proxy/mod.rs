@@ -94,9 +94,18 @@ pub enum ProxyError {
 }
 
 /// Limits that keep bad or slow clients from holding resources.
+///
+/// What bounds a client connection's memory (issue 14, 4,096 hostile connections): the head by
+/// `max_header_bytes` / `max_headers` / `header_read_timeout`; its body by `body_read_timeout`
+/// and `body_min_rate`; a body read whole by `max_buffered_body` and, over all sessions,
+/// `max_buffered_total`; a streamed body by a window (hyper's h1 read buffer, at most
+/// `max_header_bytes`; h2 flow-control windows set in `serving`: 256 KiB per stream, 512 KiB
+/// per connection, instead of hyper's 1 MiB each, and 128 KiB of unsent response data per
+/// stream instead of 400 KiB; at most 256 streams). Connections by `max_connections`.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Maximum size of a request head (h1 read buffer; h2 header list). At least 8 KiB.
+    /// Maximum size of a request head (h1 read buffer; h2 header list; hyper's defaults are
+    /// ~400 KiB and 16 KiB). At least 8 KiB.
     pub max_header_bytes: usize,
     /// Maximum number of request headers (h1).
     pub max_headers: usize,
@@ -116,6 +125,27 @@ pub struct Limits {
     /// be swapped to, a larger body's Content-Length is then dropped (it is sent chunked / as
     /// h2 DATA frames); elsewhere nothing can change its length and it is kept.
     pub max_buffered_body: usize,
+    /// Bytes held at once in bodies read whole (requests and responses, all sessions of the
+    /// node). A request body that would take more is answered 503 with `Retry-After` and
+    /// audited `buffered_bodies_full`; a response body that would is streamed instead. The bytes
+    /// are taken as the body arrives, so a client that declares 1 MiB and trickles holds only
+    /// what it sent. Why not stream the request instead: it would need an upstream connection
+    /// per such request (doubling what each hostile connection costs, and holding a request
+    /// with a swapped credential open at the upstream), and would change the request's framing
+    /// (Content-Length dropped) depending on the load of the node.
+    pub max_buffered_total: usize,
+    /// Longest wait for the next piece of a request body (every plan), and the window of
+    /// `body_min_rate`. On expiry: 408 (h1; an h2 stream the same) and audit `body_timeout`.
+    /// Only time spent waiting for the client counts, not time the upstream takes to accept
+    /// what was sent. 30 s: far above any pause of a client that has its body at hand (an
+    /// agent's HTTP library writes it at once), short enough that a slow-body client ties a
+    /// connection for at most a minute.
+    pub body_read_timeout: Duration,
+    /// Bytes per second a request body with a declared Content-Length must average over each
+    /// `body_read_timeout` of waiting (0: only the gap rule). 1 KiB/s is a modem's speed; a
+    /// client trickling a few bytes per second to hold a connection is cut after one window.
+    /// Bodies of unknown length are exempt (long-lived streams such as gRPC pause).
+    pub body_min_rate: u64,
     /// Bounded leaf-certificate cache size.
     pub leaf_cache: usize,
     /// Idle upstream connections kept per (address, verified host) and worker. It bounds the
@@ -146,6 +176,9 @@ impl Default for Limits {
             upstream_connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             max_buffered_body: 1024 * 1024,
+            max_buffered_total: 64 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            body_min_rate: 1024,
             leaf_cache: 1024,
             upstream_max_idle_per_host: 256,
             upstream_idle_timeout: Duration::from_secs(60),
@@ -202,6 +235,8 @@ pub struct Shared {
     pub audit: Arc<dyn AuditSink>,
     pub orig_dst: Option<OrigDstLookup>,
     pub upstream_tls: tls::Upstream,
+    /// The bytes bodies read whole may hold (`Limits::max_buffered_total`).
+    pub buffers: body::BufferPool,
     /// Idle upstream connections, one pool per worker thread: a connection is reused by the
     /// thread that runs its task, so a request never wakes another thread.
     pools: Vec<Arc<upstream::Pool>>,
@@ -371,6 +406,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
             ))
         })
         .collect();
+    let buffers = body::BufferPool::new(cfg.limits.max_buffered_total);
     let shared = Arc::new(Shared {
         sessions,
         explicit_session: cfg.explicit_session,
@@ -381,6 +417,7 @@ pub async fn start(cfg: Config) -> Result<ProxyHandle, ProxyError> {
         workers: runtimes.iter().map(|r| r.handle().clone()).collect(),
         load: (0..n_workers).map(|_| Default::default()).collect(),
         upstream_tls,
+        buffers,
         metrics: Metrics::default(),
         own_addrs: transparent_addrs
             .iter()

@@ -145,7 +145,13 @@ pub(super) async fn serve_http(ctx: Arc<ConnCtx>, io: BoxIo, h2: bool) {
             // served, or keeps opening streams past the limit, gets GOAWAY instead of a stream
             // of cancelled upstream requests (tests/proxy.rs, h2_rapid_reset_…).
             .max_pending_accept_reset_streams(20)
-            .max_local_error_reset_streams(1024);
+            .max_local_error_reset_streams(1024)
+            // What a client may make kz hold per connection before kz reads it (hyper: 1 MiB
+            // per stream and per connection), and unsent response data per stream (hyper:
+            // 400 KiB). The client is on this machine: small windows cost no throughput.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(512 * 1024)
+            .max_send_buf_size(128 * 1024);
         let conn = Box::pin(b.serve_connection(io, svc));
         drive(&ctx, &last, conn, |c| c.graceful_shutdown()).await;
     } else {

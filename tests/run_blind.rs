@@ -924,6 +924,18 @@ upstream_ca = "upstream-ca.pem"
     std::fs::write(dir.join(".keyzero.toml"), toml).unwrap();
 }
 
+/// `kz allow` for the project, as its developer would after changing its config.
+fn approve(env: &Env) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .arg("--dir")
+        .arg(&env.dir)
+        .arg("allow")
+        .env("KZ_STATE_DIR", env.state_dir())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+}
+
 /// The proxy's request records with `error` set to `error`.
 fn errors(env: &Env, error: &str) -> Vec<serde_json::Value> {
     env.audit()
@@ -1064,6 +1076,7 @@ fn no_swap_into_cleartext_http_unless_the_secret_allows_it() {
     assert_eq!(plain.len(), 1);
 
     write_secret_config(&env.dir, "", "refuse_out_of_scope = true");
+    approve(&env);
     let out = env.run(
         r#"
         curl -sS --max-time 10 -w "\ncode %{http_code}\n" http://api.allowed.test/v2 -H "Authorization: Bearer $API_KEY"

@@ -300,6 +300,12 @@ async fn handle(
             fixed_host,
             upstream,
         } => {
+            // An address the guard refuses is refused as such before any Host claim is
+            // weighed (a claim could not make it dialable, and the answer should say why).
+            if let Err(e) = upstream::check_dial(&ctx.sh, ctx.session.id, *dst) {
+                let ip = dst.ip().to_string();
+                return Ok(upstream_failed(&ctx, req, &ip, dst.port(), &e));
+            }
             let host = match fixed_host {
                 Some(h) => h.clone(),
                 None => match verify_plain_host(&ctx, &req, *dst).await {

@@ -182,20 +182,7 @@ pub async fn resolve_all(
     let mut failed = Vec::new();
     for (name, outcome) in resolve_each(config, only).await? {
         match outcome {
-            Ok(value) => {
-                let entry = &config.secrets[&name];
-                ok.push(ResolvedSecret {
-                    hosts: entry.hosts.clone(),
-                    swap: SwapRules {
-                        places: entry.places.clone(),
-                        require: entry.require,
-                        allow_plaintext: entry.allow_plaintext,
-                    },
-                    resolver: entry.resolver.clone(),
-                    name,
-                    value,
-                });
-            }
+            Ok(value) => ok.push(resolved_secret(config, name, value)),
             Err(e) => failed.push(format!("secret '{name}': {e}")),
         }
     }
@@ -203,6 +190,25 @@ pub async fn resolve_all(
         Ok(ok)
     } else {
         Err(RunError::Resolve(failed))
+    }
+}
+
+/// Secret `name` of `config` with its resolved `value`: the row [`resolve_all`] returns (also
+/// for values resolved elsewhere, e.g. by the node daemon in a process of the caller's).
+pub fn resolved_secret(config: &Config, name: String, value: Secret) -> ResolvedSecret {
+    let entry = config.secrets.get(&name);
+    ResolvedSecret {
+        hosts: entry.map(|e| e.hosts.clone()).unwrap_or_default(),
+        swap: entry
+            .map(|e| SwapRules {
+                places: e.places.clone(),
+                require: e.require,
+                allow_plaintext: e.allow_plaintext,
+            })
+            .unwrap_or_default(),
+        resolver: entry.map(|e| e.resolver.clone()).unwrap_or_default(),
+        name,
+        value,
     }
 }
 

@@ -188,13 +188,13 @@ mod tests {
     #[test]
     fn refusals_have_specific_codes() {
         let forbidden = ApiError::State(StateError::Forbidden(7));
-        assert_eq!(forbidden.status_code(), (StatusCode::FORBIDDEN, "forbidden"));
+        assert_eq!(
+            forbidden.status_code(),
+            (StatusCode::FORBIDDEN, "forbidden")
+        );
         assert!(forbidden.to_string().contains("another user"));
         let missing = ApiError::State(StateError::NotFound(7));
         assert_eq!(missing.status_code().0, StatusCode::NOT_FOUND);
-        assert_eq!(
-            ApiError::BadId("x".into()).status_code().1,
-            "bad_id"
-        );
+        assert_eq!(ApiError::BadId("x".into()).status_code().1, "bad_id");
     }
 }

@@ -106,7 +106,10 @@ mod tests {
         assert!(may_manage(&alice, 1000));
         assert!(!may_manage(&alice, 1001));
         assert!(!may_manage(&bob, 1000));
-        assert!(!may_manage(&bob, 0), "a user does not manage root's sandboxes");
+        assert!(
+            !may_manage(&bob, 0),
+            "a user does not manage root's sandboxes"
+        );
         assert!(may_manage(&admin, 1000) && may_manage(&admin, 0));
         assert!(may_manage(&root, 1001));
     }
@@ -120,7 +123,10 @@ mod tests {
             gid: Some(4242),
             members: vec![],
         };
-        assert!(is_admin(1000, 4242, &group), "primary group is the admin group");
+        assert!(
+            is_admin(1000, 4242, &group),
+            "primary group is the admin group"
+        );
         assert!(!is_admin(1000, 1000, &group));
         // A listed member, found by name (every passwd database has `nobody`).
         if let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {

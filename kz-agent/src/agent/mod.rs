@@ -149,9 +149,14 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
     connections.shutdown().await;
     match Arc::try_unwrap(api) {
         Ok(api) => api.registry.shutdown().await,
-        Err(_) => tracing::error!("API state still referenced at shutdown; sandboxes left to the kernel"),
+        Err(_) => {
+            tracing::error!("API state still referenced at shutdown; sandboxes left to the kernel")
+        }
     }
-    record(&*audit, AuditEvent::new("agent_stop").with("pid", std::process::id()));
+    record(
+        &*audit,
+        AuditEvent::new("agent_stop").with("pid", std::process::id()),
+    );
     Ok(())
 }
 
@@ -191,8 +196,7 @@ fn bind(path: &Path, group: &str) -> Result<UnixListener, AgentError> {
     let listener = bound.map_err(io)?;
     match nix::unistd::Group::from_name(group) {
         Ok(Some(g)) => {
-            nix::unistd::chown(path, None, Some(g.gid))
-                .map_err(|e| io(e.into()))?;
+            nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| io(e.into()))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
         }
         _ => {

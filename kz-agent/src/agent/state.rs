@@ -35,7 +35,9 @@ pub enum StateError {
     NameTaken(String),
     #[error("no sandbox {0} (or not yours); `kz sandbox ls` lists yours")]
     NotFound(u64),
-    #[error("sandbox {0} belongs to another user; only its owner, root or group kz-admin manage it")]
+    #[error(
+        "sandbox {0} belongs to another user; only its owner, root or group kz-admin manage it"
+    )]
     Forbidden(u64),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
@@ -201,9 +203,11 @@ impl Registry {
         }
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
         let cgroup_name = format!("u{}-{name}", caller.uid);
-        if self.lock().values().any(|e| {
-            e.info.owner_uid == caller.uid && e.info.name == name
-        }) {
+        if self
+            .lock()
+            .values()
+            .any(|e| e.info.owner_uid == caller.uid && e.info.name == name)
+        {
             return Err(StateError::NameTaken(name));
         }
         let Project { config, secrets } =

@@ -147,7 +147,15 @@ fn print_list(v: &Value) {
 }
 
 fn print_one(v: &Value) {
-    for k in ["id", "name", "owner_uid", "cgroup", "dns", "project_dir", "created"] {
+    for k in [
+        "id",
+        "name",
+        "owner_uid",
+        "cgroup",
+        "dns",
+        "project_dir",
+        "created",
+    ] {
         println!("{k:<12} {}", field(v, k));
     }
     println!(
@@ -163,7 +171,12 @@ fn print_one(v: &Value) {
             let hosts: Vec<String> = s
                 .get("hosts")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
             println!(
                 "  {name:<20} {}  hosts: {}",

@@ -276,7 +276,14 @@ fn sandboxes_with_the_same_secret_name_stay_apart() {
         );
         boxes.push(v);
     }
-    eprintln!("{N} sandboxes created in {:?}", t0.elapsed());
+    let pid = daemon.child.as_ref().unwrap().id();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("{N} sandboxes created in {:?}; daemon {rss}", t0.elapsed());
     let token = |k: usize| {
         boxes[k]["secrets"]["API_KEY"]["token"]
             .as_str()

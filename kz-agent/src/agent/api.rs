@@ -100,6 +100,7 @@ impl ApiError {
             ApiError::State(e) => match e {
                 StateError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
                 StateError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
+                StateError::TooMany => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
                 StateError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
                 StateError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
                 StateError::Secrets(S::Relative(_) | S::UpstreamCa(_) | S::NoSecrets(_)) => {

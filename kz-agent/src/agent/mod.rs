@@ -40,6 +40,8 @@ use crate::sandbox::{Node, NodeOptions, SandboxError};
 pub const DEFAULT_SOCKET: &str = "/run/kz/agent.sock";
 /// The group that may open the socket (mode 0660); without it the socket is root-only (0600).
 pub const SOCKET_GROUP: &str = "kz";
+/// How long a client may take to send a request's head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The daemon's audit log unless told otherwise.
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/kz/agent.jsonl";
 
@@ -133,7 +135,11 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
                 let api = api.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |req| api::handle(api.clone(), caller, req));
+                    // A local user holding connections open with half a request gets nothing
+                    // but its connection closed.
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "API connection ended");

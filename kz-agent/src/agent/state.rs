@@ -24,6 +24,9 @@ use crate::sandbox::{Node, Sandbox, SandboxError, SandboxSpec};
 
 /// The leaf certificates a sandbox's CA keeps (as `kz run --blind`).
 const LEAF_CACHE: usize = 1024;
+/// Sandboxes one user (not root or kz-admin) may hold at once: each costs a resolver, a
+/// cgroup and a session, and the socket is open to a whole group.
+pub const MAX_PER_USER: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -33,7 +36,11 @@ pub enum StateError {
     BadName(String),
     #[error("you already have a sandbox named {0:?}; pick another name or remove it first")]
     NameTaken(String),
-    #[error("no sandbox {0} (or not yours); `kz sandbox ls` lists yours")]
+    #[error(
+        "you already hold {MAX_PER_USER} sandboxes, the most a user may; remove some (`kz sandbox ls`, `kz sandbox rm ID`)"
+    )]
+    TooMany,
+    #[error("no sandbox {0}; `kz sandbox ls` lists yours")]
     NotFound(u64),
     #[error(
         "sandbox {0} belongs to another user; only its owner, root or group kz-admin manage it"
@@ -203,12 +210,18 @@ impl Registry {
         }
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
         let cgroup_name = format!("u{}-{name}", caller.uid);
-        if self
-            .lock()
-            .values()
-            .any(|e| e.info.owner_uid == caller.uid && e.info.name == name)
         {
-            return Err(StateError::NameTaken(name));
+            let map = self.lock();
+            let mine: Vec<&Entry> = map
+                .values()
+                .filter(|e| e.info.owner_uid == caller.uid)
+                .collect();
+            if mine.iter().any(|e| e.info.name == name) {
+                return Err(StateError::NameTaken(name));
+            }
+            if !caller.admin && mine.len() >= MAX_PER_USER {
+                return Err(StateError::TooMany);
+            }
         }
         let Project { config, secrets } =
             secrets::load(&req.project_dir, caller.uid, caller.gid).await?;

@@ -9,7 +9,8 @@
 //!   daemon cleanly.
 //! - `users_manage_only_their_own_sandboxes`: SO_PEERCRED authorisation with requests made as
 //!   the unprivileged test user (curl and the `kz sandbox` CLI under setpriv), and a user
-//!   cannot make the daemon resolve root's secrets.
+//!   cannot make the daemon resolve root's secrets; a second daemon on a live socket refuses.
+//! - `the_daemon_needs_the_kernel`: without kernel interception it does not start.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -511,6 +512,19 @@ fn users_manage_only_their_own_sandboxes() {
         & 0o777;
     assert_eq!(mode, 0o660, "the socket is open to its group only");
     let me = Some((agent.uid, agent.gid));
+    // A second daemon on a live socket stops at once and says why.
+    let second = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["agent", "run", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--audit-log")
+        .arg(daemon.dir.join("second.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already serving"),
+        "{second:?}"
+    );
 
     let projects = support::agent_readable_dir("kzagu");
     let blind = "[blind]\nconnections = [ { allow = true, host = \"api.test\" } ]\nresolver = \"127.0.0.1:53\"\n";
@@ -729,4 +743,36 @@ fn users_manage_only_their_own_sandboxes() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&projects);
+}
+
+#[test]
+fn the_daemon_needs_the_kernel() {
+    if !support::require_root() {
+        return;
+    }
+    // As an unprivileged user there is no kernel interception: the daemon refuses to start
+    // (there is no explicit-proxy fallback for many sandboxes) and names `kz doctor`.
+    let agent = support::agent_user();
+    let dir = support::agent_readable_dir("kzagk");
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", agent.uid))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+        .args(["agent", "run", "--socket"])
+        .arg(dir.join("agent.sock"))
+        .arg("--audit-log")
+        .arg(dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("needs kernel interception") && err.contains("kz doctor"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("agent.sock").exists(),
+        "a socket without a daemon"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

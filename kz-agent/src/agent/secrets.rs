@@ -69,8 +69,7 @@ pub async fn load(dir: &Path, uid: u32, gid: u32) -> Result<Project, SecretsErro
         let config = Config::load(Some(dir))?;
         let secrets = values
             .into_iter()
-            .filter(|(name, _)| config.secrets.contains_key(name))
-            .map(|(name, value)| run::resolved_secret(&config, name, value))
+            .filter_map(|(name, value)| run::resolved_secret(&config, name, value))
             .collect();
         (config, secrets)
     };

@@ -136,8 +136,8 @@ mod verify;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemorySink;
 
-pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget, rotated_files};
 pub(crate) use chain::rfc3339_now;
+pub use chain::{ChainSink, Fsync, GENESIS, SinkTarget, rotated_files};
 pub use verify::{VerifyError, VerifyReport, verify_files, verify_path};
 
 /// A sink that drops everything (no `audit:` section in the bundle).

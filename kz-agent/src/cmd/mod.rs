@@ -7,10 +7,10 @@
 //! pieces differently.
 //!
 //! One file per command group: `run` (`run`, `export`, `status`), `config` (`validate`,
-//! `init`, `list`), `server` (`server start|check`, MCP included), `agent` (`agent run|status`, `sandbox
-//! ls|show|rm`), `audit`
-//! (`audit verify`), `doctor`, `intercept` (the hidden `intercept …` commands, with the
-//! `demo`); `signals` is the one place that waits for SIGINT/SIGTERM and SIGHUP.
+//! `init`, `list`), `server` (`server start|check`, MCP included), `agent` (`agent run|status`,
+//! `sandbox ls|show|rm`), `audit` (`audit verify`), `doctor`, `intercept` (the hidden
+//! `intercept …` commands, with the `demo`); `signals` is the one place that waits for
+//! SIGINT/SIGTERM and SIGHUP.
 
 mod agent;
 mod audit;

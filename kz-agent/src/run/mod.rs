@@ -182,7 +182,7 @@ pub async fn resolve_all(
     let mut failed = Vec::new();
     for (name, outcome) in resolve_each(config, only).await? {
         match outcome {
-            Ok(value) => ok.push(resolved_secret(config, name, value)),
+            Ok(value) => ok.extend(resolved_secret(config, name, value)),
             Err(e) => failed.push(format!("secret '{name}': {e}")),
         }
     }
@@ -194,22 +194,22 @@ pub async fn resolve_all(
 }
 
 /// Secret `name` of `config` with its resolved `value`: the row [`resolve_all`] returns (also
-/// for values resolved elsewhere, e.g. by the node daemon in a process of the caller's).
-pub fn resolved_secret(config: &Config, name: String, value: Secret) -> ResolvedSecret {
-    let entry = config.secrets.get(&name);
-    ResolvedSecret {
-        hosts: entry.map(|e| e.hosts.clone()).unwrap_or_default(),
-        swap: entry
-            .map(|e| SwapRules {
-                places: e.places.clone(),
-                require: e.require,
-                allow_plaintext: e.allow_plaintext,
-            })
-            .unwrap_or_default(),
-        resolver: entry.map(|e| e.resolver.clone()).unwrap_or_default(),
+/// for values resolved elsewhere, e.g. by the node daemon in a process of the caller's). `None`
+/// for a name the config does not declare: a value without its `hosts` must not become an
+/// unscoped token.
+pub fn resolved_secret(config: &Config, name: String, value: Secret) -> Option<ResolvedSecret> {
+    let entry = config.secrets.get(&name)?;
+    Some(ResolvedSecret {
+        hosts: entry.hosts.clone(),
+        swap: SwapRules {
+            places: entry.places.clone(),
+            require: entry.require,
+            allow_plaintext: entry.allow_plaintext,
+        },
+        resolver: entry.resolver.clone(),
         name,
         value,
-    }
+    })
 }
 
 /// Mints masked tokens: `kz_masked_` + 32 lowercase hex digits from 128 random bits, never the

@@ -66,6 +66,77 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The node daemon: many sandboxes on one node (`kz agent run`, `kz agent status`).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// The node daemon's sandboxes: `kz sandbox ls`, `kz sandbox show ID`, `kz sandbox rm ID`.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+// ---- kz agent, kz sandbox ----
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Run the node daemon (root, kernel interception required) serving the local API.
+    Run(AgentRunArgs),
+    /// Show the running daemon's state.
+    Status(AgentClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentRunArgs {
+    /// The API socket (created 0660 for group --socket-group, else root-only).
+    #[arg(long, env = "KZ_AGENT_SOCKET", default_value = crate::agent::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The group given access to the socket, when it exists.
+    #[arg(long, default_value = crate::agent::SOCKET_GROUP)]
+    pub socket_group: String,
+    /// Append audit records (hash-chained JSONL) of every sandbox to FILE.
+    #[arg(long, env = "KZ_AUDIT_LOG", value_name = "FILE", default_value = crate::agent::DEFAULT_AUDIT_LOG)]
+    pub audit_log: PathBuf,
+    /// Extra CA (PEM) trusted for upstream TLS, for every sandbox.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Let sandboxes use native IPv6 (the proxy listens on [::1] too).
+    #[arg(long)]
+    pub ipv6: bool,
+}
+
+/// How the CLI reaches the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct AgentClientArgs {
+    /// The daemon's API socket.
+    #[arg(long, env = "KZ_AGENT_SOCKET", default_value = crate::agent::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the daemon's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// List your sandboxes (all of them for root and group kz-admin).
+    #[command(alias = "list")]
+    Ls(AgentClientArgs),
+    /// Show one sandbox: owner, cgroup, DNS, masked tokens, counters.
+    Show {
+        /// The sandbox id (its cgroup id, from `kz sandbox ls`).
+        id: u64,
+        #[command(flatten)]
+        client: AgentClientArgs,
+    },
+    /// Destroy a sandbox: its processes are killed, its cgroup removed.
+    Rm {
+        /// The sandbox id.
+        id: u64,
+        #[command(flatten)]
+        client: AgentClientArgs,
+    },
 }
 
 // ---- kz run, export, status, validate, list ----

@@ -4,6 +4,7 @@
 //! interfaces: [`resolve::Resolver`], [`audit::AuditSink`], [`secret::Secret`], the proxy's token
 //! table. The proxy never knows where a value came from; resolvers never know who asked.
 
+pub mod agent;
 pub mod audit;
 pub mod bundle;
 pub mod cel;

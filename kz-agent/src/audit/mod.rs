@@ -156,6 +156,7 @@ mod verify;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::MemorySink;
 
+pub(crate) use chain::rfc3339_now;
 pub use chain::{
     ChainSink, DEFAULT_MAX_AGE_DAYS, DEFAULT_MAX_FILES, Fsync, GENESIS, PRUNED_KIND, Rotation,
     SinkTarget, UPGRADE_KIND, rotated_files,

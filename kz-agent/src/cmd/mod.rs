@@ -8,10 +8,11 @@
 //!
 //! One file per command group: `run` (`run`, `export`, `status`), `config` (`validate`,
 //! `init`, `list`), `allow` (`allow`, `deny`: approvals of blind runs' configs), `server`
-//! (`server start|check`, MCP included), `audit`
-//! (`audit verify`), `doctor`, `intercept` (the hidden `intercept …` commands, with the
-//! `demo`); `signals` is the one place that waits for SIGINT/SIGTERM and SIGHUP.
+//! (`server start|check`, MCP included), `agent` (`agent run|status`, `sandbox ls|show|rm`),
+//! `audit` (`audit verify`), `doctor`, `intercept` (the hidden `intercept …` commands, with
+//! the `demo`); `signals` is the one place that waits for SIGINT/SIGTERM and SIGHUP.
 
+mod agent;
 mod allow;
 mod audit;
 mod config;
@@ -22,7 +23,7 @@ mod run;
 mod server;
 mod signals;
 
-use crate::cli::{Cli, Command, ServerCommand};
+use crate::cli::{AgentCommand, Cli, Command, ServerCommand};
 use std::process::ExitCode;
 
 /// A single-threaded runtime: these commands wait on a few HTTP lookups and one child.
@@ -65,6 +66,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Intercept(cmd) => intercept::run(cmd),
         Command::Server { command } => server::run(command),
         Command::Audit { command } => audit::run(command),
+        Command::Agent { command } => agent::agent(command),
+        Command::Sandbox { command } => agent::sandbox(command),
     }
 }
 
@@ -80,6 +83,9 @@ pub fn protect(command: &Command) {
         Command::Run(args) => args.blind,
         Command::Server {
             command: ServerCommand::Start(_),
+        }
+        | Command::Agent {
+            command: AgentCommand::Run(_),
         }
         | Command::Export(_)
         | Command::Status(_) => true,

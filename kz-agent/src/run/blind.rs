@@ -246,8 +246,22 @@ pub fn connection_rules(config: &BlindConfig) -> Result<ConnectionRules, BlindEr
     Ok(ConnectionRules(rules))
 }
 
+/// Puts one masked secret in a sandbox's token table with its scope and swap settings.
+pub fn add_token(tokens: &TokenTable, s: MaskedSecret) -> Result<(), BlindError> {
+    let spec = proxy::TokenSpec {
+        places: s.swap.places,
+        require: s.swap.require,
+        allow_plaintext: s.swap.allow_plaintext,
+        ..proxy::TokenSpec::new(&s.name, &s.token, s.value, s.hosts)
+    };
+    tokens.add(spec).map_err(|source| BlindError::Token {
+        name: s.name.clone(),
+        source,
+    })
+}
+
 /// Why kernel interception cannot work here, or the loaded interceptor.
-fn kernel() -> Result<Interceptor, String> {
+pub(crate) fn kernel() -> Result<Interceptor, String> {
     if !trust::is_root() {
         return Err(
             "kz is not running as root (kernel interception needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
@@ -333,17 +347,8 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // 1-2: masked tokens and their scopes.
     let tokens = TokenTable::new();
     for s in std::mem::take(&mut req.secrets) {
-        let spec = proxy::TokenSpec {
-            places: s.swap.places,
-            require: s.swap.require,
-            allow_plaintext: s.swap.allow_plaintext,
-            ..proxy::TokenSpec::new(&s.name, &s.token, s.value, s.hosts)
-        };
-        tokens.add(spec).map_err(|source| BlindError::Token {
-            name: s.name.clone(),
-            source,
-        })?;
         req.command.env(&s.name, &s.token);
+        add_token(&tokens, s)?;
     }
 
     let dir = RunDir::create(&id)?;

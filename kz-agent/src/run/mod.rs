@@ -182,20 +182,7 @@ pub async fn resolve_all(
     let mut failed = Vec::new();
     for (name, outcome) in resolve_each(config, only).await? {
         match outcome {
-            Ok(value) => {
-                let entry = &config.secrets[&name];
-                ok.push(ResolvedSecret {
-                    hosts: entry.hosts.clone(),
-                    swap: SwapRules {
-                        places: entry.places.clone(),
-                        require: entry.require,
-                        allow_plaintext: entry.allow_plaintext,
-                    },
-                    resolver: entry.resolver.clone(),
-                    name,
-                    value,
-                });
-            }
+            Ok(value) => ok.extend(resolved_secret(config, name, value)),
             Err(e) => failed.push(format!("secret '{name}': {e}")),
         }
     }
@@ -204,6 +191,25 @@ pub async fn resolve_all(
     } else {
         Err(RunError::Resolve(failed))
     }
+}
+
+/// Secret `name` of `config` with its resolved `value`: the row [`resolve_all`] returns (also
+/// for values resolved elsewhere, e.g. by the node daemon in a process of the caller's). `None`
+/// for a name the config does not declare: a value without its `hosts` must not become an
+/// unscoped token.
+pub fn resolved_secret(config: &Config, name: String, value: Secret) -> Option<ResolvedSecret> {
+    let entry = config.secrets.get(&name)?;
+    Some(ResolvedSecret {
+        hosts: entry.hosts.clone(),
+        swap: SwapRules {
+            places: entry.places.clone(),
+            require: entry.require,
+            allow_plaintext: entry.allow_plaintext,
+        },
+        resolver: entry.resolver.clone(),
+        name,
+        value,
+    })
 }
 
 /// Mints masked tokens: `kz_masked_` + 32 lowercase hex digits from 128 random bits, never the

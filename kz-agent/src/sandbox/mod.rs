@@ -228,6 +228,12 @@ impl Node {
         &self.proxy
     }
 
+    /// The parent of the node's sandbox cgroups (none without the kernel).
+    pub fn cgroup_dir(&self) -> Option<PathBuf> {
+        let k = self.kernel.as_ref()?;
+        Some(lock(&k.icpt).cgroup_dir().to_owned())
+    }
+
     /// Admits a sandbox: its DNS resolver, cgroup and policy, session and event route. Nothing
     /// of it is left behind when this fails.
     pub async fn admit(&self, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {

@@ -1,0 +1,201 @@
+//! The local API: JSON over HTTP/1.1 on the daemon's unix socket.
+//!
+//! | method and path               | what                                              |
+//! |-------------------------------|---------------------------------------------------|
+//! | `GET /v1/status`              | the daemon: version, kernel, sandbox counts, you  |
+//! | `POST /v1/sandboxes`          | create one from `{"name", "project_dir"}` (201)   |
+//! | `GET /v1/sandboxes`           | the sandboxes you may see                         |
+//! | `GET /v1/sandboxes/{id}`      | one of them                                       |
+//! | `DELETE /v1/sandboxes/{id}`   | destroy it (its processes are killed)             |
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}` with a matching status. Who asks is
+//! the connection's SO_PEERCRED ([`super::auth`]); every refusal is audited (`api_refused`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::state::{CreateRequest, Registry, StateError};
+use crate::audit::AuditEvent;
+
+/// A create request's body is a name and a path.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the handlers share.
+pub struct Api {
+    pub registry: Registry,
+    pub started: Instant,
+    pub socket: std::path::PathBuf,
+}
+
+/// One request of `caller`, answered.
+pub async fn handle(
+    api: Arc<Api>,
+    caller: Caller,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (status, body) = match route(&api, &caller, req).await {
+        Ok((status, v)) => (status, v),
+        Err(e) => {
+            let (status, code) = e.status_code();
+            api.registry.record(
+                AuditEvent::new("api_refused")
+                    .with("method", method.as_str().to_owned())
+                    .with("path", path)
+                    .with("uid", caller.uid)
+                    .with("caller_pid", caller.pid)
+                    .with("status", status.as_u16())
+                    .with("reason", code),
+            );
+            (
+                status,
+                json!({"error": {"code": code, "message": e.to_string()}}),
+            )
+        }
+    };
+    let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    text.push(b'\n');
+    let resp = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(text)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+    Ok(resp)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no such endpoint {0} {1}; see docs/agent.md (GET /v1/status, /v1/sandboxes)")]
+    NotFound(Method, String),
+    #[error("{0} is not allowed on {1}")]
+    Method(Method, String),
+    #[error("sandbox ids are numbers (the cgroup id), got {0:?}")]
+    BadId(String),
+    #[error(
+        "the body must be JSON {{\"name\": \"…\", \"project_dir\": \"/abs/path\"}} of at most 64 KiB: {0}"
+    )]
+    BadBody(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl ApiError {
+    /// The HTTP status and the stable error code of the JSON answer.
+    fn status_code(&self) -> (StatusCode, &'static str) {
+        use super::secrets::SecretsError as S;
+        match self {
+            ApiError::NotFound(..) => (StatusCode::NOT_FOUND, "no_such_endpoint"),
+            ApiError::Method(..) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
+            ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
+            ApiError::State(e) => match e {
+                StateError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
+                StateError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
+                StateError::TooMany => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
+                StateError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
+                StateError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                StateError::Secrets(S::Relative(_) | S::UpstreamCa(_) | S::NoSecrets(_)) => {
+                    (StatusCode::BAD_REQUEST, "bad_project")
+                }
+                StateError::Secrets(S::Config(_)) => (StatusCode::BAD_REQUEST, "bad_config"),
+                StateError::Secrets(_) => (StatusCode::UNPROCESSABLE_ENTITY, "resolution_failed"),
+                StateError::Blind(_) | StateError::Resolver(_) => {
+                    (StatusCode::BAD_REQUEST, "bad_config")
+                }
+                StateError::Ca(_) | StateError::Sandbox(_) | StateError::NoCgroup => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "admission_failed")
+                }
+            },
+        }
+    }
+}
+
+async fn route(
+    api: &Api,
+    caller: &Caller,
+    req: Request<Incoming>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let ok = |v: Value| Ok((StatusCode::OK, v));
+    match (segments.as_slice(), &method) {
+        (["v1", "status"], &Method::GET) => ok(status(api, caller)),
+        (["v1", "sandboxes"], &Method::GET) => ok(to_json(&api.registry.list(caller))),
+        (["v1", "sandboxes"], &Method::POST) => {
+            let body = Limited::new(req.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| ApiError::BadBody(e.to_string()))?
+                .to_bytes();
+            let create: CreateRequest =
+                serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+            let info = api.registry.create(caller, create).await?;
+            Ok((StatusCode::CREATED, to_json(&info)))
+        }
+        (["v1", "sandboxes", id], &Method::GET) => {
+            ok(to_json(&api.registry.get(caller, parse_id(id)?)?))
+        }
+        (["v1", "sandboxes", id], &Method::DELETE) => {
+            ok(to_json(&api.registry.remove(caller, parse_id(id)?).await?))
+        }
+        (["v1", "status"] | ["v1", "sandboxes"] | ["v1", "sandboxes", _], _) => {
+            Err(ApiError::Method(method, path))
+        }
+        _ => Err(ApiError::NotFound(method, path)),
+    }
+}
+
+fn parse_id(s: &str) -> Result<u64, ApiError> {
+    s.parse().map_err(|_| ApiError::BadId(s.to_owned()))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn status(api: &Api, caller: &Caller) -> Value {
+    let node = api.registry.node();
+    let mut v = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "kernel": node.kernel(),
+        "socket": api.socket,
+        "uptime_secs": api.started.elapsed().as_secs(),
+        "sandboxes": api.registry.list(caller).len(),
+        "caller": {"uid": caller.uid, "gid": caller.gid, "admin": caller.admin},
+    });
+    // How many sandboxes others run, and where, is the admins' business.
+    if caller.admin {
+        v["sandboxes_total"] = json!(api.registry.count());
+        v["cgroup_dir"] = json!(node.cgroup_dir());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_have_specific_codes() {
+        let forbidden = ApiError::State(StateError::Forbidden(7));
+        assert_eq!(
+            forbidden.status_code(),
+            (StatusCode::FORBIDDEN, "forbidden")
+        );
+        assert!(forbidden.to_string().contains("another user"));
+        let missing = ApiError::State(StateError::NotFound(7));
+        assert_eq!(missing.status_code().0, StatusCode::NOT_FOUND);
+        assert_eq!(ApiError::BadId("x".into()).status_code().1, "bad_id");
+    }
+}

@@ -1,0 +1,95 @@
+//! The CLI's side of the local API: one HTTP/1.1 request over the daemon's unix socket.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no kz agent is listening at {0}: start it with `sudo kz agent run`, or pass --socket PATH"
+    )]
+    NoDaemon(PathBuf),
+    #[error(
+        "permission denied on {0}: the socket is open to root and group kz only (ask an admin to add you to group kz)"
+    )]
+    Permission(PathBuf),
+    #[error("cannot talk to the kz agent at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the kz agent at {path} broke off the request: {message}")]
+    Http { path: PathBuf, message: String },
+    #[error("the kz agent refused ({status}, {code}): {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the kz agent answered something that is not JSON ({0})")]
+    NotJson(StatusCode),
+}
+
+/// Sends `method path` (with a JSON `body`) to the daemon at `socket`; its JSON answer, or the
+/// daemon's refusal as [`ClientError::Refused`].
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, ClientError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NoDaemon(socket.to_owned())
+            }
+            std::io::ErrorKind::PermissionDenied => ClientError::Permission(socket.to_owned()),
+            _ => ClientError::Io {
+                path: socket.to_owned(),
+                source,
+            },
+        })?;
+    let http = |e: hyper::Error| ClientError::Http {
+        path: socket.to_owned(),
+        message: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    tokio::spawn(conn);
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "kz")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| ClientError::Http {
+            path: socket.to_owned(),
+            message: e.to_string(),
+        })?;
+    let resp = sender.send_request(req).await.map_err(http)?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson(status))?;
+    if status.is_success() {
+        return Ok(v);
+    }
+    let field = |k: &str| {
+        v.pointer(&format!("/error/{k}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Err(ClientError::Refused {
+        status: status.as_u16(),
+        code: field("code"),
+        message: field("message"),
+    })
+}

@@ -1,0 +1,419 @@
+//! The daemon's sandboxes: each admitted on the one [`Node`], with its owner, its masked
+//! tokens (names and tokens only: masked tokens are not secrets), its counters and its audit
+//! context, under the id the kernel gave its cgroup.
+//!
+//! A sandbox's audit records go to the daemon's sink with `sandbox`, `sandbox_id` and
+//! `owner_uid` added, and are counted on the way ([`Counting`]): requests, requests in which a
+//! token was swapped, and refusals (connections, blocked connects, refused names, tokens out of
+//! scope that were refused).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::auth::{Caller, may_manage};
+use super::secrets::{self, Project, SecretsError};
+use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
+use crate::proxy::{CertAuthority, TlsError, TokenTable};
+use crate::run::blind::{self, BlindError};
+use crate::sandbox::{Node, Sandbox, SandboxError, SandboxSpec};
+
+/// The leaf certificates a sandbox's CA keeps (as `kz run --blind`).
+const LEAF_CACHE: usize = 1024;
+/// Sandboxes one user (not root or kz-admin) may hold at once: each costs a resolver, a
+/// cgroup and a session, and the socket is open to a whole group.
+pub const MAX_PER_USER: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "bad sandbox name {0:?}: use 1-48 characters of A-Z a-z 0-9 _ - . (not starting with a dot)"
+    )]
+    BadName(String),
+    #[error("you already have a sandbox named {0:?}; pick another name or remove it first")]
+    NameTaken(String),
+    #[error(
+        "you already hold {MAX_PER_USER} sandboxes, the most a user may; remove some (`kz sandbox ls`, `kz sandbox rm ID`)"
+    )]
+    TooMany,
+    #[error("no sandbox {0}; `kz sandbox ls` lists yours")]
+    NotFound(u64),
+    #[error(
+        "sandbox {0} belongs to another user; only its owner, root or group kz-admin manage it"
+    )]
+    Forbidden(u64),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("{0}")]
+    Blind(#[from] BlindError),
+    #[error("cannot create the sandbox's CA: {0}")]
+    Ca(#[from] TlsError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
+    #[error("[blind] resolver: {0}")]
+    Resolver(String),
+    #[error("the node has no cgroup for the sandbox (kernel interception is off)")]
+    NoCgroup,
+}
+
+/// What a create request asks for.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The sandbox's name, unique per owner (default: `sandbox-<random>`).
+    pub name: Option<String>,
+    /// An absolute path: the directory whose `.keyzero.toml` (or one of its parents') holds
+    /// the sandbox's secrets and `[blind]` settings.
+    pub project_dir: PathBuf,
+}
+
+/// One secret of a sandbox as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecretInfo {
+    /// The masked token the sandbox's agent uses in place of the value.
+    pub token: String,
+    /// Where the token is swapped (empty: wherever the connection rules allow).
+    pub hosts: Vec<String>,
+}
+
+/// Per-sandbox counters, from its audit records.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    swapped: AtomicU64,
+    refused: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CounterValues {
+    pub requests: u64,
+    pub requests_swapped: u64,
+    pub refused: u64,
+}
+
+impl Counters {
+    pub fn values(&self) -> CounterValues {
+        CounterValues {
+            requests: self.requests.load(Ordering::Relaxed),
+            requests_swapped: self.swapped.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, event: &AuditEvent) {
+        let inc = |c: &AtomicU64| c.fetch_add(1, Ordering::Relaxed);
+        match event.kind {
+            "proxy_request" => {
+                inc(&self.requests);
+                let swapped = event
+                    .fields
+                    .get("swapped")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
+                if swapped {
+                    inc(&self.swapped);
+                }
+            }
+            "connection_refused" | "connect_blocked" | "dns_refused" => {
+                inc(&self.refused);
+            }
+            _ if event.fields.get("refused") == Some(&Value::Bool(true)) => {
+                inc(&self.refused);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Counts a sandbox's records on their way to the daemon's sink.
+pub struct Counting {
+    pub inner: Arc<dyn AuditSink>,
+    pub counters: Arc<Counters>,
+}
+
+impl AuditSink for Counting {
+    fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        self.counters.count(&event);
+        self.inner.record(event)
+    }
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxInfo {
+    /// Its cgroup's id: the kernel's name for it, and the proxy's.
+    pub id: u64,
+    pub name: String,
+    pub owner_uid: u32,
+    pub cgroup: PathBuf,
+    /// The address of its DNS resolver (the kernel sends its port-53 traffic there).
+    pub dns: Option<String>,
+    pub project_dir: PathBuf,
+    pub secrets: BTreeMap<String, SecretInfo>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// The CA its agent must trust for HTTPS (a public certificate).
+    pub ca_cert_pem: String,
+    pub counters: CounterValues,
+}
+
+struct Entry {
+    info: SandboxInfo,
+    counters: Arc<Counters>,
+    sandbox: Sandbox,
+}
+
+impl Entry {
+    fn info(&self) -> SandboxInfo {
+        let mut info = self.info.clone();
+        info.counters = self.counters.values();
+        info
+    }
+}
+
+/// Every sandbox of the daemon.
+pub struct Registry {
+    node: Node,
+    audit: Arc<dyn AuditSink>,
+    sandboxes: Mutex<BTreeMap<u64, Entry>>,
+}
+
+impl Registry {
+    pub fn new(node: Node, audit: Arc<dyn AuditSink>) -> Registry {
+        Registry {
+            node,
+            audit,
+            sandboxes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Creates a sandbox for `caller` from its project directory.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        req: CreateRequest,
+    ) -> Result<SandboxInfo, StateError> {
+        let name = match req.name {
+            Some(n) => n,
+            None => format!("sandbox-{}", hex::encode(rand::random::<[u8; 4]>())),
+        };
+        if !valid_name(&name) {
+            return Err(StateError::BadName(name));
+        }
+        // Two users may both call theirs `agent`: the cgroup's name carries the owner.
+        let cgroup_name = format!("u{}-{name}", caller.uid);
+        {
+            let map = self.lock();
+            let mine: Vec<&Entry> = map
+                .values()
+                .filter(|e| e.info.owner_uid == caller.uid)
+                .collect();
+            if mine.iter().any(|e| e.info.name == name) {
+                return Err(StateError::NameTaken(name));
+            }
+            if !caller.admin && mine.len() >= MAX_PER_USER {
+                return Err(StateError::TooMany);
+            }
+        }
+        let Project { config, secrets } =
+            secrets::load(&req.project_dir, caller.uid, caller.gid).await?;
+        let rules = blind::connection_rules(&config.blind)?;
+        let tokens = TokenTable::new();
+        let mut shown = BTreeMap::new();
+        for s in secrets {
+            shown.insert(
+                s.name.clone(),
+                SecretInfo {
+                    token: s.token.clone(),
+                    hosts: s.hosts.clone(),
+                },
+            );
+            blind::add_token(&tokens, s)?;
+        }
+        let ca = Arc::new(CertAuthority::generate(LEAF_CACHE)?);
+        let counters = Arc::new(Counters::default());
+        let mut context = Fields::default();
+        context.insert("sandbox", Value::from(cgroup_name.clone()));
+        context.insert("owner_uid", Value::from(caller.uid));
+        let audit: Arc<dyn AuditSink> = Arc::new(WithContext {
+            inner: Arc::new(Counting {
+                inner: self.audit.clone(),
+                counters: counters.clone(),
+            }),
+            context,
+        });
+        let b = &config.blind;
+        let sandbox = self
+            .node
+            .admit(SandboxSpec {
+                name: cgroup_name,
+                ca: ca.clone(),
+                tokens,
+                rules,
+                refuse_out_of_scope: b.refuse_on_scope_violation,
+                dns_upstream: b.dns_upstream().map_err(StateError::Resolver)?,
+                ipv6: b.ipv6,
+                udp: b.udp,
+                listen: b.listen,
+                unix: crate::intercept::UnixSockets::Only(b.unix_rules()),
+                audit,
+                echo_blocks: false,
+                max_allowed_ips: b
+                    .max_allowed_ips
+                    .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
+                dns_ttl_floor: crate::sandbox::TTL_FLOOR,
+            })
+            .await?;
+        let Some(cgroup) = sandbox.cgroup().cloned() else {
+            self.node.close(sandbox).await;
+            return Err(StateError::NoCgroup);
+        };
+        let info = SandboxInfo {
+            id: cgroup.id,
+            name,
+            owner_uid: caller.uid,
+            cgroup: cgroup.path.clone(),
+            dns: sandbox.dns_addr().map(|a| a.to_string()),
+            project_dir: config.dir.clone(),
+            secrets: shown,
+            created: crate::audit::rfc3339_now(),
+            ca_cert_pem: ca.cert_pem().to_owned(),
+            counters: counters.values(),
+        };
+        self.record(
+            AuditEvent::new("sandbox_created")
+                .with("sandbox_id", info.id)
+                .with("sandbox", cgroup.name.clone())
+                .with("owner_uid", caller.uid)
+                .with("caller_pid", caller.pid)
+                .with("project_dir", info.project_dir.display().to_string())
+                .with("secrets", info.secrets.keys().cloned().collect::<Vec<_>>()),
+        );
+        self.lock().insert(
+            info.id,
+            Entry {
+                info: info.clone(),
+                counters,
+                sandbox,
+            },
+        );
+        Ok(info)
+    }
+
+    /// The sandboxes `caller` may see, by id.
+    pub fn list(&self, caller: &Caller) -> Vec<SandboxInfo> {
+        self.lock()
+            .values()
+            .filter(|e| may_manage(caller, e.info.owner_uid))
+            .map(Entry::info)
+            .collect()
+    }
+
+    /// How many sandboxes the node runs (whoever owns them).
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn get(&self, caller: &Caller, id: u64) -> Result<SandboxInfo, StateError> {
+        let map = self.lock();
+        let entry = map.get(&id).ok_or(StateError::NotFound(id))?;
+        if !may_manage(caller, entry.info.owner_uid) {
+            return Err(StateError::Forbidden(id));
+        }
+        Ok(entry.info())
+    }
+
+    /// Destroys a sandbox: whatever runs in its cgroup is killed, the cgroup, its session and
+    /// resolver removed ([`Node::close`]).
+    pub async fn remove(&self, caller: &Caller, id: u64) -> Result<SandboxInfo, StateError> {
+        let entry = {
+            let mut map = self.lock();
+            let owner = map.get(&id).ok_or(StateError::NotFound(id))?.info.owner_uid;
+            if !may_manage(caller, owner) {
+                return Err(StateError::Forbidden(id));
+            }
+            map.remove(&id).ok_or(StateError::NotFound(id))?
+        };
+        let info = entry.info();
+        self.node.close(entry.sandbox).await;
+        self.record(
+            AuditEvent::new("sandbox_destroyed")
+                .with("sandbox_id", id)
+                .with("owner_uid", info.owner_uid)
+                .with("by_uid", caller.uid)
+                .with("requests", info.counters.requests)
+                .with("refused", info.counters.refused),
+        );
+        Ok(info)
+    }
+
+    /// Closes every sandbox and stops the node (the daemon's orderly stop).
+    pub async fn shutdown(self) {
+        let entries: Vec<Entry> = std::mem::take(&mut *self.lock()).into_values().collect();
+        for e in entries {
+            let id = e.info.id;
+            self.node.close(e.sandbox).await;
+            self.record(
+                AuditEvent::new("sandbox_destroyed")
+                    .with("sandbox_id", id)
+                    .with("reason", "daemon_stopping"),
+            );
+        }
+        self.node.shutdown().await;
+    }
+
+    pub fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.audit.record(event) {
+            tracing::error!(error = %e, "audit record lost");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A sandbox name: a cgroup name ([`crate::intercept::cgroups::valid_name`]) short enough to
+/// carry the `u<uid>-` prefix.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 48 && crate::intercept::cgroups::valid_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_follow_the_records() {
+        let c = Counters::default();
+        c.count(&AuditEvent::new("proxy_request").with("swapped", vec!["API_KEY"]));
+        c.count(&AuditEvent::new("proxy_request").with("swapped", Vec::<String>::new()));
+        c.count(&AuditEvent::new("connect_blocked"));
+        c.count(&AuditEvent::new("dns_refused"));
+        c.count(&AuditEvent::new("token_out_of_scope").with("refused", true));
+        c.count(&AuditEvent::new("token_out_of_scope").with("refused", false));
+        let v = c.values();
+        assert_eq!((v.requests, v.requests_swapped, v.refused), (2, 1, 3));
+    }
+
+    #[test]
+    fn names_fit_a_cgroup_with_the_owner_prefix() {
+        assert!(valid_name("agent-1.a_b"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(".hidden"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(49)));
+        assert!(crate::intercept::cgroups::valid_name(&format!(
+            "u4294967295-{}",
+            "x".repeat(48)
+        )));
+    }
+}

@@ -1,0 +1,778 @@
+//! The node daemon `kz agent run` end to end (root): the real binary, its API over a unix
+//! socket driven with curl, sandboxes whose processes the test places in the cgroups the API
+//! returned, real upstreams in a netns of their own.
+//!
+//! - `sandboxes_with_the_same_secret_name_stay_apart`: [`N`] sandboxes, each holding `API_KEY`
+//!   with its own real value and its own upstream; every upstream receives only its own
+//!   sandbox's value, a token used in another sandbox is never swapped, DNS answers open
+//!   addresses in the asking sandbox only; after DELETE no cgroup is left and SIGTERM stops the
+//!   daemon cleanly.
+//! - `users_manage_only_their_own_sandboxes`: SO_PEERCRED authorisation with requests made as
+//!   the unprivileged test user (curl and the `kz sandbox` CLI under setpriv), and a user
+//!   cannot make the daemon resolve root's secrets; a second daemon on a live socket refuses.
+//! - `the_daemon_needs_the_kernel`: without kernel interception it does not start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use support::blind_env::host;
+use support::dns::{TestDns, Zone};
+use support::netns::{Netns, Pair};
+use support::tls::TestCa;
+use support::upstream::Upstream;
+
+/// Sandboxes at once. The issue's benchmark asks for 50; 20 keeps this test quick on 2 cores.
+const N: usize = 20;
+
+fn real(k: usize) -> String {
+    format!("real-value-of-sandbox-{k:02}-5f1c9e")
+}
+
+fn upstream_ip(k: usize) -> String {
+    format!("10.77.0.{}", 10 + k)
+}
+
+/// A running `kz agent run` and where it keeps things.
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    audit: PathBuf,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon (inside `ns` when given) with `env`, its socket open to `group`;
+    /// returns once the socket answers.
+    fn start(ns: Option<&Netns>, group: &str, env: &[(String, String)]) -> Daemon {
+        let dir = support::agent_readable_dir("kzag");
+        let socket = dir.join("run/agent.sock");
+        let audit = dir.join("audit.jsonl");
+        let mut cmd = match ns {
+            Some(ns) => ns.command(env!("CARGO_BIN_EXE_kz")),
+            None => Command::new(env!("CARGO_BIN_EXE_kz")),
+        };
+        cmd.args(["agent", "run", "--socket"])
+            .arg(&socket)
+            .args(["--socket-group", group, "--audit-log"])
+            .arg(&audit)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("KZ_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            audit,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if d.socket.exists() && std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+                return d;
+            }
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = d.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "kz agent exited early ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kz agent did not open its socket"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `method path` with curl as root, or as `user` (uid, gid) with setpriv.
+    fn api(
+        &self,
+        user: Option<(u32, u32)>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut cmd = match user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .args(["--clear-groups", "--", "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        cmd.args(["-sS", "-m", "60", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", method]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+        }
+        let out = cmd.arg(format!("http://kz{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code: u16 = code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl {method} {path}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (code, serde_json::from_str(json).unwrap_or(Value::Null))
+    }
+
+    /// SIGTERM; the daemon's exit status and stderr.
+    fn stop(&mut self) -> Output {
+        let child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("kz agent did not exit within 30 s of SIGTERM")
+            .unwrap()
+    }
+
+    /// The daemon's audit records, once the chain verifies.
+    fn audit(&self) -> Vec<Value> {
+        kz_agent::audit::verify_path(&self.audit)
+            .unwrap_or_else(|e| panic!("the daemon's audit log does not verify: {e}"));
+        std::fs::read_to_string(&self.audit)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_project(dir: &Path, toml: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join(".keyzero.toml"), toml).unwrap();
+}
+
+/// Sandbox `k`'s project: `API_KEY` from the daemon's `KZ_TEST_REAL_<k>`, scoped to its own
+/// host; the agent may also connect to sandbox 0's host.
+fn sandbox_project(dir: &Path, k: usize) {
+    write_project(
+        dir,
+        &format!(
+            r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "KZ_TEST_REAL_{k}"
+hosts = ["up{k}.test"]
+allow_plaintext = true
+
+[blind]
+connections = [
+  {{ allow = true, host = "up{k}.test" }},
+  {{ allow = true, host = "up0.test" }},
+]
+resolver = "10.77.0.2:53"
+"#
+        ),
+    );
+}
+
+/// A shell in the client netns that moves itself into `cgroup` (as the SCM_RIGHTS client of a
+/// later slice will have the daemon do) and runs `script` there.
+fn in_sandbox(ns: &Netns, cgroup: &str, script: &str) -> Command {
+    let mut cmd = ns.command("bash");
+    cmd.arg("-c")
+        .arg(format!(
+            "echo $$ > '{cgroup}/cgroup.procs' || exit 90\n{script}"
+        ))
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn cgroup_children(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sandboxes_with_the_same_secret_name_stay_apart() {
+    if !support::require_root() {
+        return;
+    }
+    let pair = Pair::new("agc", "agu");
+    for k in 0..N {
+        pair.add_upstream_addr(&format!("{}/24", upstream_ip(k)));
+    }
+    let ca = TestCa::new("kz agent test upstream CA");
+    let upstreams: Vec<Upstream> = (0..N)
+        .map(|k| {
+            host(
+                &pair.upstream,
+                upstream_ip(k).parse().unwrap(),
+                &ca,
+                &format!("up{k}.test"),
+            )
+        })
+        .collect();
+    let mut zone = Zone::new(30);
+    for k in 0..N {
+        zone = zone.host(&format!("up{k}.test"), &[&upstream_ip(k)]);
+    }
+    let _dns = TestDns::start(&pair.upstream, "10.77.0.2:53".parse().unwrap(), zone);
+
+    let env: Vec<(String, String)> = (0..N)
+        .map(|k| (format!("KZ_TEST_REAL_{k}"), real(k)))
+        .collect();
+    let mut daemon = Daemon::start(Some(&pair.client), "root", &env);
+    let (code, status) = daemon.api(None, "GET", "/v1/status", None);
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["kernel"], true);
+    let cgroup_dir = PathBuf::from(status["cgroup_dir"].as_str().unwrap());
+
+    // N sandboxes, each from its own project directory.
+    let projects = support::agent_readable_dir("kzagp");
+    let mut boxes = Vec::new();
+    let t0 = Instant::now();
+    for k in 0..N {
+        let dir = projects.join(format!("p{k}"));
+        sandbox_project(&dir, k);
+        let (code, v) = daemon.api(
+            None,
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({"name": format!("box{k}"), "project_dir": dir})),
+        );
+        assert_eq!(code, 201, "create sandbox {k}: {v}");
+        assert!(
+            !v.to_string().contains(&real(k)),
+            "a real value in the API's answer: {v}"
+        );
+        boxes.push(v);
+    }
+    let pid = daemon.child.as_ref().unwrap().id();
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("{N} sandboxes created in {:?}; daemon {rss}", t0.elapsed());
+    let token = |k: usize| {
+        boxes[k]["secrets"]["API_KEY"]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let cgroup = |k: usize| boxes[k]["cgroup"].as_str().unwrap().to_owned();
+    let ids: Vec<u64> = boxes.iter().map(|b| b["id"].as_u64().unwrap()).collect();
+    let tokens: Vec<String> = (0..N).map(token).collect();
+    assert_eq!(
+        tokens
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        N,
+        "every sandbox has a token of its own"
+    );
+    for (k, b) in boxes.iter().enumerate() {
+        assert_eq!(b["id"], b["id"]);
+        assert_eq!(b["owner_uid"], 0);
+        assert!(cgroup(k).starts_with(cgroup_dir.to_str().unwrap()), "{b}");
+        assert!(b["dns"].as_str().unwrap().starts_with("127.0.0.1:"), "{b}");
+    }
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed.as_array().unwrap().len(), N);
+
+    // Phase 1, all sandboxes at once: each calls its own upstream with its token; every other
+    // also calls sandbox 0's upstream with its own token and with sandbox 0's token.
+    let mut running = Vec::new();
+    for k in 0..N {
+        let call = |host: &str, path: &str, tok: &str| {
+            format!(
+                "curl -sS -m 15 -o /dev/null -w '{path} %{{http_code}}\\n' -H 'X-Sandbox: {k}' -H 'Authorization: Bearer {tok}' http://{host}/{path}\n"
+            )
+        };
+        let mut script = call(&format!("up{k}.test"), "own", &token(k));
+        if k > 0 {
+            script += &call("up0.test", "foreign-own-token", &token(k));
+            script += &call("up0.test", "foreign-stolen-token", &token(0));
+        }
+        let child = in_sandbox(&pair.client, &cgroup(k), &script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        running.push(child);
+    }
+    for (k, child) in running.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "sandbox {k}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("own 200"), "sandbox {k}: {text}");
+    }
+
+    // Every upstream received only its own sandbox's real value, and only from that sandbox.
+    let sender =
+        |s: &support::upstream::Seen| -> usize { s.header("x-sandbox").unwrap().parse().unwrap() };
+    for (u, up) in upstreams.iter().enumerate() {
+        let seen = up.seen();
+        assert!(
+            seen.iter().any(|s| sender(s) == u
+                && s.path == "/own"
+                && s.header("authorization") == Some(&*format!("Bearer {}", real(u)))),
+            "upstream {u} never got its sandbox's real value: {seen:?}"
+        );
+        for s in &seen {
+            let auth = s.header("authorization").unwrap_or_default();
+            for m in 0..N {
+                if auth.contains(&real(m)) {
+                    assert_eq!(
+                        (m, sender(s)),
+                        (u, u),
+                        "upstream {u} got sandbox {m}'s value from sandbox {}: {s:?}",
+                        sender(s)
+                    );
+                }
+            }
+        }
+    }
+    // Toward sandbox 0's host, another sandbox's token stays masked, and sandbox 0's token
+    // used from another sandbox is never swapped into sandbox 0's value.
+    let foreign: Vec<_> = upstreams[0]
+        .seen()
+        .into_iter()
+        .filter(|s| sender(s) != 0)
+        .collect();
+    for s in &foreign {
+        let k = sender(s);
+        let expected = match s.path.as_str() {
+            "/foreign-own-token" => token(k),
+            "/foreign-stolen-token" => token(0),
+            other => panic!("unexpected path {other}"),
+        };
+        assert_eq!(
+            s.header("authorization"),
+            Some(&*format!("Bearer {expected}")),
+            "{s:?}"
+        );
+    }
+    assert!(
+        foreign.iter().any(|s| s.path == "/foreign-stolen-token"),
+        "no request with sandbox 0's token from another sandbox reached up0: {foreign:?}"
+    );
+
+    // Phase 2: DNS answers opened addresses in the sandbox that asked only. Sandbox k never
+    // resolved sandbox j's name (j = another sandbox >= 1): connecting to its address is
+    // refused by the kernel (EPERM); its own upstream's address stays reachable.
+    let mut running = Vec::new();
+    for k in 0..N {
+        let j = k % (N - 1) + 1;
+        assert_ne!(j, k);
+        let script = format!(
+            "exec 3<>/dev/tcp/{own}/80 && echo own-connected; exec 3>&-\n\
+             (exec 4<>/dev/tcp/{other}/80) 2>&1 && echo other-connected\ntrue\n",
+            own = upstream_ip(k),
+            other = upstream_ip(j),
+        );
+        let child = in_sandbox(&pair.client, &cgroup(k), &script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        running.push((k, j, child));
+    }
+    for (k, j, child) in running {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("own-connected"), "sandbox {k}: {text}");
+        assert!(
+            text.contains("Operation not permitted") && !text.contains("other-connected"),
+            "sandbox {k} reached sandbox {j}'s address it never resolved: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Counters: each sandbox swapped in its own request; the refused connects are counted.
+    for (k, id) in ids.iter().enumerate() {
+        let (code, v) = daemon.api(None, "GET", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(code, 200, "{v}");
+        assert!(
+            v["counters"]["requests_swapped"].as_u64().unwrap() >= 1,
+            "sandbox {k}: {v}"
+        );
+    }
+
+    // Destroy them all: nothing is left under the daemon's cgroup directory.
+    for id in &ids {
+        let (code, v) = daemon.api(None, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(code, 200, "{v}");
+    }
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed, json!([]));
+    assert_eq!(
+        cgroup_children(&cgroup_dir),
+        Vec::<String>::new(),
+        "cgroups left behind"
+    );
+    let (code, v) = daemon.api(None, "GET", &format!("/v1/sandboxes/{}", ids[0]), None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("no_such_sandbox"))
+    );
+
+    let out = daemon.stop();
+    assert!(
+        out.status.success(),
+        "kz agent on SIGTERM: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!daemon.socket.exists(), "the socket outlived the daemon");
+    assert!(
+        !cgroup_dir.exists(),
+        "the daemon's cgroup directory outlived it"
+    );
+    let records = daemon.audit();
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    for k in 0..N {
+        assert!(!log.contains(&real(k)), "a real value in the audit log");
+    }
+    let kinds: HashMap<&str, usize> = records.iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r["kind"].as_str().unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(kinds.get("sandbox_created"), Some(&N), "{kinds:?}");
+    assert_eq!(kinds.get("sandbox_destroyed"), Some(&N), "{kinds:?}");
+    assert!(
+        kinds.get("connect_blocked").copied().unwrap_or(0) >= N,
+        "{kinds:?}"
+    );
+    assert!(
+        records.iter().any(|r| r["kind"] == "proxy_request"
+            && r["sandbox"] == format!("u0-box{}", N - 1)
+            && r["owner_uid"] == 0),
+        "the proxy's records carry their sandbox"
+    );
+    let _ = std::fs::remove_dir_all(&projects);
+}
+
+#[test]
+fn users_manage_only_their_own_sandboxes() {
+    if !support::require_root() {
+        return;
+    }
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    const ROOT_REAL: &str = "root-only-value-93c1d7a2";
+    const USER_REAL: &str = "user-value-4b8e0f61";
+    let mut daemon = Daemon::start(
+        None,
+        &group,
+        &[("KZ_TEST_ROOT_KEY".into(), ROOT_REAL.into())],
+    );
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "the socket is open to its group only");
+    let me = Some((agent.uid, agent.gid));
+    // A second daemon on a live socket stops at once and says why.
+    let second = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["agent", "run", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--audit-log")
+        .arg(daemon.dir.join("second.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already serving"),
+        "{second:?}"
+    );
+
+    let projects = support::agent_readable_dir("kzagu");
+    let blind = "[blind]\nconnections = [ { allow = true, host = \"api.test\" } ]\nresolver = \"127.0.0.1:53\"\n";
+    // Root's project: a value from the daemon's environment.
+    let root_dir = projects.join("root");
+    write_project(
+        &root_dir,
+        &format!(
+            "[secrets.API_KEY]\nresolver = \"env\"\nref = \"KZ_TEST_ROOT_KEY\"\nhosts = [\"api.test\"]\n{blind}"
+        ),
+    );
+    // The user's project: a value from a file only the user can read.
+    let user_dir = projects.join("user");
+    let files = user_dir.join("secrets");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("api-key"), USER_REAL).unwrap();
+    let file_project = |dir: &Path, files: &Path| {
+        write_project(
+            dir,
+            &format!(
+                "[resolvers.file]\npath = \"{}\"\n[secrets.API_KEY]\nresolver = \"file\"\nref = \"api-key\"\nhosts = [\"api.test\"]\n{blind}",
+                files.display()
+            ),
+        );
+    };
+    file_project(&user_dir, &files);
+    let own = |p: &Path| {
+        nix::unistd::chown(p, Some(agent.uid.into()), Some(agent.gid.into())).unwrap();
+    };
+    own(&files);
+    own(&files.join("api-key"));
+    std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        files.join("api-key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    // A project of the user's that points its file resolver at root's files.
+    let root_files = projects.join("root-files");
+    std::fs::create_dir_all(&root_files).unwrap();
+    std::fs::write(root_files.join("api-key"), ROOT_REAL).unwrap();
+    std::fs::set_permissions(&root_files, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sneaky_dir = projects.join("sneaky");
+    file_project(&sneaky_dir, &root_files);
+
+    let (code, root_box) = daemon.api(
+        None,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "agent", "project_dir": root_dir})),
+    );
+    assert_eq!(code, 201, "{root_box}");
+    let root_id = root_box["id"].as_u64().unwrap();
+    // The same name is the user's to take too: names are per owner.
+    let (code, user_box) = daemon.api(
+        me,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "agent", "project_dir": user_dir})),
+    );
+    assert_eq!(code, 201, "{user_box}");
+    assert_eq!(user_box["owner_uid"], agent.uid);
+    let user_id = user_box["id"].as_u64().unwrap();
+
+    // The user sees its own and nothing of root's.
+    let (code, list) = daemon.api(me, "GET", "/v1/sandboxes", None);
+    assert_eq!(code, 200);
+    let seen: Vec<u64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seen, [user_id]);
+    let (code, v) = daemon.api(me, "GET", &format!("/v1/sandboxes/{user_id}"), None);
+    assert_eq!(code, 200, "{v}");
+    for (method, path) in [
+        ("GET", format!("/v1/sandboxes/{root_id}")),
+        ("DELETE", format!("/v1/sandboxes/{root_id}")),
+    ] {
+        let (code, v) = daemon.api(me, method, &path, None);
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{method} {path}: {v}"
+        );
+    }
+    let (code, status) = daemon.api(me, "GET", "/v1/status", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        (
+            status["sandboxes"].as_u64(),
+            status["caller"]["admin"].as_bool()
+        ),
+        (Some(1), Some(false))
+    );
+    assert!(
+        status.get("sandboxes_total").is_none(),
+        "others' count is for admins: {status}"
+    );
+
+    // The user cannot make the daemon resolve what only root can read: resolution runs as the
+    // user, so root's file and the daemon's environment are out of its reach.
+    for dir in [&sneaky_dir, &root_dir] {
+        let (code, v) = daemon.api(
+            me,
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({"name": "sneaky", "project_dir": dir})),
+        );
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (422, Some("resolution_failed")),
+            "{}: {v}",
+            dir.display()
+        );
+        assert!(
+            !v.to_string().contains(ROOT_REAL),
+            "root's value in the answer: {v}"
+        );
+    }
+
+    // Root sees both.
+    let (_, all) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+
+    // The CLI over the same API, as the user.
+    let kz_as_user = |args: &[&str]| {
+        Command::new("setpriv")
+            .arg(format!("--reuid={}", agent.uid))
+            .arg(format!("--regid={}", agent.gid))
+            .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+            .args(args)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .output()
+            .unwrap()
+    };
+    let out = kz_as_user(&["sandbox", "ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    let out = kz_as_user(&["sandbox", "ls"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&user_id.to_string()) && !table.contains(&root_id.to_string()),
+        "{table}"
+    );
+    let out = kz_as_user(&["sandbox", "show", &user_id.to_string()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(user_box["secrets"]["API_KEY"]["token"].as_str().unwrap()),
+        "{shown}"
+    );
+    assert!(!shown.contains(USER_REAL), "{shown}");
+    let out = kz_as_user(&["sandbox", "rm", &root_id.to_string()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("403") && err.contains("forbidden"), "{err}");
+    let out = kz_as_user(&["agent", "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["agent", "status", "--socket"])
+        .arg(daemon.dir.join("nowhere.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no kz agent is listening"),
+        "{out:?}"
+    );
+    let out = kz_as_user(&["sandbox", "rm", &user_id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Root's sandbox is still there; every refusal was audited with its reason.
+    let (code, _) = daemon.api(None, "GET", &format!("/v1/sandboxes/{root_id}"), None);
+    assert_eq!(code, 200);
+    let records = daemon.audit();
+    let refused: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "api_refused")
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .filter(|r| r["reason"] == "forbidden" && r["uid"] == agent.uid)
+            .count()
+            >= 3,
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|r| r["reason"] == "resolution_failed"),
+        "{refused:?}"
+    );
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    assert!(
+        !log.contains(ROOT_REAL) && !log.contains(USER_REAL),
+        "a real value in the audit log"
+    );
+    let out = daemon.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&projects);
+}
+
+#[test]
+fn the_daemon_needs_the_kernel() {
+    if !support::require_root() {
+        return;
+    }
+    // As an unprivileged user there is no kernel interception: the daemon refuses to start
+    // (there is no explicit-proxy fallback for many sandboxes) and names `kz doctor`.
+    let agent = support::agent_user();
+    let dir = support::agent_readable_dir("kzagk");
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", agent.uid))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+        .args(["agent", "run", "--socket"])
+        .arg(dir.join("agent.sock"))
+        .arg("--audit-log")
+        .arg(dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("needs kernel interception") && err.contains("kz doctor"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("agent.sock").exists(),
+        "a socket without a daemon"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

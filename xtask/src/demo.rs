@@ -141,6 +141,9 @@ pub fn run() -> Result<()> {
         .env("DEMO_REAL_KEY", REAL_KEY)
         .env("DEMO_EXFIL_IP", EXFIL_IP)
         .env("KZ_AUDIT_LOG", dir.join("audit.jsonl"))
+        // Approvals of this throwaway project stay with it (not in /var/lib/kz/approved, where
+        // a later demo in a directory of the same name would meet a stale record).
+        .env("KZ_STATE_DIR", dir.join("state"))
         .current_dir(&dir)
         .status()?;
     println!("\n== audit log ({})\n", dir.join("audit.jsonl").display());

@@ -565,7 +565,8 @@ upstream_ca = "{d}/ca.pem"
             c.arg("sh").arg(&loadgen);
             c.args(["load", "--url", &url, "--secs", &secs]);
             c.env("KZ_BENCH_REAL", REAL)
-                .env("KZ_AUDIT_LOG", blind_dir.join("audit.jsonl"));
+                .env("KZ_AUDIT_LOG", blind_dir.join("audit.jsonl"))
+                .env("KZ_STATE_DIR", blind_dir.join("state"));
             if let Ok(n) = std::env::var("KZ_BENCH_KZ_THREADS") {
                 c.env("KZ_PROXY_WORKERS", n);
             }

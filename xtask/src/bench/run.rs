@@ -136,7 +136,8 @@ pub fn run() -> Result<()> {
                 c.arg("--blind").args(extra);
             }
             c.args(["--", "true"]);
-            c.env("KZ_AUDIT_LOG", work.join("audit.jsonl"));
+            c.env("KZ_AUDIT_LOG", work.join("audit.jsonl"))
+                .env("KZ_STATE_DIR", work.join("state"));
             c.env("HOME", work.join("home")).env("VAULT_TOKEN", &token);
             for i in 0..SECRETS {
                 c.env(format!("KZ_BENCH_{i}"), format!("value-{i}"));

@@ -278,7 +278,11 @@ fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
         return;
     }
     let topo = Topo::new();
-    let (dns_port, queries) = topo.serve_dns([10, 231, 0, 77]);
+    let dns = support::dns::TestDns::loopback(
+        &topo.client,
+        support::dns::Zone::new(60).host("example.test", &["10.231.0.77"]),
+    );
+    let dns_port = dns.addr.port();
     let mut icpt = Interceptor::load().expect("load");
     let cg = icpt
         .create_cgroup(
@@ -296,8 +300,8 @@ fn dns_to_any_resolver_is_answered_by_kz_and_other_udp_is_refused() {
     // Python: the reply must appear to come from the resolver it asked.
     let line = py(&topo.client, Some(&cg), PY_DNS, &[resolver]);
     assert_eq!(line, format!("{resolver} 53 10.231.0.77"));
-    let (name, from) = queries.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(name, "example.test");
+    let (name, from) = dns.first_question(Duration::from_secs(5)).unwrap();
+    assert_eq!(name, "example.test A");
     assert!(
         from.ip().is_loopback(),
         "query reached the test resolver via loopback: {from}"

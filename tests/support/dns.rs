@@ -4,8 +4,11 @@
 //! (sets TC when the answer does not fit, so resolvers must retry over TCP), and has two
 //! misbehaving names for error paths: `slow.*` never answers and `garbage.*` answers with bytes
 //! that are not DNS. A name may instead have answer sets served in turn, one per A query, to
-//! play a rebinding attacker ([`Zone::sets`]). Every question it receives is logged so tests can
-//! prove a name was never forwarded.
+//! play a rebinding attacker ([`Zone::sets`]). Every question it receives is logged, with the
+//! address it came from, so tests can prove a name was never forwarded (or how it arrived).
+//! One server for every test: an upstream resolver in the upstream namespace
+//! ([`TestDns::start`]), or a resolver on loopback of the client namespace
+//! ([`TestDns::loopback`], 127.0.0.1 and [::1] on one port, as kz's own resolver listens).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -112,15 +115,46 @@ pub struct TestDns {
     pub addr: SocketAddr,
     /// "name TYPE" of every question received, in order.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Where each question came from, in the same order.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl TestDns {
     /// Serves `zone` on `addr` (UDP and TCP, the same port; port 0 picks one) inside `ns`;
     /// returns once both sockets are bound.
     pub fn start(ns: &Netns, addr: SocketAddr, zone: Zone) -> TestDns {
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let dns = TestDns {
+            addr,
+            log: Arc::default(),
+            peers: Arc::default(),
+        };
+        dns.serve(ns, addr, Arc::new(zone))
+    }
+
+    /// Serves `zone` on 127.0.0.1 and [::1] of `ns`, on one free port (UDP and TCP).
+    pub fn loopback(ns: &Netns, zone: Zone) -> TestDns {
         let zone = Arc::new(zone);
-        let server_log = log.clone();
+        let v4 = TestDns {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            log: Arc::default(),
+            peers: Arc::default(),
+        }
+        .serve(ns, "127.0.0.1:0".parse().unwrap(), zone.clone());
+        let v6 = SocketAddr::new("::1".parse().unwrap(), v4.addr.port());
+        let twin = TestDns {
+            addr: v6,
+            log: v4.log.clone(),
+            peers: v4.peers.clone(),
+        }
+        .serve(ns, v6, zone);
+        // The twin's thread serves on; its handle adds nothing the first one has not.
+        let _ = twin;
+        v4
+    }
+
+    fn serve(self, ns: &Netns, addr: SocketAddr, zone: Arc<Zone>) -> TestDns {
+        let server_log = self.log.clone();
+        let server_peers = self.peers.clone();
         let addr = ns.serve(move |tx| async move {
             // Port 0: the UDP socket picks the port and TCP takes the same one.
             let (udp, tcp) = loop {
@@ -133,11 +167,11 @@ impl TestDns {
                 }
             };
             tx.send(udp.local_addr().unwrap()).unwrap();
-            let (z, l) = (zone.clone(), server_log.clone());
+            let (z, l, p) = (zone.clone(), server_log.clone(), server_peers.clone());
             tokio::spawn(async move {
                 loop {
-                    let (stream, _) = tcp.accept().await.unwrap();
-                    let (z, l) = (z.clone(), l.clone());
+                    let (stream, peer) = tcp.accept().await.unwrap();
+                    let (z, l, p) = (z.clone(), l.clone(), p.clone());
                     tokio::spawn(async move {
                         let mut stream = stream;
                         let mut len = [0u8; 2];
@@ -146,6 +180,7 @@ impl TestDns {
                             if stream.read_exact(&mut buf).await.is_err() {
                                 return;
                             }
+                            p.lock().unwrap().push(peer);
                             if let Some(reply) = respond(&z, &l, &buf, usize::MAX) {
                                 let mut out = (reply.len() as u16).to_be_bytes().to_vec();
                                 out.extend_from_slice(&reply);
@@ -160,16 +195,34 @@ impl TestDns {
             let mut buf = vec![0u8; 65535];
             loop {
                 let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
+                server_peers.lock().unwrap().push(peer);
                 if let Some(reply) = respond(&zone, &server_log, &buf[..len], 0) {
                     let _ = udp.send_to(&reply, peer).await;
                 }
             }
         });
-        TestDns { addr, log }
+        TestDns { addr, ..self }
     }
 
     pub fn questions(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The first question (and where it came from) once it has arrived, waiting up to `wait`.
+    pub fn first_question(&self, wait: std::time::Duration) -> Option<(String, SocketAddr)> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let (Some(q), Some(p)) = (
+                self.log.lock().unwrap().first().cloned(),
+                self.peers.lock().unwrap().first().copied(),
+            ) {
+                return Some((q, p));
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

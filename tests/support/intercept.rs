@@ -1,9 +1,9 @@
-//! Helpers for the interception tests: a client/upstream netns pair, servers inside them,
-//! clients run inside a cgroup, and a tiny DNS responder.
+//! Helpers for the interception tests: a client/upstream netns pair, servers inside them and
+//! clients run inside a cgroup. (Their DNS server is the shared one, [`super::dns::TestDns`].)
 
 use super::netns::{Netns, Pair};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -63,63 +63,6 @@ impl Topo {
             }
         })
     }
-
-    /// A DNS responder on 127.0.0.1:<port> in the client namespace answering every A query with
-    /// `answer`. Reports (query name, source address) of each query.
-    pub fn serve_dns(&self, answer: [u8; 4]) -> (u16, mpsc::Receiver<(String, SocketAddr)>) {
-        let (tx, rx) = mpsc::channel();
-        let port = self.client.serve_blocking(move |port_tx| {
-            // 127.0.0.1 and [::1] on the same port, as kz's resolver will listen.
-            let v4 = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
-            let port = v4.local_addr().unwrap().port();
-            let v6 = UdpSocket::bind(("::1", port)).expect("bind dns [::1]");
-            port_tx.send(port).unwrap();
-            let tx6 = tx.clone();
-            std::thread::spawn(move || answer_loop(&v6, answer, &tx6));
-            answer_loop(&v4, answer, &tx);
-        });
-        (port, rx)
-    }
-}
-
-fn answer_loop(s: &UdpSocket, answer: [u8; 4], tx: &mpsc::Sender<(String, SocketAddr)>) {
-    let mut buf = [0u8; 1500];
-    loop {
-        let Ok((n, from)) = s.recv_from(&mut buf) else {
-            return;
-        };
-        if let Some((name, reply)) = dns_answer(&buf[..n], answer) {
-            let _ = tx.send((name, from));
-            let _ = s.send_to(&reply, from);
-        }
-    }
-}
-
-/// Parses one question and builds a response with one A record (enough for dig and Python).
-fn dns_answer(q: &[u8], answer: [u8; 4]) -> Option<(String, Vec<u8>)> {
-    if q.len() < 12 {
-        return None;
-    }
-    let mut i = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = *q.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
-        }
-        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).into_owned());
-        i += len;
-    }
-    let question_end = i + 4;
-    let question = q.get(12..question_end)?;
-    let mut r = Vec::new();
-    r.extend_from_slice(&q[0..2]); // id
-    r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
-    r.extend_from_slice(question);
-    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-    r.extend_from_slice(&answer);
-    Some((labels.join("."), r))
 }
 
 /// Runs `program args` inside the client namespace, in `cgroup` when given (entered before

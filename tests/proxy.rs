@@ -2624,3 +2624,79 @@ fn hostile_slow_bodies_are_bounded_in_memory_and_cut_off() {
     assert_eq!(cut_408 + cut_503, attackers);
     assert_eq!((timeouts, full), (cut_408, cut_503), "audit records");
 }
+
+/// One WebSocket session to api.test/ws through the transparent listener: sends `messages`,
+/// returns the greeting and each echo, or the error that ended it.
+fn ws_session(env: &Env, messages: Vec<String>) -> Result<Vec<String>, String> {
+    let m = env.masked.clone();
+    let kz_ca = std::fs::read_to_string(&env.kz_ca).unwrap();
+    raw_async(env, move |addr| async move {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let cfg = support::tls::client_config(&kz_ca, &[b"http/1.1"]);
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect("api.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut req = "wss://api.test/ws".into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {m}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = vec![
+            ws.next()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap()
+                .to_string(),
+        ];
+        for msg in messages {
+            ws.send(Message::text(msg))
+                .await
+                .map_err(|e| e.to_string())?;
+            match ws.next().await {
+                Some(Ok(r)) if r.is_text() => got.push(r.into_text().unwrap().to_string()),
+                other => return Err(format!("{other:?}")),
+            }
+        }
+        ws.close(None).await.ok();
+        Ok(got)
+    })
+}
+
+#[test]
+fn websocket_messages_from_the_agent_follow_the_body_rules() {
+    if !support::require_root() {
+        return;
+    }
+    // `body` listed: a token in a message is swapped (and its echo scrubbed back).
+    let env = Env::new(Opts::default());
+    env.set_dst(GOOD, 443);
+    let m = env.masked.clone();
+    let got = ws_session(&env, vec![format!("auth {m}"), "plain".into()]).unwrap();
+    assert_eq!(got[1], format!("auth {m}"), "the echo comes back scrubbed");
+    assert_eq!(
+        env.good.ws_messages(),
+        vec![format!("auth {REAL}"), "plain".into()]
+    );
+
+    // Headers only (the default), refusing: the message carrying the token never leaves, the
+    // relay is closed, and the refusal is audited.
+    let env = Env::new(Opts {
+        refuse_out_of_scope: true,
+        places: Some(Places::default()),
+        ..Opts::default()
+    });
+    env.set_dst(GOOD, 443);
+    let m = env.masked.clone();
+    let r = ws_session(&env, vec!["hello".into(), format!("auth {m}")]);
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(env.good.ws_messages(), vec!["hello".to_string()]);
+    let v = wait(&env.audit, "token_misplaced", 1);
+    assert_eq!(v[0].fields["refused"], true);
+    env.audit_clean();
+}

@@ -156,6 +156,8 @@ impl Routes {
 pub struct State {
     pub routes: Routes,
     seen: Mutex<Vec<Seen>>,
+    /// The text messages `/ws` received, in order.
+    ws: Mutex<Vec<String>>,
 }
 
 impl State {
@@ -168,6 +170,7 @@ impl State {
         Arc::new(State {
             routes,
             seen: Mutex::new(Vec::new()),
+            ws: Mutex::new(Vec::new()),
         })
     }
 
@@ -256,6 +259,11 @@ impl Upstream {
 
     pub fn last(&self) -> Seen {
         self.state.last()
+    }
+
+    /// The text messages its `/ws` received, in order.
+    pub fn ws_messages(&self) -> Vec<String> {
+        self.state.ws.lock().unwrap().clone()
     }
 
     /// The paths asked for, in order.
@@ -414,7 +422,7 @@ async fn read_body(seen: &mut Seen, mut body: Incoming, needle: &str) {
 }
 
 /// `/ws` of [`Routes::Echo`]: a greeting repeating what arrived (the real value), then echo.
-fn websocket(state: &State, seen: Seen, req: &mut Request<Incoming>) -> Response<Body> {
+fn websocket(state: &Arc<State>, seen: Seen, req: &mut Request<Incoming>) -> Response<Body> {
     let key = req
         .headers()
         .get("sec-websocket-key")
@@ -424,6 +432,7 @@ fn websocket(state: &State, seen: Seen, req: &mut Request<Incoming>) -> Response
     let greeting = format!("auth={}", seen.header("authorization").unwrap_or(""));
     state.seen.lock().unwrap().push(seen);
     let on = hyper::upgrade::on(req);
+    let state = state.clone();
     tokio::spawn(async move {
         let Ok(up) = on.await else { return };
         let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -438,6 +447,9 @@ fn websocket(state: &State, seen: Seen, req: &mut Request<Incoming>) -> Response
         while let Some(Ok(msg)) = ws.next().await {
             if msg.is_close() {
                 break;
+            }
+            if let Ok(text) = msg.to_text() {
+                state.ws.lock().unwrap().push(text.to_owned());
             }
             if ws.send(msg).await.is_err() {
                 break;

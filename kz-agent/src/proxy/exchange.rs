@@ -759,7 +759,7 @@ pub async fn forward(
         }
         Err(e) => return Rejection::Upstream(e).respond(&rec),
     };
-    respond(ctx, rec, snap, guarded, method, resp, client_upgrade).await
+    respond(ctx, rec, snap, plan, guarded, method, resp, client_upgrade).await
 }
 
 /// The response phases: scrub the head, then the body as planned (or relay an upgrade).
@@ -767,6 +767,7 @@ async fn respond(
     ctx: Arc<ConnCtx>,
     rec: Arc<Record>,
     snap: Arc<Snapshot>,
+    plan: Arc<SwapPlan>,
     guarded: bool,
     method: Method,
     mut resp: Response<UpstreamBody>,
@@ -779,7 +780,8 @@ async fn respond(
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade
     {
-        relay_upgrade(&mut resp, client, &rec, &snap, &scrub);
+        let refuse = ctx.session.refuse_out_of_scope;
+        relay_upgrade(&mut resp, client, &rec, &plan, refuse, &scrub);
     }
     let (mut parts, incoming) = resp.into_parts();
     if !snap.is_empty() {
@@ -848,20 +850,23 @@ async fn respond(
     }
 }
 
-/// Relays an upgraded connection (101) on its own task: up as it comes (the handshake was
-/// swapped; client frames are masked by the client), down with WebSocket data frames scrubbed;
-/// other upgraded protocols get nothing down for hosts holding secrets (their bytes cannot be
+/// Relays an upgraded connection (101) on its own task. A WebSocket is re-framed both ways:
+/// up with the request body's swap rules (`refuse` closes it at a token left masked), down
+/// scrubbed. Other upgraded protocols go up as they come (kz cannot read them, so it swaps
+/// nothing in them) and get nothing down from hosts holding secrets (their bytes cannot be
 /// scrubbed).
 fn relay_upgrade(
     resp: &mut Response<UpstreamBody>,
     client: hyper::upgrade::OnUpgrade,
     rec: &Arc<Record>,
-    snap: &Arc<Snapshot>,
+    plan: &Arc<SwapPlan>,
+    refuse: bool,
     scrub: &Scrubber,
 ) {
     let server = hyper::upgrade::on(&mut *resp);
     let rec = rec.clone();
-    let snap = snap.clone();
+    let plan = plan.clone();
+    let snap = plan.snapshot().clone();
     let rw = scrub.stream();
     let is_ws = resp
         .headers()
@@ -874,10 +879,42 @@ fn relay_upgrade(
         };
         let (mut cr, cw) = tokio::io::split(TokioIo::new(c));
         let (sr, mut sw) = tokio::io::split(TokioIo::new(s));
+        let left_masked = std::sync::atomic::AtomicBool::new(false);
         let up = async {
-            let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
-            n
+            if !is_ws || snap.is_empty() {
+                let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+                return n;
+            }
+            let swap =
+                StreamRewriter::new(plan.patterns().clone(), Arc::new(BodySwap(plan.clone())));
+            let mut seen = |id: usize, replaced: bool| {
+                if replaced {
+                    rec.token(snap.name(id), true);
+                } else {
+                    rec.unswapped(snap.name(id), plan.why_unswapped(id));
+                    left_masked.store(true, Ordering::Relaxed);
+                }
+            };
+            let refused = || refuse && left_masked.load(Ordering::Relaxed);
+            match super::ws::relay_up(cr, sw, swap, &mut seen, &refused).await {
+                Ok(n) => n,
+                Err(e) => {
+                    if matches!(e, super::ws::WsError::Refused) {
+                        rec.with(|f| {
+                            f.refused = true;
+                            f.error.get_or_insert_with(|| {
+                                f.unswapped
+                                    .unwrap_or(Unswapped::OutOfScope)
+                                    .error()
+                                    .to_owned()
+                            });
+                        });
+                    }
+                    tracing::info!(error = %e, "WebSocket relay closed");
+                    0
+                }
+            }
         };
         let down = async {
             if !is_ws && !snap.is_empty() {

@@ -1,7 +1,14 @@
-//! WebSocket relay after a 101: client → server bytes pass as they are (the handshake was
-//! already swapped); server → client frames are re-framed with their payload scrubbed
-//! (real → masked, every spelling `egress::scrub` knows), so an upstream echoing a secret over
-//! a WebSocket does not hand it to the agent. Scrubbing runs where kz scrubs, toward the agent:
+//! WebSocket relay after a 101, frames re-framed in both directions:
+//! - client → server ([`relay_up`]): payloads follow the request body's rules (a masked token
+//!   is swapped only for a secret whose `credential_location` lists `body` and whose scope holds
+//!   the host; anywhere else it stays masked, and with `refuse_out_of_scope` the relay is closed
+//!   before the frame goes out). Frames are unmasked, rewritten, and masked again with a fresh
+//!   key, as RFC 6455 wants of a client.
+//! - server → client ([`relay_down`]): payloads scrubbed (real → masked, every spelling
+//!   `egress::scrub` knows), so an upstream echoing a secret over a WebSocket does not hand it
+//!   to the agent.
+//!
+//! Either way:
 //!
 //! - data frames (text, binary, continuation) are scrubbed as one stream per message, so a
 //!   value split across a message's fragments is found;
@@ -35,16 +42,72 @@ pub enum WsError {
     TooLarge(u64),
     #[error("compressed WebSocket frame (RSV1) although no extension was negotiated; closing")]
     Compressed,
+    #[error(
+        "a WebSocket frame from the agent carries a masked token kz may not swap there; closing (see the audit log)"
+    )]
+    Refused,
     #[error("WebSocket relay I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Copies server → client, scrubbing data frames. Returns payload bytes relayed.
 pub async fn relay_down<R, W>(
-    mut from: R,
+    from: R,
+    to: W,
+    rw: StreamRewriter,
+    seen: &mut (dyn FnMut(usize, bool) + Send),
+) -> Result<u64, WsError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    relay(from, to, rw, seen, false, &|| false).await
+}
+
+/// Copies client → server, swapping where the rewriter's decisions allow; `refused()` is asked
+/// after each frame is rewritten (the caller's `seen` notes tokens left masked) and, when it
+/// says so, the relay stops before that frame is sent. Returns payload bytes relayed.
+pub async fn relay_up<R, W>(
+    from: R,
+    to: W,
+    rw: StreamRewriter,
+    seen: &mut (dyn FnMut(usize, bool) + Send),
+    refused: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<u64, WsError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    relay(from, to, rw, seen, true, refused).await
+}
+
+async fn relay<R, W>(
+    from: R,
     mut to: W,
+    rw: StreamRewriter,
+    seen: &mut (dyn FnMut(usize, bool) + Send),
+    mask: bool,
+    refused: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<u64, WsError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let r = frames(from, &mut to, rw, seen, mask, refused).await;
+    // However the relay ends, the other side hears of it: the write half shares its stream
+    // with the read half of the other direction, so dropping it alone would not close it,
+    // and a peer waiting for a close handshake would wait forever.
+    let _ = to.shutdown().await;
+    r
+}
+
+async fn frames<R, W>(
+    mut from: R,
+    to: &mut W,
     mut rw: StreamRewriter,
     seen: &mut (dyn FnMut(usize, bool) + Send),
+    mask: bool,
+    refused: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<u64, WsError>
 where
     R: AsyncRead + Unpin,
@@ -57,7 +120,7 @@ where
             let opcode = b0 & 0x0f;
             let fin = b0 & 0x80 != 0;
             let out = if opcode < 8 {
-                // Data (text, binary, continuation): scrub across the message's frames.
+                // Data (text, binary, continuation): rewritten across the message's frames.
                 let mut out = rw.push(payload, seen);
                 if fin {
                     let tail = rw.finish(seen);
@@ -71,28 +134,42 @@ where
             } else {
                 control(opcode, payload, &rw, seen)
             };
-            total += out.len() as u64;
-            let mut frame = BytesMut::with_capacity(out.len() + 10);
-            frame.put_u8(b0);
-            let n = out.len();
-            if n < 126 {
-                frame.put_u8(n as u8);
-            } else if n <= 0xffff {
-                frame.put_u8(126);
-                frame.put_u16(n as u16);
-            } else {
-                frame.put_u8(127);
-                frame.put_u64(n as u64);
+            if refused() {
+                return Err(WsError::Refused);
             }
-            frame.extend_from_slice(&out);
-            to.write_all(&frame).await?;
+            total += out.len() as u64;
+            to.write_all(&encode(b0, &out, mask)).await?;
         }
         to.flush().await?;
         if from.read_buf(&mut buf).await? == 0 {
-            let _ = to.shutdown().await;
             return Ok(total);
         }
     }
+}
+
+/// One frame: header byte `b0`, `payload`, masked with a fresh key when `mask`.
+fn encode(b0: u8, payload: &[u8], mask: bool) -> BytesMut {
+    let n = payload.len();
+    let mut frame = BytesMut::with_capacity(n + 14);
+    frame.put_u8(b0);
+    let bit = if mask { 0x80 } else { 0 };
+    if n < 126 {
+        frame.put_u8(bit | n as u8);
+    } else if n <= 0xffff {
+        frame.put_u8(bit | 126);
+        frame.put_u16(n as u16);
+    } else {
+        frame.put_u8(bit | 127);
+        frame.put_u64(n as u64);
+    }
+    if mask {
+        let key: [u8; 4] = rand::random();
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        frame.extend_from_slice(payload);
+    }
+    frame
 }
 
 /// A control frame's payload scrubbed (a close frame's reason, after its status code), and
@@ -218,6 +295,68 @@ mod tests {
         want.extend(frame(0x82, &[b'x'; 300]));
         assert_eq!(out, want);
         assert_eq!(n, 2 + 13 + 4 + 300);
+    }
+
+    fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        let mut f = vec![b0, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    /// Unmasks the frames of a client → server stream.
+    fn unmask_all(wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut buf = BytesMut::from(wire);
+        let mut out = Vec::new();
+        while let Some((b0, p)) = parse(&mut buf).unwrap() {
+            out.push((b0, p.to_vec()));
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    #[tokio::test]
+    async fn frames_from_the_agent_are_swapped_and_masked_again() {
+        let pats = Arc::new(Patterns::new(vec![b"kz_tok".to_vec().into_boxed_slice()]).unwrap());
+        let rw = StreamRewriter::new(
+            pats,
+            Arc::new(Fixed(vec![b"REAL-VALUE".to_vec().into_boxed_slice()])),
+        );
+        let mut input = masked(0x01, b"auth kz_t"); // split across fragments
+        input.extend(masked(0x80, b"ok end"));
+        let mut out = Vec::new();
+        relay_up(&input[..], &mut out, rw, &mut |_, _| {}, &|| false)
+            .await
+            .unwrap();
+        assert!(out[1] & 0x80 != 0, "client frames must be masked");
+        let frames = unmask_all(&out);
+        let text: Vec<u8> = frames.iter().flat_map(|(_, p)| p.clone()).collect();
+        assert_eq!(text, b"auth REAL-VALUE end");
+    }
+
+    #[tokio::test]
+    async fn a_refused_frame_is_never_sent() {
+        let pats = Arc::new(Patterns::new(vec![b"kz_tok".to_vec().into_boxed_slice()]).unwrap());
+        // Nothing may be swapped: every token found is left masked, and refused.
+        let rw = StreamRewriter::new(pats, Arc::new(Fixed(Vec::new())));
+        let input = masked(0x81, b"leak kz_tok");
+        let mut out = Vec::new();
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        let r = relay_up(
+            &input[..],
+            &mut out,
+            rw,
+            &mut |_, swapped| {
+                if !swapped {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+            &|| flag.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .await;
+        assert!(matches!(r, Err(WsError::Refused)));
+        assert!(out.is_empty());
     }
 
     #[tokio::test]

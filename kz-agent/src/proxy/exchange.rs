@@ -759,20 +759,20 @@ pub async fn forward(
         }
         Err(e) => return Rejection::Upstream(e).respond(&rec),
     };
-    respond(ctx, rec, snap, plan, guarded, method, resp, client_upgrade).await
+    respond(ctx, rec, plan, guarded, method, resp, client_upgrade).await
 }
 
 /// The response phases: scrub the head, then the body as planned (or relay an upgrade).
 async fn respond(
     ctx: Arc<ConnCtx>,
     rec: Arc<Record>,
-    snap: Arc<Snapshot>,
     plan: Arc<SwapPlan>,
     guarded: bool,
     method: Method,
     mut resp: Response<UpstreamBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
+    let snap = plan.snapshot().clone();
     let sh = ctx.sh.clone();
     let status = resp.status();
     rec.with(|f| f.status = status.as_u16());

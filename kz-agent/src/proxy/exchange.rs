@@ -29,7 +29,7 @@ use super::body::{self, CountBody, Direction, ProxyBody, RewriteBody};
 use super::metrics::Metrics;
 use super::record::Record;
 use super::serving::{ConnCtx, fields};
-use super::tokens::{At, BodySwap, Scrubber, Snapshot, SwapPlan, Unswapped};
+use super::tokens::{At, BodySwap, Scrubber, SwapPlan, Unswapped};
 use super::upstream::{Upstream, UpstreamBody, UpstreamError};
 use crate::egress::hop;
 use crate::egress::location::{Keep, percent_encode};

@@ -28,6 +28,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -254,7 +255,9 @@ async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "dns: too many queries in flight, dropping one");
+            if FLOOD_LOG.allow() {
+                tracing::warn!(%peer, "dns: too many queries in flight, dropping one");
+            }
             continue;
         };
         let packet = buf[..len].to_vec();
@@ -443,7 +446,9 @@ async fn answer(
     if !ips.is_empty()
         && let Err(e) = (shared.hooks.on_answer)(&name, &ips)
     {
-        tracing::warn!(name = %name, error = %e, "dns: cannot allow the answer's addresses");
+        if REFUSED_LOG.allow() {
+            tracing::warn!(name = %name, error = %e, "dns: cannot allow the answer's addresses");
+        }
         reply.metadata.response_code = ResponseCode::ServFail;
         return reply;
     }
@@ -503,6 +508,45 @@ fn addresses(
     (allowed, dropped)
 }
 
+/// At most [`LogLimit::PER_MINUTE`] lines a minute from one call site. The agent decides how
+/// often these happen, and kz's own log must not become its megaphone (or bury what matters);
+/// the audit log keeps every event.
+struct LogLimit {
+    minute: AtomicU64,
+    count: AtomicU32,
+}
+
+impl LogLimit {
+    const PER_MINUTE: u32 = 20;
+
+    const fn new() -> Self {
+        Self {
+            minute: AtomicU64::new(0),
+            count: AtomicU32::new(0),
+        }
+    }
+
+    fn allow(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        if self.minute.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        if n == Self::PER_MINUTE {
+            tracing::warn!(
+                "dns: more of the same this minute; not logged (the audit log has them)"
+            );
+        }
+        n < Self::PER_MINUTE
+    }
+}
+
+static FLOOD_LOG: LogLimit = LogLimit::new();
+static REFUSED_LOG: LogLimit = LogLimit::new();
+static DROPPED_LOG: LogLimit = LogLimit::new();
+
 fn drop_answer(
     shared: &Shared,
     name: &str,
@@ -512,7 +556,9 @@ fn drop_answer(
     peer: SocketAddr,
     transport: Transport,
 ) {
-    tracing::warn!(name, %ip, %peer, reason = why.class(), "dns: answer address dropped");
+    if DROPPED_LOG.allow() {
+        tracing::warn!(name, %ip, %peer, reason = why.class(), "dns: answer address dropped");
+    }
     let event = AuditEvent::new("dns_answer_dropped")
         .with("name", name)
         .with("address", ip.to_string())
@@ -743,5 +789,20 @@ mod tests {
         let n = Name::from_labels(vec![b"a\0b".to_vec(), b"com".to_vec()]).unwrap();
         assert_eq!(normalize_name(&n), None);
         assert_eq!(normalize_name(&Name::root()), None);
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    #[test]
+    fn a_flood_is_logged_a_few_times_a_minute() {
+        let l = super::LogLimit::new();
+        let allowed = (0..1000).filter(|_| l.allow()).count();
+        // A minute boundary during the loop allows at most one more window.
+        assert!(
+            (super::LogLimit::PER_MINUTE as usize..=2 * super::LogLimit::PER_MINUTE as usize)
+                .contains(&allowed),
+            "{allowed}"
+        );
     }
 }

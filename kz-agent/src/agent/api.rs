@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::state::{CreateRequest, Registry, StateError};
+use super::state::{CreateRequest, Registry, SandboxInfo, StateError};
 use crate::audit::AuditEvent;
 
 /// A create request's body is a name and a path.
@@ -43,6 +43,12 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET && path == "/metrics" {
+        return Ok(Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(metrics(&api, &caller))))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+    }
     let (status, body) = match route(&api, &caller, req).await {
         Ok((status, v)) => (status, v),
         Err(e) => {
@@ -198,4 +204,63 @@ mod tests {
         assert_eq!(missing.status_code().0, StatusCode::NOT_FOUND);
         assert_eq!(ApiError::BadId("x".into()).status_code().1, "bad_id");
     }
+}
+
+/// `GET /metrics`: Prometheus text, one series per sandbox the caller may see (labelled with
+/// its id, name and owner), plus the node's sandbox count for admins. Scraped over the socket
+/// (`curl --unix-socket /run/kz/agent.sock http://kz/metrics`) or by a sidecar that forwards it.
+fn metrics(api: &Api, caller: &Caller) -> String {
+    use std::fmt::Write as _;
+    let sandboxes = api.registry.list(caller);
+    let mut out = String::new();
+    let series: [(&str, &str, fn(&SandboxInfo) -> u64); 3] = [
+        (
+            "kz_sandbox_requests_total",
+            "Requests the proxy served for the sandbox.",
+            |s| s.counters.requests,
+        ),
+        (
+            "kz_sandbox_requests_swapped_total",
+            "Requests in which a masked token was swapped for its value.",
+            |s| s.counters.requests_swapped,
+        ),
+        (
+            "kz_sandbox_refused_total",
+            "Connections, names and requests of the sandbox that kz refused.",
+            |s| s.counters.refused,
+        ),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for s in &sandboxes {
+            let _ = writeln!(
+                out,
+                "{name}{{sandbox=\"{}\",name=\"{}\",owner_uid=\"{}\"}} {}",
+                s.id,
+                label(&s.name),
+                s.owner_uid,
+                value(s)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kz_sandboxes Sandboxes the caller may see.\n# TYPE kz_sandboxes gauge\nkz_sandboxes {}",
+        sandboxes.len()
+    );
+    if caller.admin {
+        let _ = writeln!(
+            out,
+            "# HELP kz_node_sandboxes Sandboxes on the node.\n# TYPE kz_node_sandboxes gauge\nkz_node_sandboxes {}",
+            api.registry.count()
+        );
+    }
+    out
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -206,6 +206,9 @@ mod tests {
     }
 }
 
+/// A counter series: its name, help text and how to read it off a sandbox.
+type Series = (&'static str, &'static str, fn(&SandboxInfo) -> u64);
+
 /// `GET /metrics`: Prometheus text, one series per sandbox the caller may see (labelled with
 /// its id, name and owner), plus the node's sandbox count for admins. Scraped over the socket
 /// (`curl --unix-socket /run/kz/agent.sock http://kz/metrics`) or by a sidecar that forwards it.
@@ -213,7 +216,7 @@ fn metrics(api: &Api, caller: &Caller) -> String {
     use std::fmt::Write as _;
     let sandboxes = api.registry.list(caller);
     let mut out = String::new();
-    let series: [(&str, &str, fn(&SandboxInfo) -> u64); 3] = [
+    let series: [Series; 3] = [
         (
             "kz_sandbox_requests_total",
             "Requests the proxy served for the sandbox.",

@@ -188,24 +188,6 @@ fn status(api: &Api, caller: &Caller) -> Value {
     v
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_have_specific_codes() {
-        let forbidden = ApiError::State(StateError::Forbidden(7));
-        assert_eq!(
-            forbidden.status_code(),
-            (StatusCode::FORBIDDEN, "forbidden")
-        );
-        assert!(forbidden.to_string().contains("another user"));
-        let missing = ApiError::State(StateError::NotFound(7));
-        assert_eq!(missing.status_code().0, StatusCode::NOT_FOUND);
-        assert_eq!(ApiError::BadId("x".into()).status_code().1, "bad_id");
-    }
-}
-
 /// A counter series: its name, help text and how to read it off a sandbox.
 type Series = (&'static str, &'static str, fn(&SandboxInfo) -> u64);
 
@@ -266,4 +248,22 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_have_specific_codes() {
+        let forbidden = ApiError::State(StateError::Forbidden(7));
+        assert_eq!(
+            forbidden.status_code(),
+            (StatusCode::FORBIDDEN, "forbidden")
+        );
+        assert!(forbidden.to_string().contains("another user"));
+        let missing = ApiError::State(StateError::NotFound(7));
+        assert_eq!(missing.status_code().0, StatusCode::NOT_FOUND);
+        assert_eq!(ApiError::BadId("x".into()).status_code().1, "bad_id");
+    }
 }

@@ -11,6 +11,14 @@
 //!   the unprivileged test user (curl and the `kz sandbox` CLI under setpriv), and a user
 //!   cannot make the daemon resolve root's secrets; a second daemon on a live socket refuses.
 //! - `the_daemon_needs_the_kernel`: without kernel interception it does not start.
+//! - `a_user_runs_blind_through_the_daemon`: `kz run --blind` as the unprivileged test user
+//!   goes through the daemon: the child runs as that user, contained, in a sandbox made from
+//!   the project (secrets resolved as the user), its HTTPS request swapped, a connect to an
+//!   address it never resolved refused by the kernel, stdio through the passed descriptors,
+//!   the exit code passed back, the sandbox gone afterwards; another user cannot start a
+//!   process in the first user's sandbox.
+//! - `killing_the_client_kills_the_child_and_its_sandbox`: SIGKILL to `kz run` ends its child
+//!   and removes its sandbox.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -53,6 +61,16 @@ impl Daemon {
     /// Starts the daemon (inside `ns` when given) with `env`, its socket open to `group`;
     /// returns once the socket answers.
     fn start(ns: Option<&Netns>, group: &str, env: &[(String, String)]) -> Daemon {
+        Daemon::start_with(ns, group, env, &[])
+    }
+
+    /// [`Daemon::start`] with more arguments for `kz agent run`.
+    fn start_with(
+        ns: Option<&Netns>,
+        group: &str,
+        env: &[(String, String)],
+        args: &[&std::ffi::OsStr],
+    ) -> Daemon {
         let dir = support::agent_readable_dir("kzag");
         let socket = dir.join("run/agent.sock");
         let audit = dir.join("audit.jsonl");
@@ -64,6 +82,7 @@ impl Daemon {
             .arg(&socket)
             .args(["--socket-group", group, "--audit-log"])
             .arg(&audit)
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KZ_LOG", "warn")
             .stdin(Stdio::null())
@@ -799,4 +818,316 @@ fn the_daemon_needs_the_kernel() {
         "a socket without a daemon"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A project of the test user's: `API_KEY` from a file only that user can read, scoped to
+/// `host`, which the agent may reach; `kz`'s approval store for the user beside it. Returns
+/// the project directory and the state directory.
+fn user_project(root: &Path, host: &str, value: &str, dns: &str) -> (PathBuf, PathBuf) {
+    let agent = support::agent_user();
+    let own = |p: &Path, mode: u32| {
+        nix::unistd::chown(p, Some(agent.uid.into()), Some(agent.gid.into())).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let dir = root.join("project");
+    let files = root.join("secrets");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("api-key"), value).unwrap();
+    own(&files, 0o700);
+    own(&files.join("api-key"), 0o600);
+    write_project(
+        &dir,
+        &format!(
+            "[resolvers.file]\npath = \"{}\"\n[secrets.API_KEY]\nresolver = \"file\"\nref = \"api-key\"\nhosts = [\"{host}\"]\n[blind]\nconnections = [ {{ allow = true, host = \"{host}\" }} ]\nresolver = \"{dns}\"\n",
+            files.display()
+        ),
+    );
+    let state = root.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    own(&state, 0o700);
+    (dir, state)
+}
+
+/// `kz run --blind -- ARGS` as the test user, from `project`, through the daemon at `socket`.
+fn kz_run_as_user(socket: &Path, project: &Path, state: &Path, args: &[&str]) -> Command {
+    let agent = support::agent_user();
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={}", agent.uid))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+        .args(["run", "--blind", "--"])
+        .args(args)
+        .current_dir(project)
+        .env("KZ_AGENT_SOCKET", socket)
+        .env("KZ_STATE_DIR", state)
+        .env("KZ_LOG", "warn")
+        .env("HOME", "/nonexistent");
+    cmd
+}
+
+#[test]
+fn a_user_runs_blind_through_the_daemon() {
+    if !support::require_root() {
+        return;
+    }
+    const USER_REAL: &str = "user-run-value-7d0c2e94";
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let pair = Pair::new("agrc", "agru");
+    pair.add_upstream_addr("10.77.0.10/24");
+    let ca = TestCa::new("kz agent run test upstream CA");
+    let upstream = host(
+        &pair.upstream,
+        "10.77.0.10".parse().unwrap(),
+        &ca,
+        "api.allowed.test",
+    );
+    let _dns = TestDns::start(
+        &pair.upstream,
+        "10.77.0.2:53".parse().unwrap(),
+        Zone::new(30).host("api.allowed.test", &["10.77.0.10"]),
+    );
+    let root = support::agent_readable_dir("kzagr");
+    let ca_pem = ca.write_pem(&root, "upstream-ca.pem");
+    let mut daemon = Daemon::start_with(
+        Some(&pair.client),
+        &group,
+        &[],
+        &["--upstream-ca".as_ref(), ca_pem.as_os_str()],
+    );
+    let (_, status) = daemon.api(None, "GET", "/v1/status", None);
+    let cgroup_dir = PathBuf::from(status["cgroup_dir"].as_str().unwrap());
+    let (project, state) = user_project(&root, "api.allowed.test", USER_REAL, "10.77.0.2:53");
+
+    let script = "id -u\n\
+        curl -sS -m 20 https://api.allowed.test/v1/echo -H \"Authorization: Bearer $API_KEY\"; echo\n\
+        echo \"token=$API_KEY\"\n\
+        echo to-stderr >&2\n\
+        echo \"passed=$KZ_TEST_PASSED leaky=${LEAKY_COPY:-unset}\"\n\
+        grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status\n\
+        (exec 4<>/dev/tcp/10.77.0.99/80) 2>&1 && echo denied-address-connected\n\
+        exit 7";
+    let t0 = Instant::now();
+    let out = kz_run_as_user(&daemon.socket, &project, &state, &["bash", "-c", script])
+        .env("KZ_TEST_PASSED", "yes")
+        .env("LEAKY_COPY", format!("copy-of-{USER_REAL}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("kz run through the daemon took {:?}", t0.elapsed());
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the client exits with the child's code: {stdout} {stderr}"
+    );
+    // The child's stdout and stderr are the client's own descriptors.
+    assert_eq!(
+        stdout.lines().next(),
+        Some(&*agent.uid.to_string()),
+        "the child runs as the caller: {stdout}"
+    );
+    assert!(stderr.contains("to-stderr"), "{stderr}");
+    assert!(
+        stdout.contains("Operation not permitted") && !stdout.contains("denied-address-connected"),
+        "the kernel refuses an address the sandbox never resolved: {stdout}"
+    );
+    assert!(stdout.contains("token=kz_masked_"), "{stdout}");
+    // The caller's environment, minus a variable holding the real value (said on stderr).
+    assert!(stdout.contains("passed=yes leaky=unset"), "{stdout}");
+    assert!(stderr.contains("not passing LEAKY_COPY"), "{stderr}");
+    // Contained as an in-process blind run contains its agent.
+    for want in ["NoNewPrivs:\t1", "Seccomp:\t2", "CapEff:\t0000000000000000"] {
+        assert!(stdout.contains(want), "{want} missing: {stdout}");
+    }
+    assert!(
+        !stdout.contains(USER_REAL) && !stderr.contains(USER_REAL),
+        "a real value reached the agent: {stdout} {stderr}"
+    );
+    let seen = upstream.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.header("authorization") == Some(&*format!("Bearer {USER_REAL}"))),
+        "the upstream never got the real value: {seen:?}"
+    );
+    // The run's sandbox went with its child.
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed, json!([]), "the run's sandbox outlived it");
+    assert_eq!(cgroup_children(&cgroup_dir), Vec::<String>::new());
+
+    // Another user cannot start a process in the test user's sandbox.
+    let me = Some((agent.uid, agent.gid));
+    let (code, sandbox) = daemon.api(
+        me,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "mine", "project_dir": project})),
+    );
+    assert_eq!(code, 201, "{sandbox}");
+    let id = sandbox["id"].as_u64().unwrap();
+    let run_body = json!({"argv": ["id"], "sandbox": id});
+    let (code, v) = daemon.api(me, "POST", "/v1/runs", Some(&run_body));
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (426, Some("upgrade_required")),
+        "{v}"
+    );
+    let other_uid = agent.uid + 7919;
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={other_uid}"))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", "curl", "-sS", "-m", "20"])
+        .args(["-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&daemon.socket)
+        .args(["-H", "Connection: upgrade", "-H", "Upgrade: kz-exec"])
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(run_body.to_string())
+        .arg("http://kz/v1/runs")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("403") && text.contains("\"forbidden\""),
+        "another user's run in the sandbox: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = daemon.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = daemon.audit();
+    let started: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "run_started")
+        .collect();
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0]["uid"], agent.uid);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "run_end" && r["exit_code"] == 7),
+        "no run_end with the exit code"
+    );
+    assert!(
+        records.iter().any(|r| r["kind"] == "api_refused"
+            && r["reason"] == "forbidden"
+            && r["uid"] == other_uid),
+        "the refusal is audited"
+    );
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    assert!(!log.contains(USER_REAL), "a real value in the audit log");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn killing_the_client_kills_the_child_and_its_sandbox() {
+    if !support::require_root() {
+        return;
+    }
+    use std::io::BufRead;
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let daemon = Daemon::start(None, &group, &[]);
+    let root = support::agent_readable_dir("kzagk");
+    let (project, state) =
+        user_project(&root, "api.test", "kill-test-value-1f2e3d", "127.0.0.1:53");
+
+    // SIGTERM to the client reaches the child, whose code the client exits with.
+    let mut client = kz_run_as_user(
+        &daemon.socket,
+        &project,
+        &state,
+        &[
+            "bash",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; sleep 300 & wait",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "ready");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(client.wait().unwrap().code(), Some(42), "SIGTERM forwarded");
+    let mut client = kz_run_as_user(
+        &daemon.socket,
+        &project,
+        &state,
+        &["bash", "-c", "echo pid $$; exec sleep 300"],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let pid: i32 = first
+        .trim()
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the child did not start: {first:?}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().nth(1) == Some(&*agent.uid.to_string()),
+        "{uid_line}"
+    );
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    let boxes = listed.as_array().unwrap();
+    assert_eq!(boxes.len(), 1, "{listed}");
+    assert_eq!(boxes[0]["owner_uid"], agent.uid);
+    let cgroup = PathBuf::from(boxes[0]["cgroup"].as_str().unwrap());
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l == pid.to_string()),
+        "the child is in the sandbox: {procs}"
+    );
+
+    client.kill().unwrap();
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let gone = !Path::new(&format!("/proc/{pid}")).exists();
+        let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+        if gone && listed == json!([]) && !cgroup.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "15 s after the client died: child alive {}, sandboxes {listed}, cgroup {}",
+            !gone,
+            cgroup.exists()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let records = daemon.audit();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "run_end" && r["client_gone"] == true),
+        "the end of the run is audited as the client's"
+    );
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -7,6 +7,7 @@
 //! | `GET /v1/sandboxes`           | the sandboxes you may see                         |
 //! | `GET /v1/sandboxes/{id}`      | one of them                                       |
 //! | `DELETE /v1/sandboxes/{id}`   | destroy it (its processes are killed)             |
+//! | `POST /v1/runs`               | start a command as you in a sandbox ([`super::runs`]) |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a matching status. Who asks is
 //! the connection's SO_PEERCRED ([`super::auth`]); every refusal is audited (`api_refused`).
@@ -33,6 +34,10 @@ pub struct Api {
     pub registry: Registry,
     pub started: Instant,
     pub socket: std::path::PathBuf,
+    /// The daemon's audit log (masked in a run's mount namespace).
+    pub audit_log: std::path::PathBuf,
+    /// The runs in progress ([`super::runs`]), aborted at shutdown before the sandboxes go.
+    pub runs: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// One request of `caller`, answered.
@@ -49,7 +54,16 @@ pub async fn handle(
             .body(Full::new(Bytes::from(metrics(&api, &caller))))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
     }
-    let (status, body) = match route(&api, &caller, req).await {
+    let routed = if path.trim_end_matches('/') == "/v1/runs" && method == Method::POST {
+        // An upgraded connection: its answer is `101` with no body, or an error below.
+        match super::runs::start(api.clone(), caller, req).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => Err(e),
+        }
+    } else {
+        route(&api, &caller, req).await
+    };
+    let (status, body) = match routed {
         Ok((status, v)) => (status, v),
         Err(e) => {
             let (status, code) = e.status_code();
@@ -92,17 +106,20 @@ pub enum ApiError {
     BadBody(String),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Exec(#[from] super::runs::ExecError),
 }
 
 impl ApiError {
     /// The HTTP status and the stable error code of the JSON answer.
-    fn status_code(&self) -> (StatusCode, &'static str) {
+    pub(crate) fn status_code(&self) -> (StatusCode, &'static str) {
         use super::secrets::SecretsError as S;
         match self {
             ApiError::NotFound(..) => (StatusCode::NOT_FOUND, "no_such_endpoint"),
             ApiError::Method(..) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
+            ApiError::Exec(e) => e.status_code(),
             ApiError::State(e) => match e {
                 StateError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
                 StateError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
@@ -154,7 +171,7 @@ async fn route(
         (["v1", "sandboxes", id], &Method::DELETE) => {
             ok(to_json(&api.registry.remove(caller, parse_id(id)?).await?))
         }
-        (["v1", "status"] | ["v1", "sandboxes"] | ["v1", "sandboxes", _], _) => {
+        (["v1", "status"] | ["v1", "sandboxes"] | ["v1", "sandboxes", _] | ["v1", "runs"], _) => {
             Err(ApiError::Method(method, path))
         }
         _ => Err(ApiError::NotFound(method, path)),

@@ -35,15 +35,9 @@ pub enum ClientError {
     NotJson(StatusCode),
 }
 
-/// Sends `method path` (with a JSON `body`) to the daemon at `socket`; its JSON answer, or the
-/// daemon's refusal as [`ClientError::Refused`].
-pub async fn call(
-    socket: &Path,
-    method: Method,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<Value, ClientError> {
-    let stream = tokio::net::UnixStream::connect(socket)
+/// A connection to the daemon at `socket`, or why there is none.
+pub async fn connect(socket: &Path) -> Result<tokio::net::UnixStream, ClientError> {
+    tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -54,7 +48,36 @@ pub async fn call(
                 path: socket.to_owned(),
                 source,
             },
-        })?;
+        })
+}
+
+/// The daemon's refusal in a JSON error answer.
+pub fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return ClientError::NotJson(status);
+    };
+    let field = |k: &str| {
+        v.pointer(&format!("/error/{k}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    ClientError::Refused {
+        status: status.as_u16(),
+        code: field("code"),
+        message: field("message"),
+    }
+}
+
+/// Sends `method path` (with a JSON `body`) to the daemon at `socket`; its JSON answer, or the
+/// daemon's refusal as [`ClientError::Refused`].
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Value, ClientError> {
+    let stream = connect(socket).await?;
     let http = |e: hyper::Error| ClientError::Http {
         path: socket.to_owned(),
         message: e.to_string(),

@@ -7,21 +7,26 @@
 //!   caller's privileges.
 //! - [`state`]: the sandboxes, their owners, tokens, counters and audit context.
 //! - [`api`]: the HTTP/1.1 JSON endpoints; [`client`]: the CLI's side of them.
+//! - [`runs`]: `POST /v1/runs`, a command started as the caller in a sandbox with the caller's
+//!   stdio and working directory; [`run_client`]: `kz run --blind`'s side of it; [`wire`]:
+//!   their protocol on the upgraded connection.
 //!
 //! Per sandbox: its own DNS resolver, cgroup and policy, proxy session (token table, rules) and
 //! CA. The CA is per sandbox, not per node: a sandbox's agent trusts only the leaves minted for
 //! its own session, and creating one costs a key pair (milliseconds). The daemon refuses to run
 //! without kernel interception: an explicit proxy cannot tell two sandboxes apart.
 //!
-//! Not built yet (issue 15): starting the agent's process through the API (SCM_RIGHTS client
-//! for `kz run --blind` as a user), event streams, adoption of live sandboxes after a restart,
+//! Not built yet (issue 15): event streams, adoption of live sandboxes after a restart,
 //! per-sandbox Prometheus metrics, systemd and Kubernetes deployment.
 
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod run_client;
+pub mod runs;
 pub mod secrets;
 pub mod state;
+pub mod wire;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -105,6 +110,8 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
         registry: state::Registry::new(node, audit.clone()),
         started: Instant::now(),
         socket: opts.socket.clone(),
+        audit_log: opts.audit_log.clone(),
+        runs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
     });
     record(
         &*audit,
@@ -141,7 +148,8 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(HEADER_READ_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service);
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "API connection ended");
                     }
@@ -154,6 +162,9 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
     // admission itself), then every sandbox is destroyed and the node stops.
     let _ = std::fs::remove_file(&opts.socket);
     connections.shutdown().await;
+    // Runs hold the API; their children die with their sandboxes just below.
+    let mut runs = std::mem::take(&mut *api.runs.lock().unwrap_or_else(|p| p.into_inner()));
+    runs.shutdown().await;
     match Arc::try_unwrap(api) {
         Ok(api) => api.registry.shutdown().await,
         Err(_) => {

@@ -165,6 +165,21 @@ struct Entry {
     info: SandboxInfo,
     counters: Arc<Counters>,
     sandbox: Sandbox,
+    /// What a run started in it needs ([`Registry::run_target`]).
+    run: RunTarget,
+}
+
+/// What a process started in a sandbox needs from it: the masks of its mount namespace (from
+/// the project's config), the names of the variables that hold credentials, and a matcher of
+/// the real values (it says whether a string holds one, and hands none out) so a client's
+/// environment can be scrubbed of them.
+#[derive(Clone)]
+pub struct RunTarget {
+    pub blind: crate::config::blind::BlindConfig,
+    pub hide_extra: Vec<PathBuf>,
+    /// Resolver logins and `env` resolvers' source variables ([`crate::resolve::login_vars`]).
+    pub credential_vars: std::collections::BTreeSet<String>,
+    pub values: crate::proxy::Scrubber,
 }
 
 impl Entry {
@@ -226,6 +241,8 @@ impl Registry {
         let Project { config, secrets } =
             secrets::load(&req.project_dir, caller.uid, caller.gid).await?;
         let rules = blind::connection_rules(&config.blind)?;
+        let credential_vars = crate::resolve::login_vars(&config);
+        let hide_extra = crate::contain::resolver_files(&config);
         let tokens = TokenTable::new();
         let mut shown = BTreeMap::new();
         for s in secrets {
@@ -250,6 +267,12 @@ impl Registry {
             }),
             context,
         });
+        let run = RunTarget {
+            blind: config.blind.clone(),
+            hide_extra,
+            credential_vars,
+            values: tokens.scrubber(),
+        };
         let b = &config.blind;
         let sandbox = self
             .node
@@ -303,6 +326,7 @@ impl Registry {
                 info: info.clone(),
                 counters,
                 sandbox,
+                run,
             },
         );
         Ok(info)
@@ -329,6 +353,38 @@ impl Registry {
             return Err(StateError::Forbidden(id));
         }
         Ok(entry.info())
+    }
+
+    /// A sandbox `caller` may start a process in, and what that process needs. Only its owner
+    /// may: the process runs as the caller with the owner's tokens, and an admin who wants to
+    /// act in another user's sandbox does so as that user (the sandbox's secrets were resolved
+    /// with the owner's privileges, not the admin's).
+    pub fn run_target(
+        &self,
+        caller: &Caller,
+        id: u64,
+    ) -> Result<(SandboxInfo, RunTarget), StateError> {
+        let map = self.lock();
+        let entry = map.get(&id).ok_or(StateError::NotFound(id))?;
+        if entry.info.owner_uid != caller.uid {
+            return Err(StateError::Forbidden(id));
+        }
+        Ok((entry.info(), entry.run.clone()))
+    }
+
+    /// Starts `cmd` in sandbox `id`, contained ([`Sandbox::spawn`]); `None` when the sandbox is
+    /// gone (removed since its target was looked up).
+    pub fn spawn(
+        &self,
+        id: u64,
+        cmd: std::process::Command,
+        contained: Arc<crate::contain::Prepared>,
+        stdio: crate::sandbox::ChildStdio,
+    ) -> Option<std::io::Result<crate::sandbox::Child>> {
+        // clone3 is synchronous and quick: the lock is not held across an await.
+        let map = self.lock();
+        let entry = map.get(&id)?;
+        Some(entry.sandbox.spawn(cmd, contained, Some(stdio)))
     }
 
     /// Destroys a sandbox: whatever runs in its cgroup is killed, the cgroup, its session and

@@ -63,7 +63,17 @@ impl Cgroup {
         cmd: &std::process::Command,
         contain: Option<&crate::contain::Prepared>,
     ) -> std::io::Result<super::spawn::CgroupChild> {
-        super::spawn::spawn_into(&self.path, cmd, contain)
+        super::spawn::spawn_into(&self.path, cmd, contain, None)
+    }
+
+    /// [`Cgroup::spawn`] with the child's stdio given instead of inherited.
+    pub fn spawn_with_stdio(
+        &self,
+        cmd: &std::process::Command,
+        contain: Option<&crate::contain::Prepared>,
+        stdio: Option<&super::spawn::ChildStdio>,
+    ) -> std::io::Result<super::spawn::CgroupChild> {
+        super::spawn::spawn_into(&self.path, cmd, contain, stdio)
     }
 
     /// Makes `cmd`'s child enter this cgroup between fork and exec, so not one instruction of the

@@ -43,6 +43,16 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Where a program is looked up when the environment has no PATH (glibc's default).
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
+/// The standard descriptors of a child that does not inherit kz's (the node daemon's runs:
+/// the client's own stdin, stdout and stderr, received over SCM_RIGHTS). They become the
+/// child's 0, 1 and 2 before it is contained; the originals are closed at exec.
+#[derive(Debug)]
+pub struct ChildStdio {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
 /// A child started by [`spawn_into`]. Wait for it with [`CgroupChild::wait`]; one that is
 /// dropped unwaited stays a zombie until kz exits.
 pub struct CgroupChild {
@@ -137,7 +147,7 @@ fn candidates(program: &OsStr, path: Option<&OsStr>) -> io::Result<Vec<CString>>
 }
 
 /// Starts `cmd` (its program, arguments, environment changes and working directory; stdio is
-/// inherited) as a child that is in `cgroup_dir` from its first instruction. Errors are those
+/// inherited unless `stdio` is given) as a child that is in `cgroup_dir` from its first instruction. Errors are those
 /// of `Command::spawn` (e.g. `NotFound` when there is no such program), or `Unsupported` when
 /// this kernel (or a seccomp filter) does not allow clone3 into a cgroup.
 ///
@@ -147,6 +157,7 @@ pub fn spawn_into(
     cgroup_dir: &Path,
     cmd: &std::process::Command,
     contain: Option<&crate::contain::Prepared>,
+    stdio: Option<&ChildStdio>,
 ) -> io::Result<CgroupChild> {
     // Everything the child needs, built before the clone: it must not allocate.
     let env = child_env(cmd);
@@ -180,6 +191,13 @@ pub fn spawn_into(
         .get_current_dir()
         .map(|d| cstring(d.as_os_str()))
         .transpose()?;
+    let stdio_fds = stdio.map(|s| {
+        [
+            s.stdin.as_raw_fd(),
+            s.stdout.as_raw_fd(),
+            s.stderr.as_raw_fd(),
+        ]
+    });
     let cgroup = std::fs::File::open(cgroup_dir)?;
     // Exec failures come back through this pipe; a successful exec closes it (CLOEXEC).
     let (err_rx, err_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -211,6 +229,7 @@ pub fn spawn_into(
                 &envp,
                 cwd.as_ref(),
                 contain,
+                stdio_fds,
                 err_tx.as_raw_fd(),
             )
         }
@@ -270,6 +289,7 @@ unsafe fn exec_child(
     envp: &[*const libc::c_char],
     cwd: Option<&CString>,
     contain: Option<&crate::contain::Prepared>,
+    stdio: Option<[libc::c_int; 3]>,
     err_fd: libc::c_int,
 ) -> ! {
     // SAFETY (whole body): raw syscalls and libc wrappers that are async-signal-safe, on memory
@@ -289,6 +309,20 @@ unsafe fn exec_child(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         // Rust ignores SIGPIPE in kz; the agent gets the default, as std's Command gives it.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if let Some(fds) = stdio {
+            for (target, fd) in fds.into_iter().enumerate() {
+                let target = target as libc::c_int;
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                let ok = if fd == target {
+                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, target) == target
+                };
+                if !ok {
+                    fail(*libc::__errno_location());
+                }
+            }
+        }
         if let Some(dir) = cwd
             && libc::chdir(dir.as_ptr()) != 0
         {

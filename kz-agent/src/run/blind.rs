@@ -361,8 +361,14 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
         req.command.env_remove(var);
     }
     let agent = req.agent.clone();
+    let masks = Masks {
+        config: &req.config,
+        hide_extra: &req.hide_extra,
+        audit_path: req.audit_path.as_deref(),
+    };
     let contained = Arc::new(contain_agent(
-        &mut req,
+        &mut req.command,
+        &masks,
         agent,
         &dir,
         (&bundle, bundle_pem),
@@ -431,7 +437,11 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     // 4-5: the child is born in the cgroup (or enters it before exec where clone3 cannot).
     phase(t0, "spawning the child");
     let command = req.command;
-    let code = wait_forwarding(|| sandbox.spawn(command, contained), Path::new(&program)).await;
+    let code = wait_forwarding(
+        || sandbox.spawn(command, contained, None),
+        Path::new(&program),
+    )
+    .await;
     phase(t0, "child exited");
     // Blocks the child caused just before it exited are still audited.
     node.close(sandbox).await;
@@ -445,26 +455,37 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
     code.map_err(|e| BlindError::Child(Box::new(e)))
 }
 
+/// What the agent's mount namespace masks besides kz's own state: `[blind] hide` (or the
+/// defaults), the resolvers' files, the audit log.
+pub(crate) struct Masks<'a> {
+    pub config: &'a BlindConfig,
+    pub hide_extra: &'a [PathBuf],
+    pub audit_path: Option<&'a Path>,
+}
+
 /// The agent's identity in its environment, and the containment of its process: its user,
 /// and (when kz is root) a mount namespace masking bpffs, cgroupfs, other processes, kz's run
-/// directory, the audit log and its key, and the credential files of `[blind] hide`.
-fn contain_agent(
-    req: &mut BlindRequest,
+/// directory, the audit log and its key, and the credential files of `[blind] hide`. The
+/// working directory is `command`'s, else kz's. Shared with the node daemon's runs
+/// ([`crate::agent::runs`]), whose agents are contained the same way.
+pub(crate) fn contain_agent(
+    command: &mut std::process::Command,
+    masks: &Masks<'_>,
     agent: AgentUser,
     dir: &RunDir,
     (bundle, bundle_pem): (&Path, String),
     own_cgroup: bool,
 ) -> Result<Prepared, BlindError> {
-    let cwd = match req.command.get_current_dir() {
+    let cwd = match command.get_current_dir() {
         Some(d) => Some(d.to_owned()),
         None => std::env::current_dir().ok(),
     };
     if !agent.is_self() {
         if let Some(home) = &agent.home {
-            req.command.env("HOME", home);
+            command.env("HOME", home);
         }
         if let (Some(name), false) = (&agent.name, agent.root_in_userns) {
-            req.command.env("USER", name).env("LOGNAME", name);
+            command.env("USER", name).env("LOGNAME", name);
         }
         for var in [
             "SUDO_UID",
@@ -473,16 +494,19 @@ fn contain_agent(
             "SUDO_COMMAND",
             "PKEXEC_UID",
         ] {
-            req.command.env_remove(var);
+            command.env_remove(var);
         }
     }
     let mounts = if trust::is_root() {
         let project = cwd.clone().unwrap_or_else(|| PathBuf::from("/"));
-        let mut hide =
-            contain::hidden_paths(req.config.hide.as_deref(), agent.home.as_deref(), &project);
-        hide.extend(req.hide_extra.iter().cloned());
-        if let Some(log) = &req.audit_path {
-            hide.push(log.clone());
+        let mut hide = contain::hidden_paths(
+            masks.config.hide.as_deref(),
+            agent.home.as_deref(),
+            &project,
+        );
+        hide.extend(masks.hide_extra.iter().cloned());
+        if let Some(log) = masks.audit_path {
+            hide.push(log.to_owned());
             hide.extend(crate::audit::rotated_files(log));
         }
         // The chain's key (root's, 0700 directory, 0600 file): masked too, in case its

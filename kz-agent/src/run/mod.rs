@@ -73,6 +73,8 @@ pub enum RunError {
     NoCommand,
     #[error("waiting for the command failed: {0}")]
     Wait(std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::run_client::RunClientError),
 }
 
 /// One resolved secret: the env var name, its value and where it may be used.
@@ -437,13 +439,30 @@ pub async fn run(dir: Option<&Path>, opts: RunOptions) -> Result<ExitCode, RunEr
     } else {
         None
     };
+    // Blind mode as an ordinary user with a node daemon listening: the daemon makes the
+    // sandbox and starts the agent in it (a user cannot clone into a cgroup it does not own).
+    // With its socket present there is no fallback to the explicit proxy.
+    let daemon = if opts.blind && !trust::is_root() {
+        crate::agent::run_client::socket()
+    } else {
+        None
+    };
     // Blind mode: load the eBPF programs while the config is read and secrets are resolved.
-    let preload = opts.blind.then(blind::Preload::start);
+    let preload = (opts.blind && daemon.is_none()).then(blind::Preload::start);
     let config = Config::load(dir)?;
     crate::config::print_warnings(&config);
     // Blind mode: only the config approved for this project (or its first use) goes on.
     if let Some(agent) = &agent {
         blind::approve_config(&config, agent, opts.audit_log.as_deref())?;
+    }
+    if let Some(socket) = daemon {
+        if opts.only.is_some() {
+            return Err(crate::agent::run_client::RunClientError::Only.into());
+        }
+        if opts.audit_log.is_some() {
+            eprintln!("kz: --audit-log is ignored: the kz agent writes its own audit log");
+        }
+        return Ok(crate::agent::run_client::run(&socket, &config, &opts.command).await?);
     }
     let secrets = resolve_all(&config, opts.only.as_deref()).await?;
     // Resolution is over. The variables that held a real value or a resolver's login (derived

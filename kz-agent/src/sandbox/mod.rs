@@ -37,6 +37,7 @@ pub use names::{literal_ips_allowed, name_allowed};
 use crate::audit::AuditSink;
 use crate::contain::{self, Prepared};
 use crate::intercept::dns::{self, DnsConfig, DnsHooks, DnsServer, ResolvedIp};
+pub use crate::intercept::spawn::ChildStdio;
 use crate::intercept::{
     Cgroup, InterceptError, Interceptor, Ipv6Mode, Listen, Policy, TcpRedirect, UnixSockets,
 };
@@ -443,20 +444,23 @@ impl Sandbox {
     /// Starts the agent, contained ([`crate::contain`]) before it executes: born in the
     /// sandbox's cgroup with clone3 (no cgroup migration, ~10 ms less), else moved there between
     /// fork and exec on kernels or sandboxes that refuse clone3; without the kernel, contained
-    /// in place. Stdio is inherited.
+    /// in place. Stdio is inherited, or `stdio` (the node daemon's runs: the client's own).
     pub fn spawn(
         &self,
         mut cmd: std::process::Command,
         contained: Arc<Prepared>,
+        stdio: Option<ChildStdio>,
     ) -> std::io::Result<Child> {
         let Some(cgroup) = &self.cgroup else {
+            set_stdio(&mut cmd, stdio);
             contain::on_exec(&mut cmd, contained);
             return tokio::process::Command::from(cmd).spawn().map(Child::Tokio);
         };
-        match cgroup.spawn(&cmd, Some(&contained)) {
+        match cgroup.spawn_with_stdio(&cmd, Some(&contained), stdio.as_ref()) {
             Ok(child) => Ok(Child::Cgroup(child)),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
                 tracing::debug!("{e}; entering the cgroup between fork and exec instead");
+                set_stdio(&mut cmd, stdio);
                 cgroup
                     .place_child(&mut cmd)
                     .map_err(std::io::Error::other)?;
@@ -465,6 +469,12 @@ impl Sandbox {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+fn set_stdio(cmd: &mut std::process::Command, stdio: Option<ChildStdio>) {
+    if let Some(s) = stdio {
+        cmd.stdin(s.stdin).stdout(s.stdout).stderr(s.stderr);
     }
 }
 

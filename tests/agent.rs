@@ -1131,3 +1131,84 @@ fn killing_the_client_kills_the_child_and_its_sandbox() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Orderly stop (SIGTERM): the proxy drains before any sandbox is destroyed, so an agent's
+/// request in flight is answered and audited; only then do the sandboxes go.
+#[test]
+fn an_orderly_stop_answers_the_requests_in_flight_first() {
+    if !support::require_root() {
+        return;
+    }
+    let pair = Pair::new("agd", "agv");
+    pair.add_upstream_addr(&format!("{}/24", upstream_ip(0)));
+    let ca = TestCa::new("kz agent drain test CA");
+    let tls = support::tls::server_config(&ca.server_cert(&["up0.test"], &[]));
+    let up = Upstream::host(
+        &pair.upstream,
+        upstream_ip(0).parse().unwrap(),
+        tls,
+        support::upstream::Routes::echo(&real(0)),
+    );
+    let _dns = TestDns::start(
+        &pair.upstream,
+        "10.77.0.2:53".parse().unwrap(),
+        Zone::new(30).host("up0.test", &[&upstream_ip(0)]),
+    );
+    let mut daemon = Daemon::start(
+        Some(&pair.client),
+        "root",
+        &[("KZ_TEST_REAL_0".to_owned(), real(0))],
+    );
+    let dir = support::agent_readable_dir("kzagd").join("p0");
+    sandbox_project(&dir, 0);
+    let (code, v) = daemon.api(
+        None,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "drain", "project_dir": dir})),
+    );
+    assert_eq!(code, 201, "{v}");
+    let token = v["secrets"]["API_KEY"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cgroup = v["cgroup"].as_str().unwrap().to_owned();
+    let agent = in_sandbox(
+        &pair.client,
+        &cgroup,
+        &format!(
+            "curl -sS -m 20 'http://up0.test/slow?ms=2500' -H 'Authorization: Bearer {token}'; echo \"curl exit $?\""
+        ),
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.seen().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let out = agent.wait_with_output().unwrap();
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        o.contains("curl exit 0") && o.contains("uri=/slow?ms=2500"),
+        "{o}"
+    );
+    assert_eq!(
+        up.last().header("authorization"),
+        Some(format!("Bearer {}", real(0)).as_str())
+    );
+    let records = daemon.audit();
+    let pos = |pred: &dyn Fn(&Value) -> bool| records.iter().position(|r| pred(r));
+    let answered = pos(&|r| r["kind"] == "proxy_request" && r["status"] == 200)
+        .unwrap_or_else(|| panic!("the request in flight was not audited: {records:?}"));
+    let drained = pos(&|r| r["kind"] == "agent_drained").expect("agent_drained");
+    let destroyed = pos(&|r| r["kind"] == "sandbox_destroyed").expect("sandbox_destroyed");
+    assert!(answered < destroyed && drained < destroyed, "{records:?}");
+    assert_eq!(records[drained]["connections_cut"], 0);
+}

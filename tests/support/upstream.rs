@@ -26,7 +26,7 @@
 //!   - `/gzip` a response claiming `Content-Encoding: gzip` whatever was asked.
 //!   - `/hangup` like `/echo`, then the server closes the connection (as servers do with idle
 //!     keep-alive connections), without saying so in the response.
-//!   - `/slow` like `/echo`, 300 ms late (so concurrent clients are all in flight at once).
+//!   - `/slow` like `/echo`, 300 ms late (`?ms=N`: N ms), so clients are in flight at once.
 //! - [`Routes::EchoAuth`] (blind runs): every path answers `authorization=…\nbody=…\n` and an
 //!   `X-Echo-Auth` header, one request per HTTP/1.1 connection (`Connection: close`).
 //! - [`Routes::EchoAuthQuery`] (the PDP's proxy): `upstream saw auth=[…] query=[…]`, the
@@ -470,7 +470,14 @@ async fn echo(needle: &str, conn: &Conn, seen: &Seen) -> Response<Body> {
         conn.hangup.notify_one();
     }
     if seen.path == "/slow" {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // `?ms=N` (default 300).
+        let ms = seen
+            .query()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("ms="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let auth = seen.header("authorization").unwrap_or("");
     match seen.path.as_str() {

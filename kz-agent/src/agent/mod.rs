@@ -158,10 +158,16 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    // Orderly stop: no new requests; those in flight are cut (a create half way is undone by
-    // admission itself), then every sandbox is destroyed and the node stops.
+    // Orderly stop: no new API requests (those in flight are cut; a create half way is undone
+    // by admission itself); the proxy drains, so the agents' requests in flight are answered
+    // and audited; then every sandbox is destroyed and the node stops.
     let _ = std::fs::remove_file(&opts.socket);
     connections.shutdown().await;
+    let left = api.registry.node().drain().await;
+    record(
+        &*audit,
+        AuditEvent::new("agent_drained").with("connections_cut", left),
+    );
     // Runs hold the API; their children die with their sandboxes just below.
     let mut runs = std::mem::take(&mut *api.runs.lock().unwrap_or_else(|p| p.into_inner()));
     runs.shutdown().await;

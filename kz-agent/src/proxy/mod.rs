@@ -308,9 +308,10 @@ impl ProxyHandle {
         &self.shared.metrics
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to `limits.drain_timeout`), then
-    /// closes what is left.
-    pub async fn shutdown(self) {
+    /// Stops accepting and lets in-flight requests finish (up to `limits.drain_timeout`);
+    /// returns how many connections are still open. Serving ends with it: call it only on the
+    /// way out ([`ProxyHandle::shutdown`] calls it too).
+    pub async fn drain(&self) -> u64 {
         self.stop.drain();
         for t in &self.tasks {
             t.abort();
@@ -321,6 +322,13 @@ impl ProxyHandle {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Metrics::get(&self.shared.metrics.connections_active)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `limits.drain_timeout`), then
+    /// closes what is left.
+    pub async fn shutdown(self) {
+        self.drain().await;
         self.stop.kill();
         // Give killed connections a moment to observe the signal and drop their sockets.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);

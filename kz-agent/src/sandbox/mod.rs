@@ -386,6 +386,14 @@ impl Node {
         drop(sandbox);
     }
 
+    /// The first step of an orderly stop: the proxy accepts nothing new and in-flight requests
+    /// finish (up to `limits.drain_timeout`) while every sandbox still stands, so an agent's
+    /// last request is answered and audited before its sandbox is closed. Returns the
+    /// connections still open when the time ran out.
+    pub async fn drain(&self) -> u64 {
+        self.proxy.drain().await
+    }
+
     /// Stops the node: the event reader, the interception core (programs detached, pins of
     /// this instance removed), then the proxy, whose in-flight requests get
     /// `limits.drain_timeout` to finish (and be audited).

@@ -1204,7 +1204,7 @@ fn an_orderly_stop_answers_the_requests_in_flight_first() {
         Some(format!("Bearer {}", real(0)).as_str())
     );
     let records = daemon.audit();
-    let pos = |pred: &dyn Fn(&Value) -> bool| records.iter().position(|r| pred(r));
+    let pos = |pred: &dyn Fn(&Value) -> bool| records.iter().position(pred);
     let answered = pos(&|r| r["kind"] == "proxy_request" && r["status"] == 200)
         .unwrap_or_else(|| panic!("the request in flight was not audited: {records:?}"));
     let drained = pos(&|r| r["kind"] == "agent_drained").expect("agent_drained");

@@ -114,7 +114,7 @@ impl AuditKey {
 
     /// The key at `path`, created (0600, its directory 0700) when there is none. Two kz
     /// processes starting at once agree on one key: the new key is written under a temporary
-    /// name and linked into place, which fails if the other got there first.
+    /// name and renamed into place without replacing, which fails if the other got there first.
     pub fn load_or_create(path: &Path) -> Result<AuditKey, KeyError> {
         if let Some(key) = AuditKey::load(path)? {
             return Ok(key);
@@ -147,8 +147,21 @@ impl AuditKey {
             .write_all(text.as_bytes())
             .and_then(|()| file.sync_all());
         drop(file);
-        let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
-        let _ = std::fs::remove_file(&tmp);
+        // rename(2) with RENAME_NOREPLACE, not link + unlink: a reader racing the creation
+        // must never see the key with two links (which `load` rightly refuses).
+        let linked = written.and_then(|()| {
+            nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                &tmp,
+                nix::fcntl::AT_FDCWD,
+                path,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            )
+            .map_err(std::io::Error::from)
+        });
+        if linked.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
         match linked {
             Ok(()) => {
                 if let Some(dir) = path.parent()

@@ -386,10 +386,10 @@ pub fn prepare_head(headers: &mut HeaderMap, upgrade: bool, has_tokens: bool, gu
 pub enum BodyPlan {
     /// No body.
     Empty,
-    /// Passed through, bytes counted: nothing in it can need a rewrite.
+    /// Passed through, bytes counted: unsized or long, and nothing in it can need a rewrite.
     Count,
-    /// Read whole (its Content-Length is at most `max_buffered_body`), rewritten, sent with its
-    /// new exact length.
+    /// Read whole (its Content-Length is at most `max_buffered_body`) before the upstream is
+    /// asked, rewritten where it may need it, sent with its exact length.
     Buffer,
     /// Rewritten as it streams (chunked, or longer than `max_buffered_body`).
     Stream,
@@ -403,16 +403,21 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Phase 3: how the request body goes up.
-pub fn plan_body(headers: &HeaderMap, end_stream: bool, has_tokens: bool, max: usize) -> BodyPlan {
+///
+/// A body of known length up to `max` is read whole before the upstream is asked, whether or
+/// not it needs scanning (`scan`: a token may be swapped in it, or one found there refuses the
+/// request): a client that trickles its body then holds bytes of the node's bounded buffer
+/// pool and its own connection, never an upstream connection too (nginx's request buffering,
+/// for the same reason). Longer or unsized bodies stream: through the rewriter when `scan`,
+/// else counted.
+pub fn plan_body(headers: &HeaderMap, end_stream: bool, scan: bool, max: usize) -> BodyPlan {
     if end_stream {
-        BodyPlan::Empty
-    } else if !has_tokens {
-        BodyPlan::Count
-    } else {
-        match content_length(headers) {
-            Some(n) if n <= max as u64 => BodyPlan::Buffer,
-            _ => BodyPlan::Stream,
-        }
+        return BodyPlan::Empty;
+    }
+    match content_length(headers) {
+        Some(n) if n <= max as u64 => BodyPlan::Buffer,
+        _ if scan => BodyPlan::Stream,
+        _ => BodyPlan::Count,
     }
 }
 
@@ -664,10 +669,11 @@ pub async fn forward(
     // A body is read through the swapper only where a token may be swapped in it, or where a
     // token found in it must refuse the request.
     let body_swaps = plan.body_swaps();
+    let scan = !snap.is_empty() && (body_swaps || refuse_out_of_scope);
     let plan_now = plan_body(
         &parts.headers,
         incoming.is_end_stream(),
-        !snap.is_empty() && (body_swaps || refuse_out_of_scope),
+        scan,
         sh.limits.max_buffered_body,
     );
     let declared = content_length(&parts.headers);
@@ -691,10 +697,13 @@ pub async fn forward(
                     rec.unswapped(snap.name(id), why);
                 }
             };
-            let out = plan
-                .patterns()
-                .rewrite_all(&data, &plan.at(At::Body), &mut seen)
-                .map_or(data, Bytes::from);
+            let out = if scan {
+                plan.patterns()
+                    .rewrite_all(&data, &plan.at(At::Body), &mut seen)
+                    .map_or(data, Bytes::from)
+            } else {
+                data
+            };
             if let Some((id, why)) = unswapped
                 && refuse_out_of_scope
             {
@@ -1280,7 +1289,10 @@ mod tests {
             m
         };
         assert_eq!(plan_body(&h(Some("5")), true, true, 10), BodyPlan::Empty);
-        assert_eq!(plan_body(&h(Some("5")), false, false, 10), BodyPlan::Count);
+        // Known and small: read whole first, scanned or not (see plan_body).
+        assert_eq!(plan_body(&h(Some("5")), false, false, 10), BodyPlan::Buffer);
+        assert_eq!(plan_body(&h(Some("11")), false, false, 10), BodyPlan::Count);
+        assert_eq!(plan_body(&h(None), false, false, 10), BodyPlan::Count);
         assert_eq!(plan_body(&h(Some("10")), false, true, 10), BodyPlan::Buffer);
         assert_eq!(plan_body(&h(Some("11")), false, true, 10), BodyPlan::Stream);
         assert_eq!(plan_body(&h(None), false, true, 10), BodyPlan::Stream);

@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -456,9 +457,81 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Takes the log file's lock (other kz processes may append to the same log: two
+    /// `sudo kz run --blind` share the default one) and continues the chain from what is on
+    /// disk: a file another writer rotated away is reopened, records another writer appended
+    /// are read back for their `seq` and `mac`. Unlock with [`Inner::unlock`].
+    fn lock_and_resync(&mut self) -> Result<(), AuditError> {
+        let Some(fs) = self.file.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            fs.file.lock().map_err(|e| io_err(&fs.path, e))?;
+            let held = fs.file.metadata().map_err(|e| io_err(&fs.path, e))?;
+            let on_path = std::fs::symlink_metadata(&fs.path).ok();
+            let same = on_path
+                .as_ref()
+                .is_some_and(|m| m.ino() == held.ino() && m.dev() == held.dev());
+            if same {
+                if held.len() != fs.size {
+                    let mut tail = last_record(&fs.path, &self.key)?;
+                    if tail.is_none()
+                        && let Some(newest) = rotated_files(&fs.path).last()
+                    {
+                        tail = last_record(newest, &self.key)?;
+                    }
+                    match tail {
+                        Some(t) if t.keyed && t.mac_ok => {
+                            self.seq = t.seq + 1;
+                            self.prev = t.digest;
+                        }
+                        Some(_) => {
+                            let _ = fs.file.unlock();
+                            return Err(AuditError::ForeignTail {
+                                path: fs.path.display().to_string(),
+                                key: self
+                                    .key
+                                    .path()
+                                    .map(|p| p.display().to_string())
+                                    .unwrap_or_else(|| format!("id {}", self.key.id())),
+                            });
+                        }
+                        None => {}
+                    }
+                    fs.size = held.len();
+                }
+                return Ok(());
+            }
+            // Rotated (or removed) by another writer: continue in the file now at the path.
+            let _ = fs.file.unlock();
+            location::refuse_link(&fs.path)?;
+            let (file, _) = location::open_append(&fs.path)?;
+            fs.file = file;
+            // Size unknown to this writer: the next pass reads the tail back.
+            fs.size = u64::MAX;
+        }
+    }
+
+    fn unlock(&mut self) {
+        if let Some(fs) = self.file.as_mut() {
+            let _ = fs.file.unlock();
+        }
+    }
+}
+
 impl AuditSink for ChainSink {
     fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.lock_and_resync()?;
+        let r = Self::record_locked(&mut inner, event);
+        inner.unlock();
+        r
+    }
+}
+
+impl ChainSink {
+    fn record_locked(inner: &mut Inner, event: AuditEvent) -> Result<(), AuditError> {
         let mut m = prepare(event);
         let (mut line, mut mac) = inner.seal(&mut m);
         let mut pruned = None;
@@ -468,6 +541,8 @@ impl AuditSink for ChainSink {
             && fs.size + line.len() as u64 > max
         {
             rotate(fs)?;
+            // The new file is this writer's until the record is in it.
+            fs.file.lock().map_err(|e| io_err(&fs.path, e))?;
             pruned = prune(&fs.path, &fs.rotation)?;
         }
         if let Some(p) = pruned {
@@ -608,6 +683,40 @@ mod tests {
     }
 
     use super::super::VerifyError;
+
+    #[test]
+    fn two_writers_on_one_log_keep_one_chain() {
+        // Two kz processes (`sudo kz run --blind` twice) share the default log: each record
+        // must continue the chain as it is on disk, not as its writer last left it.
+        let (_dir, path) = temp_log();
+        let k = key();
+        let a = open(&path, &k, Rotation::size(None));
+        let b = open(&path, &k, Rotation::size(None));
+        for i in 0..20 {
+            records(if i % 3 == 0 { &a } else { &b }, &format!("w{i}"), 2);
+        }
+        let report = verify(&path, &k).unwrap();
+        assert_eq!(report.records, 40);
+    }
+
+    #[test]
+    fn two_writers_across_a_rotation_keep_one_chain() {
+        let (_dir, path) = temp_log();
+        let k = key();
+        let no_caps = Rotation {
+            max_bytes: Some(700),
+            max_files: None,
+            max_age: None,
+        };
+        let a = open(&path, &k, no_caps);
+        let b = open(&path, &k, no_caps);
+        for i in 0..30 {
+            records(if i % 2 == 0 { &a } else { &b }, &format!("r{i}"), 1);
+        }
+        assert!(!rotated_files(&path).is_empty(), "rotation happened");
+        let report = verify(&path, &k).unwrap();
+        assert_eq!(report.records, 30);
+    }
 
     #[test]
     fn chain_resumes_and_rotates() {

@@ -93,7 +93,7 @@ pub mod spawn;
 pub use allowed::{AllowError, AllowMap};
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
-pub use loader::Interceptor;
+pub use loader::{Interceptor, Swept};
 pub use maps::{
     Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect, UnixRule,
     UnixSockets,
@@ -164,6 +164,14 @@ pub enum InterceptError {
         "all {0} block-event rings are in use by running kz instances: wait for some to finish"
     )]
     NoEventRing(u32),
+    #[error("cannot adopt cgroup {path}: {detail}")]
+    NotAdoptable {
+        path: PathBuf,
+        /// A stable code for audit records (`cgroup_gone`, `empty`, `links_missing`,
+        /// `program_set_changed`, `duplicate`).
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 impl InterceptError {

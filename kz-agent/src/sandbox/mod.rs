@@ -238,6 +238,29 @@ impl Node {
     /// Admits a sandbox: its DNS resolver, cgroup and policy, session and event route. Nothing
     /// of it is left behind when this fails.
     pub async fn admit(&self, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {
+        self.admit_in(spec, Place::New).await
+    }
+
+    /// Admits a sandbox in the cgroup `spec.name` with id `id` that a previous process of this
+    /// node's held owner left behind ([`Interceptor::load_held`]), with whatever still runs in it:
+    /// a DNS resolver and session of its own as [`Node::admit`] gives, and the cgroup's kernel
+    /// policy rewritten to name them ([`Interceptor::adopt_cgroup`]). When this fails the cgroup
+    /// is left as it was (cut off) for [`Node::sweep_held`], or removed with its processes when
+    /// it failed after the policy was rewritten.
+    pub async fn adopt(&self, spec: SandboxSpec, id: u64) -> Result<Sandbox, SandboxError> {
+        self.admit_in(spec, Place::Held(id)).await
+    }
+
+    /// Removes what the held owner's previous process left and nothing adopted
+    /// ([`Interceptor::sweep_held`]).
+    pub fn sweep_held(&self) -> Vec<crate::intercept::Swept> {
+        match &self.kernel {
+            Some(k) => lock(&k.icpt).sweep_held(),
+            None => Vec::new(),
+        }
+    }
+
+    async fn admit_in(&self, spec: SandboxSpec, place: Place) -> Result<Sandbox, SandboxError> {
         let answers = names::Answers::default();
         let resolve = names::host_lookup(
             answers.clone(),
@@ -300,7 +323,10 @@ impl Node {
             listen: spec.listen,
             unix: spec.unix.clone(),
         };
-        let cgroup = lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?;
+        let cgroup = match place {
+            Place::New => lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?,
+            Place::Held(id) => lock(&kernel.icpt).adopt_cgroup(&spec.name, id, &policy)?,
+        };
         // The cell is fresh: set() cannot fail.
         let _ = cgroup_id.set(cgroup.id);
         if let Err(e) = self.proxy.admit(session(cgroup.id)) {
@@ -404,6 +430,13 @@ impl Node {
         }
         self.proxy.shutdown().await;
     }
+}
+
+/// Where an admitted sandbox's cgroup comes from.
+enum Place {
+    New,
+    /// Left by a previous process of the node's held owner, with this id.
+    Held(u64),
 }
 
 /// One admitted sandbox. Give it back to [`Node::close`].

@@ -1353,13 +1353,14 @@ fn links_of(cgroup_dir: &Path, id: u64) -> Vec<String> {
 /// adopts them: the same shells, never restarted, holding the same masked tokens, get their real
 /// values swapped upstream again over HTTPS verified with the same CA; the API lists them with
 /// the same ids, owners and names; DELETE and the orderly stop leave no cgroup, link, map entry
-/// or state file behind.
+/// or state file behind. Sandbox 2's secret no longer resolves at the restart: adopted with its
+/// token unswappable. Sandbox 3's agent exits while no daemon runs: dropped, nothing left.
 #[test]
 fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
     if !support::require_root() {
         return;
     }
-    const K: usize = 2;
+    const K: usize = 4;
     let pair = Pair::new("aga", "agb");
     for k in 0..K {
         pair.add_upstream_addr(&format!("{}/24", upstream_ip(k)));
@@ -1456,13 +1457,33 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
         "an upstream was reached with no daemon"
     );
 
+    // Sandbox 3's agent ends while no daemon runs; sandbox 2's value is gone from the next
+    // daemon's environment.
+    let mut gone = agents.pop().unwrap().child;
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    let id3 = boxes[3]["id"].as_u64().unwrap();
+    let cgroup3 = PathBuf::from(boxes[3]["cgroup"].as_str().unwrap());
+    let env_after: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "KZ_TEST_REAL_2")
+        .cloned()
+        .collect();
+
     // The next daemon adopts them.
-    daemon.restart(Some(&pair.client), "root", &env, &args);
+    daemon.restart(Some(&pair.client), "root", &env_after, &args);
     let (code, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
     assert_eq!(code, 200);
     let listed = listed.as_array().unwrap().clone();
-    assert_eq!(listed.len(), K, "{listed:?}");
-    for b in &boxes {
+    assert_eq!(listed.len(), K - 1, "{listed:?}");
+    assert!(
+        !cgroup3.exists(),
+        "the emptied sandbox's cgroup was not removed"
+    );
+    assert_eq!(links_of(&cgroup_dir, id3), Vec::<String>::new());
+    assert_eq!(map_entries_of(id3), (0, 0));
+    assert!(!files.join(format!("{id3}.json")).exists());
+    for b in &boxes[..K - 1] {
         let l = listed
             .iter()
             .find(|l| l["id"] == b["id"])
@@ -1481,7 +1502,12 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
             l["secrets"]["API_KEY"]["token"],
             b["secrets"]["API_KEY"]["token"]
         );
-        assert!(l["secrets"]["API_KEY"].get("unresolved").is_none(), "{l}");
+        let unresolved = l["secrets"]["API_KEY"].get("unresolved");
+        if b["name"] == "keep2" {
+            assert_eq!(unresolved, Some(&json!(true)), "{l}");
+        } else {
+            assert!(unresolved.is_none(), "{l}");
+        }
         assert_ne!(l["dns"], b["dns"], "a resolver of the new daemon's");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_kz"))
@@ -1490,7 +1516,7 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
         .output()
         .unwrap();
     let via_cli: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(via_cli.as_array().unwrap().len(), K, "{via_cli}");
+    assert_eq!(via_cli.as_array().unwrap().len(), K - 1, "{via_cli}");
     for (k, a) in agents.iter_mut().enumerate() {
         assert_eq!(
             a.ask("pid"),
@@ -1501,22 +1527,38 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
         assert_eq!(a.ask("https"), "https 200\n", "sandbox {k} after adoption");
         let last = upstreams[k].last();
         assert_eq!(last.path, "/adopted");
+        // Sandbox 2's token is not swapped: its secret did not resolve this time.
+        let expected = match k {
+            2 => boxes[k]["secrets"]["API_KEY"]["token"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            _ => real(k),
+        };
         assert_eq!(
             last.header("authorization"),
-            Some(&*format!("Bearer {}", real(k))),
-            "sandbox {k}'s masked token swapped for its value after adoption"
+            Some(&*format!("Bearer {expected}")),
+            "sandbox {k}'s masked token after adoption"
         );
     }
     let records = daemon.audit();
-    for b in &boxes {
-        assert!(
-            records
-                .iter()
-                .any(|r| r["kind"] == "sandbox_adopted" && r["sandbox_id"] == b["id"]),
-            "no sandbox_adopted for {}",
-            b["id"]
-        );
+    for b in &boxes[..K - 1] {
+        let r = records
+            .iter()
+            .find(|r| r["kind"] == "sandbox_adopted" && r["sandbox_id"] == b["id"])
+            .unwrap_or_else(|| panic!("no sandbox_adopted for {}", b["id"]));
+        let unswappable = match b["name"].as_str() {
+            Some("keep2") => json!(["API_KEY"]),
+            _ => json!([]),
+        };
+        assert_eq!(r["unswappable"], unswappable, "{r}");
     }
+    assert!(
+        records.iter().any(|r| r["kind"] == "sandbox_dropped"
+            && r["sandbox_id"] == id3
+            && r["reason"] == "empty"),
+        "no sandbox_dropped for the emptied sandbox"
+    );
 
     // DELETE of an adopted sandbox leaves nothing of it.
     let id0 = boxes[0]["id"].as_u64().unwrap();
@@ -1535,8 +1577,7 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
     assert!(!files.join(format!("{id0}.json")).exists());
     assert!(agents[0].child.wait().is_ok());
 
-    // The orderly stop destroys the other one and its state.
-    let id1 = boxes[1]["id"].as_u64().unwrap();
+    // The orderly stop destroys the others and their state.
     let out = daemon.stop();
     assert!(
         out.status.success(),
@@ -1544,18 +1585,23 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!cgroup_dir.exists(), "cgroups left after the orderly stop");
-    assert_eq!(links_of(&cgroup_dir, id1), Vec::<String>::new());
-    assert_eq!(
-        map_entries_of(id1),
-        (0, 0),
-        "map entries left after the orderly stop"
-    );
+    for b in &boxes[1..K - 1] {
+        let id = b["id"].as_u64().unwrap();
+        assert_eq!(links_of(&cgroup_dir, id), Vec::<String>::new());
+        assert_eq!(
+            map_entries_of(id),
+            (0, 0),
+            "map entries after the orderly stop"
+        );
+    }
     assert_eq!(
         std::fs::read_dir(&files).unwrap().count(),
         0,
         "state files left after the orderly stop"
     );
-    assert!(agents[1].child.wait().is_ok());
+    for a in &mut agents[1..] {
+        assert!(a.child.wait().is_ok());
+    }
     let log = std::fs::read_to_string(&daemon.audit).unwrap();
     for k in 0..K {
         assert!(!log.contains(&real(k)), "a real value in the audit log");

@@ -1608,3 +1608,87 @@ fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A sandbox a `kz run --blind` command made through the daemon is adopted with its process
+/// after a SIGKILL (the command's client lost its connection with the old daemon), and the new
+/// daemon destroys it once that process has ended.
+#[test]
+fn an_adopted_runs_sandbox_goes_with_its_last_process() {
+    if !support::require_root() {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let mut daemon = Daemon::start(None, &group, &[]);
+    let root = support::agent_readable_dir("kzagw");
+    let (project, state) =
+        user_project(&root, "api.test", "run-adopt-value-2b7c0e", "127.0.0.1:53");
+    let mut client = kz_run_as_user(
+        &daemon.socket,
+        &project,
+        &state,
+        &["bash", "-c", "echo ready; read -r line; echo \"got $line\""],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut to_child = client.stdin.take().unwrap();
+    let mut from_child = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut first = String::new();
+    from_child.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), "ready");
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    let id = listed[0]["id"].as_u64().unwrap();
+    let cgroup = PathBuf::from(listed[0]["cgroup"].as_str().unwrap());
+
+    daemon.kill();
+    let _ = client.wait();
+    daemon.restart(None, &group, &[], &[]);
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(
+        listed[0]["id"], id,
+        "the run's sandbox is adopted: {listed}"
+    );
+    assert!(
+        daemon
+            .audit()
+            .iter()
+            .any(|r| r["kind"] == "sandbox_adopted" && r["sandbox_id"] == id && r["run"] == true),
+        "no sandbox_adopted for the run's sandbox"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "gone while its process ran"
+    );
+
+    // The process ends: its sandbox goes.
+    writeln!(to_child, "bye").unwrap();
+    let mut last = String::new();
+    from_child.read_line(&mut last).unwrap();
+    assert_eq!(last.trim(), "got bye");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+        if listed == json!([]) && !cgroup.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after its process ended the adopted run's sandbox is still there: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!daemon.state.join(format!("sandboxes/{id}.json")).exists());
+    let out = daemon.stop();
+    assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(&root);
+}

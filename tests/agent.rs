@@ -21,7 +21,10 @@
 //!   and removes its sandbox.
 //! - `an_orderly_stop_answers_the_requests_in_flight_first`: SIGTERM drains the proxy first.
 //! - `a_killed_daemons_sandboxes_are_adopted_by_the_next`: restart without a gap: SIGKILL leaves
-//!   the sandboxes cut off, the next daemon adopts them (same processes, tokens and CA).
+//!   the sandboxes cut off, the next daemon adopts them (same processes, tokens and CA); an
+//!   unresolvable secret is adopted unswappable, an emptied sandbox dropped.
+//! - `an_adopted_runs_sandbox_goes_with_its_last_process`: a `kz run --blind` sandbox adopted
+//!   after a SIGKILL is destroyed once its process ends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1212,3 +1212,244 @@ fn an_orderly_stop_answers_the_requests_in_flight_first() {
     assert!(answered < destroyed && drained < destroyed, "{records:?}");
     assert_eq!(records[drained]["connections_cut"], 0);
 }
+
+/// Reads a child's stdout line by line on a thread; the lines arrive on the channel.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines from `rx` until one satisfies `want` (returned with those before it), or panics
+/// after `secs`.
+fn until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    secs: u64,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                let hit = want(&v);
+                seen.push(v);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("{what}: none within {secs} s ({e:?}); lines so far: {seen:?}"),
+        }
+    }
+}
+
+/// `curl -N` on an event stream as `uid`:`gid`, its stdout piped.
+fn stream_as(socket: &Path, uid: u32, gid: u32, path: &str) -> Child {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .args(["--clear-groups", "--", "curl", "-sS", "-N", "-m", "120"])
+        .args(["-w", "\n{\"http_code\":%{http_code}}\n", "--unix-socket"])
+        .arg(socket)
+        .arg(format!("http://kz{path}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `GET /v1/sandboxes/{id}/events` streams the sandbox's records live to its owner: the
+/// requests and refusals of a process acting in it arrive while it acts; another user gets
+/// 403 and nothing, and its `/v1/events` carries nothing of the sandbox; the stream ends with
+/// `sandbox_destroyed` on DELETE.
+#[test]
+fn a_sandbox_streams_its_events_to_its_owner_only() {
+    if !support::require_root() {
+        return;
+    }
+    const USER_REAL: &str = "events-test-value-0c9d4e";
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let other_uid = agent.uid + 7919;
+    let pair = Pair::new("agec", "ageu");
+    pair.add_upstream_addr("10.77.0.10/24");
+    let ca = TestCa::new("kz agent events test CA");
+    let upstream = host(
+        &pair.upstream,
+        "10.77.0.10".parse().unwrap(),
+        &ca,
+        "api.ev.test",
+    );
+    let _dns = TestDns::start(
+        &pair.upstream,
+        "10.77.0.2:53".parse().unwrap(),
+        Zone::new(30).host("api.ev.test", &["10.77.0.10"]),
+    );
+    let root = support::agent_readable_dir("kzage");
+    let ca_pem = ca.write_pem(&root, "upstream-ca.pem");
+    let daemon = Daemon::start_with(
+        Some(&pair.client),
+        &group,
+        &[],
+        &["--upstream-ca".as_ref(), ca_pem.as_os_str()],
+    );
+    let (project, _state) = user_project(&root, "api.ev.test", USER_REAL, "10.77.0.2:53");
+    let me = Some((agent.uid, agent.gid));
+    let (code, sandbox) = daemon.api(
+        me,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "watched", "project_dir": project})),
+    );
+    assert_eq!(code, 201, "{sandbox}");
+    let id = sandbox["id"].as_u64().unwrap();
+    let token = sandbox["secrets"]["API_KEY"]["token"].as_str().unwrap();
+    let cgroup = sandbox["cgroup"].as_str().unwrap();
+    let sandbox_ca = root.join("sandbox-ca.pem");
+    std::fs::write(&sandbox_ca, sandbox["ca_cert_pem"].as_str().unwrap()).unwrap();
+
+    // The owner's stream, and another user's view of everything it may see.
+    let events = format!("/v1/sandboxes/{id}/events");
+    let mut owner = stream_as(&daemon.socket, agent.uid, agent.gid, &events);
+    let owner_rx = lines_of(&mut owner);
+    let mut others = stream_as(&daemon.socket, other_uid, agent.gid, "/v1/events");
+    let others_rx = lines_of(&mut others);
+    until(&owner_rx, 20, "the owner's subscription", |v| {
+        v["kind"] == "events_subscribed"
+    });
+    until(&others_rx, 20, "the other user's subscription", |v| {
+        v["kind"] == "events_subscribed"
+    });
+
+    // Another user asking for the sandbox's stream: 403, and no record.
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={other_uid}"))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", "curl", "-sS", "-N", "-m", "20"])
+        .args(["-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg(format!("http://kz{events}?since=256"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("403") && text.contains("\"forbidden\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sandbox_created") && !text.contains("events_subscribed"),
+        "{text}"
+    );
+
+    // A process in the sandbox acts: an HTTPS request with the token (swapped), and a connect
+    // to an address it never resolved (refused by the kernel).
+    let script = format!(
+        "curl -sS -m 20 --cacert '{}' https://api.ev.test/v1/echo -H 'Authorization: Bearer {token}' -o /dev/null -w 'status %{{http_code}}\\n'\n\
+         (exec 4<>/dev/tcp/10.77.0.99/80) 2>&1 && echo denied-address-connected\ntrue\n",
+        sandbox_ca.display()
+    );
+    let acting = in_sandbox(&pair.client, cgroup, &script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Live: the records come while the sandbox stands, as the process acts.
+    let seen = until(&owner_rx, 20, "the request's record", |v| {
+        v["kind"] == "proxy_request"
+    });
+    let request = seen.last().unwrap();
+    assert_eq!(request["sandbox_id"], id, "{request}");
+    assert_eq!(request["swapped"], json!(["API_KEY"]), "{request}");
+    let seen = until(&owner_rx, 20, "the refused connect's record", |v| {
+        v["kind"] == "connect_blocked"
+    });
+    assert_eq!(seen.last().unwrap()["sandbox_id"], id);
+    let out = acting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("status 200") && said.contains("Operation not permitted"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.header("authorization") == Some(&*format!("Bearer {USER_REAL}"))),
+        "the upstream never got the real value"
+    );
+
+    // The CLI prints the records kept so far (and exits without -f).
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", agent.uid))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+        .args(["sandbox", "events", &id.to_string(), "-n", "50", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("proxy_request") && printed.contains("connect_blocked"),
+        "{printed}"
+    );
+
+    // DELETE: the owner's stream ends by itself, its last record `sandbox_destroyed`.
+    let (code, _) = daemon.api(me, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(code, 200);
+    let seen = until(&owner_rx, 20, "the stream's end", |v| {
+        v["http_code"].is_number()
+    });
+    assert_eq!(seen.last().unwrap()["http_code"], 200);
+    let last = &seen[seen.len() - 2];
+    assert_eq!(
+        (last["kind"].as_str(), last["sandbox_id"].as_u64()),
+        (Some("sandbox_destroyed"), Some(id)),
+        "{seen:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while owner.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "curl did not exit after the end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The other user's /v1/events got nothing of the sandbox.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = others.kill();
+    let _ = others.wait();
+    let theirs: Vec<String> = others_rx.try_iter().collect();
+    assert!(
+        theirs.iter().all(|l| !l.contains(&id.to_string())
+            && !l.contains("proxy_request")
+            && !l.contains("connect_blocked")),
+        "another user saw the sandbox's records: {theirs:?}"
+    );
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    assert!(!log.contains(USER_REAL), "a real value in the audit log");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::auth::{Caller, may_manage};
+use super::events::{Events, Publishing};
 use super::secrets::{self, Project, SecretsError};
 use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
 use crate::proxy::{CertAuthority, TlsError, TokenTable};
@@ -195,6 +196,8 @@ pub struct Registry {
     node: Node,
     audit: Arc<dyn AuditSink>,
     sandboxes: Mutex<BTreeMap<u64, Entry>>,
+    /// The sandboxes' event feeds ([`super::events`]).
+    events: Events,
 }
 
 impl Registry {
@@ -203,11 +206,16 @@ impl Registry {
             node,
             audit,
             sandboxes: Mutex::new(BTreeMap::new()),
+            events: Events::new(),
         }
     }
 
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// Creates a sandbox for `caller` from its project directory.
@@ -260,9 +268,13 @@ impl Registry {
         let mut context = Fields::default();
         context.insert("sandbox", Value::from(cgroup_name.clone()));
         context.insert("owner_uid", Value::from(caller.uid));
+        let feed = self.events.open(caller.uid);
         let audit: Arc<dyn AuditSink> = Arc::new(WithContext {
             inner: Arc::new(Counting {
-                inner: self.audit.clone(),
+                inner: Arc::new(Publishing {
+                    inner: self.audit.clone(),
+                    feed: feed.clone(),
+                }),
                 counters: counters.clone(),
             }),
             context,
@@ -274,7 +286,7 @@ impl Registry {
             values: tokens.scrubber(),
         };
         let b = &config.blind;
-        let sandbox = self
+        let admitted = self
             .node
             .admit(SandboxSpec {
                 name: cgroup_name,
@@ -294,9 +306,17 @@ impl Registry {
                     .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
                 dns_ttl_floor: crate::sandbox::TTL_FLOOR,
             })
-            .await?;
+            .await;
+        let sandbox = match admitted {
+            Ok(s) => s,
+            Err(e) => {
+                feed.discard();
+                return Err(e.into());
+            }
+        };
         let Some(cgroup) = sandbox.cgroup().cloned() else {
             self.node.close(sandbox).await;
+            feed.discard();
             return Err(StateError::NoCgroup);
         };
         let info = SandboxInfo {
@@ -311,6 +331,7 @@ impl Registry {
             ca_cert_pem: ca.cert_pem().to_owned(),
             counters: counters.values(),
         };
+        feed.bind(info.id);
         self.record(
             AuditEvent::new("sandbox_created")
                 .with("sandbox_id", info.id)
@@ -398,16 +419,24 @@ impl Registry {
             }
             map.remove(&id).ok_or(StateError::NotFound(id))?
         };
-        let info = entry.info();
-        self.node.close(entry.sandbox).await;
-        self.record(
-            AuditEvent::new("sandbox_destroyed")
-                .with("sandbox_id", id)
-                .with("owner_uid", info.owner_uid)
-                .with("by_uid", caller.uid)
-                .with("requests", info.counters.requests)
-                .with("refused", info.counters.refused),
-        );
+        // The records the close causes (refusals still in the kernel's ring) reach the stream
+        // before its last line.
+        let Entry {
+            mut info,
+            counters,
+            sandbox,
+            ..
+        } = entry;
+        self.node.close(sandbox).await;
+        info.counters = counters.values();
+        let destroyed = AuditEvent::new("sandbox_destroyed")
+            .with("sandbox_id", id)
+            .with("owner_uid", info.owner_uid)
+            .with("by_uid", caller.uid)
+            .with("requests", info.counters.requests)
+            .with("refused", info.counters.refused);
+        self.events.close(id, &destroyed);
+        self.record(destroyed);
         Ok(info)
     }
 
@@ -417,16 +446,22 @@ impl Registry {
         for e in entries {
             let id = e.info.id;
             self.node.close(e.sandbox).await;
-            self.record(
-                AuditEvent::new("sandbox_destroyed")
-                    .with("sandbox_id", id)
-                    .with("reason", "daemon_stopping"),
-            );
+            let destroyed = AuditEvent::new("sandbox_destroyed")
+                .with("sandbox_id", id)
+                .with("reason", "daemon_stopping");
+            self.events.close(id, &destroyed);
+            self.record(destroyed);
         }
+        self.events.end_all();
         self.node.shutdown().await;
     }
 
+    /// Records one of the daemon's own records; one naming a sandbox (`sandbox_id`: runs
+    /// started, ended, refused) goes to that sandbox's event stream too.
     pub fn record(&self, event: AuditEvent) {
+        if let Some(id) = event.fields.get("sandbox_id").and_then(Value::as_u64) {
+            self.events.publish_to(id, &event);
+        }
         if let Err(e) = self.audit.record(event) {
             tracing::error!(error = %e, "audit record lost");
         }

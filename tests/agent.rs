@@ -83,6 +83,8 @@ impl Daemon {
             .args(["--socket-group", group, "--audit-log"])
             .arg(&audit)
             .args(args)
+            // Root's approvals (the gate of root's sandboxes) stay in the test's directory.
+            .env("KZ_STATE_DIR", dir.join("state"))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KZ_LOG", "warn")
             .stdin(Stdio::null())
@@ -622,11 +624,16 @@ fn users_manage_only_their_own_sandboxes() {
     assert_eq!(code, 201, "{root_box}");
     let root_id = root_box["id"].as_u64().unwrap();
     // The same name is the user's to take too: names are per owner.
+    // The user's approvals (the gate of its sandboxes) in a store of its own.
+    let user_state = projects.join("user-state");
+    std::fs::create_dir_all(&user_state).unwrap();
+    own(&user_state);
+    std::fs::set_permissions(&user_state, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (code, user_box) = daemon.api(
         me,
         "POST",
         "/v1/sandboxes",
-        Some(&json!({"name": "agent", "project_dir": user_dir})),
+        Some(&json!({"name": "agent", "project_dir": user_dir, "state_dir": user_state})),
     );
     assert_eq!(code, 201, "{user_box}");
     assert_eq!(user_box["owner_uid"], agent.uid);
@@ -676,7 +683,7 @@ fn users_manage_only_their_own_sandboxes() {
             me,
             "POST",
             "/v1/sandboxes",
-            Some(&json!({"name": "sneaky", "project_dir": dir})),
+            Some(&json!({"name": "sneaky", "project_dir": dir, "state_dir": user_state})),
         );
         assert_eq!(
             (code, v["error"]["code"].as_str()),
@@ -965,7 +972,7 @@ fn a_user_runs_blind_through_the_daemon() {
         me,
         "POST",
         "/v1/sandboxes",
-        Some(&json!({"name": "mine", "project_dir": project})),
+        Some(&json!({"name": "mine", "project_dir": project, "state_dir": state})),
     );
     assert_eq!(code, 201, "{sandbox}");
     let id = sandbox["id"].as_u64().unwrap();
@@ -1313,13 +1320,13 @@ fn a_sandbox_streams_its_events_to_its_owner_only() {
         &[],
         &["--upstream-ca".as_ref(), ca_pem.as_os_str()],
     );
-    let (project, _state) = user_project(&root, "api.ev.test", USER_REAL, "10.77.0.2:53");
+    let (project, state) = user_project(&root, "api.ev.test", USER_REAL, "10.77.0.2:53");
     let me = Some((agent.uid, agent.gid));
     let (code, sandbox) = daemon.api(
         me,
         "POST",
         "/v1/sandboxes",
-        Some(&json!({"name": "watched", "project_dir": project})),
+        Some(&json!({"name": "watched", "project_dir": project, "state_dir": state})),
     );
     assert_eq!(code, 201, "{sandbox}");
     let id = sandbox["id"].as_u64().unwrap();
@@ -1451,5 +1458,155 @@ fn a_sandbox_streams_its_events_to_its_owner_only() {
     );
     let log = std::fs::read_to_string(&daemon.audit).unwrap();
     assert!(!log.contains(USER_REAL), "a real value in the audit log");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Creates racing with one name (same owner): one sandbox, the others `409 name_taken`.
+#[test]
+fn racing_creates_of_one_name_give_one_sandbox() {
+    if !support::require_root() {
+        return;
+    }
+    let daemon = Daemon::start(None, "root", &[("KZ_TEST_REAL_0".into(), real(0))]);
+    let dir = support::agent_readable_dir("kzagn").join("p0");
+    sandbox_project(&dir, 0);
+    let body = json!({"name": "same", "project_dir": dir}).to_string();
+    let racers: Vec<Child> = (0..6)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sS", "-m", "60", "-w", "\n%{http_code}", "--unix-socket"])
+                .arg(&daemon.socket)
+                .args(["-H", "content-type: application/json", "-d", &body])
+                .arg("http://kz/v1/sandboxes")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let answers: Vec<String> = racers
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    let created = answers.iter().filter(|a| a.ends_with("\n201")).count();
+    let taken = answers
+        .iter()
+        .filter(|a| a.ends_with("\n409") && a.contains("\"name_taken\""))
+        .count();
+    assert_eq!((created, taken), (1, 5), "{answers:#?}");
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+/// `kz allow` as `uid`:`gid` (root: `None`) with `state` as its state directory.
+fn allow_as(user: Option<(u32, u32)>, project: &Path, state: &Path) -> Output {
+    let mut cmd = match user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kz")),
+    };
+    let out = cmd
+        .arg("--dir")
+        .arg(project)
+        .arg("allow")
+        .env("KZ_STATE_DIR", state)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kz allow: {out:?}");
+    out
+}
+
+/// The daemon runs `kz run --blind`'s approval gate with the owner's approvals: a project whose
+/// secret scopes changed since its owner approved it is refused (`403 not_approved`, the diff
+/// and `kz allow` in the message) until the owner approves it; root's approval does not count
+/// for a user's project.
+#[test]
+fn a_changed_config_is_refused_until_its_owner_approves_it() {
+    if !support::require_root() {
+        return;
+    }
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let daemon = Daemon::start(None, &group, &[("KZ_TEST_REAL_0".into(), real(0))]);
+    let root_state = daemon.dir.join("state");
+    let root = support::agent_readable_dir("kzaga");
+    let widen = |dir: &Path| {
+        let file = dir.join(".keyzero.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let wider = text.replacen("hosts = [\"", "hosts = [\"exfil.example\", \"", 1);
+        assert_ne!(text, wider);
+        std::fs::write(&file, wider).unwrap();
+    };
+    let create = |user: Option<(u32, u32)>, dir: &Path, state: Option<&Path>| {
+        let mut body = json!({"name": "gated", "project_dir": dir});
+        if let Some(s) = state {
+            body["state_dir"] = json!(s);
+        }
+        daemon.api(user, "POST", "/v1/sandboxes", Some(&body))
+    };
+    let refused = |(code, v): (u16, Value)| {
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (403, Some("not_approved")),
+            "{v}"
+        );
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("exfil.example") && message.contains("kz allow"),
+            "{message}"
+        );
+    };
+    let created = |(code, v): (u16, Value), user| {
+        assert_eq!(code, 201, "{v}");
+        let id = v["id"].as_u64().unwrap();
+        let (code, _) = daemon.api(user, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(code, 200);
+    };
+
+    // Root's project, root's approvals (the daemon's KZ_STATE_DIR).
+    let root_project = root.join("root-project");
+    sandbox_project(&root_project, 0);
+    created(create(None, &root_project, None), None);
+    widen(&root_project);
+    refused(create(None, &root_project, None));
+    allow_as(None, &root_project, &root_state);
+    created(create(None, &root_project, None), None);
+
+    // A user's project, the user's approvals.
+    let me = Some((agent.uid, agent.gid));
+    let (project, state) = user_project(&root, "api.test", "gate-test-value-5a1b", "127.0.0.1:53");
+    created(create(me, &project, Some(&state)), me);
+    widen(&project);
+    refused(create(me, &project, Some(&state)));
+    // Root approving the user's project changes nothing for the user.
+    allow_as(None, &project, &root_state);
+    refused(create(me, &project, Some(&state)));
+    allow_as(me, &project, &state);
+    created(create(me, &project, Some(&state)), me);
+
+    let records = daemon.audit();
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "api_refused" && r["reason"] == "not_approved")
+            .count()
+            >= 3,
+        "the refusals are audited"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "config_first_use" && r["owner_uid"] == agent.uid),
+        "the user's first use is audited"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

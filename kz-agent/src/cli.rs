@@ -240,6 +240,10 @@ pub struct ExportArgs {
     /// Shell-specific output (fish uses set -gx instead of export)
     #[arg(long, value_enum, conflicts_with = "format")]
     pub shell: Option<Shell>,
+    /// Run `kz run --blind`'s approval gate first (the node daemon resolves a user's sandbox
+    /// with it): refused → `{"refused": {...}}` on stdout and exit 77, nothing resolved.
+    #[arg(long, hide = true)]
+    pub approval_gate: bool,
 }
 
 #[derive(Debug, Clone, Args)]

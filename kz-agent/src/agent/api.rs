@@ -203,8 +203,18 @@ impl ApiError {
                 StateError::TooMany => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
                 StateError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
                 StateError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-                StateError::Secrets(S::Relative(_) | S::UpstreamCa(_) | S::NoSecrets(_)) => {
-                    (StatusCode::BAD_REQUEST, "bad_project")
+                StateError::Secrets(
+                    S::Relative(_) | S::RelativeStateDir(_) | S::UpstreamCa(_) | S::NoSecrets(_),
+                ) => (StatusCode::BAD_REQUEST, "bad_project"),
+                // The project's config changed since its owner last approved it.
+                StateError::Secrets(S::Approval { reason, .. })
+                    if reason == "config_changed" || reason == "config_agent_writable" =>
+                {
+                    (StatusCode::FORBIDDEN, "not_approved")
+                }
+                // The owner's approvals store cannot be used (unsafe, unwritable, corrupt).
+                StateError::Secrets(S::Approval { .. }) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "approvals_unusable")
                 }
                 StateError::Secrets(S::Config(_)) => (StatusCode::BAD_REQUEST, "bad_config"),
                 StateError::Secrets(_) => (StatusCode::UNPROCESSABLE_ENTITY, "resolution_failed"),

@@ -70,6 +70,10 @@ pub struct CreateRequest {
     /// An absolute path: the directory whose `.keyzero.toml` (or one of its parents') holds
     /// the sandbox's secrets and `[blind]` settings.
     pub project_dir: PathBuf,
+    /// The caller's kz state directory (its `KZ_STATE_DIR`): the approvals the project's
+    /// config is checked against ([`secrets`]). Default: the caller's usual one.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One secret of a sandbox as the API shows it.
@@ -196,8 +200,22 @@ pub struct Registry {
     node: Node,
     audit: Arc<dyn AuditSink>,
     sandboxes: Mutex<BTreeMap<u64, Entry>>,
+    /// Names (owner uid, name) of sandboxes being created.
+    reserved: Mutex<std::collections::BTreeSet<(u32, String)>>,
     /// The sandboxes' event feeds ([`super::events`]).
     events: Events,
+}
+
+/// A name held by a create in progress; given back when the create ends.
+struct Reservation<'a> {
+    registry: &'a Registry,
+    key: (u32, String),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.registry.reserved().remove(&self.key);
+    }
 }
 
 impl Registry {
@@ -206,6 +224,7 @@ impl Registry {
             node,
             audit,
             sandboxes: Mutex::new(BTreeMap::new()),
+            reserved: Mutex::new(std::collections::BTreeSet::new()),
             events: Events::new(),
         }
     }
@@ -233,21 +252,57 @@ impl Registry {
         }
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
         let cgroup_name = format!("u{}-{name}", caller.uid);
-        {
+        // The name is held from this check until the sandbox is in the map (or the create
+        // failed): two creates racing with one name get one sandbox and one `name_taken`,
+        // not a clash of cgroups.
+        let _held = {
             let map = self.lock();
-            let mine: Vec<&Entry> = map
+            let mut reserved = self.reserved();
+            let mine = map
                 .values()
                 .filter(|e| e.info.owner_uid == caller.uid)
-                .collect();
-            if mine.iter().any(|e| e.info.name == name) {
+                .count()
+                + reserved
+                    .iter()
+                    .filter(|(uid, _)| *uid == caller.uid)
+                    .count();
+            let key = (caller.uid, name.clone());
+            if reserved.contains(&key)
+                || map
+                    .values()
+                    .any(|e| e.info.owner_uid == caller.uid && e.info.name == name)
+            {
                 return Err(StateError::NameTaken(name));
             }
-            if !caller.admin && mine.len() >= MAX_PER_USER {
+            if !caller.admin && mine >= MAX_PER_USER {
                 return Err(StateError::TooMany);
             }
+            reserved.insert(key.clone());
+            Reservation {
+                registry: self,
+                key,
+            }
+        };
+        let Project {
+            config,
+            secrets,
+            first_use,
+        } = secrets::load(
+            &req.project_dir,
+            caller.uid,
+            caller.gid,
+            req.state_dir.as_deref(),
+        )
+        .await?;
+        if let Some(record) = &first_use {
+            self.record(
+                AuditEvent::new("config_first_use")
+                    .with("project", config.dir.display().to_string())
+                    .with("environment", config.environment.clone())
+                    .with("owner_uid", caller.uid)
+                    .with("record", record.display().to_string()),
+            );
         }
-        let Project { config, secrets } =
-            secrets::load(&req.project_dir, caller.uid, caller.gid).await?;
         let rules = blind::connection_rules(&config.blind)?;
         let credential_vars = crate::resolve::login_vars(&config);
         let hide_extra = crate::contain::resolver_files(&config);
@@ -469,6 +524,11 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.sandboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken after [`Registry::lock`] when both are held.
+    fn reserved(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(u32, String)>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

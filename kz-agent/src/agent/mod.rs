@@ -7,6 +7,8 @@
 //!   caller's privileges.
 //! - [`state`]: the sandboxes, their owners, tokens, counters and audit context.
 //! - [`api`]: the HTTP/1.1 JSON endpoints; [`client`]: the CLI's side of them.
+//! - [`events`]: a sandbox's audit records streamed live to its owner (bounded queues: a slow
+//!   reader loses records, counted, and never holds up the proxy).
 //! - [`runs`]: `POST /v1/runs`, a command started as the caller in a sandbox with the caller's
 //!   stdio and working directory; [`run_client`]: `kz run --blind`'s side of it; [`wire`]:
 //!   their protocol on the upgraded connection.
@@ -19,12 +21,13 @@
 //! its own session, and creating one costs a key pair (milliseconds). The daemon refuses to run
 //! without kernel interception: an explicit proxy cannot tell two sandboxes apart.
 //!
-//! Not built yet (issue 15): event streams, pod discovery.
+//! Not built yet (issue 15): pod discovery.
 
 pub mod adopt;
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod events;
 pub mod persist;
 pub mod run_client;
 pub mod runs;

@@ -88,6 +88,10 @@ pub struct Persisted {
     pub tokens: BTreeMap<String, String>,
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
+    /// The approvals store the owner named at creation: the gate runs against it again at
+    /// adoption (a config the agent changed during the gap is refused as at creation).
+    #[serde(default)]
+    pub approvals: Option<PathBuf>,
 }
 
 impl Persisted {
@@ -114,6 +118,7 @@ impl Persisted {
             tokens,
             ca_cert_pem: ca.cert_pem().to_owned(),
             ca_key_pem: ca.key_pem().to_string(),
+            approvals: None,
         }
     }
 }

@@ -1239,6 +1239,21 @@ fn an_orderly_stop_answers_the_requests_in_flight_first() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The agent's connection is made (redirected to the proxy): its processes leave the
+    // sandbox's cgroup, so the stop's destruction of the sandbox, which kills what is in it
+    // right after the drain, cannot race curl printing the answer it was given.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 path");
+    let own_procs = Path::new("/sys/fs/cgroup")
+        .join(own.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let procs = std::fs::read_to_string(Path::new(&cgroup).join("cgroup.procs")).unwrap();
+    for pid in procs.split_whitespace() {
+        std::fs::write(&own_procs, pid).unwrap();
+    }
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{stopped:?}");
     let out = agent.wait_with_output().unwrap();

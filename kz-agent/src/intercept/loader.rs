@@ -33,6 +33,10 @@ struct CgroupState {
     unix_keys: UnixKeys,
     links: Vec<PinnedLink>,
     link_ids: Vec<u32>,
+    /// A cgroup someone else made and owns (a Kubernetes pod's, [`Interceptor::adopt_cgroup`]):
+    /// its policy covers its subtree (`INHERIT`), and removal detaches and forgets it but
+    /// neither kills its processes nor removes the directory.
+    adopted: bool,
 }
 
 /// Kernel object ids of an interceptor, for checking what is left after it is dropped.
@@ -189,6 +193,48 @@ impl Interceptor {
             path: path.clone(),
             name: name.to_owned(),
         };
+        self.guard(cgroup, policy, false)
+    }
+
+    /// Guards a cgroup that exists already and is not kz's (a Kubernetes pod's, made by the
+    /// kubelet): writes `policy` for it, marked to cover its whole subtree (the pod's
+    /// containers are child cgroups the runtime makes, before or after this), and attaches the
+    /// programs (links pinned). [`Interceptor::remove_cgroup`] later detaches the programs and
+    /// removes the policy but leaves the directory and its processes alone: its owner manages
+    /// them. `name` only names it in kz's records.
+    pub fn adopt_cgroup(
+        &mut self,
+        path: &Path,
+        name: &str,
+        policy: &Policy,
+    ) -> Result<Cgroup, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        if !path.starts_with(&self.cgroup_root) || !path.join("cgroup.procs").is_file() {
+            return Err(InterceptError::NotACgroup(path.to_owned()));
+        }
+        let id = cgroups::cgroup_id(path)?;
+        if self.cgroups.contains_key(&id) {
+            return Err(InterceptError::AlreadyGuarded(path.to_owned()));
+        }
+        let cgroup = Cgroup {
+            id,
+            path: path.to_owned(),
+            name: name.to_owned(),
+        };
+        self.guard(cgroup, policy, true)
+    }
+
+    /// Policy, then programs, for a cgroup this instance now guards; undone on failure.
+    fn guard(
+        &mut self,
+        cgroup: Cgroup,
+        policy: &Policy,
+        adopted: bool,
+    ) -> Result<Cgroup, InterceptError> {
+        let id = cgroup.id;
+        let path = cgroup.path.clone();
         self.cgroups.insert(
             id,
             CgroupState {
@@ -197,6 +243,7 @@ impl Interceptor {
                 unix_keys: UnixKeys::default(),
                 links: Vec::new(),
                 link_ids: Vec::new(),
+                adopted,
             },
         );
         if let Ok(mut g) = self.guards.lock() {
@@ -211,6 +258,11 @@ impl Interceptor {
             return Err(e);
         }
         Ok(cgroup)
+    }
+
+    /// Whether the cgroup is one this instance guards but did not make ([`Self::adopt_cgroup`]).
+    pub fn adopted(&self, id: u64) -> bool {
+        self.cgroups.get(&id).is_some_and(|s| s.adopted)
     }
 
     fn attach(&mut self, id: u64, path: &Path) -> Result<(), InterceptError> {
@@ -312,6 +364,10 @@ impl Interceptor {
             .ok_or(InterceptError::UnknownCgroup(id))?;
         let old = state.policy.clone();
         let old_unix = state.unix_keys.clone();
+        let mut kernel = policy.kernel(self.slot.index);
+        if state.adopted {
+            kernel.flags |= kz_common::flags::INHERIT;
+        }
         if let (UnixSockets::Only(_), UnixGuard::Unavailable(why)) = (&policy.unix, &self.set.unix)
         {
             tracing::warn!(
@@ -349,7 +405,7 @@ impl Interceptor {
         self.set
             .maps
             .policy
-            .insert(id, policy.kernel(self.slot.index), 0)
+            .insert(id, kernel, 0)
             .map_err(map_err(mn::POLICY))?;
         for port in old.ports() {
             if !policy.ports().contains(port) {
@@ -488,13 +544,15 @@ impl Interceptor {
 
     /// Kills what is left in the cgroup, detaches and unpins its programs, drops its policy
     /// entries and removes the directory. If the cgroup cannot be emptied nothing is detached
-    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned.
+    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned. An adopted cgroup
+    /// ([`Self::adopt_cgroup`]) is only given back: programs detached, entries dropped, the
+    /// directory and its processes left to their owner (they hold masked tokens only).
     pub fn remove_cgroup(&mut self, id: u64) -> Result<(), InterceptError> {
         let state = self
             .cgroups
             .remove(&id)
             .ok_or(InterceptError::UnknownCgroup(id))?;
-        if !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
+        if !state.adopted && !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
             let path = state.cgroup.path.clone();
             self.cgroups.insert(id, state);
             return Err(InterceptError::CgroupBusy(path));
@@ -518,6 +576,9 @@ impl Interceptor {
         self.remove_unix_keys(&state.unix_keys, None);
         let others: Vec<u64> = self.cgroups.keys().copied().collect();
         self.set.maps.allowed.purge(id, &others);
+        if state.adopted {
+            return Ok(());
+        }
         cgroups::remove_tree(&state.cgroup.path)
     }
 }

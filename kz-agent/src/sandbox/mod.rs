@@ -64,6 +64,10 @@ pub enum SandboxError {
         "the sandbox asks for native IPv6 but the node's proxy does not listen on [::1]; start the node with ipv6"
     )]
     Ipv6NotOnNode,
+    #[error(
+        "a sandbox on an existing cgroup needs kernel interception (root, cgroup v2, BPF); `kz doctor` says what is missing"
+    )]
+    AdoptWithoutKernel,
 }
 
 /// What a node is started with.
@@ -108,6 +112,12 @@ pub struct SandboxSpec {
     /// How long a name's addresses stay allowed at least ([`TTL_FLOOR`]; see
     /// [`DnsConfig::ttl_floor`]).
     pub dns_ttl_floor: Duration,
+    /// Admit the sandbox on this cgroup, which exists and belongs to someone else (a
+    /// Kubernetes pod's, made by the kubelet), instead of a new one of kz's: the policy covers
+    /// its subtree (the pod's containers), and [`Node::close`] gives it back (programs
+    /// detached, policy gone) instead of killing its processes and removing it
+    /// ([`Interceptor::adopt_cgroup`]). Needs the kernel.
+    pub existing_cgroup: Option<PathBuf>,
 }
 
 /// The cgroup of a sandbox does not exist before its policy names its DNS port, so the
@@ -252,6 +262,9 @@ impl Node {
             s
         };
         let Some(kernel) = &self.kernel else {
+            if spec.existing_cgroup.is_some() {
+                return Err(SandboxError::AdoptWithoutKernel);
+            }
             self.proxy
                 .admit(session(EXPLICIT_SESSION))
                 .map_err(|_| SandboxError::OneWithoutKernel)?;
@@ -300,7 +313,10 @@ impl Node {
             listen: spec.listen,
             unix: spec.unix.clone(),
         };
-        let cgroup = lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?;
+        let cgroup = match &spec.existing_cgroup {
+            Some(path) => lock(&kernel.icpt).adopt_cgroup(path, &spec.name, &policy)?,
+            None => lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?,
+        };
         // The cell is fresh: set() cannot fail.
         let _ = cgroup_id.set(cgroup.id);
         if let Err(e) = self.proxy.admit(session(cgroup.id)) {

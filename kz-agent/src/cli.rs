@@ -105,6 +105,10 @@ pub struct AgentRunArgs {
     /// Let sandboxes use native IPv6 (the proxy listens on [::1] too).
     #[arg(long)]
     pub ipv6: bool,
+    /// Serve Kubernetes pods (`/v1/pods`): the YAML naming the cluster's token issuer and the
+    /// sandbox spec of each namespace and service account (docs/kubernetes.md).
+    #[arg(long, env = "KZ_AGENT_PODS", value_name = "FILE")]
+    pub pods: Option<PathBuf>,
 }
 
 /// How the CLI reaches the daemon.

@@ -8,6 +8,7 @@
 //! | `GET /v1/sandboxes/{id}`      | one of them                                       |
 //! | `DELETE /v1/sandboxes/{id}`   | destroy it (its processes are killed)             |
 //! | `POST /v1/runs`               | start a command as you in a sandbox ([`super::runs`]) |
+//! | `/v1/pods…`                   | Kubernetes pods ([`super::pods`])                 |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a matching status. Who asks is
 //! the connection's SO_PEERCRED ([`super::auth`]); every refusal is audited (`api_refused`).
@@ -38,6 +39,8 @@ pub struct Api {
     pub audit_log: std::path::PathBuf,
     /// The runs in progress ([`super::runs`]), aborted at shutdown before the sandboxes go.
     pub runs: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Kubernetes pods (`--pods FILE`); none: `/v1/pods` is refused.
+    pub pods: Option<super::pods::Pods>,
 }
 
 /// One request of `caller`, answered.
@@ -108,6 +111,8 @@ pub enum ApiError {
     State(#[from] StateError),
     #[error(transparent)]
     Exec(#[from] super::runs::ExecError),
+    #[error(transparent)]
+    Pod(#[from] super::pods::PodError),
 }
 
 impl ApiError {
@@ -120,6 +125,7 @@ impl ApiError {
             ApiError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::Exec(e) => e.status_code(),
+            ApiError::Pod(e) => e.status_code(),
             ApiError::State(e) => match e {
                 StateError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
                 StateError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
@@ -171,6 +177,7 @@ async fn route(
         (["v1", "sandboxes", id], &Method::DELETE) => {
             ok(to_json(&api.registry.remove(caller, parse_id(id)?).await?))
         }
+        (["v1", "pods", ..], _) => super::pods::route(api, caller, req).await,
         (["v1", "status"] | ["v1", "sandboxes"] | ["v1", "sandboxes", _] | ["v1", "runs"], _) => {
             Err(ApiError::Method(method, path))
         }

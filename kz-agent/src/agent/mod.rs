@@ -7,6 +7,9 @@
 //!   caller's privileges.
 //! - [`state`]: the sandboxes, their owners, tokens, counters and audit context.
 //! - [`api`]: the HTTP/1.1 JSON endpoints; [`client`]: the CLI's side of them.
+//! - [`pods`]: `/v1/pods`, Kubernetes pods registered by a node-side hook with their projected
+//!   service-account token, their own cgroup (found in the kubelet's layouts, [`kubepods`])
+//!   guarded with the sandbox the config names for their service account.
 //! - [`runs`]: `POST /v1/runs`, a command started as the caller in a sandbox with the caller's
 //!   stdio and working directory; [`run_client`]: `kz run --blind`'s side of it; [`wire`]:
 //!   their protocol on the upgraded connection.
@@ -22,6 +25,8 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod kubepods;
+pub mod pods;
 pub mod run_client;
 pub mod runs;
 pub mod secrets;
@@ -69,6 +74,8 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Pods(#[from] pods::PodsConfigError),
 }
 
 /// How the daemon is started (`kz agent run`'s flags as values).
@@ -82,6 +89,8 @@ pub struct AgentOptions {
     pub upstream_ca: Option<PathBuf>,
     /// The proxy listens on `[::1]` too, for sandboxes with `[blind] ipv6 = true`.
     pub ipv6: bool,
+    /// The pods config (YAML, [`pods::PodsConfig`]): serve `/v1/pods`.
+    pub pods: Option<PathBuf>,
 }
 
 /// Runs the daemon until `stop` resolves, then destroys every sandbox, stops the node and
@@ -89,6 +98,10 @@ pub struct AgentOptions {
 pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(), AgentError> {
     crate::tls::preload_system_roots();
     let icpt = crate::run::blind::kernel().map_err(AgentError::KernelRequired)?;
+    let pods = match &opts.pods {
+        Some(path) => Some(pods::Pods::load(path, icpt.cgroup_root())?),
+        None => None,
+    };
     let audit = crate::run::blind::open_audit(&opts.audit_log)?;
     let node = Node::start(NodeOptions {
         kernel: Some(icpt),
@@ -112,6 +125,7 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
         socket: opts.socket.clone(),
         audit_log: opts.audit_log.clone(),
         runs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+        pods,
     });
     record(
         &*audit,

@@ -216,6 +216,17 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
     ) -> Result<SandboxInfo, StateError> {
+        self.create_in(caller, req, None).await
+    }
+
+    /// [`Registry::create`], on the existing cgroup `on` when given (a Kubernetes pod's, see
+    /// [`super::pods`]) instead of a new one ([`SandboxSpec::existing_cgroup`]).
+    pub async fn create_in(
+        &self,
+        caller: &Caller,
+        req: CreateRequest,
+        on: Option<&std::path::Path>,
+    ) -> Result<SandboxInfo, StateError> {
         let name = match req.name {
             Some(n) => n,
             None => format!("sandbox-{}", hex::encode(rand::random::<[u8; 4]>())),
@@ -293,6 +304,7 @@ impl Registry {
                     .max_allowed_ips
                     .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
                 dns_ttl_floor: crate::sandbox::TTL_FLOOR,
+                existing_cgroup: on.map(std::path::Path::to_owned),
             })
             .await?;
         let Some(cgroup) = sandbox.cgroup().cloned() else {

@@ -46,6 +46,7 @@ async fn run(args: AgentRunArgs) -> Result<(), agent::AgentError> {
         audit_log: args.audit_log,
         upstream_ca: args.upstream_ca,
         ipv6: args.ipv6,
+        pods: args.pods,
     };
     agent::run(opts, super::signals::shutdown()).await
 }

@@ -153,13 +153,14 @@ pub fn locate(root: &Path, uid: &str) -> Result<PodCgroup, KubepodsError> {
 /// Reads a cgroup path relative to the kubelet root: the pod (and container) it belongs to,
 /// `None` for anything that is not at or below a pod's cgroup.
 pub fn parse(rel: &Path) -> Option<Parsed> {
+    // Plain names only: `..` or a root would make the path mean another place.
     let parts: Vec<&str> = rel
         .components()
-        .filter_map(|c| match c {
+        .map(|c| match c {
             std::path::Component::Normal(s) => s.to_str(),
             _ => None,
         })
-        .collect();
+        .collect::<Option<_>>()?;
     let (top, rest) = parts.split_first()?;
     let (driver, qos, pod, below) = match *top {
         "kubepods.slice" => {

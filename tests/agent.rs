@@ -19,6 +19,12 @@
 //!   process in the first user's sandbox.
 //! - `killing_the_client_kills_the_child_and_its_sandbox`: SIGKILL to `kz run` ends its child
 //!   and removes its sandbox.
+//! - `pods_are_guarded_in_their_own_cgroups`: Kubernetes pods in a kubelet-like cgroup tree
+//!   (systemd and cgroupfs layouts, two QoS classes) registered with projected-SA-style JWTs
+//!   whose JWKS an upstream serves: a container cgroup made after registration gets the pod's
+//!   sandbox (HTTPS swap, unlisted address refused), pods stay apart, an unregistered sibling
+//!   is untouched, bad tokens, pods off the node and pods with their own netns are refused,
+//!   removal leaves the kubelet's cgroup in place.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -25,6 +25,12 @@
 //!   sandbox (HTTPS swap, unlisted address refused), pods stay apart, an unregistered sibling
 //!   is untouched, bad tokens, pods off the node and pods with their own netns are refused,
 //!   removal leaves the kubelet's cgroup in place.
+//! - `an_orderly_stop_answers_the_requests_in_flight_first`: SIGTERM drains the proxy first.
+//! - `a_killed_daemons_sandboxes_are_adopted_by_the_next`: restart without a gap: SIGKILL leaves
+//!   the sandboxes cut off, the next daemon adopts them (same processes, tokens and CA); an
+//!   unresolvable secret is adopted unswappable, an emptied sandbox dropped.
+//! - `an_adopted_runs_sandbox_goes_with_its_last_process`: a `kz run --blind` sandbox adopted
+//!   after a SIGKILL is destroyed once its process ends.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,6 +66,8 @@ struct Daemon {
     child: Option<Child>,
     socket: PathBuf,
     audit: PathBuf,
+    /// Its `--state-dir` (one per daemon: parallel tests never share one).
+    state: PathBuf,
     dir: PathBuf,
 }
 
@@ -78,33 +86,66 @@ impl Daemon {
         args: &[&std::ffi::OsStr],
     ) -> Daemon {
         let dir = support::agent_readable_dir("kzag");
-        let socket = dir.join("run/agent.sock");
-        let audit = dir.join("audit.jsonl");
+        let mut d = Daemon {
+            child: None,
+            socket: dir.join("run/agent.sock"),
+            audit: dir.join("audit.jsonl"),
+            state: dir.join("state"),
+            dir,
+        };
+        d.spawn(ns, group, env, args);
+        d
+    }
+
+    /// Starts the daemon again with the same socket, audit log and state directory (after
+    /// the last one was stopped or killed).
+    fn restart(
+        &mut self,
+        ns: Option<&Netns>,
+        group: &str,
+        env: &[(String, String)],
+        args: &[&std::ffi::OsStr],
+    ) {
+        assert!(self.child.is_none(), "the daemon still runs");
+        self.spawn(ns, group, env, args);
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn spawn(
+        &mut self,
+        ns: Option<&Netns>,
+        group: &str,
+        env: &[(String, String)],
+        args: &[&std::ffi::OsStr],
+    ) {
         let mut cmd = match ns {
             Some(ns) => ns.command(env!("CARGO_BIN_EXE_kz")),
             None => Command::new(env!("CARGO_BIN_EXE_kz")),
         };
         cmd.args(["agent", "run", "--socket"])
-            .arg(&socket)
+            .arg(&self.socket)
             .args(["--socket-group", group, "--audit-log"])
-            .arg(&audit)
+            .arg(&self.audit)
+            .arg("--state-dir")
+            .arg(&self.state)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KZ_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            audit,
-            dir,
-        };
+        self.child = Some(cmd.spawn().unwrap());
+        let d = self;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if d.socket.exists() && std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
-                return d;
+                return;
             }
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 let out = d.child.take().unwrap().wait_with_output().unwrap();
@@ -1687,4 +1728,446 @@ pods:
     assert!(!log.contains(REAL_A) && !log.contains(REAL_B));
     drop(unlisted);
     drop(jwks);
+}
+
+/// One long-lived shell in a sandbox, driven line by line: the "agent" that must outlive a
+/// daemon's death without being restarted.
+struct Agent {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Agent {
+    /// A shell moved into `cgroup` holding `token` in its environment; `k` names its upstream.
+    fn start(ns: &Netns, cgroup: &str, k: usize, token: &str, ca: &Path) -> Agent {
+        let ip = upstream_ip(k);
+        let script = format!(
+            r#"export API_KEY='{token}'
+while read -r what; do
+  case "$what" in
+    pid) echo "pid $$ $API_KEY" ;;
+    https) curl -sS -m 10 --cacert '{ca}' -o /dev/null -w 'https %{{http_code}}\n' -H "Authorization: Bearer $API_KEY" https://up{k}.test/adopted 2>&1 || echo "https failed" ;;
+    tcp) if timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/443' 2>/dev/null; then echo tcp-connected; else echo tcp-failed; fi ;;
+    dns) if [ -n "$(dig +short +time=2 +tries=1 up{k}.test 2>/dev/null | grep -E '^[0-9.]+$')" ]; then echo dns-ok; else echo dns-failed; fi ;;
+  esac
+  echo end
+done"#,
+            ca = ca.display()
+        );
+        let mut child = in_sandbox(ns, cgroup, &script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Agent { child, stdin, out }
+    }
+
+    /// Runs one command of the shell's loop; its output lines.
+    fn ask(&mut self, what: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{what}").unwrap();
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            assert_ne!(
+                self.out.read_line(&mut line).unwrap(),
+                0,
+                "the agent's shell ended: {text}"
+            );
+            if line.trim() == "end" {
+                return text;
+            }
+            text.push_str(&line);
+        }
+    }
+}
+
+/// The entries keyed by `id` in the policy and allowed-IP maps of this build's program set.
+fn map_entries_of(id: u64) -> (usize, usize) {
+    use aya::maps::{HashMap, Map, MapData};
+    use kz_common::map_names as mn;
+    let set = Path::new("/sys/fs/bpf/kz").join(kz_agent::intercept::shared::set_name(false));
+    let open = |name: &str| {
+        Map::from_map_data(MapData::from_pin(set.join("maps").join(name)).unwrap()).unwrap()
+    };
+    let policy: HashMap<_, u64, kz_common::CgroupPolicy> =
+        HashMap::try_from(open(mn::POLICY)).unwrap();
+    let allowed: HashMap<_, kz_common::IpKey, u64> =
+        HashMap::try_from(open(mn::ALLOWED_IPS)).unwrap();
+    (
+        policy
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| *k == id)
+            .count(),
+        allowed
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.cgroup_id == id)
+            .count(),
+    )
+}
+
+/// Link pins of cgroup `id` under the daemon's pin directory (named as its cgroup directory).
+fn links_of(cgroup_dir: &Path, id: u64) -> Vec<String> {
+    let pins = Path::new("/sys/fs/bpf/kz")
+        .join(cgroup_dir.file_name().unwrap())
+        .join("links");
+    std::fs::read_dir(pins)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{id}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Restart without a gap: a daemon killed with SIGKILL leaves its sandboxes cut off (their agents
+/// reach nothing: no TCP, no DNS), and the next daemon started on the same state directory
+/// adopts them: the same shells, never restarted, holding the same masked tokens, get their real
+/// values swapped upstream again over HTTPS verified with the same CA; the API lists them with
+/// the same ids, owners and names; DELETE and the orderly stop leave no cgroup, link, map entry
+/// or state file behind. Sandbox 2's secret no longer resolves at the restart: adopted with its
+/// token unswappable. Sandbox 3's agent exits while no daemon runs: dropped, nothing left.
+#[test]
+fn a_killed_daemons_sandboxes_are_adopted_by_the_next() {
+    if !support::require_root() {
+        return;
+    }
+    const K: usize = 4;
+    let pair = Pair::new("aga", "agb");
+    for k in 0..K {
+        pair.add_upstream_addr(&format!("{}/24", upstream_ip(k)));
+    }
+    let ca = TestCa::new("kz agent adoption test CA");
+    let upstreams: Vec<Upstream> = (0..K)
+        .map(|k| {
+            host(
+                &pair.upstream,
+                upstream_ip(k).parse().unwrap(),
+                &ca,
+                &format!("up{k}.test"),
+            )
+        })
+        .collect();
+    let mut zone = Zone::new(30);
+    for k in 0..K {
+        zone = zone.host(&format!("up{k}.test"), &[&upstream_ip(k)]);
+    }
+    let _dns = TestDns::start(&pair.upstream, "10.77.0.2:53".parse().unwrap(), zone);
+    let root = support::agent_readable_dir("kzaga");
+    let ca_pem = ca.write_pem(&root, "upstream-ca.pem");
+    let env: Vec<(String, String)> = (0..K)
+        .map(|k| (format!("KZ_TEST_REAL_{k}"), real(k)))
+        .collect();
+    let args = ["--upstream-ca".as_ref(), ca_pem.as_os_str()];
+    let mut daemon = Daemon::start_with(Some(&pair.client), "root", &env, &args);
+    let (_, status) = daemon.api(None, "GET", "/v1/status", None);
+    let cgroup_dir = PathBuf::from(status["cgroup_dir"].as_str().unwrap());
+
+    let mut boxes = Vec::new();
+    let mut agents = Vec::new();
+    for k in 0..K {
+        let dir = root.join(format!("p{k}"));
+        sandbox_project(&dir, k);
+        let (code, v) = daemon.api(
+            None,
+            "POST",
+            "/v1/sandboxes",
+            Some(&json!({"name": format!("keep{k}"), "project_dir": dir})),
+        );
+        assert_eq!(code, 201, "{v}");
+        let ca_file = root.join(format!("sandbox-ca-{k}.pem"));
+        std::fs::write(&ca_file, v["ca_cert_pem"].as_str().unwrap()).unwrap();
+        let token = v["secrets"]["API_KEY"]["token"].as_str().unwrap();
+        agents.push(Agent::start(
+            &pair.client,
+            v["cgroup"].as_str().unwrap(),
+            k,
+            token,
+            &ca_file,
+        ));
+        boxes.push(v);
+    }
+    // The state is root's: 0700 directories, 0600 files, no real value in them.
+    let files = daemon.state.join("sandboxes");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&daemon.state), mode(&files)), (0o700, 0o700));
+    for b in &boxes {
+        let file = files.join(format!("{}.json", b["id"]));
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+        let text = std::fs::read_to_string(&file).unwrap();
+        for k in 0..K {
+            assert!(!text.contains(&real(k)), "a real value on disk: {text}");
+        }
+        assert!(text.contains(b["secrets"]["API_KEY"]["token"].as_str().unwrap()));
+    }
+    let pids: Vec<String> = agents.iter_mut().map(|a| a.ask("pid")).collect();
+    for (k, a) in agents.iter_mut().enumerate() {
+        assert_eq!(a.ask("https"), "https 200\n", "sandbox {k} before the kill");
+        assert_eq!(
+            upstreams[k].last().header("authorization"),
+            Some(&*format!("Bearer {}", real(k)))
+        );
+    }
+
+    // SIGKILL: the sandboxes stay, cut off. Their agents reach nothing.
+    daemon.kill();
+    let seen_before: Vec<usize> = upstreams.iter().map(|u| u.seen().len()).collect();
+    for (k, a) in agents.iter_mut().enumerate() {
+        let cgroup = boxes[k]["cgroup"].as_str().unwrap();
+        assert!(Path::new(cgroup).is_dir(), "sandbox {k}'s cgroup went");
+        assert_eq!(a.ask("tcp"), "tcp-failed\n", "sandbox {k} with no daemon");
+        assert_eq!(a.ask("dns"), "dns-failed\n", "sandbox {k} with no daemon");
+        let https = a.ask("https");
+        assert!(
+            !https.contains("https 200"),
+            "sandbox {k} with no daemon: {https}"
+        );
+    }
+    let seen_after: Vec<usize> = upstreams.iter().map(|u| u.seen().len()).collect();
+    assert_eq!(
+        seen_before, seen_after,
+        "an upstream was reached with no daemon"
+    );
+
+    // Sandbox 3's agent ends while no daemon runs; sandbox 2's value is gone from the next
+    // daemon's environment.
+    let mut gone = agents.pop().unwrap().child;
+    gone.kill().unwrap();
+    gone.wait().unwrap();
+    let id3 = boxes[3]["id"].as_u64().unwrap();
+    let cgroup3 = PathBuf::from(boxes[3]["cgroup"].as_str().unwrap());
+    let env_after: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "KZ_TEST_REAL_2")
+        .cloned()
+        .collect();
+
+    // The next daemon adopts them.
+    daemon.restart(Some(&pair.client), "root", &env_after, &args);
+    let (code, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(code, 200);
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), K - 1, "{listed:?}");
+    assert!(
+        !cgroup3.exists(),
+        "the emptied sandbox's cgroup was not removed"
+    );
+    assert_eq!(links_of(&cgroup_dir, id3), Vec::<String>::new());
+    assert_eq!(map_entries_of(id3), (0, 0));
+    assert!(!files.join(format!("{id3}.json")).exists());
+    for b in &boxes[..K - 1] {
+        let l = listed
+            .iter()
+            .find(|l| l["id"] == b["id"])
+            .unwrap_or_else(|| panic!("sandbox {} not adopted: {listed:?}", b["id"]));
+        for field in [
+            "name",
+            "owner_uid",
+            "cgroup",
+            "project_dir",
+            "created",
+            "ca_cert_pem",
+        ] {
+            assert_eq!(l[field], b[field], "{field}");
+        }
+        assert_eq!(
+            l["secrets"]["API_KEY"]["token"],
+            b["secrets"]["API_KEY"]["token"]
+        );
+        let unresolved = l["secrets"]["API_KEY"].get("unresolved");
+        if b["name"] == "keep2" {
+            assert_eq!(unresolved, Some(&json!(true)), "{l}");
+        } else {
+            assert!(unresolved.is_none(), "{l}");
+        }
+        assert_ne!(l["dns"], b["dns"], "a resolver of the new daemon's");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kz"))
+        .args(["sandbox", "ls", "--json", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let via_cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(via_cli.as_array().unwrap().len(), K - 1, "{via_cli}");
+    for (k, a) in agents.iter_mut().enumerate() {
+        assert_eq!(
+            a.ask("pid"),
+            pids[k],
+            "sandbox {k}'s agent is the same process"
+        );
+        assert_eq!(a.ask("dns"), "dns-ok\n", "sandbox {k} after adoption");
+        assert_eq!(a.ask("https"), "https 200\n", "sandbox {k} after adoption");
+        let last = upstreams[k].last();
+        assert_eq!(last.path, "/adopted");
+        // Sandbox 2's token is not swapped: its secret did not resolve this time.
+        let expected = match k {
+            2 => boxes[k]["secrets"]["API_KEY"]["token"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            _ => real(k),
+        };
+        assert_eq!(
+            last.header("authorization"),
+            Some(&*format!("Bearer {expected}")),
+            "sandbox {k}'s masked token after adoption"
+        );
+    }
+    let records = daemon.audit();
+    for b in &boxes[..K - 1] {
+        let r = records
+            .iter()
+            .find(|r| r["kind"] == "sandbox_adopted" && r["sandbox_id"] == b["id"])
+            .unwrap_or_else(|| panic!("no sandbox_adopted for {}", b["id"]));
+        let unswappable = match b["name"].as_str() {
+            Some("keep2") => json!(["API_KEY"]),
+            _ => json!([]),
+        };
+        assert_eq!(r["unswappable"], unswappable, "{r}");
+    }
+    assert!(
+        records.iter().any(|r| r["kind"] == "sandbox_dropped"
+            && r["sandbox_id"] == id3
+            && r["reason"] == "empty"),
+        "no sandbox_dropped for the emptied sandbox"
+    );
+
+    // DELETE of an adopted sandbox leaves nothing of it.
+    let id0 = boxes[0]["id"].as_u64().unwrap();
+    let cgroup0 = PathBuf::from(boxes[0]["cgroup"].as_str().unwrap());
+    let links = links_of(&cgroup_dir, id0);
+    assert!(links.len() >= 12, "its links while adopted: {links:?}");
+    assert_eq!(map_entries_of(id0).0, 1, "its policy while adopted");
+    let (code, v) = daemon.api(None, "DELETE", &format!("/v1/sandboxes/{id0}"), None);
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        !cgroup0.exists(),
+        "the adopted sandbox's cgroup outlived DELETE"
+    );
+    assert_eq!(links_of(&cgroup_dir, id0), Vec::<String>::new());
+    assert_eq!(map_entries_of(id0), (0, 0), "map entries left by DELETE");
+    assert!(!files.join(format!("{id0}.json")).exists());
+    assert!(agents[0].child.wait().is_ok());
+
+    // The orderly stop destroys the others and their state.
+    let out = daemon.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!cgroup_dir.exists(), "cgroups left after the orderly stop");
+    for b in &boxes[1..K - 1] {
+        let id = b["id"].as_u64().unwrap();
+        assert_eq!(links_of(&cgroup_dir, id), Vec::<String>::new());
+        assert_eq!(
+            map_entries_of(id),
+            (0, 0),
+            "map entries after the orderly stop"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&files).unwrap().count(),
+        0,
+        "state files left after the orderly stop"
+    );
+    for a in &mut agents[1..] {
+        assert!(a.child.wait().is_ok());
+    }
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    for k in 0..K {
+        assert!(!log.contains(&real(k)), "a real value in the audit log");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A sandbox a `kz run --blind` command made through the daemon is adopted with its process
+/// after a SIGKILL (the command's client lost its connection with the old daemon), and the new
+/// daemon destroys it once that process has ended.
+#[test]
+fn an_adopted_runs_sandbox_goes_with_its_last_process() {
+    if !support::require_root() {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let mut daemon = Daemon::start(None, &group, &[]);
+    let root = support::agent_readable_dir("kzagw");
+    let (project, state) =
+        user_project(&root, "api.test", "run-adopt-value-2b7c0e", "127.0.0.1:53");
+    let mut client = kz_run_as_user(
+        &daemon.socket,
+        &project,
+        &state,
+        &["bash", "-c", "echo ready; read -r line; echo \"got $line\""],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut to_child = client.stdin.take().unwrap();
+    let mut from_child = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut first = String::new();
+    from_child.read_line(&mut first).unwrap();
+    assert_eq!(first.trim(), "ready");
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    let id = listed[0]["id"].as_u64().unwrap();
+    let cgroup = PathBuf::from(listed[0]["cgroup"].as_str().unwrap());
+
+    daemon.kill();
+    let _ = client.wait();
+    daemon.restart(None, &group, &[], &[]);
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(
+        listed[0]["id"], id,
+        "the run's sandbox is adopted: {listed}"
+    );
+    assert!(
+        daemon
+            .audit()
+            .iter()
+            .any(|r| r["kind"] == "sandbox_adopted" && r["sandbox_id"] == id && r["run"] == true),
+        "no sandbox_adopted for the run's sandbox"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "gone while its process ran"
+    );
+
+    // The process ends: its sandbox goes.
+    writeln!(to_child, "bye").unwrap();
+    let mut last = String::new();
+    from_child.read_line(&mut last).unwrap();
+    assert_eq!(last.trim(), "got bye");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+        if listed == json!([]) && !cgroup.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after its process ended the adopted run's sandbox is still there: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!daemon.state.join(format!("sandboxes/{id}.json")).exists());
+    let out = daemon.stop();
+    assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(&root);
 }

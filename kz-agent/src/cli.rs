@@ -109,6 +109,10 @@ pub struct AgentRunArgs {
     /// sandbox spec of each namespace and service account (docs/kubernetes.md).
     #[arg(long, env = "KZ_AGENT_PODS", value_name = "FILE")]
     pub pods: Option<PathBuf>,
+    /// Keep each sandbox's state (no real value) in DIR (root's, 0700), so that a daemon
+    /// started after this one was killed adopts its sandboxes.
+    #[arg(long, env = "KZ_AGENT_STATE_DIR", value_name = "DIR", default_value = crate::agent::persist::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 /// How the CLI reaches the daemon.

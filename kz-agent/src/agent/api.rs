@@ -140,9 +140,10 @@ impl ApiError {
                 StateError::Blind(_) | StateError::Resolver(_) => {
                     (StatusCode::BAD_REQUEST, "bad_config")
                 }
-                StateError::Ca(_) | StateError::Sandbox(_) | StateError::NoCgroup => {
-                    (StatusCode::INTERNAL_SERVER_ERROR, "admission_failed")
-                }
+                StateError::Ca(_)
+                | StateError::Sandbox(_)
+                | StateError::NoCgroup
+                | StateError::Persist(_) => (StatusCode::INTERNAL_SERVER_ERROR, "admission_failed"),
             },
         }
     }

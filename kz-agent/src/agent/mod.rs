@@ -13,19 +13,23 @@
 //! - [`runs`]: `POST /v1/runs`, a command started as the caller in a sandbox with the caller's
 //!   stdio and working directory; [`run_client`]: `kz run --blind`'s side of it; [`wire`]:
 //!   their protocol on the upgraded connection.
+//! - [`persist`]: each sandbox's state on disk (no real value), and [`adopt`]: a daemon started
+//!   after another was killed adopts the sandboxes it left, so they are served again without
+//!   being restarted.
 //!
 //! Per sandbox: its own DNS resolver, cgroup and policy, proxy session (token table, rules) and
 //! CA. The CA is per sandbox, not per node: a sandbox's agent trusts only the leaves minted for
 //! its own session, and creating one costs a key pair (milliseconds). The daemon refuses to run
 //! without kernel interception: an explicit proxy cannot tell two sandboxes apart.
 //!
-//! Not built yet (issue 15): event streams, adoption of live sandboxes after a restart,
-//! per-sandbox Prometheus metrics, systemd and Kubernetes deployment.
+//! Not built yet (issue 15): event streams, pod discovery.
 
+pub mod adopt;
 pub mod api;
 pub mod auth;
 pub mod client;
 pub mod kubepods;
+pub mod persist;
 pub mod pods;
 pub mod run_client;
 pub mod runs;
@@ -76,6 +80,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Pods(#[from] pods::PodsConfigError),
+    #[error("{0}")]
+    State(#[from] persist::PersistError),
 }
 
 /// How the daemon is started (`kz agent run`'s flags as values).
@@ -91,13 +97,25 @@ pub struct AgentOptions {
     pub ipv6: bool,
     /// The pods config (YAML, [`pods::PodsConfig`]): serve `/v1/pods`.
     pub pods: Option<PathBuf>,
+    /// Where each sandbox's state is kept for a restarted daemon ([`persist`]; root's, 0700).
+    pub state_dir: PathBuf,
 }
 
 /// Runs the daemon until `stop` resolves, then destroys every sandbox, stops the node and
 /// removes the socket.
 pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(), AgentError> {
     crate::tls::preload_system_roots();
-    let icpt = crate::run::blind::kernel().map_err(AgentError::KernelRequired)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AgentError::KernelRequired(
+            "kz is not running as root (kernel interception needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)".into(),
+        ));
+    }
+    // A second daemon on a live socket stops here, before it touches any state.
+    refuse_live_socket(&opts.socket)?;
+    let state = persist::StateDir::open(&opts.state_dir)?;
+    let icpt = crate::intercept::Scope::detect()
+        .and_then(|scope| crate::intercept::Interceptor::load_held(&scope, &state.held_name()))
+        .map_err(|e| AgentError::KernelRequired(e.to_string()))?;
     let pods = match &opts.pods {
         Some(path) => Some(pods::Pods::load(path, icpt.cgroup_root())?),
         None => None,
@@ -120,7 +138,7 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
         }
     };
     let api = Arc::new(api::Api {
-        registry: state::Registry::new(node, audit.clone()),
+        registry: state::Registry::new(node, audit.clone()).persisting(state),
         started: Instant::now(),
         socket: opts.socket.clone(),
         audit_log: opts.audit_log.clone(),
@@ -133,6 +151,16 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
             .with("pid", std::process::id())
             .with("socket", opts.socket.display().to_string()),
     );
+    // The sandboxes a killed daemon left are served again before the first request is.
+    for a in adopt::adopt_all(&api.registry).await {
+        if a.for_run {
+            let watcher = adopt::watch_run(api.clone(), a.id, a.cgroup);
+            api.runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .spawn(watcher);
+        }
+    }
     eprintln!("kz agent: serving {}", opts.socket.display());
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(stop);
@@ -204,6 +232,21 @@ fn record(audit: &dyn AuditSink, event: AuditEvent) {
     }
 }
 
+/// Refuses a `path` that is not a socket, or one a daemon answers on.
+fn refuse_live_socket(path: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(AgentError::NotASocket(path.to_owned()));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::AlreadyRunning(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// The API socket at `path`: its directory made (0755) if missing, a stale socket of a dead
 /// daemon replaced, created 0600 and then opened to `group` (0660) when that group exists.
 fn bind(path: &Path, group: &str) -> Result<UnixListener, AgentError> {
@@ -217,14 +260,8 @@ fn bind(path: &Path, group: &str) -> Result<UnixListener, AgentError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(AgentError::NotASocket(path.to_owned()));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(AgentError::AlreadyRunning(path.to_owned()));
-        }
+    if std::fs::symlink_metadata(path).is_ok() {
+        refuse_live_socket(path)?;
         std::fs::remove_file(path).map_err(io)?;
     }
     // The socket is born 0600: no moment in which anyone else could connect.

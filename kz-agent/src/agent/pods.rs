@@ -21,7 +21,7 @@
 //!
 //! The sandbox is the daemon's (owner uid 0): its secrets come from the spec's project
 //! directory, which the daemon's config (root's) names, resolved as root. Its cgroup is the
-//! pod's, adopted ([`crate::sandbox::SandboxSpec::existing_cgroup`]): the policy covers the
+//! pod's, guarded in place ([`crate::sandbox::SandboxSpec::existing_cgroup`]): the policy covers the
 //! pod's containers (child cgroups, also those made later), and removal leaves the cgroup and
 //! its processes to the kubelet.
 
@@ -474,7 +474,7 @@ async fn unregister(
         .remove(uid)
         .ok_or_else(|| PodError::NotRegistered(clean(uid)))?;
     // The registry detaches the programs and drops the policy; the cgroup and its processes
-    // stay (the sandbox was admitted on an adopted cgroup).
+    // stay (the sandbox was admitted on an existing cgroup).
     let sandbox = api
         .registry
         .remove(

@@ -172,7 +172,7 @@ pub async fn start(
                 .unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
             let created = api
                 .registry
-                .create(
+                .create_for_run(
                     &caller,
                     CreateRequest {
                         name: Some(name),

@@ -16,14 +16,17 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::auth::{Caller, may_manage};
+use super::persist::{PersistError, Persisted, StateDir};
 use super::secrets::{self, Project, SecretsError};
 use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
+use crate::config::Config;
 use crate::proxy::{CertAuthority, TlsError, TokenTable};
+use crate::run::MaskedSecret;
 use crate::run::blind::{self, BlindError};
 use crate::sandbox::{Node, Sandbox, SandboxError, SandboxSpec};
 
 /// The leaf certificates a sandbox's CA keeps (as `kz run --blind`).
-const LEAF_CACHE: usize = 1024;
+pub(super) const LEAF_CACHE: usize = 1024;
 /// Sandboxes one user (not root or kz-admin) may hold at once: each costs a resolver, a
 /// cgroup and a session, and the socket is open to a whole group.
 pub const MAX_PER_USER: usize = 64;
@@ -58,6 +61,8 @@ pub enum StateError {
     Resolver(String),
     #[error("the node has no cgroup for the sandbox (kernel interception is off)")]
     NoCgroup,
+    #[error("cannot keep the sandbox's state (a restarted daemon could not adopt it): {0}")]
+    Persist(#[from] PersistError),
 }
 
 /// What a create request asks for.
@@ -78,6 +83,9 @@ pub struct SecretInfo {
     pub token: String,
     /// Where the token is swapped (empty: wherever the connection rules allow).
     pub hosts: Vec<String>,
+    /// An adopted sandbox's secret that did not resolve again: its token is not swapped.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unresolved: bool,
 }
 
 /// Per-sandbox counters, from its audit records.
@@ -167,6 +175,35 @@ struct Entry {
     sandbox: Sandbox,
     /// What a run started in it needs ([`Registry::run_target`]).
     run: RunTarget,
+    /// What its state file needs besides `info` ([`super::persist`]).
+    kept: Kept,
+}
+
+struct Kept {
+    owner_gid: u32,
+    /// Made for one `POST /v1/runs` command.
+    for_run: bool,
+    ca: Arc<CertAuthority>,
+}
+
+/// What a sandbox is made of before it is admitted: a new one's, or one a killed daemon left
+/// ([`super::adopt`]).
+pub(super) struct Parts {
+    pub name: String,
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub config: Config,
+    /// Its secrets with their masked tokens (fresh, or the adopted sandbox's own).
+    pub secrets: Vec<MaskedSecret>,
+    /// An adopted sandbox's secrets that did not resolve again (name → masked token): shown
+    /// and kept, never swapped.
+    pub unresolved: BTreeMap<String, String>,
+    pub ca: Arc<CertAuthority>,
+    pub created: String,
+    pub for_run: bool,
+    /// The cgroup someone else owns that it guards (a Kubernetes pod's,
+    /// [`SandboxSpec::existing_cgroup`]); none: one of kz's own.
+    pub existing_cgroup: Option<PathBuf>,
 }
 
 /// What a process started in a sandbox needs from it: the masks of its mount namespace (from
@@ -195,6 +232,8 @@ pub struct Registry {
     node: Node,
     audit: Arc<dyn AuditSink>,
     sandboxes: Mutex<BTreeMap<u64, Entry>>,
+    /// Where each sandbox's state is kept for a restarted daemon (none: not kept).
+    state: Option<StateDir>,
 }
 
 impl Registry {
@@ -203,7 +242,18 @@ impl Registry {
             node,
             audit,
             sandboxes: Mutex::new(BTreeMap::new()),
+            state: None,
         }
+    }
+
+    /// Keeps each sandbox's state in `state` from now on ([`super::persist`]).
+    pub fn persisting(mut self, state: StateDir) -> Registry {
+        self.state = Some(state);
+        self
+    }
+
+    pub(super) fn state_dir(&self) -> Option<&StateDir> {
+        self.state.as_ref()
     }
 
     pub fn node(&self) -> &Node {
@@ -216,7 +266,7 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
     ) -> Result<SandboxInfo, StateError> {
-        self.create_in(caller, req, None).await
+        self.create_as(caller, req, false, None).await
     }
 
     /// [`Registry::create`], on the existing cgroup `on` when given (a Kubernetes pod's, see
@@ -227,6 +277,26 @@ impl Registry {
         req: CreateRequest,
         on: Option<&std::path::Path>,
     ) -> Result<SandboxInfo, StateError> {
+        self.create_as(caller, req, false, on).await
+    }
+
+    /// [`Registry::create`] for one `POST /v1/runs` command: a daemon that adopts it after a
+    /// restart destroys it once its processes are gone ([`super::adopt`]).
+    pub async fn create_for_run(
+        &self,
+        caller: &Caller,
+        req: CreateRequest,
+    ) -> Result<SandboxInfo, StateError> {
+        self.create_as(caller, req, true, None).await
+    }
+
+    async fn create_as(
+        &self,
+        caller: &Caller,
+        req: CreateRequest,
+        for_run: bool,
+        on: Option<&std::path::Path>,
+    ) -> Result<SandboxInfo, StateError> {
         let name = match req.name {
             Some(n) => n,
             None => format!("sandbox-{}", hex::encode(rand::random::<[u8; 4]>())),
@@ -234,8 +304,6 @@ impl Registry {
         if !valid_name(&name) {
             return Err(StateError::BadName(name));
         }
-        // Two users may both call theirs `agent`: the cgroup's name carries the owner.
-        let cgroup_name = format!("u{}-{name}", caller.uid);
         {
             let map = self.lock();
             let mine: Vec<&Entry> = map
@@ -251,26 +319,101 @@ impl Registry {
         }
         let Project { config, secrets } =
             secrets::load(&req.project_dir, caller.uid, caller.gid).await?;
+        let parts = Parts {
+            name,
+            owner_uid: caller.uid,
+            owner_gid: caller.gid,
+            config,
+            secrets,
+            unresolved: BTreeMap::new(),
+            ca: Arc::new(CertAuthority::generate(LEAF_CACHE)?),
+            created: crate::audit::rfc3339_now(),
+            for_run,
+            existing_cgroup: on.map(std::path::Path::to_owned),
+        };
+        let entry = self.admit(parts, None).await?;
+        // A sandbox a restarted daemon could not find again is not made at all.
+        if let Err(e) = self.persist(&entry) {
+            self.node.close(entry.sandbox).await;
+            return Err(e.into());
+        }
+        let info = entry.info();
+        self.record(
+            AuditEvent::new("sandbox_created")
+                .with("sandbox_id", info.id)
+                .with("sandbox", entry.sandbox.name().to_owned())
+                .with("owner_uid", caller.uid)
+                .with("caller_pid", caller.pid)
+                .with("project_dir", info.project_dir.display().to_string())
+                .with("secrets", info.secrets.keys().cloned().collect::<Vec<_>>()),
+        );
+        self.lock().insert(info.id, entry);
+        Ok(info)
+    }
+
+    /// Admits a sandbox a killed daemon left in the cgroup with id `id`, with `parts` rebuilt
+    /// from its state file and its project ([`super::adopt`]); its state file is rewritten (the
+    /// secrets that did or did not resolve this time).
+    pub(super) async fn adopt(&self, parts: Parts, id: u64) -> Result<SandboxInfo, StateError> {
+        let entry = self.admit(parts, Some(id)).await?;
+        if let Err(e) = self.persist(&entry) {
+            self.node.close(entry.sandbox).await;
+            return Err(e.into());
+        }
+        let info = entry.info();
+        self.lock().insert(info.id, entry);
+        Ok(info)
+    }
+
+    /// Admits `parts` on the node: in a new cgroup, or (`held`) in the one with that id that a
+    /// killed daemon left.
+    async fn admit(&self, parts: Parts, held: Option<u64>) -> Result<Entry, StateError> {
+        let Parts {
+            name,
+            owner_uid,
+            owner_gid,
+            config,
+            secrets,
+            unresolved,
+            ca,
+            created,
+            for_run,
+            existing_cgroup,
+        } = parts;
+        // Two users may both call theirs `agent`: the cgroup's name carries the owner.
+        let cgroup_name = format!("u{owner_uid}-{name}");
         let rules = blind::connection_rules(&config.blind)?;
         let credential_vars = crate::resolve::login_vars(&config);
         let hide_extra = crate::contain::resolver_files(&config);
         let tokens = TokenTable::new();
         let mut shown = BTreeMap::new();
+        for (secret, token) in unresolved {
+            let info = SecretInfo {
+                token,
+                hosts: config
+                    .secrets
+                    .get(&secret)
+                    .map(|e| e.hosts.clone())
+                    .unwrap_or_default(),
+                unresolved: true,
+            };
+            shown.insert(secret, info);
+        }
         for s in secrets {
             shown.insert(
                 s.name.clone(),
                 SecretInfo {
                     token: s.token.clone(),
                     hosts: s.hosts.clone(),
+                    unresolved: false,
                 },
             );
             blind::add_token(&tokens, s)?;
         }
-        let ca = Arc::new(CertAuthority::generate(LEAF_CACHE)?);
         let counters = Arc::new(Counters::default());
         let mut context = Fields::default();
         context.insert("sandbox", Value::from(cgroup_name.clone()));
-        context.insert("owner_uid", Value::from(caller.uid));
+        context.insert("owner_uid", Value::from(owner_uid));
         let audit: Arc<dyn AuditSink> = Arc::new(WithContext {
             inner: Arc::new(Counting {
                 inner: self.audit.clone(),
@@ -285,28 +428,29 @@ impl Registry {
             values: tokens.scrubber(),
         };
         let b = &config.blind;
-        let sandbox = self
-            .node
-            .admit(SandboxSpec {
-                name: cgroup_name,
-                ca: ca.clone(),
-                tokens,
-                rules,
-                refuse_out_of_scope: b.refuse_on_scope_violation,
-                dns_upstream: b.dns_upstream().map_err(StateError::Resolver)?,
-                ipv6: b.ipv6,
-                udp: b.udp,
-                listen: b.listen,
-                unix: crate::intercept::UnixSockets::Only(b.unix_rules()),
-                audit,
-                echo_blocks: false,
-                max_allowed_ips: b
-                    .max_allowed_ips
-                    .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
-                dns_ttl_floor: crate::sandbox::TTL_FLOOR,
-                existing_cgroup: on.map(std::path::Path::to_owned),
-            })
-            .await?;
+        let spec = SandboxSpec {
+            name: cgroup_name,
+            ca: ca.clone(),
+            tokens,
+            rules,
+            refuse_out_of_scope: b.refuse_on_scope_violation,
+            dns_upstream: b.dns_upstream().map_err(StateError::Resolver)?,
+            ipv6: b.ipv6,
+            udp: b.udp,
+            listen: b.listen,
+            unix: crate::intercept::UnixSockets::Only(b.unix_rules()),
+            audit,
+            echo_blocks: false,
+            max_allowed_ips: b
+                .max_allowed_ips
+                .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
+            dns_ttl_floor: crate::sandbox::TTL_FLOOR,
+            existing_cgroup,
+        };
+        let sandbox = match held {
+            None => self.node.admit(spec).await?,
+            Some(id) => self.node.adopt(spec, id).await?,
+        };
         let Some(cgroup) = sandbox.cgroup().cloned() else {
             self.node.close(sandbox).await;
             return Err(StateError::NoCgroup);
@@ -314,34 +458,57 @@ impl Registry {
         let info = SandboxInfo {
             id: cgroup.id,
             name,
-            owner_uid: caller.uid,
+            owner_uid,
             cgroup: cgroup.path.clone(),
             dns: sandbox.dns_addr().map(|a| a.to_string()),
             project_dir: config.dir.clone(),
             secrets: shown,
-            created: crate::audit::rfc3339_now(),
+            created,
             ca_cert_pem: ca.cert_pem().to_owned(),
             counters: counters.values(),
         };
-        self.record(
-            AuditEvent::new("sandbox_created")
-                .with("sandbox_id", info.id)
-                .with("sandbox", cgroup.name.clone())
-                .with("owner_uid", caller.uid)
-                .with("caller_pid", caller.pid)
-                .with("project_dir", info.project_dir.display().to_string())
-                .with("secrets", info.secrets.keys().cloned().collect::<Vec<_>>()),
-        );
-        self.lock().insert(
-            info.id,
-            Entry {
-                info: info.clone(),
-                counters,
-                sandbox,
-                run,
+        Ok(Entry {
+            info,
+            counters,
+            sandbox,
+            run,
+            kept: Kept {
+                owner_gid,
+                for_run,
+                ca,
             },
-        );
-        Ok(info)
+        })
+    }
+
+    /// Writes a sandbox's state file (when the registry keeps state).
+    fn persist(&self, entry: &Entry) -> Result<(), PersistError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let info = &entry.info;
+        state.save(&Persisted::new(
+            info.id,
+            info.name.clone(),
+            (info.owner_uid, entry.kept.owner_gid),
+            info.project_dir.clone(),
+            info.created.clone(),
+            entry.kept.for_run,
+            info.secrets
+                .iter()
+                .map(|(name, s)| (name.clone(), s.token.clone()))
+                .collect(),
+            &entry.kept.ca,
+        ))
+    }
+
+    /// Removes a sandbox's state file; a failure is logged (the next start finds no cgroup for
+    /// it and drops it).
+    fn forget(&self, id: u64) {
+        if let Some(state) = &self.state
+            && let Err(e) = state.remove(id)
+        {
+            tracing::error!("{e}");
+        }
     }
 
     /// The sandboxes `caller` may see, by id.
@@ -412,6 +579,7 @@ impl Registry {
         };
         let info = entry.info();
         self.node.close(entry.sandbox).await;
+        self.forget(id);
         self.record(
             AuditEvent::new("sandbox_destroyed")
                 .with("sandbox_id", id)
@@ -429,6 +597,7 @@ impl Registry {
         for e in entries {
             let id = e.info.id;
             self.node.close(e.sandbox).await;
+            self.forget(id);
             self.record(
                 AuditEvent::new("sandbox_destroyed")
                     .with("sandbox_id", id)

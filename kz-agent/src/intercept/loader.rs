@@ -13,7 +13,7 @@ use aya::maps::{MapData, RingBuf, lpm_trie::Key};
 use aya::programs::CgroupAttachMode;
 use aya::programs::links::{FdLink, PinnedLink};
 use kz_common::{PortKey, map_names as mn, prog_names as pn};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,10 +33,10 @@ struct CgroupState {
     unix_keys: UnixKeys,
     links: Vec<PinnedLink>,
     link_ids: Vec<u32>,
-    /// A cgroup someone else made and owns (a Kubernetes pod's, [`Interceptor::adopt_cgroup`]):
-    /// its policy covers its subtree (`INHERIT`), and removal detaches and forgets it but
-    /// neither kills its processes nor removes the directory.
-    adopted: bool,
+    /// A cgroup someone else made and owns (a Kubernetes pod's,
+    /// [`Interceptor::guard_existing_cgroup`]): its policy covers its subtree (`INHERIT`), and
+    /// removal detaches and forgets it but neither kills its processes nor removes the directory.
+    existing: bool,
 }
 
 /// Kernel object ids of an interceptor, for checking what is left after it is dropped.
@@ -78,6 +78,9 @@ pub struct Interceptor {
     cgroups: BTreeMap<u64, CgroupState>,
     /// Forwards the programs' aya-log records to tracing; stops when dropped.
     _log_thread: Option<logs::LogThread>,
+    /// A held owner's `flock` on its pin directory: tells `kz intercept unload` it is alive
+    /// ([`pins::live_instances`]).
+    _held: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Interceptor {
@@ -91,14 +94,7 @@ impl Interceptor {
     /// [`Interceptor::load`] in an explicit [`Scope`] (cgroup v2 mount point and state name).
     pub fn load_in(scope: &Scope) -> Result<Interceptor, InterceptError> {
         pins::ensure_bpffs()?;
-        match shared::cleanup_stale(scope) {
-            Ok(r) if !r.instances.is_empty() => {
-                tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
-            }
-            Ok(_) => {}
-            // A busy stale cgroup stays cut off; it does not stop this instance.
-            Err(e) => tracing::warn!("stale kz state not fully cleaned: {e}"),
-        }
+        clean_dead(scope);
         let instance = Instance::current()?;
         let pin_dir = scope.pin_root().join(instance.name());
         let cgroup_dir = scope.cgroup_parent().join(instance.name());
@@ -108,6 +104,34 @@ impl Interceptor {
             let _ = cgroups::remove_tree(&cgroup_dir);
         }
         result
+    }
+
+    /// [`Interceptor::load_in`] for an owner whose cgroups are to outlive its process (the node
+    /// daemon): its directories are `/sys/fs/bpf/<scope>/<name>` and `<cgroup2>/<scope>/<name>`,
+    /// under a name that is not an instance's, so no other kz ever judges them stale
+    /// ([`pins::cleanup_dead`] only removes dead *instances*). What a previous process of the
+    /// same owner left there (killed: cgroups with their links and map entries, cut off since)
+    /// stays for [`Interceptor::adopt_cgroup`], and [`Interceptor::sweep_held`] removes the rest.
+    /// The caller makes sure one process at a time uses `name` (the daemon locks its state
+    /// directory). An orderly drop removes the directories as for an instance.
+    pub fn load_held(scope: &Scope, name: &str) -> Result<Interceptor, InterceptError> {
+        let held = name.starts_with(pins::HELD_PREFIX) && Instance::parse(name).is_none();
+        if !cgroups::valid_name(name) || !held {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        pins::ensure_bpffs()?;
+        clean_dead(scope);
+        let pin_dir = scope.pin_root().join(name);
+        let cgroup_dir = scope.cgroup_parent().join(name);
+        // Locked before anything else: a second process on the same name stops here, before it
+        // could touch (or, dropped, remove) the first one's directories.
+        std::fs::create_dir_all(&pin_dir).map_err(|e| InterceptError::io("create", &pin_dir, e))?;
+        let lock = pins::lock_held(&pin_dir)?;
+        // On failure the directories stay: they may hold a previous process's sandboxes, which
+        // stay cut off until a later start adopts or removes them.
+        let mut icpt = Self::load_inner(scope, &pin_dir, &cgroup_dir)?;
+        icpt._held = Some(lock);
+        Ok(icpt)
     }
 
     fn load_inner(
@@ -141,6 +165,7 @@ impl Interceptor {
             guards: Guards::default(),
             cgroups: BTreeMap::new(),
             _log_thread: log_thread,
+            _held: None,
         })
     }
 
@@ -202,7 +227,7 @@ impl Interceptor {
     /// programs (links pinned). [`Interceptor::remove_cgroup`] later detaches the programs and
     /// removes the policy but leaves the directory and its processes alone: its owner manages
     /// them. `name` only names it in kz's records.
-    pub fn adopt_cgroup(
+    pub fn guard_existing_cgroup(
         &mut self,
         path: &Path,
         name: &str,
@@ -231,7 +256,7 @@ impl Interceptor {
         &mut self,
         cgroup: Cgroup,
         policy: &Policy,
-        adopted: bool,
+        existing: bool,
     ) -> Result<Cgroup, InterceptError> {
         let id = cgroup.id;
         let path = cgroup.path.clone();
@@ -243,7 +268,7 @@ impl Interceptor {
                 unix_keys: UnixKeys::default(),
                 links: Vec::new(),
                 link_ids: Vec::new(),
-                adopted,
+                existing,
             },
         );
         if let Ok(mut g) = self.guards.lock() {
@@ -260,9 +285,251 @@ impl Interceptor {
         Ok(cgroup)
     }
 
-    /// Whether the cgroup is one this instance guards but did not make ([`Self::adopt_cgroup`]).
-    pub fn adopted(&self, id: u64) -> bool {
-        self.cgroups.get(&id).is_some_and(|s| s.adopted)
+    /// Whether the cgroup is one this instance guards but did not make
+    /// ([`Self::guard_existing_cgroup`]).
+    pub fn is_existing(&self, id: u64) -> bool {
+        self.cgroups.get(&id).is_some_and(|s| s.existing)
+    }
+
+    /// Takes over `<cgroup dir>/<name>`, made by a previous process of this held owner
+    /// ([`Interceptor::load_held`]) with id `id`. Refused ([`InterceptError::NotAdoptable`],
+    /// nothing changed) unless the cgroup still has that id and processes in it, and every
+    /// program of this set has its link pinned for it, attached to this very program (a set
+    /// reloaded since, by `kz intercept unload` or another kz build, runs other programs over
+    /// other maps: entries written here would not reach them). Then its map entries are replaced
+    /// by `policy`: the old ones named the dead process's proxy and DNS ports and event ring,
+    /// and its allowed IPs are dropped too (opened under rules that may have changed since, and
+    /// unknown to this process's quota ledger: the agent resolves again, through the new
+    /// resolver). Between the purge and the new policy the cgroup has no policy, so it is refused
+    /// everything, as while its owner was down.
+    pub fn adopt_cgroup(
+        &mut self,
+        name: &str,
+        id: u64,
+        policy: &Policy,
+    ) -> Result<Cgroup, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        let path = self.cgroup_dir.join(name);
+        let refuse = |reason: &'static str, detail: String| InterceptError::NotAdoptable {
+            path: path.clone(),
+            reason,
+            detail,
+        };
+        if self.cgroups.contains_key(&id) {
+            return Err(refuse("duplicate", "it is adopted already".into()));
+        }
+        match cgroups::cgroup_id(&path) {
+            Ok(found) if found == id => {}
+            Ok(found) => {
+                return Err(refuse(
+                    "cgroup_gone",
+                    format!("it has id {found}, not {id}: it was made again since"),
+                ));
+            }
+            Err(_) => return Err(refuse("cgroup_gone", "it no longer exists".into())),
+        }
+        if cgroups::populated(&path) != Some(true) {
+            return Err(refuse("empty", "no process is left in it".into()));
+        }
+        let expected = self.program_ids()?;
+        let links_dir = self.pin_dir.join("links");
+        let prefix = format!("{id}-");
+        for e in std::fs::read_dir(&links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let file = e.file_name();
+            let Some(prog) = file.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                continue;
+            };
+            if !expected.iter().any(|(n, _)| *n == prog) {
+                return Err(refuse(
+                    "program_set_changed",
+                    format!("its link {prog} is of no program of the loaded set"),
+                ));
+            }
+        }
+        let mut links = Vec::with_capacity(expected.len());
+        let mut link_ids = Vec::with_capacity(expected.len());
+        for (prog, prog_id) in expected {
+            let pin = links_dir.join(format!("{id}-{prog}"));
+            let Ok(fd) = rawbpf::obj_get(&pin) else {
+                return Err(refuse(
+                    "links_missing",
+                    format!("its link {} is not pinned", pin.display()),
+                ));
+            };
+            if rawbpf::link_prog_id(fd.as_fd()) != Some(prog_id) {
+                return Err(refuse(
+                    "program_set_changed",
+                    format!(
+                        "its link {} runs another program than the loaded set's {prog} (the set was reloaded since, or made by another kz build)",
+                        pin.display()
+                    ),
+                ));
+            }
+            if let Some(link_id) = rawbpf::obj_id(fd.as_fd()) {
+                link_ids.push(link_id);
+            }
+            drop(fd);
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| InterceptError::Pin {
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            links.push(pinned);
+        }
+        let cgroup = Cgroup {
+            id,
+            path: path.clone(),
+            name: name.to_owned(),
+        };
+        self.cgroups.insert(
+            id,
+            CgroupState {
+                cgroup: cgroup.clone(),
+                policy: Policy::default(),
+                unix_keys: UnixKeys::default(),
+                links,
+                link_ids,
+                existing: false,
+            },
+        );
+        if let Ok(mut g) = self.guards.lock() {
+            g.insert(id);
+        }
+        self.set.maps.purge_cgroups(&BTreeSet::from([id]));
+        if let Err(e) = self.set_policy(id, policy) {
+            let _ = self.remove_cgroup(id);
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    /// Removes what a held owner's previous process left in its directories and was not adopted
+    /// ([`Interceptor::adopt_cgroup`]): as [`pins::cleanup_dead`] does for a dead instance, each
+    /// such cgroup's processes are killed first, then its links unpinned, its map entries purged
+    /// and the cgroup removed; a cgroup that cannot be emptied keeps its links (fail closed).
+    /// Links pinned for a cgroup that no longer exists go too.
+    pub fn sweep_held(&mut self) -> Vec<Swept> {
+        let mut swept = Vec::new();
+        let mut purge = BTreeSet::new();
+        let dirs = std::fs::read_dir(&self.cgroup_dir)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for e in dirs.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            let path = e.path();
+            let Ok(id) = cgroups::cgroup_id(&path) else {
+                continue;
+            };
+            if self.cgroups.contains_key(&id) {
+                continue;
+            }
+            let killed = cgroups::pids(&path).map(|p| p.len()).unwrap_or(0);
+            let mut s = Swept {
+                name: Some(e.file_name().to_string_lossy().into_owned()),
+                id,
+                killed,
+                error: None,
+            };
+            if !cgroups::kill_all(&path, KILL_WAIT) {
+                s.error = Some(InterceptError::CgroupBusy(path).to_string());
+                swept.push(s);
+                continue;
+            }
+            self.unpin_links_of(id);
+            purge.insert(id);
+            if let Err(e) = cgroups::remove_tree(&path) {
+                s.error = Some(e.to_string());
+            }
+            swept.push(s);
+        }
+        // Links of a cgroup that is gone (removed by hand, or its removal was cut short).
+        let links_dir = self.pin_dir.join("links");
+        let mut orphans = BTreeSet::new();
+        for e in std::fs::read_dir(&links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.split('-').next())
+                .and_then(|id| id.parse::<u64>().ok());
+            if let Some(id) = id
+                && !self.cgroups.contains_key(&id)
+                && !purge.contains(&id)
+                && !swept.iter().any(|s| s.id == id)
+            {
+                orphans.insert(id);
+            }
+        }
+        for id in orphans {
+            self.unpin_links_of(id);
+            purge.insert(id);
+            swept.push(Swept {
+                name: None,
+                id,
+                killed: 0,
+                error: None,
+            });
+        }
+        if !purge.is_empty() {
+            self.set.maps.purge_cgroups(&purge);
+        }
+        swept
+    }
+
+    /// Unpins every link pinned for cgroup `id` (unlinking the last reference detaches it).
+    fn unpin_links_of(&self, id: u64) {
+        let links_dir = self.pin_dir.join("links");
+        let prefix = format!("{id}-");
+        for e in std::fs::read_dir(&links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Each program of the set this instance attaches to a cgroup, with its kernel id (the
+    /// names its links are pinned under).
+    fn program_ids(&self) -> Result<Vec<(&'static str, u32)>, InterceptError> {
+        let p = &self.set.progs;
+        let mut out = Vec::with_capacity(p.sock_addr.len() + 2 + p.unix.len());
+        for (name, prog) in &p.sock_addr {
+            let name: &'static str = name;
+            out.push((name, prog.info().map_err(|e| program_err(name, e))?.id()));
+        }
+        let ops = p.sock_ops.info();
+        out.push((
+            pn::SOCK_OPS,
+            ops.map_err(|e| program_err(pn::SOCK_OPS, e))?.id(),
+        ));
+        let create = p.sock_create.info();
+        out.push((
+            pn::SOCK_CREATE,
+            create.map_err(|e| program_err(pn::SOCK_CREATE, e))?.id(),
+        ));
+        for (name, fd, _) in &p.unix {
+            let name: &'static str = name;
+            let id = rawbpf::obj_id(fd.as_fd()).ok_or_else(|| InterceptError::Program {
+                name,
+                detail: "the kernel gave no id for it".into(),
+            })?;
+            out.push((name, id));
+        }
+        Ok(out)
     }
 
     fn attach(&mut self, id: u64, path: &Path) -> Result<(), InterceptError> {
@@ -365,7 +632,7 @@ impl Interceptor {
         let old = state.policy.clone();
         let old_unix = state.unix_keys.clone();
         let mut kernel = policy.kernel(self.slot.index);
-        if state.adopted {
+        if state.existing {
             kernel.flags |= kz_common::flags::INHERIT;
         }
         if let (UnixSockets::Only(_), UnixGuard::Unavailable(why)) = (&policy.unix, &self.set.unix)
@@ -544,15 +811,15 @@ impl Interceptor {
 
     /// Kills what is left in the cgroup, detaches and unpins its programs, drops its policy
     /// entries and removes the directory. If the cgroup cannot be emptied nothing is detached
-    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned. An adopted cgroup
-    /// ([`Self::adopt_cgroup`]) is only given back: programs detached, entries dropped, the
+    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned. An existing cgroup
+    /// ([`Self::guard_existing_cgroup`]) is only given back: programs detached, entries dropped, the
     /// directory and its processes left to their owner (they hold masked tokens only).
     pub fn remove_cgroup(&mut self, id: u64) -> Result<(), InterceptError> {
         let state = self
             .cgroups
             .remove(&id)
             .ok_or(InterceptError::UnknownCgroup(id))?;
-        if !state.adopted && !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
+        if !state.existing && !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
             let path = state.cgroup.path.clone();
             self.cgroups.insert(id, state);
             return Err(InterceptError::CgroupBusy(path));
@@ -576,11 +843,35 @@ impl Interceptor {
         self.remove_unix_keys(&state.unix_keys, None);
         let others: Vec<u64> = self.cgroups.keys().copied().collect();
         self.set.maps.allowed.purge(id, &others);
-        if state.adopted {
+        if state.existing {
             return Ok(());
         }
         cgroups::remove_tree(&state.cgroup.path)
     }
+}
+
+/// Cleans up after dead instances of `scope` before a new one starts.
+fn clean_dead(scope: &Scope) {
+    match shared::cleanup_stale(scope) {
+        Ok(r) if !r.instances.is_empty() => {
+            tracing::warn!(instances = ?r.instances, killed = r.killed, "cleaned up after dead kz instances");
+        }
+        Ok(_) => {}
+        // A busy stale cgroup stays cut off; it does not stop this instance.
+        Err(e) => tracing::warn!("stale kz state not fully cleaned: {e}"),
+    }
+}
+
+/// What [`Interceptor::sweep_held`] removed: a cgroup (by name) or the links of one that was
+/// gone already (no name).
+#[derive(Debug, Clone)]
+pub struct Swept {
+    pub name: Option<String>,
+    pub id: u64,
+    /// Processes that were still in it (killed).
+    pub killed: usize,
+    /// Why it could not be removed entirely (a cgroup that cannot be emptied keeps its links).
+    pub error: Option<String>,
 }
 
 fn port_key(cgroup_id: u64, port: u16) -> PortKey {

@@ -30,8 +30,8 @@
 //! runs outside the cgroups it guards, so its upstream connections are never redirected.
 //! `getpeername()` on a redirected socket reports the original destination. Raw sockets are
 //! refused at creation in guarded cgroups; a process in a child cgroup of a guarded one (which
-//! has no policy of its own) is refused everything, unless the guarded one was adopted
-//! ([`Interceptor::adopt_cgroup`], a Kubernetes pod's): then its policy, under its id, applies
+//! has no policy of its own) is refused everything, unless the guarded one is an existing cgroup
+//! ([`Interceptor::guard_existing_cgroup`], a Kubernetes pod's): then its policy, under its id, applies
 //! to the whole subtree (the pod's containers).
 //!
 //! # Contract for callers
@@ -95,7 +95,7 @@ pub mod spawn;
 pub use allowed::{AllowError, AllowMap};
 pub use cgroups::Cgroup;
 pub use events::{Block, BlockEvents, BlockReason};
-pub use loader::Interceptor;
+pub use loader::{Interceptor, Swept};
 pub use maps::{
     Cidr, Ipv6Mode, Listen, OrigDst, OrigDstTable, Policy, RUNTIME_SOCKETS, TcpRedirect, UnixRule,
     UnixSockets,
@@ -170,6 +170,14 @@ pub enum InterceptError {
         "all {0} block-event rings are in use by running kz instances: wait for some to finish"
     )]
     NoEventRing(u32),
+    #[error("cannot adopt cgroup {path}: {detail}")]
+    NotAdoptable {
+        path: PathBuf,
+        /// A stable code for audit records (`cgroup_gone`, `empty`, `links_missing`,
+        /// `program_set_changed`, `duplicate`).
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 impl InterceptError {

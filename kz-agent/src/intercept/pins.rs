@@ -11,8 +11,14 @@
 //! reused (clean up). An instance owns its links and cgroups, and the entries keyed by its cgroup
 //! ids in the shared maps (policy, ports, allow/deny tries, allowed IPs); a dead
 //! instance's links keep its cgroups cut off until [`cleanup_stale`] removes all of it.
+//!
+//! A *held* owner (the node daemon, [`super::Interceptor::load_held`]) uses `agent-<hex>` in place
+//! of `<instance>`: not an instance's name, so cleanup never touches it, and the owner's next
+//! process adopts or removes what it left. A running holder keeps an `flock` on its pin
+//! directory ([`live_instances`] reports it).
 
 use super::{InterceptError, cgroups};
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -162,12 +168,53 @@ fn instance_names(scope: &Scope) -> Vec<String> {
     names
 }
 
-/// Instances of `scope` whose loader is still running.
+/// Instances of `scope` whose loader is still running, and held owners' directories
+/// ([`super::Interceptor::load_held`]) whose owner is running.
 pub fn live_instances(scope: &Scope) -> Vec<String> {
-    instance_names(scope)
+    let mut live: Vec<String> = instance_names(scope)
         .into_iter()
         .filter(|n| Instance::parse(n).is_some_and(|i| i.alive()))
-        .collect()
+        .collect();
+    for e in std::fs::read_dir(scope.pin_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let held = name.starts_with(HELD_PREFIX) && Instance::parse(&name).is_none();
+        if held && held_is_locked(&e.path()) {
+            live.push(name);
+        }
+    }
+    live
+}
+
+/// Names of held owners' directories start with this (the node daemon's: `agent-<hex>`).
+pub const HELD_PREFIX: &str = "agent-";
+
+/// Takes the `flock` a held owner keeps on its pin directory for as long as it runs (the kernel
+/// drops it when the process dies, however it dies).
+pub(crate) fn lock_held(pin_dir: &Path) -> Result<Flock<std::fs::File>, InterceptError> {
+    let dir = std::fs::File::open(pin_dir).map_err(|e| InterceptError::io("open", pin_dir, e))?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        InterceptError::io(
+            "lock (is another process using it?)",
+            pin_dir,
+            std::io::Error::from(errno),
+        )
+    })
+}
+
+fn held_is_locked(pin_dir: &Path) -> bool {
+    let Ok(dir) = std::fs::File::open(pin_dir) else {
+        return false;
+    };
+    matches!(
+        Flock::lock(dir, FlockArg::LockSharedNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
 }
 
 /// Cleans up after instances that died without an orderly exit: kills what is left in their

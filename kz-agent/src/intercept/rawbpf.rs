@@ -212,6 +212,16 @@ pub fn link_create(
 
 /// The kernel id of a program or link (the second u32 of bpf_prog_info and bpf_link_info).
 pub fn obj_id(fd: BorrowedFd<'_>) -> Option<u32> {
+    obj_info(fd).map(|info| info[1])
+}
+
+/// The id of the program a link runs (the third u32 of bpf_link_info: type, id, prog_id).
+pub fn link_prog_id(fd: BorrowedFd<'_>) -> Option<u32> {
+    obj_info(fd).map(|info| info[2])
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into a buffer large enough for any info struct's head.
+fn obj_info(fd: BorrowedFd<'_>) -> Option<[u32; 64]> {
     let mut info = [0u32; 64];
     let mut attr = zeroed_attr();
     // SAFETY: writing the OBJ_GET_INFO_BY_FD member of the zeroed union; `info` outlives the
@@ -221,5 +231,5 @@ pub fn obj_id(fd: BorrowedFd<'_>) -> Option<u32> {
     i.info_len = std::mem::size_of_val(&info) as u32;
     i.info = info.as_mut_ptr() as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    Some(info[1])
+    Some(info)
 }

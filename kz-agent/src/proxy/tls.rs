@@ -171,6 +171,32 @@ impl CertAuthority {
         }
     }
 
+    /// A CA from its certificate and key as [`CertAuthority::cert_pem`] and
+    /// [`CertAuthority::key_pem`] gave them (the node daemon keeps a sandbox's CA across a
+    /// restart, so that its agent's trust still holds). `what` names their source in errors.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        what: &str,
+        cache_size: usize,
+    ) -> Result<Self, TlsError> {
+        let bad = |reason: String| TlsError::BadCa {
+            path: what.to_owned(),
+            reason,
+        };
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| bad(format!("the CA key is not a usable key ({e})")))?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| bad(format!("the CA certificate is not PEM ({e})")))?;
+        // As in load_or_create: the fixed DN and the key reproduce the certificate's issuer.
+        Self::from_parts(cert_pem.to_owned(), der, ca_params()?, key, cache_size)
+    }
+
+    /// The CA's private key (PKCS#8 PEM), zeroed when dropped: only for a root-only store.
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.issuer.key().serialize_pem())
+    }
+
     fn from_parts(
         cert_pem: String,
         cert_der: CertificateDer<'static>,
@@ -337,6 +363,27 @@ mod tests {
             UnixTime::now(),
         )
         .is_ok()
+    }
+
+    #[test]
+    fn a_ca_restored_from_its_pem_mints_leaves_the_old_trust_accepts() {
+        let ca = CertAuthority::generate(4).unwrap();
+        let back = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem(), "test", 4).unwrap();
+        assert_eq!(
+            back.cert_der(),
+            ca.cert_der(),
+            "the agent's trust is unchanged"
+        );
+        assert!(verifies(&back, "api.example.com"));
+        let other = CertAuthority::generate(4).unwrap();
+        assert!(matches!(
+            CertAuthority::from_pem(ca.cert_pem(), "not a key", "test", 4),
+            Err(TlsError::BadCa { .. })
+        ));
+        assert!(matches!(
+            CertAuthority::from_pem("not a certificate", &other.key_pem(), "test", 4),
+            Err(TlsError::BadCa { .. })
+        ));
     }
 
     #[test]

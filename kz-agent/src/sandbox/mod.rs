@@ -67,7 +67,7 @@ pub enum SandboxError {
     #[error(
         "a sandbox on an existing cgroup needs kernel interception (root, cgroup v2, BPF); `kz doctor` says what is missing"
     )]
-    AdoptWithoutKernel,
+    ExistingCgroupWithoutKernel,
 }
 
 /// What a node is started with.
@@ -116,7 +116,7 @@ pub struct SandboxSpec {
     /// Kubernetes pod's, made by the kubelet), instead of a new one of kz's: the policy covers
     /// its subtree (the pod's containers), and [`Node::close`] gives it back (programs
     /// detached, policy gone) instead of killing its processes and removing it
-    /// ([`Interceptor::adopt_cgroup`]). Needs the kernel.
+    /// ([`Interceptor::guard_existing_cgroup`]). Needs the kernel.
     pub existing_cgroup: Option<PathBuf>,
 }
 
@@ -248,6 +248,29 @@ impl Node {
     /// Admits a sandbox: its DNS resolver, cgroup and policy, session and event route. Nothing
     /// of it is left behind when this fails.
     pub async fn admit(&self, spec: SandboxSpec) -> Result<Sandbox, SandboxError> {
+        self.admit_in(spec, Place::New).await
+    }
+
+    /// Admits a sandbox in the cgroup `spec.name` with id `id` that a previous process of this
+    /// node's held owner left behind ([`Interceptor::load_held`]), with whatever still runs in it:
+    /// a DNS resolver and session of its own as [`Node::admit`] gives, and the cgroup's kernel
+    /// policy rewritten to name them ([`Interceptor::adopt_cgroup`]). When this fails the cgroup
+    /// is left as it was (cut off) for [`Node::sweep_held`], or removed with its processes when
+    /// it failed after the policy was rewritten.
+    pub async fn adopt(&self, spec: SandboxSpec, id: u64) -> Result<Sandbox, SandboxError> {
+        self.admit_in(spec, Place::Held(id)).await
+    }
+
+    /// Removes what the held owner's previous process left and nothing adopted
+    /// ([`Interceptor::sweep_held`]).
+    pub fn sweep_held(&self) -> Vec<crate::intercept::Swept> {
+        match &self.kernel {
+            Some(k) => lock(&k.icpt).sweep_held(),
+            None => Vec::new(),
+        }
+    }
+
+    async fn admit_in(&self, spec: SandboxSpec, place: Place) -> Result<Sandbox, SandboxError> {
         let answers = names::Answers::default();
         let resolve = names::host_lookup(
             answers.clone(),
@@ -263,7 +286,7 @@ impl Node {
         };
         let Some(kernel) = &self.kernel else {
             if spec.existing_cgroup.is_some() {
-                return Err(SandboxError::AdoptWithoutKernel);
+                return Err(SandboxError::ExistingCgroupWithoutKernel);
             }
             self.proxy
                 .admit(session(EXPLICIT_SESSION))
@@ -313,9 +336,15 @@ impl Node {
             listen: spec.listen,
             unix: spec.unix.clone(),
         };
-        let cgroup = match &spec.existing_cgroup {
-            Some(path) => lock(&kernel.icpt).adopt_cgroup(path, &spec.name, &policy)?,
-            None => lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?,
+        let cgroup = {
+            let mut icpt = lock(&kernel.icpt);
+            match (place, &spec.existing_cgroup) {
+                (Place::New, None) => icpt.create_cgroup(&spec.name, &policy)?,
+                (Place::New, Some(path)) => {
+                    icpt.guard_existing_cgroup(path, &spec.name, &policy)?
+                }
+                (Place::Held(id), _) => icpt.adopt_cgroup(&spec.name, id, &policy)?,
+            }
         };
         // The cell is fresh: set() cannot fail.
         let _ = cgroup_id.set(cgroup.id);
@@ -420,6 +449,13 @@ impl Node {
         }
         self.proxy.shutdown().await;
     }
+}
+
+/// Where an admitted sandbox's cgroup comes from.
+enum Place {
+    New,
+    /// Left by a previous process of the node's held owner, with this id.
+    Held(u64),
 }
 
 /// One admitted sandbox. Give it back to [`Node::close`].

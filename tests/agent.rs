@@ -24,7 +24,9 @@
 //!   whose JWKS an upstream serves: a container cgroup made after registration gets the pod's
 //!   sandbox (HTTPS swap, unlisted address refused), pods stay apart, an unregistered sibling
 //!   is untouched, bad tokens, pods off the node and pods with their own netns are refused,
-//!   removal leaves the kubelet's cgroup in place.
+//!   removal leaves the kubelet's cgroup in place. A SIGKILL leaves the pods cut off (a container
+//!   process reaches nothing directly), the next daemon adopts them (same process, token and
+//!   CA; listed again) and drops a pod whose cgroup the kubelet removed meanwhile.
 //! - `an_orderly_stop_answers_the_requests_in_flight_first`: SIGTERM drains the proxy first.
 //! - `a_killed_daemons_sandboxes_are_adopted_by_the_next`: restart without a gap: SIGKILL leaves
 //!   the sandboxes cut off, the next daemon adopts them (same processes, tokens and CA); an
@@ -1672,6 +1674,159 @@ pods:
     let _ = pause_e.kill();
     let _ = pause_e.wait();
 
+    // Restart without a gap. Pod A's container has a long-lived process (it outlives the
+    // daemon); pod F (coder too) is registered, and the kubelet removes it while no daemon
+    // runs. Each pod's state is kept without its real value.
+    let mut agent_a = Agent::start_at(
+        &pair.client,
+        box_a.to_str().unwrap(),
+        "api.pods.test",
+        "10.77.0.11",
+        &token_a,
+        &pod_ca,
+    );
+    assert_eq!(agent_a.ask("https"), "https 200\n");
+    assert_eq!(got("/adopted"), vec![format!("Bearer {REAL_A}")]);
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A reached 10.77.0.11"
+    );
+    let pid_a = agent_a.ask("pid");
+    const UID_F: &str = "f0f0f0f0-6666-4777-8888-999900001111";
+    let pod_f = tree.mkdir(&format!("kubepods/besteffort/pod{UID_F}"));
+    let (code, f) = daemon.api(
+        None,
+        "POST",
+        "/v1/pods",
+        Some(&json!({ "token": pod_token(key, "kz", "agents", "coder", UID_F, 600) })),
+    );
+    assert_eq!(code, 201, "{f}");
+    let id_b = b["sandbox"]["id"].as_u64().unwrap();
+    let id_f = f["sandbox"]["id"].as_u64().unwrap();
+    let files = daemon.state.join("sandboxes");
+    for (id, uid) in [(id_a, UID_A), (id_b, UID_B), (id_f, UID_F)] {
+        let text = std::fs::read_to_string(files.join(format!("{id}.json"))).unwrap();
+        assert!(text.contains(uid), "pod {uid} not in its state: {text}");
+        assert!(!text.contains(REAL_A) && !text.contains(REAL_B), "{text}");
+    }
+
+    // SIGKILL: the pods stay cut off (fail closed): pod A's process reaches neither the
+    // address it never resolved nor the one it did (the dead proxy's port refuses), and a new
+    // process in pod B connects nowhere either.
+    daemon.kill();
+    let seen = upstream.seen().len();
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A open with no daemon"
+    );
+    assert_eq!(
+        agent_a.ask("tcp-to 10.77.0.10"),
+        "tcp-failed\n",
+        "pod A reached its upstream directly with no daemon"
+    );
+    assert!(!agent_a.ask("https").contains("https 200"));
+    let text = run(
+        &box_b,
+        "(exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected\ntrue",
+    );
+    assert!(
+        !text.contains("unlisted-connected"),
+        "pod B open with no daemon: {text}"
+    );
+    assert_eq!(
+        upstream.seen().len(),
+        seen,
+        "an upstream was reached with no daemon"
+    );
+    assert!(
+        !link_pins(id_a).is_empty(),
+        "pod A's links went with the daemon"
+    );
+    std::fs::remove_dir(&pod_f).unwrap();
+
+    // The next daemon adopts pods A and B: the same process, token and CA, swapped again, still
+    // refused what it never resolved, listed again; pod F's cgroup is gone: dropped, audited.
+    daemon.restart(
+        Some(&pair.client),
+        "root",
+        &env,
+        &[
+            "--upstream-ca".as_ref(),
+            ca_pem.as_os_str(),
+            "--pods".as_ref(),
+            config.as_os_str(),
+        ],
+    );
+    let (code, pods) = daemon.api(None, "GET", "/v1/pods", None);
+    assert_eq!(code, 200, "{pods}");
+    let mut listed: Vec<(&str, u64)> = pods["registered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["uid"].as_str().unwrap(),
+                p["sandbox_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let mut expected = vec![(UID_A, id_a), (UID_B, id_b)];
+    expected.sort();
+    assert_eq!(listed, expected, "{pods}");
+    let (code, again) = daemon.api(None, "GET", &format!("/v1/pods/{UID_A}"), None);
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["pod"]["cgroup"], pod_a.to_str().unwrap());
+    assert_eq!(again["pod"]["driver"], "systemd");
+    assert_eq!(
+        again["sandbox"]["secrets"]["API_KEY"]["token"],
+        token_a.as_str()
+    );
+    assert_eq!(again["sandbox"]["ca_cert_pem"], a["sandbox"]["ca_cert_pem"]);
+    assert_eq!(agent_a.ask("pid"), pid_a, "pod A's process is the same");
+    assert_eq!(
+        agent_a.ask("https"),
+        "https 200\n",
+        "pod A after the restart"
+    );
+    assert_eq!(
+        got("/adopted"),
+        vec![format!("Bearer {REAL_A}"), format!("Bearer {REAL_A}")]
+    );
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A open after the restart"
+    );
+    let text = run(
+        &box_b,
+        &format!(
+            "curl -sS -m 20 -o /dev/null -w 'b %{{http_code}}\\n' -H 'Authorization: Bearer {token_b}' http://api.pods.test/pod-b-adopted"
+        ),
+    );
+    assert!(text.contains("b 200"), "{text}");
+    assert_eq!(got("/pod-b-adopted"), vec![format!("Bearer {REAL_B}")]);
+    assert!(!files.join(format!("{id_f}.json")).exists());
+    assert_eq!(link_pins(id_f), Vec::<PathBuf>::new());
+    assert_eq!(map_entries_of(id_f), (0, 0));
+    let records = daemon.audit();
+    for uid in [UID_A, UID_B] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["kind"] == "sandbox_adopted" && r["pod_uid"] == uid),
+            "no sandbox_adopted for pod {uid}"
+        );
+    }
+    assert!(
+        records.iter().any(|r| r["kind"] == "sandbox_dropped"
+            && r["pod_uid"] == UID_F
+            && r["reason"] == "cgroup_gone"),
+        "no sandbox_dropped for pod F"
+    );
+
     // Removal gives pod A's cgroup back: programs detached, the cgroup and its container in
     // place, the container now connects directly.
     let (code, gone) = daemon.api(None, "DELETE", &format!("/v1/pods/{UID_A}"), None);
@@ -1686,6 +1841,17 @@ pods:
         "(exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected",
     );
     assert!(text.contains("unlisted-connected"), "{text}");
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-connected\n",
+        "pod A's process after DELETE"
+    );
+    assert!(!files.join(format!("{id_a}.json")).exists());
+    let Agent {
+        mut child, stdin, ..
+    } = agent_a;
+    drop(stdin);
+    child.wait().unwrap();
     let (code, v) = daemon.api(None, "DELETE", &format!("/v1/pods/{UID_A}"), None);
     assert_eq!(
         (code, v["error"]["code"].as_str()),
@@ -1717,7 +1883,8 @@ pods:
             .iter()
             .filter(|r| r["kind"] == "pod_registered")
             .count(),
-        2
+        3,
+        "A, B and F"
     );
     assert!(
         records
@@ -1741,15 +1908,28 @@ struct Agent {
 impl Agent {
     /// A shell moved into `cgroup` holding `token` in its environment; `k` names its upstream.
     fn start(ns: &Netns, cgroup: &str, k: usize, token: &str, ca: &Path) -> Agent {
-        let ip = upstream_ip(k);
+        Agent::start_at(
+            ns,
+            cgroup,
+            &format!("up{k}.test"),
+            &upstream_ip(k),
+            token,
+            ca,
+        )
+    }
+
+    /// [`Agent::start`] with its upstream named `host`; `tcp` connects to `ip` directly
+    /// (`tcp-to IP` to another address).
+    fn start_at(ns: &Netns, cgroup: &str, host: &str, ip: &str, token: &str, ca: &Path) -> Agent {
         let script = format!(
             r#"export API_KEY='{token}'
 while read -r what; do
   case "$what" in
     pid) echo "pid $$ $API_KEY" ;;
-    https) curl -sS -m 10 --cacert '{ca}' -o /dev/null -w 'https %{{http_code}}\n' -H "Authorization: Bearer $API_KEY" https://up{k}.test/adopted 2>&1 || echo "https failed" ;;
+    https) curl -sS -m 10 --cacert '{ca}' -o /dev/null -w 'https %{{http_code}}\n' -H "Authorization: Bearer $API_KEY" https://{host}/adopted 2>&1 || echo "https failed" ;;
     tcp) if timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/443' 2>/dev/null; then echo tcp-connected; else echo tcp-failed; fi ;;
-    dns) if [ -n "$(dig +short +time=2 +tries=1 up{k}.test 2>/dev/null | grep -E '^[0-9.]+$')" ]; then echo dns-ok; else echo dns-failed; fi ;;
+    tcp-to\ *) if timeout 5 bash -c "exec 3<>/dev/tcp/${{what#tcp-to }}/443" 2>/dev/null; then echo tcp-connected; else echo tcp-failed; fi ;;
+    dns) if [ -n "$(dig +short +time=2 +tries=1 {host} 2>/dev/null | grep -E '^[0-9.]+$')" ]; then echo dns-ok; else echo dns-failed; fi ;;
   esac
   echo end
 done"#,

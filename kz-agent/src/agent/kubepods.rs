@@ -33,7 +33,7 @@ pub enum KubepodsError {
 }
 
 /// The kubelet's cgroup driver, as its layout shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     Systemd,
@@ -41,7 +41,7 @@ pub enum Driver {
 }
 
 /// A pod's QoS class, as its cgroup's place shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Qos {
     Guaranteed,
     Burstable,

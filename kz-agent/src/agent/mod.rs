@@ -152,7 +152,10 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
             .with("socket", opts.socket.display().to_string()),
     );
     // The sandboxes a killed daemon left are served again before the first request is.
-    for a in adopt::adopt_all(&api.registry).await {
+    for a in adopt::adopt_all(&api.registry, api.pods.as_ref()).await {
+        if let (Some(pod), Some(pods)) = (a.pod, &api.pods) {
+            pods.restore(pod);
+        }
         if a.for_run {
             let watcher = adopt::watch_run(api.clone(), a.id, a.cgroup);
             api.runs

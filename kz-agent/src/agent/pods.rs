@@ -24,6 +24,12 @@
 //! pod's, guarded in place ([`crate::sandbox::SandboxSpec::existing_cgroup`]): the policy covers the
 //! pod's containers (child cgroups, also those made later), and removal leaves the cgroup and
 //! its processes to the kubelet.
+//!
+//! A registered pod outlives a daemon killed with SIGKILL: its sandbox's state keeps the pod
+//! ([`super::persist::PersistedPod`]), and the next daemon adopts it with the other sandboxes
+//! ([`super::adopt`]): same masked tokens and CA, the spec's secrets resolved again, the policy
+//! (with `INHERIT`) rewritten for the new proxy and resolver. In between the pod stays cut off
+//! (its links stay attached; the dead proxy's port refuses), never open.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +45,7 @@ use serde_json::{Value, json};
 use super::api::{Api, ApiError};
 use super::auth::Caller;
 use super::kubepods::{self, KubepodsError, PodCgroup};
+use super::persist::PersistedPod;
 use super::state::{CreateRequest, SandboxInfo};
 use crate::audit::AuditEvent;
 use crate::bundle::{Issuer, IssuerType};
@@ -194,6 +201,31 @@ pub struct PodInfo {
     pub project_dir: PathBuf,
 }
 
+impl PodInfo {
+    /// A pod as its sandbox's state keeps it ([`super::persist`]).
+    pub fn of(pod: &PersistedPod, sandbox_id: u64, project_dir: PathBuf) -> PodInfo {
+        PodInfo {
+            claims: PodClaims {
+                uid: pod.uid.clone(),
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+            },
+            driver: pod.driver,
+            qos: pod.qos,
+            cgroup: pod.cgroup.clone(),
+            sandbox_id,
+            project_dir,
+        }
+    }
+}
+
+/// The name of a pod's sandbox (its owner is root: its cgroup is named `u0-pod-<uid>` in kz's
+/// records).
+pub fn sandbox_name(uid: &str) -> String {
+    format!("pod-{uid}")
+}
+
 /// The pods side of the daemon: the token verifier, the specs, the registered pods.
 pub struct Pods {
     verifier: Verifier,
@@ -272,6 +304,19 @@ impl Pods {
                 namespace: pod.namespace.clone(),
                 service_account: pod.service_account.clone(),
             })
+    }
+
+    /// Whether the config still has a spec for the pod's namespace and service account (a
+    /// restarted daemon adopts a pod sandbox only then, [`super::adopt`]).
+    pub fn has_spec(&self, namespace: &str, service_account: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.namespace == namespace && r.service_account == service_account)
+    }
+
+    /// Lists a pod a killed daemon registered and this one adopted ([`super::adopt`]).
+    pub fn restore(&self, info: PodInfo) {
+        lock(&self.registered).insert(info.claims.uid.clone(), info);
     }
 
     /// The registered pods whose sandbox still stands (a sandbox removed with
@@ -424,28 +469,30 @@ async fn register(
     if let Some(pid) = own_netns(&found.path) {
         return Err(PodError::OwnNetns { uid: pod.uid, pid }.into());
     }
+    let kept = PersistedPod {
+        uid: pod.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+        driver: found.driver,
+        qos: found.qos,
+        cgroup: found.path,
+    };
     let sandbox = api
         .registry
-        .create_in(
+        .create_for_pod(
             &Caller {
                 pid: caller.pid,
                 ..ROOT
             },
             CreateRequest {
-                name: Some(format!("pod-{}", pod.uid)),
+                name: Some(sandbox_name(&pod.uid)),
                 project_dir: rule.project_dir.clone(),
             },
-            Some(&found.path),
+            kept.clone(),
         )
         .await?;
-    let info = PodInfo {
-        claims: pod,
-        driver: found.driver,
-        qos: found.qos,
-        cgroup: found.path,
-        sandbox_id: sandbox.id,
-        project_dir: sandbox.project_dir.clone(),
-    };
+    let info = PodInfo::of(&kept, sandbox.id, sandbox.project_dir.clone());
     api.registry.record(
         AuditEvent::new("pod_registered")
             .with("pod_uid", info.claims.uid.clone())

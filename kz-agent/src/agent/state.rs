@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::auth::{Caller, may_manage};
-use super::persist::{PersistError, Persisted, StateDir};
+use super::persist::{PersistError, Persisted, PersistedPod, StateDir};
 use super::secrets::{self, Project, SecretsError};
 use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
 use crate::config::Config;
@@ -184,6 +184,8 @@ struct Kept {
     /// Made for one `POST /v1/runs` command.
     for_run: bool,
     ca: Arc<CertAuthority>,
+    /// The pod whose cgroup it guards.
+    pod: Option<PersistedPod>,
 }
 
 /// What a sandbox is made of before it is admitted: a new one's, or one a killed daemon left
@@ -201,9 +203,9 @@ pub(super) struct Parts {
     pub ca: Arc<CertAuthority>,
     pub created: String,
     pub for_run: bool,
-    /// The cgroup someone else owns that it guards (a Kubernetes pod's,
-    /// [`SandboxSpec::existing_cgroup`]); none: one of kz's own.
-    pub existing_cgroup: Option<PathBuf>,
+    /// The Kubernetes pod whose cgroup (the kubelet's) it guards
+    /// ([`SandboxSpec::existing_cgroup`]); none: a cgroup of kz's own.
+    pub pod: Option<PersistedPod>,
 }
 
 /// What a process started in a sandbox needs from it: the masks of its mount namespace (from
@@ -269,15 +271,16 @@ impl Registry {
         self.create_as(caller, req, false, None).await
     }
 
-    /// [`Registry::create`], on the existing cgroup `on` when given (a Kubernetes pod's, see
-    /// [`super::pods`]) instead of a new one ([`SandboxSpec::existing_cgroup`]).
-    pub async fn create_in(
+    /// [`Registry::create`] on the cgroup of Kubernetes pod `pod` (the kubelet's, see
+    /// [`super::pods`]) instead of a new one ([`SandboxSpec::existing_cgroup`]); the pod is kept
+    /// with the sandbox's state, so a restarted daemon guards it again.
+    pub async fn create_for_pod(
         &self,
         caller: &Caller,
         req: CreateRequest,
-        on: Option<&std::path::Path>,
+        pod: PersistedPod,
     ) -> Result<SandboxInfo, StateError> {
-        self.create_as(caller, req, false, on).await
+        self.create_as(caller, req, false, Some(pod)).await
     }
 
     /// [`Registry::create`] for one `POST /v1/runs` command: a daemon that adopts it after a
@@ -295,7 +298,7 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
         for_run: bool,
-        on: Option<&std::path::Path>,
+        pod: Option<PersistedPod>,
     ) -> Result<SandboxInfo, StateError> {
         let name = match req.name {
             Some(n) => n,
@@ -329,7 +332,7 @@ impl Registry {
             ca: Arc::new(CertAuthority::generate(LEAF_CACHE)?),
             created: crate::audit::rfc3339_now(),
             for_run,
-            existing_cgroup: on.map(std::path::Path::to_owned),
+            pod,
         };
         let entry = self.admit(parts, None).await?;
         // A sandbox a restarted daemon could not find again is not made at all.
@@ -378,7 +381,7 @@ impl Registry {
             ca,
             created,
             for_run,
-            existing_cgroup,
+            pod,
         } = parts;
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
         let cgroup_name = format!("u{owner_uid}-{name}");
@@ -445,7 +448,7 @@ impl Registry {
                 .max_allowed_ips
                 .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
             dns_ttl_floor: crate::sandbox::TTL_FLOOR,
-            existing_cgroup,
+            existing_cgroup: pod.as_ref().map(|p| p.cgroup.clone()),
         };
         let sandbox = match held {
             None => self.node.admit(spec).await?,
@@ -476,6 +479,7 @@ impl Registry {
                 owner_gid,
                 for_run,
                 ca,
+                pod,
             },
         })
     }
@@ -486,7 +490,7 @@ impl Registry {
             return Ok(());
         };
         let info = &entry.info;
-        state.save(&Persisted::new(
+        let mut persisted = Persisted::new(
             info.id,
             info.name.clone(),
             (info.owner_uid, entry.kept.owner_gid),
@@ -498,7 +502,9 @@ impl Registry {
                 .map(|(name, s)| (name.clone(), s.token.clone()))
                 .collect(),
             &entry.kept.ca,
-        ))
+        );
+        persisted.pod = entry.kept.pod.clone();
+        state.save(&persisted)
     }
 
     /// Removes a sandbox's state file; a failure is logged (the next start finds no cgroup for

@@ -312,6 +312,41 @@ impl Interceptor {
             return Err(InterceptError::BadName(name.to_owned()));
         }
         let path = self.cgroup_dir.join(name);
+        self.take_over(path, name, id, policy, false)
+    }
+
+    /// [`Interceptor::adopt_cgroup`] for an existing cgroup a previous process of this held
+    /// owner guarded ([`Interceptor::guard_existing_cgroup`], a Kubernetes pod's): the same
+    /// checks of its id and links, except that it need not hold processes (a pod between
+    /// containers still is one); its policy is written with `INHERIT` again, and a failure
+    /// gives it back (detached) instead of removing it. A cgroup that is gone, or was made
+    /// again, is refused with `cgroup_gone`.
+    pub fn adopt_existing_cgroup(
+        &mut self,
+        path: &Path,
+        name: &str,
+        id: u64,
+        policy: &Policy,
+    ) -> Result<Cgroup, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        if !path.starts_with(&self.cgroup_root) {
+            return Err(InterceptError::NotACgroup(path.to_owned()));
+        }
+        self.take_over(path.to_owned(), name, id, policy, true)
+    }
+
+    /// The checks and the takeover of [`Interceptor::adopt_cgroup`] and
+    /// [`Interceptor::adopt_existing_cgroup`].
+    fn take_over(
+        &mut self,
+        path: PathBuf,
+        name: &str,
+        id: u64,
+        policy: &Policy,
+        existing: bool,
+    ) -> Result<Cgroup, InterceptError> {
         let refuse = |reason: &'static str, detail: String| InterceptError::NotAdoptable {
             path: path.clone(),
             reason,
@@ -330,7 +365,7 @@ impl Interceptor {
             }
             Err(_) => return Err(refuse("cgroup_gone", "it no longer exists".into())),
         }
-        if cgroups::populated(&path) != Some(true) {
+        if !existing && cgroups::populated(&path) != Some(true) {
             return Err(refuse("empty", "no process is left in it".into()));
         }
         let expected = self.program_ids()?;
@@ -394,7 +429,7 @@ impl Interceptor {
                 unix_keys: UnixKeys::default(),
                 links,
                 link_ids,
-                existing: false,
+                existing,
             },
         );
         if let Ok(mut g) = self.guards.lock() {
@@ -412,7 +447,9 @@ impl Interceptor {
     /// ([`Interceptor::adopt_cgroup`]): as [`pins::cleanup_dead`] does for a dead instance, each
     /// such cgroup's processes are killed first, then its links unpinned, its map entries purged
     /// and the cgroup removed; a cgroup that cannot be emptied keeps its links (fail closed).
-    /// Links pinned for a cgroup that no longer exists go too.
+    /// Links pinned for a cgroup that no longer exists go too, and so do those of an existing
+    /// cgroup not adopted ([`Interceptor::adopt_existing_cgroup`]): such a cgroup is someone
+    /// else's (the kubelet's), so it is only detached, never emptied or removed.
     pub fn sweep_held(&mut self) -> Vec<Swept> {
         let mut swept = Vec::new();
         let mut purge = BTreeSet::new();

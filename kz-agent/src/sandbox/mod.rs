@@ -256,7 +256,9 @@ impl Node {
     /// a DNS resolver and session of its own as [`Node::admit`] gives, and the cgroup's kernel
     /// policy rewritten to name them ([`Interceptor::adopt_cgroup`]). When this fails the cgroup
     /// is left as it was (cut off) for [`Node::sweep_held`], or removed with its processes when
-    /// it failed after the policy was rewritten.
+    /// it failed after the policy was rewritten. With [`SandboxSpec::existing_cgroup`] the
+    /// cgroup is that one, guarded before by the previous process
+    /// ([`Interceptor::adopt_existing_cgroup`]); it is never removed, only given back.
     pub async fn adopt(&self, spec: SandboxSpec, id: u64) -> Result<Sandbox, SandboxError> {
         self.admit_in(spec, Place::Held(id)).await
     }
@@ -343,7 +345,10 @@ impl Node {
                 (Place::New, Some(path)) => {
                     icpt.guard_existing_cgroup(path, &spec.name, &policy)?
                 }
-                (Place::Held(id), _) => icpt.adopt_cgroup(&spec.name, id, &policy)?,
+                (Place::Held(id), None) => icpt.adopt_cgroup(&spec.name, id, &policy)?,
+                (Place::Held(id), Some(path)) => {
+                    icpt.adopt_existing_cgroup(path, &spec.name, id, &policy)?
+                }
             }
         };
         // The cell is fresh: set() cannot fail.

@@ -137,6 +137,8 @@ impl Daemon {
             .arg("--state-dir")
             .arg(&self.state)
             .args(args)
+            // Root's approvals (the gate of root's sandboxes) stay in the test's directory.
+            .env("KZ_STATE_DIR", self.dir.join("approvals"))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KZ_LOG", "warn")
             .stdin(Stdio::null())
@@ -671,11 +673,16 @@ fn users_manage_only_their_own_sandboxes() {
     assert_eq!(code, 201, "{root_box}");
     let root_id = root_box["id"].as_u64().unwrap();
     // The same name is the user's to take too: names are per owner.
+    // The user's approvals (the gate of its sandboxes) in a store of its own.
+    let user_state = projects.join("user-state");
+    std::fs::create_dir_all(&user_state).unwrap();
+    own(&user_state);
+    std::fs::set_permissions(&user_state, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (code, user_box) = daemon.api(
         me,
         "POST",
         "/v1/sandboxes",
-        Some(&json!({"name": "agent", "project_dir": user_dir})),
+        Some(&json!({"name": "agent", "project_dir": user_dir, "state_dir": user_state})),
     );
     assert_eq!(code, 201, "{user_box}");
     assert_eq!(user_box["owner_uid"], agent.uid);
@@ -725,7 +732,7 @@ fn users_manage_only_their_own_sandboxes() {
             me,
             "POST",
             "/v1/sandboxes",
-            Some(&json!({"name": "sneaky", "project_dir": dir})),
+            Some(&json!({"name": "sneaky", "project_dir": dir, "state_dir": user_state})),
         );
         assert_eq!(
             (code, v["error"]["code"].as_str()),
@@ -1014,7 +1021,7 @@ fn a_user_runs_blind_through_the_daemon() {
         me,
         "POST",
         "/v1/sandboxes",
-        Some(&json!({"name": "mine", "project_dir": project})),
+        Some(&json!({"name": "mine", "project_dir": project, "state_dir": state})),
     );
     assert_eq!(code, 201, "{sandbox}");
     let id = sandbox["id"].as_u64().unwrap();
@@ -1239,6 +1246,21 @@ fn an_orderly_stop_answers_the_requests_in_flight_first() {
             "the request never reached the upstream"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent's connection is made (redirected to the proxy): its processes leave the
+    // sandbox's cgroup, so the stop's destruction of the sandbox, which kills what is in it
+    // right after the drain, cannot race curl printing the answer it was given.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 path");
+    let own_procs = Path::new("/sys/fs/cgroup")
+        .join(own.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let procs = std::fs::read_to_string(Path::new(&cgroup).join("cgroup.procs")).unwrap();
+    for pid in procs.split_whitespace() {
+        std::fs::write(&own_procs, pid).unwrap();
     }
     let stopped = daemon.stop();
     assert!(stopped.status.success(), "{stopped:?}");
@@ -2349,5 +2371,396 @@ fn an_adopted_runs_sandbox_goes_with_its_last_process() {
     assert!(!daemon.state.join(format!("sandboxes/{id}.json")).exists());
     let out = daemon.stop();
     assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Reads a child's stdout line by line on a thread; the lines arrive on the channel.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines from `rx` until one satisfies `want` (returned with those before it), or panics
+/// after `secs`.
+fn until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    secs: u64,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                let hit = want(&v);
+                seen.push(v);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("{what}: none within {secs} s ({e:?}); lines so far: {seen:?}"),
+        }
+    }
+}
+
+/// `curl -N` on an event stream as `uid`:`gid`, its stdout piped.
+fn stream_as(socket: &Path, uid: u32, gid: u32, path: &str) -> Child {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .args(["--clear-groups", "--", "curl", "-sS", "-N", "-m", "120"])
+        .args(["-w", "\n{\"http_code\":%{http_code}}\n", "--unix-socket"])
+        .arg(socket)
+        .arg(format!("http://kz{path}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `GET /v1/sandboxes/{id}/events` streams the sandbox's records live to its owner: the
+/// requests and refusals of a process acting in it arrive while it acts; another user gets
+/// 403 and nothing, and its `/v1/events` carries nothing of the sandbox; the stream ends with
+/// `sandbox_destroyed` on DELETE.
+#[test]
+fn a_sandbox_streams_its_events_to_its_owner_only() {
+    if !support::require_root() {
+        return;
+    }
+    const USER_REAL: &str = "events-test-value-0c9d4e";
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let other_uid = agent.uid + 7919;
+    let pair = Pair::new("agec", "ageu");
+    pair.add_upstream_addr("10.77.0.10/24");
+    let ca = TestCa::new("kz agent events test CA");
+    let upstream = host(
+        &pair.upstream,
+        "10.77.0.10".parse().unwrap(),
+        &ca,
+        "api.ev.test",
+    );
+    let _dns = TestDns::start(
+        &pair.upstream,
+        "10.77.0.2:53".parse().unwrap(),
+        Zone::new(30).host("api.ev.test", &["10.77.0.10"]),
+    );
+    let root = support::agent_readable_dir("kzage");
+    let ca_pem = ca.write_pem(&root, "upstream-ca.pem");
+    let daemon = Daemon::start_with(
+        Some(&pair.client),
+        &group,
+        &[],
+        &["--upstream-ca".as_ref(), ca_pem.as_os_str()],
+    );
+    let (project, state) = user_project(&root, "api.ev.test", USER_REAL, "10.77.0.2:53");
+    let me = Some((agent.uid, agent.gid));
+    let (code, sandbox) = daemon.api(
+        me,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"name": "watched", "project_dir": project, "state_dir": state})),
+    );
+    assert_eq!(code, 201, "{sandbox}");
+    let id = sandbox["id"].as_u64().unwrap();
+    let token = sandbox["secrets"]["API_KEY"]["token"].as_str().unwrap();
+    let cgroup = sandbox["cgroup"].as_str().unwrap();
+    let sandbox_ca = root.join("sandbox-ca.pem");
+    std::fs::write(&sandbox_ca, sandbox["ca_cert_pem"].as_str().unwrap()).unwrap();
+
+    // The owner's stream, and another user's view of everything it may see.
+    let events = format!("/v1/sandboxes/{id}/events");
+    let mut owner = stream_as(&daemon.socket, agent.uid, agent.gid, &events);
+    let owner_rx = lines_of(&mut owner);
+    let mut others = stream_as(&daemon.socket, other_uid, agent.gid, "/v1/events");
+    let others_rx = lines_of(&mut others);
+    until(&owner_rx, 20, "the owner's subscription", |v| {
+        v["kind"] == "events_subscribed"
+    });
+    until(&others_rx, 20, "the other user's subscription", |v| {
+        v["kind"] == "events_subscribed"
+    });
+
+    // Another user asking for the sandbox's stream: 403, and no record.
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={other_uid}"))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", "curl", "-sS", "-N", "-m", "20"])
+        .args(["-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg(format!("http://kz{events}?since=256"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("403") && text.contains("\"forbidden\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sandbox_created") && !text.contains("events_subscribed"),
+        "{text}"
+    );
+
+    // A process in the sandbox acts: an HTTPS request with the token (swapped), and a connect
+    // to an address it never resolved (refused by the kernel).
+    let script = format!(
+        "curl -sS -m 20 --cacert '{}' https://api.ev.test/v1/echo -H 'Authorization: Bearer {token}' -o /dev/null -w 'status %{{http_code}}\\n'\n\
+         (exec 4<>/dev/tcp/10.77.0.99/80) 2>&1 && echo denied-address-connected\ntrue\n",
+        sandbox_ca.display()
+    );
+    let acting = in_sandbox(&pair.client, cgroup, &script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Live: the records come while the sandbox stands, as the process acts.
+    let seen = until(&owner_rx, 20, "the request's record", |v| {
+        v["kind"] == "proxy_request"
+    });
+    let request = seen.last().unwrap();
+    assert_eq!(request["sandbox_id"], id, "{request}");
+    assert_eq!(request["swapped"], json!(["API_KEY"]), "{request}");
+    let seen = until(&owner_rx, 20, "the refused connect's record", |v| {
+        v["kind"] == "connect_blocked"
+    });
+    assert_eq!(seen.last().unwrap()["sandbox_id"], id);
+    let out = acting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("status 200") && said.contains("Operation not permitted"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.header("authorization") == Some(&*format!("Bearer {USER_REAL}"))),
+        "the upstream never got the real value"
+    );
+
+    // The CLI prints the records kept so far (and exits without -f).
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", agent.uid))
+        .arg(format!("--regid={}", agent.gid))
+        .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")])
+        .args(["sandbox", "events", &id.to_string(), "-n", "50", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("proxy_request") && printed.contains("connect_blocked"),
+        "{printed}"
+    );
+
+    // DELETE: the owner's stream ends by itself, its last record `sandbox_destroyed`.
+    let (code, _) = daemon.api(me, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(code, 200);
+    let seen = until(&owner_rx, 20, "the stream's end", |v| {
+        v["http_code"].is_number()
+    });
+    assert_eq!(seen.last().unwrap()["http_code"], 200);
+    let last = &seen[seen.len() - 2];
+    assert_eq!(
+        (last["kind"].as_str(), last["sandbox_id"].as_u64()),
+        (Some("sandbox_destroyed"), Some(id)),
+        "{seen:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while owner.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "curl did not exit after the end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The other user's /v1/events got nothing of the sandbox.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = others.kill();
+    let _ = others.wait();
+    let theirs: Vec<String> = others_rx.try_iter().collect();
+    assert!(
+        theirs.iter().all(|l| !l.contains(&id.to_string())
+            && !l.contains("proxy_request")
+            && !l.contains("connect_blocked")),
+        "another user saw the sandbox's records: {theirs:?}"
+    );
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    assert!(!log.contains(USER_REAL), "a real value in the audit log");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Creates racing with one name (same owner): one sandbox, the others `409 name_taken`.
+#[test]
+fn racing_creates_of_one_name_give_one_sandbox() {
+    if !support::require_root() {
+        return;
+    }
+    let daemon = Daemon::start(None, "root", &[("KZ_TEST_REAL_0".into(), real(0))]);
+    let dir = support::agent_readable_dir("kzagn").join("p0");
+    sandbox_project(&dir, 0);
+    let body = json!({"name": "same", "project_dir": dir}).to_string();
+    let racers: Vec<Child> = (0..6)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sS", "-m", "60", "-w", "\n%{http_code}", "--unix-socket"])
+                .arg(&daemon.socket)
+                .args(["-H", "content-type: application/json", "-d", &body])
+                .arg("http://kz/v1/sandboxes")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let answers: Vec<String> = racers
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
+        .collect();
+    let created = answers.iter().filter(|a| a.ends_with("\n201")).count();
+    let taken = answers
+        .iter()
+        .filter(|a| a.ends_with("\n409") && a.contains("\"name_taken\""))
+        .count();
+    assert_eq!((created, taken), (1, 5), "{answers:#?}");
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+/// `kz allow` as `uid`:`gid` (root: `None`) with `state` as its state directory.
+fn allow_as(user: Option<(u32, u32)>, project: &Path, state: &Path) -> Output {
+    let mut cmd = match user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .args(["--clear-groups", "--", env!("CARGO_BIN_EXE_kz")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kz")),
+    };
+    let out = cmd
+        .arg("--dir")
+        .arg(project)
+        .arg("allow")
+        .env("KZ_STATE_DIR", state)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kz allow: {out:?}");
+    out
+}
+
+/// The daemon runs `kz run --blind`'s approval gate with the owner's approvals: a project whose
+/// secret scopes changed since its owner approved it is refused (`403 not_approved`, the diff
+/// and `kz allow` in the message) until the owner approves it; root's approval does not count
+/// for a user's project.
+#[test]
+fn a_changed_config_is_refused_until_its_owner_approves_it() {
+    if !support::require_root() {
+        return;
+    }
+    let agent = support::agent_user();
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(agent.gid))
+        .unwrap()
+        .expect("the test user's group")
+        .name;
+    let daemon = Daemon::start(None, &group, &[("KZ_TEST_REAL_0".into(), real(0))]);
+    let root_state = daemon.dir.join("approvals");
+    let root = support::agent_readable_dir("kzaga");
+    let widen = |dir: &Path| {
+        let file = dir.join(".keyzero.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let wider = text.replacen("hosts = [\"", "hosts = [\"exfil.example\", \"", 1);
+        assert_ne!(text, wider);
+        std::fs::write(&file, wider).unwrap();
+    };
+    let create = |user: Option<(u32, u32)>, dir: &Path, state: Option<&Path>| {
+        let mut body = json!({"name": "gated", "project_dir": dir});
+        if let Some(s) = state {
+            body["state_dir"] = json!(s);
+        }
+        daemon.api(user, "POST", "/v1/sandboxes", Some(&body))
+    };
+    let refused = |(code, v): (u16, Value)| {
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (403, Some("not_approved")),
+            "{v}"
+        );
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("exfil.example") && message.contains("kz allow"),
+            "{message}"
+        );
+    };
+    let created = |(code, v): (u16, Value), user| {
+        assert_eq!(code, 201, "{v}");
+        let id = v["id"].as_u64().unwrap();
+        let (code, _) = daemon.api(user, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(code, 200);
+    };
+
+    // Root's project, root's approvals (the daemon's KZ_STATE_DIR).
+    let root_project = root.join("root-project");
+    sandbox_project(&root_project, 0);
+    created(create(None, &root_project, None), None);
+    widen(&root_project);
+    refused(create(None, &root_project, None));
+    allow_as(None, &root_project, &root_state);
+    created(create(None, &root_project, None), None);
+
+    // A user's project, the user's approvals.
+    let me = Some((agent.uid, agent.gid));
+    let (project, state) = user_project(&root, "api.test", "gate-test-value-5a1b", "127.0.0.1:53");
+    created(create(me, &project, Some(&state)), me);
+    widen(&project);
+    refused(create(me, &project, Some(&state)));
+    // Root approving the user's project changes nothing for the user.
+    allow_as(None, &project, &root_state);
+    refused(create(me, &project, Some(&state)));
+    allow_as(me, &project, &state);
+    created(create(me, &project, Some(&state)), me);
+
+    let records = daemon.audit();
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "api_refused" && r["reason"] == "not_approved")
+            .count()
+            >= 3,
+        "the refusals are audited"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "config_first_use" && r["owner_uid"] == agent.uid),
+        "the user's first use is audited"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -145,6 +145,20 @@ pub enum SandboxCommand {
         #[command(flatten)]
         client: AgentClientArgs,
     },
+    /// A sandbox's audit records (requests, refusals, runs): the last ones kept, and with -f
+    /// every new one as it happens until the sandbox is destroyed.
+    Events {
+        /// The sandbox id.
+        id: u64,
+        /// Follow: keep printing records as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the records kept (at most 256) to print first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        #[command(flatten)]
+        client: AgentClientArgs,
+    },
 }
 
 // ---- kz run, export, status, validate, list ----
@@ -234,6 +248,10 @@ pub struct ExportArgs {
     /// Shell-specific output (fish uses set -gx instead of export)
     #[arg(long, value_enum, conflicts_with = "format")]
     pub shell: Option<Shell>,
+    /// Run `kz run --blind`'s approval gate first (the node daemon resolves a user's sandbox
+    /// with it): refused → `{"refused": {...}}` on stdout and exit 77, nothing resolved.
+    #[arg(long, hide = true)]
+    pub approval_gate: bool,
 }
 
 #[derive(Debug, Clone, Args)]

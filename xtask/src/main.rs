@@ -36,7 +36,7 @@ enum Task {
     Demo,
     /// Check deploy/ (Kubernetes schemas, systemd-analyze); `test` runs this too.
     DeployCheck,
-    /// Set up, then run a benchmark (`connect`, `mcp`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
+    /// Set up, then run a benchmark (`agent`, `connect`, `mcp`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
     Bench { name: String },
     /// Processes the benchmarks run inside network namespaces and cgroups.
     #[command(hide = true, subcommand)]

@@ -148,7 +148,13 @@ pub async fn adopt_all(registry: &Registry, pods: Option<&Pods>) -> Vec<Adopted>
         let resolved = match resolved {
             Ok(r) => r,
             Err(e) => {
-                dropped.push(drop_it("config_unusable", e.to_string()));
+                // A config changed during the gap and not approved since is refused as at
+                // creation: its rules are not served.
+                let reason = match e {
+                    SecretsError::Approval { .. } => "not_approved",
+                    _ => "config_unusable",
+                };
+                dropped.push(drop_it(reason, e.to_string()));
                 discard(registry, &path);
                 continue;
             }
@@ -210,23 +216,31 @@ pub async fn adopt_all(registry: &Registry, pods: Option<&Pods>) -> Vec<Adopted>
 /// not load (no rules to serve the sandbox with). A resolution that fails leaves every token
 /// unswappable.
 async fn resolve_again(p: &Persisted) -> Result<Resolved, SecretsError> {
-    let (config, fresh, failure) =
-        match secrets::load(&p.project_dir, p.owner_uid, p.owner_gid).await {
-            Ok(Project { config, secrets }) => (config, secrets, None),
-            // The project is there, its values are not (or not all): adopted unswappable.
-            Err(
-                e @ (SecretsError::Resolve(_)
-                | SecretsError::AsCaller { .. }
-                | SecretsError::Timeout { .. }
-                | SecretsError::Spawn { .. }
-                | SecretsError::BadOutput { .. }
-                | SecretsError::NoSecrets(_)),
-            ) => {
-                let config = crate::config::Config::load(Some(&p.project_dir))?;
-                (config, Vec::new(), Some(e.to_string()))
-            }
-            Err(e) => return Err(e),
-        };
+    let (config, fresh, failure) = match secrets::load(
+        &p.project_dir,
+        p.owner_uid,
+        p.owner_gid,
+        p.approvals.as_deref(),
+    )
+    .await
+    {
+        Ok(Project {
+            config, secrets, ..
+        }) => (config, secrets, None),
+        // The project is there, its values are not (or not all): adopted unswappable.
+        Err(
+            e @ (SecretsError::Resolve(_)
+            | SecretsError::AsCaller { .. }
+            | SecretsError::Timeout { .. }
+            | SecretsError::Spawn { .. }
+            | SecretsError::BadOutput { .. }
+            | SecretsError::NoSecrets(_)),
+        ) => {
+            let config = crate::config::Config::load(Some(&p.project_dir))?;
+            (config, Vec::new(), Some(e.to_string()))
+        }
+        Err(e) => return Err(e),
+    };
     let mut secrets = Vec::new();
     let mut unresolved = BTreeMap::new();
     let mut fresh: BTreeMap<String, crate::run::MaskedSecret> =
@@ -283,6 +297,7 @@ async fn adopt_one(
         created: p.created.clone(),
         for_run: p.run,
         pod: p.pod.clone(),
+        approvals: p.approvals.clone(),
     };
     let info = registry
         .adopt(parts, p.id)

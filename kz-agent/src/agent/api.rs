@@ -7,6 +7,8 @@
 //! | `GET /v1/sandboxes`           | the sandboxes you may see                         |
 //! | `GET /v1/sandboxes/{id}`      | one of them                                       |
 //! | `DELETE /v1/sandboxes/{id}`   | destroy it (its processes are killed)             |
+//! | `GET /v1/sandboxes/{id}/events` | its audit records as JSON lines, live ([`super::events`]) |
+//! | `GET /v1/events`              | the same for every sandbox you may see            |
 //! | `POST /v1/runs`               | start a command as you in a sandbox ([`super::runs`]) |
 //! | `/v1/pods…`                   | Kubernetes pods ([`super::pods`])                 |
 //!
@@ -24,11 +26,15 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
+use super::events::{EventsError, Scope};
 use super::state::{CreateRequest, Registry, SandboxInfo, StateError};
 use crate::audit::AuditEvent;
 
 /// A create request's body is a name and a path.
 const MAX_BODY: usize = 64 * 1024;
+
+/// An answer's body: JSON in one piece, or an event stream.
+pub type ApiBody = http_body_util::Either<Full<Bytes>, super::events::Stream>;
 
 /// What the handlers share.
 pub struct Api {
@@ -48,18 +54,25 @@ pub async fn handle(
     api: Arc<Api>,
     caller: Caller,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<ApiBody>, Infallible> {
+    use http_body_util::Either;
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     if method == Method::GET && path == "/metrics" {
         return Ok(Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(metrics(&api, &caller))))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+            .body(Either::Left(Full::new(Bytes::from(metrics(&api, &caller)))))
+            .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new())))));
     }
     let routed = if path.trim_end_matches('/') == "/v1/runs" && method == Method::POST {
         // An upgraded connection: its answer is `101` with no body, or an error below.
         match super::runs::start(api.clone(), caller, req).await {
+            Ok(resp) => return Ok(resp.map(Either::Left)),
+            Err(e) => Err(e),
+        }
+    } else if let Some(scope) = events_scope(&method, &path) {
+        // A streaming answer: its body is the stream, or an error below.
+        match scope.and_then(|scope| events(&api, &caller, scope, req.uri().query())) {
             Ok(resp) => return Ok(resp),
             Err(e) => Err(e),
         }
@@ -90,9 +103,65 @@ pub async fn handle(
     let resp = Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(text)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+        .body(Either::Left(Full::new(Bytes::from(text))))
+        .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new()))));
     Ok(resp)
+}
+
+/// Whether `GET path` asks for an event stream, and of what.
+fn events_scope(method: &Method, path: &str) -> Option<Result<Scope, ApiError>> {
+    if method != Method::GET {
+        return None;
+    }
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["v1", "events"] => Some(Ok(Scope::All)),
+        ["v1", "sandboxes", id, "events"] => Some(parse_id(id).map(Scope::Sandbox)),
+        _ => None,
+    }
+}
+
+/// An event stream's answer: `200`, `application/x-ndjson`, chunked, one record a line.
+fn events(
+    api: &Api,
+    caller: &Caller,
+    scope: Scope,
+    query: Option<&str>,
+) -> Result<Response<ApiBody>, ApiError> {
+    let (mut since, mut follow) = (0, true);
+    for (k, v) in query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+    {
+        if k == "since" {
+            since = v.parse().map_err(|_| EventsError::BadSince(v.to_owned()))?;
+        }
+        if k == "follow" {
+            follow = !matches!(v, "0" | "false" | "no");
+        }
+    }
+    let stream = api
+        .registry
+        .events()
+        .subscribe(caller, scope, since, follow)?;
+    api.registry.record(
+        AuditEvent::new("events_opened")
+            .with("uid", caller.uid)
+            .with("caller_pid", caller.pid)
+            .with(
+                "scope",
+                match scope {
+                    Scope::Sandbox(id) => Value::from(id),
+                    Scope::All => Value::from("all"),
+                },
+            ),
+    );
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .header("cache-control", "no-store")
+        .body(http_body_util::Either::Right(stream))
+        .map_err(|e| ApiError::BadBody(e.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +182,8 @@ pub enum ApiError {
     Exec(#[from] super::runs::ExecError),
     #[error(transparent)]
     Pod(#[from] super::pods::PodError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
 }
 
 impl ApiError {
@@ -126,14 +197,30 @@ impl ApiError {
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::Exec(e) => e.status_code(),
             ApiError::Pod(e) => e.status_code(),
+            ApiError::Events(e) => match e {
+                EventsError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
+                EventsError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                EventsError::TooMany => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+                EventsError::BadSince(_) => (StatusCode::BAD_REQUEST, "bad_since"),
+            },
             ApiError::State(e) => match e {
                 StateError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
                 StateError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
                 StateError::TooMany => (StatusCode::TOO_MANY_REQUESTS, "too_many_sandboxes"),
                 StateError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
                 StateError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-                StateError::Secrets(S::Relative(_) | S::UpstreamCa(_) | S::NoSecrets(_)) => {
-                    (StatusCode::BAD_REQUEST, "bad_project")
+                StateError::Secrets(
+                    S::Relative(_) | S::RelativeStateDir(_) | S::UpstreamCa(_) | S::NoSecrets(_),
+                ) => (StatusCode::BAD_REQUEST, "bad_project"),
+                // The project's config changed since its owner last approved it.
+                StateError::Secrets(S::Approval { reason, .. })
+                    if reason == "config_changed" || reason == "config_agent_writable" =>
+                {
+                    (StatusCode::FORBIDDEN, "not_approved")
+                }
+                // The owner's approvals store cannot be used (unsafe, unwritable, corrupt).
+                StateError::Secrets(S::Approval { .. }) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "approvals_unusable")
                 }
                 StateError::Secrets(S::Config(_)) => (StatusCode::BAD_REQUEST, "bad_config"),
                 StateError::Secrets(_) => (StatusCode::UNPROCESSABLE_ENTITY, "resolution_failed"),
@@ -179,9 +266,15 @@ async fn route(
             ok(to_json(&api.registry.remove(caller, parse_id(id)?).await?))
         }
         (["v1", "pods", ..], _) => super::pods::route(api, caller, req).await,
-        (["v1", "status"] | ["v1", "sandboxes"] | ["v1", "sandboxes", _] | ["v1", "runs"], _) => {
-            Err(ApiError::Method(method, path))
-        }
+        (
+            ["v1", "status"]
+            | ["v1", "sandboxes"]
+            | ["v1", "sandboxes", _]
+            | ["v1", "runs"]
+            | ["v1", "events"]
+            | ["v1", "sandboxes", _, "events"],
+            _,
+        ) => Err(ApiError::Method(method, path)),
         _ => Err(ApiError::NotFound(method, path)),
     }
 }

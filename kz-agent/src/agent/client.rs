@@ -116,3 +116,53 @@ pub async fn call(
         message: field("message"),
     })
 }
+
+/// `GET path` as a stream of JSON lines (an event stream): each line is handed to `line` as
+/// it arrives, until the daemon ends the stream; a refusal is [`ClientError::Refused`].
+pub async fn stream_lines(
+    socket: &Path,
+    path: &str,
+    mut line: impl FnMut(&[u8]),
+) -> Result<(), ClientError> {
+    let stream = connect(socket).await?;
+    let http = |e: hyper::Error| ClientError::Http {
+        path: socket.to_owned(),
+        message: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", "kz")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ClientError::Http {
+            path: socket.to_owned(),
+            message: e.to_string(),
+        })?;
+    let resp = sender.send_request(req).await.map_err(http)?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await.map_err(http)?.to_bytes();
+        return Err(refusal(status, &bytes));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(http)?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            line(&pending[..end]);
+            pending.drain(..=end);
+        }
+    }
+    if !pending.is_empty() {
+        line(&pending);
+    }
+    Ok(())
+}

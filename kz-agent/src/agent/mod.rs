@@ -7,6 +7,8 @@
 //!   caller's privileges.
 //! - [`state`]: the sandboxes, their owners, tokens, counters and audit context.
 //! - [`api`]: the HTTP/1.1 JSON endpoints; [`client`]: the CLI's side of them.
+//! - [`events`]: a sandbox's audit records streamed live to its owner (bounded queues: a slow
+//!   reader loses records, counted, and never holds up the proxy).
 //! - [`pods`]: `/v1/pods`, Kubernetes pods registered by a node-side hook with their projected
 //!   service-account token, their own cgroup (found in the kubelet's layouts, [`kubepods`])
 //!   guarded with the sandbox the config names for their service account.
@@ -22,12 +24,13 @@
 //! its own session, and creating one costs a key pair (milliseconds). The daemon refuses to run
 //! without kernel interception: an explicit proxy cannot tell two sandboxes apart.
 //!
-//! Not built yet (issue 15): event streams, pod discovery.
+//! Not built yet (issue 15): pod discovery.
 
 pub mod adopt;
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod events;
 pub mod kubepods;
 pub mod persist;
 pub mod pods;

@@ -93,6 +93,10 @@ pub struct Persisted {
     pub tokens: BTreeMap<String, String>,
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
+    /// The approvals store the owner named at creation: the gate runs against it again at
+    /// adoption (a config the agent changed during the gap is refused as at creation).
+    #[serde(default)]
+    pub approvals: Option<PathBuf>,
     /// The Kubernetes pod whose cgroup it guards ([`super::pods`]); none: a sandbox of kz's own
     /// cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,6 +142,7 @@ impl Persisted {
             ca_cert_pem: ca.cert_pem().to_owned(),
             ca_key_pem: ca.key_pem().to_string(),
             pod: None,
+            approvals: None,
         }
     }
 }

@@ -488,6 +488,8 @@ async fn register(
             CreateRequest {
                 name: Some(sandbox_name(&pod.uid)),
                 project_dir: rule.project_dir.clone(),
+                // Root's approvals: the spec is the daemon's config.
+                state_dir: None,
             },
             kept.clone(),
         )

@@ -177,6 +177,7 @@ pub async fn start(
                     CreateRequest {
                         name: Some(name),
                         project_dir: dir.clone(),
+                        state_dir: state_dir(&run.env),
                     },
                 )
                 .await?;
@@ -236,6 +237,23 @@ fn agent_user(caller: &Caller) -> AgentUser {
         home: entry.map(|u| u.dir),
         root_in_userns: false,
     }
+}
+
+/// The client's kz state directory as its own kz finds it (`KZ_STATE_DIR`, else
+/// `$XDG_STATE_HOME/kz`, else `$HOME/.local/state/kz`): the approvals its `kz allow` wrote and
+/// its project is checked against. Only absolute paths; none: the caller's passwd home's.
+fn state_dir(env: &[(String, String)]) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let var = |k: &str| {
+        env.iter()
+            .rev()
+            .find(|(n, v)| n == k && !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v))
+    };
+    let dir = var(crate::config::approval::STATE_DIR_VAR)
+        .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("kz")))
+        .or_else(|| var("HOME").map(|h| h.join(".local/state/kz")))?;
+    dir.is_absolute().then_some(dir)
 }
 
 /// The child's environment from the client's (see the module documentation), and the names

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::auth::{Caller, may_manage};
+use super::events::{Events, Publishing};
 use super::persist::{PersistError, Persisted, PersistedPod, StateDir};
 use super::secrets::{self, Project, SecretsError};
 use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
@@ -74,6 +75,10 @@ pub struct CreateRequest {
     /// An absolute path: the directory whose `.keyzero.toml` (or one of its parents') holds
     /// the sandbox's secrets and `[blind]` settings.
     pub project_dir: PathBuf,
+    /// The caller's kz state directory (its `KZ_STATE_DIR`): the approvals the project's
+    /// config is checked against ([`secrets`]). Default: the caller's usual one.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One secret of a sandbox as the API shows it.
@@ -184,6 +189,8 @@ struct Kept {
     /// Made for one `POST /v1/runs` command.
     for_run: bool,
     ca: Arc<CertAuthority>,
+    /// The approvals store the owner named at creation (`CreateRequest::state_dir`).
+    approvals: Option<PathBuf>,
     /// The pod whose cgroup it guards.
     pod: Option<PersistedPod>,
 }
@@ -203,6 +210,8 @@ pub(super) struct Parts {
     pub ca: Arc<CertAuthority>,
     pub created: String,
     pub for_run: bool,
+    /// The owner's approvals store, if it named one ([`CreateRequest::state_dir`]).
+    pub approvals: Option<PathBuf>,
     /// The Kubernetes pod whose cgroup (the kubelet's) it guards
     /// ([`SandboxSpec::existing_cgroup`]); none: a cgroup of kz's own.
     pub pod: Option<PersistedPod>,
@@ -236,6 +245,22 @@ pub struct Registry {
     sandboxes: Mutex<BTreeMap<u64, Entry>>,
     /// Where each sandbox's state is kept for a restarted daemon (none: not kept).
     state: Option<StateDir>,
+    /// Names (owner uid, name) of sandboxes being created.
+    reserved: Mutex<std::collections::BTreeSet<(u32, String)>>,
+    /// The sandboxes' event feeds ([`super::events`]).
+    events: Events,
+}
+
+/// A name held by a create in progress; given back when the create ends.
+struct Reservation<'a> {
+    registry: &'a Registry,
+    key: (u32, String),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.registry.reserved().remove(&self.key);
+    }
 }
 
 impl Registry {
@@ -245,6 +270,8 @@ impl Registry {
             audit,
             sandboxes: Mutex::new(BTreeMap::new()),
             state: None,
+            reserved: Mutex::new(std::collections::BTreeSet::new()),
+            events: Events::new(),
         }
     }
 
@@ -260,6 +287,10 @@ impl Registry {
 
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// Creates a sandbox for `caller` from its project directory.
@@ -307,21 +338,57 @@ impl Registry {
         if !valid_name(&name) {
             return Err(StateError::BadName(name));
         }
-        {
+        // The name is held from this check until the sandbox is in the map (or the create
+        // failed): two creates racing with one name get one sandbox and one `name_taken`,
+        // not a clash of cgroups.
+        let _held = {
             let map = self.lock();
-            let mine: Vec<&Entry> = map
+            let mut reserved = self.reserved();
+            let mine = map
                 .values()
                 .filter(|e| e.info.owner_uid == caller.uid)
-                .collect();
-            if mine.iter().any(|e| e.info.name == name) {
+                .count()
+                + reserved
+                    .iter()
+                    .filter(|(uid, _)| *uid == caller.uid)
+                    .count();
+            let key = (caller.uid, name.clone());
+            if reserved.contains(&key)
+                || map
+                    .values()
+                    .any(|e| e.info.owner_uid == caller.uid && e.info.name == name)
+            {
                 return Err(StateError::NameTaken(name));
             }
-            if !caller.admin && mine.len() >= MAX_PER_USER {
+            if !caller.admin && mine >= MAX_PER_USER {
                 return Err(StateError::TooMany);
             }
+            reserved.insert(key.clone());
+            Reservation {
+                registry: self,
+                key,
+            }
+        };
+        let Project {
+            config,
+            secrets,
+            first_use,
+        } = secrets::load(
+            &req.project_dir,
+            caller.uid,
+            caller.gid,
+            req.state_dir.as_deref(),
+        )
+        .await?;
+        if let Some(record) = &first_use {
+            self.record(
+                AuditEvent::new("config_first_use")
+                    .with("project", config.dir.display().to_string())
+                    .with("environment", config.environment.clone())
+                    .with("owner_uid", caller.uid)
+                    .with("record", record.display().to_string()),
+            );
         }
-        let Project { config, secrets } =
-            secrets::load(&req.project_dir, caller.uid, caller.gid).await?;
         let parts = Parts {
             name,
             owner_uid: caller.uid,
@@ -333,6 +400,7 @@ impl Registry {
             created: crate::audit::rfc3339_now(),
             for_run,
             pod,
+            approvals: req.state_dir.clone(),
         };
         let entry = self.admit(parts, None).await?;
         // A sandbox a restarted daemon could not find again is not made at all.
@@ -382,6 +450,7 @@ impl Registry {
             created,
             for_run,
             pod,
+            approvals,
         } = parts;
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
         let cgroup_name = format!("u{owner_uid}-{name}");
@@ -417,9 +486,13 @@ impl Registry {
         let mut context = Fields::default();
         context.insert("sandbox", Value::from(cgroup_name.clone()));
         context.insert("owner_uid", Value::from(owner_uid));
+        let feed = self.events.open(owner_uid);
         let audit: Arc<dyn AuditSink> = Arc::new(WithContext {
             inner: Arc::new(Counting {
-                inner: self.audit.clone(),
+                inner: Arc::new(Publishing {
+                    inner: self.audit.clone(),
+                    feed: feed.clone(),
+                }),
                 counters: counters.clone(),
             }),
             context,
@@ -450,12 +523,20 @@ impl Registry {
             dns_ttl_floor: crate::sandbox::TTL_FLOOR,
             existing_cgroup: pod.as_ref().map(|p| p.cgroup.clone()),
         };
-        let sandbox = match held {
-            None => self.node.admit(spec).await?,
-            Some(id) => self.node.adopt(spec, id).await?,
+        let admitted = match held {
+            None => self.node.admit(spec).await,
+            Some(id) => self.node.adopt(spec, id).await,
+        };
+        let sandbox = match admitted {
+            Ok(s) => s,
+            Err(e) => {
+                feed.discard();
+                return Err(e.into());
+            }
         };
         let Some(cgroup) = sandbox.cgroup().cloned() else {
             self.node.close(sandbox).await;
+            feed.discard();
             return Err(StateError::NoCgroup);
         };
         let info = SandboxInfo {
@@ -470,6 +551,7 @@ impl Registry {
             ca_cert_pem: ca.cert_pem().to_owned(),
             counters: counters.values(),
         };
+        feed.bind(info.id);
         Ok(Entry {
             info,
             counters,
@@ -480,6 +562,7 @@ impl Registry {
                 for_run,
                 ca,
                 pod,
+                approvals,
             },
         })
     }
@@ -490,7 +573,7 @@ impl Registry {
             return Ok(());
         };
         let info = &entry.info;
-        let mut persisted = Persisted::new(
+        let mut kept = Persisted::new(
             info.id,
             info.name.clone(),
             (info.owner_uid, entry.kept.owner_gid),
@@ -503,8 +586,9 @@ impl Registry {
                 .collect(),
             &entry.kept.ca,
         );
-        persisted.pod = entry.kept.pod.clone();
-        state.save(&persisted)
+        kept.approvals = entry.kept.approvals.clone();
+        kept.pod = entry.kept.pod.clone();
+        state.save(&kept)
     }
 
     /// Removes a sandbox's state file; a failure is logged (the next start finds no cgroup for
@@ -583,17 +667,25 @@ impl Registry {
             }
             map.remove(&id).ok_or(StateError::NotFound(id))?
         };
-        let info = entry.info();
-        self.node.close(entry.sandbox).await;
+        // The records the close causes (refusals still in the kernel's ring) reach the stream
+        // before its last line.
+        let Entry {
+            mut info,
+            counters,
+            sandbox,
+            ..
+        } = entry;
+        self.node.close(sandbox).await;
         self.forget(id);
-        self.record(
-            AuditEvent::new("sandbox_destroyed")
-                .with("sandbox_id", id)
-                .with("owner_uid", info.owner_uid)
-                .with("by_uid", caller.uid)
-                .with("requests", info.counters.requests)
-                .with("refused", info.counters.refused),
-        );
+        info.counters = counters.values();
+        let destroyed = AuditEvent::new("sandbox_destroyed")
+            .with("sandbox_id", id)
+            .with("owner_uid", info.owner_uid)
+            .with("by_uid", caller.uid)
+            .with("requests", info.counters.requests)
+            .with("refused", info.counters.refused);
+        self.events.close(id, &destroyed);
+        self.record(destroyed);
         Ok(info)
     }
 
@@ -604,16 +696,22 @@ impl Registry {
             let id = e.info.id;
             self.node.close(e.sandbox).await;
             self.forget(id);
-            self.record(
-                AuditEvent::new("sandbox_destroyed")
-                    .with("sandbox_id", id)
-                    .with("reason", "daemon_stopping"),
-            );
+            let destroyed = AuditEvent::new("sandbox_destroyed")
+                .with("sandbox_id", id)
+                .with("reason", "daemon_stopping");
+            self.events.close(id, &destroyed);
+            self.record(destroyed);
         }
+        self.events.end_all();
         self.node.shutdown().await;
     }
 
+    /// Records one of the daemon's own records; one naming a sandbox (`sandbox_id`: runs
+    /// started, ended, refused) goes to that sandbox's event stream too.
     pub fn record(&self, event: AuditEvent) {
+        if let Some(id) = event.fields.get("sandbox_id").and_then(Value::as_u64) {
+            self.events.publish_to(id, &event);
+        }
         if let Err(e) = self.audit.record(event) {
             tracing::error!(error = %e, "audit record lost");
         }
@@ -621,6 +719,11 @@ impl Registry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.sandboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken after [`Registry::lock`] when both are held.
+    fn reserved(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(u32, String)>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

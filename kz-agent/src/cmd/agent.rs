@@ -1,4 +1,4 @@
-//! `kz agent run|status` and `kz sandbox ls|show|rm`: the node daemon ([`crate::agent::run`])
+//! `kz agent run|status` and `kz sandbox ls|show|rm|events`: the node daemon ([`crate::agent::run`])
 //! and the CLI over its API ([`crate::agent::client`]): a table, or the daemon's JSON with
 //! `--json`.
 
@@ -36,6 +36,63 @@ pub(super) fn sandbox(command: SandboxCommand) -> anyhow::Result<ExitCode> {
             &format!("/v1/sandboxes/{id}"),
             |v| println!("removed sandbox {} ({})", field(v, "id"), field(v, "name")),
         ),
+        SandboxCommand::Events {
+            id,
+            follow,
+            lines,
+            client,
+        } => events(&client, id, follow, lines),
+    }
+}
+
+/// `kz sandbox events ID [-f]`: one line per record (`--json`: the daemon's lines as they are).
+fn events(c: &AgentClientArgs, id: u64, follow: bool, lines: usize) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/v1/sandboxes/{id}/events?since={lines}&follow={}",
+        if follow { 1 } else { 0 }
+    );
+    let json = c.json;
+    let print = move |line: &[u8]| {
+        if json {
+            println!("{}", String::from_utf8_lossy(line));
+            return;
+        }
+        let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(line) else {
+            return;
+        };
+        let kind = field(&Value::Object(m.clone()), "kind");
+        if kind == "events_subscribed" {
+            return;
+        }
+        let ts = field(&Value::Object(m.clone()), "ts");
+        // Said by the stream itself, not news on every line.
+        for k in [
+            "kind",
+            "ts",
+            "sandbox_id",
+            "sandbox",
+            "owner_uid",
+            "seq",
+            "prev",
+            "mac",
+        ] {
+            m.remove(k);
+        }
+        let rest: Vec<String> = m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect();
+        println!("{ts} {kind:<20} {}", rest.join(" "));
+    };
+    match super::block_on(client::stream_lines(&c.socket, &path, print))? {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("kz: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

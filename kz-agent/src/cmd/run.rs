@@ -51,6 +51,25 @@ fn quote(v: &str) -> String {
 pub(super) async fn export(dir: Option<&Path>, args: &ExportArgs) -> Result<ExitCode, RunError> {
     let config = Config::load(dir)?;
     print_warnings(&config);
+    // For the node daemon: the gate with this user's approvals, before anything is resolved.
+    let approval = if args.approval_gate {
+        let env = crate::config::process_env;
+        let gated = crate::config::approval::Store::open(&env)
+            .and_then(|store| crate::config::approval::gate(&config, &store, None, &env));
+        match gated {
+            Ok(crate::config::approval::Gate::Approved) => Some(serde_json::json!("approved")),
+            Ok(crate::config::approval::Gate::FirstUse { record }) => {
+                Some(serde_json::json!({"first_use": record}))
+            }
+            Err(e) => {
+                let refused = serde_json::json!({"refused": {"reason": e.reason(), "message": e.to_string()}});
+                println!("{refused}");
+                return Ok(ExitCode::from(EXIT_NOT_APPROVED));
+            }
+        }
+    } else {
+        None
+    };
     if !std::io::stdout().is_terminal() {
         eprintln!(
             "warning: writing secrets to a non-terminal; ensure output is not captured in logs"
@@ -62,7 +81,10 @@ pub(super) async fn export(dir: Option<&Path>, args: &ExportArgs) -> Result<Exit
         for s in &secrets {
             map.insert(s.name.clone(), s.value.expose().into());
         }
-        let doc = serde_json::json!({"environment": config.environment, "secrets": map});
+        let mut doc = serde_json::json!({"environment": config.environment, "secrets": map});
+        if let Some(a) = approval {
+            doc["approval"] = a;
+        }
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }

@@ -1,12 +1,14 @@
 //! `cargo xtask bench <name>`: benchmarks that compare, in one run, the direct path, kz, and
 //! peers doing the same job, and print ratios. Never timed unit tests.
 
+mod agent;
 pub mod connect;
 mod load;
 mod mcp;
 mod pdp;
 pub mod proxy;
 pub mod run;
+mod stage;
 mod wrk;
 
 use anyhow::{Result, bail};
@@ -33,6 +35,7 @@ fn audit() -> Result<()> {
 
 pub fn run(name: &str) -> Result<()> {
     match name {
+        "agent" => agent::run_bench(),
         "audit" => audit(),
         "connect" => connect::run(),
         "pdp" => pdp::run(),
@@ -40,7 +43,9 @@ pub fn run(name: &str) -> Result<()> {
         "proxy" => proxy::run_bench(),
         "mcp" => mcp::run_bench(),
         other => {
-            bail!("unknown benchmark {other:?}; available: audit, connect, mcp, pdp, proxy, run")
+            bail!(
+                "unknown benchmark {other:?}; available: agent, audit, connect, mcp, pdp, proxy, run"
+            )
         }
     }
 }

@@ -17,14 +17,13 @@
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::stage::{self, Res, Stage, UP_IP, netns_cmd, parse, run, vm, workspace_root};
 use crate::setup;
 
-const UP_IP: &str = "10.78.0.2";
-const HOST: &str = "bench.test";
 const MASKED: &str = "kz_masked_0123456789abcdef0123456789abcdef";
 const REAL: &str = "sk-bench-real-value-0123456789";
 const MITM_PORT: u16 = 18080;
@@ -91,108 +90,11 @@ def request(flow: http.HTTPFlow) -> None:
         flow.request.content = flow.request.raw_content.replace(MASKED.encode(), REAL.encode())
 "#;
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 fn peers_dir() -> PathBuf {
     setup::venv_dir()
         .parent()
         .map(|p| p.join("peers"))
         .unwrap_or_else(|| PathBuf::from("/root/.cache/kz/peers"))
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let st = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
-    if !st.success() {
-        bail!("{cmd:?} failed: {st}");
-    }
-    Ok(())
-}
-
-fn netns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    c
-}
-
-/// Processes and namespaces to clean up, whatever happens.
-struct Env {
-    client: String,
-    upstream: String,
-    dir: PathBuf,
-    children: Vec<(String, Child)>,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for (name, c) in &mut self.children {
-            // Closing stdin stops kz, the KeyZero harness; nginx wants SIGTERM (a SIGKILLed
-            // master leaves its workers behind); kill is the fallback.
-            drop(c.stdin.take());
-            if name == "nginx" {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
-            }
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-                let _ = c.wait();
-                eprintln!("bench: killed {name}");
-            }
-        }
-        for ns in [&self.client, &self.upstream] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-struct Res {
-    rps: f64,
-    /// Lowest and highest rps over the rounds, when there were several.
-    spread: Option<(f64, f64)>,
-    p50: f64,
-    p99: f64,
-    errors: u64,
-    requests: u64,
-    bytes: u64,
-    secs: f64,
-}
-
-fn parse(line: &str) -> Option<Res> {
-    let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
-    Some(Res {
-        rps: v["rps"].as_f64()?,
-        spread: None,
-        p50: v["p50_us"].as_f64()?,
-        p99: v["p99_us"].as_f64()?,
-        errors: v["errors"].as_u64()?,
-        requests: v["requests"].as_u64()?,
-        bytes: v["bytes"].as_u64()?,
-        secs: v["secs"].as_f64()?,
-    })
-}
-
-fn vm(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
 }
 
 #[derive(Clone)]
@@ -212,17 +114,7 @@ struct Target {
 }
 
 pub fn run_bench() -> Result<()> {
-    if std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        != Some(true)
-    {
-        bail!("the proxy bench needs root (network namespaces)");
-    }
+    stage::require_root("proxy")?;
     let root = workspace_root();
     let path = setup::path_with_tools();
     eprintln!("bench: building kz's bench server and load generator (release)");
@@ -274,82 +166,15 @@ pub fn run_bench() -> Result<()> {
         ]))?;
     }
 
-    let id = std::process::id();
-    let mut env = Env {
-        client: format!("kzbc{id}"),
-        upstream: format!("kzbu{id}"),
-        dir: std::env::temp_dir().join(format!("kz-bench-proxy-{id}")),
-        children: Vec::new(),
-    };
-    std::fs::create_dir_all(&env.dir)?;
+    let mut env = Stage::new("b")?;
     let dir = env.dir.clone();
-    for ns in [&env.client, &env.upstream] {
-        run(Command::new("ip").args(["netns", "add", ns]))?;
-        run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
-    }
-    let (va, vb) = (format!("kzba{id}"), format!("kzbb{id}"));
-    run(Command::new("ip").args([
-        "link",
-        "add",
-        &va,
-        "netns",
-        &env.client,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &vb,
-        "netns",
-        &env.upstream,
-    ]))?;
-    for (ns, dev, cidr) in [
-        (&env.client, &va, "10.78.0.1/24"),
-        (&env.upstream, &vb, "10.78.0.2/24"),
-    ] {
-        run(Command::new("ip").args(["-n", ns, "addr", "add", cidr, "dev", dev]))?;
-        run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
-    }
     // 127.0.0.2 marks plain-HTTP clients for kz's transparent listener.
     run(Command::new("ip").args(["-n", &env.client, "addr", "add", "127.0.0.2/8", "dev", "lo"]))
         .ok();
 
     // Upstream: nginx with the bench CA's certificate.
-    run(Command::new(&loadgen).args(["certs", dir.to_str().unwrap_or("."), UP_IP, HOST]))?;
-    let big = dir.join("www");
-    std::fs::create_dir_all(&big)?;
-    let f = std::fs::File::create(big.join("big.bin"))?;
-    f.set_len(100 << 20)?;
+    env.start_nginx()?;
     let d = dir.display();
-    let conf = format!(
-        r#"user root;
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
-  client_body_temp_path {d}/body;
-  sendfile on;
-  default_type text/plain;
-  server {{
-    listen {UP_IP}:443 ssl http2;
-    listen {UP_IP}:80;
-    ssl_certificate {d}/server.pem;
-    ssl_certificate_key {d}/server.key;
-    ssl_session_cache shared:SSL:10m;
-    root {d}/www;
-    location = /small {{ return 200 "hello from nginx\n"; }}
-    # A real sink: nginx answers a PUT only after the whole body is stored.
-    location = /upload {{ client_max_body_size 0; dav_methods PUT; }}
-    location = /big.bin {{ }}
-  }}
-}}
-"#
-    );
-    std::fs::write(dir.join("nginx.conf"), conf)?;
 
     // kz-blind's project: one secret scoped to nginx's address, the only host it may reach.
     let blind_dir = dir.join("blind");
@@ -368,18 +193,6 @@ upstream_ca = "{d}/ca.pem"
 "#
         ),
     )?;
-    let nginx = netns_cmd(&env.upstream, "nginx")
-        .args([
-            "-c",
-            &format!("{d}/nginx.conf"),
-            "-e",
-            &format!("{d}/nginx-error.log"),
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .context("start nginx")?;
-    env.children.push(("nginx".into(), nginx));
-
     // kz.
     let mut kz = netns_cmd(&env.client, &server_bin)
         .args([

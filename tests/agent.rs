@@ -19,6 +19,14 @@
 //!   process in the first user's sandbox.
 //! - `killing_the_client_kills_the_child_and_its_sandbox`: SIGKILL to `kz run` ends its child
 //!   and removes its sandbox.
+//! - `pods_are_guarded_in_their_own_cgroups`: Kubernetes pods in a kubelet-like cgroup tree
+//!   (systemd and cgroupfs layouts, two QoS classes) registered with projected-SA-style JWTs
+//!   whose JWKS an upstream serves: a container cgroup made after registration gets the pod's
+//!   sandbox (HTTPS swap, unlisted address refused), pods stay apart, an unregistered sibling
+//!   is untouched, bad tokens, pods off the node and pods with their own netns are refused,
+//!   removal leaves the kubelet's cgroup in place. A SIGKILL leaves the pods cut off (a container
+//!   process reaches nothing directly), the next daemon adopts them (same process, token and
+//!   CA; listed again) and drops a pod whose cgroup the kubelet removed meanwhile.
 //! - `an_orderly_stop_answers_the_requests_in_flight_first`: SIGTERM drains the proxy first.
 //! - `a_killed_daemons_sandboxes_are_adopted_by_the_next`: restart without a gap: SIGKILL leaves
 //!   the sandboxes cut off, the next daemon adopts them (same processes, tokens and CA); an
@@ -1276,6 +1284,641 @@ fn an_orderly_stop_answers_the_requests_in_flight_first() {
     assert_eq!(records[drained]["connections_cut"], 0);
 }
 
+/// A pod's projected service-account token as the API server mints it (audience `aud`,
+/// bound to pod `uid` of `namespace`, service account `sa`), signed with `key` under kid
+/// `k8s-1`; `exp` seconds from now.
+fn pod_token(key: &str, aud: &str, namespace: &str, sa: &str, uid: &str, exp: i64) -> String {
+    let now = support::pdp::now() as i64;
+    support::pdp::mint(
+        key,
+        jsonwebtoken::Algorithm::ES256,
+        Some("k8s-1"),
+        &json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "aud": [aud],
+            "sub": format!("system:serviceaccount:{namespace}:{sa}"),
+            "iat": now - 60,
+            "nbf": now - 60,
+            "exp": now + exp,
+            "kubernetes.io": {
+                "namespace": namespace,
+                "node": {"name": "node-1", "uid": "6a1f0c3e-9b2d-4e7f-8a10-b2c3d4e5f607"},
+                "pod": {"name": format!("{sa}-7d9f"), "uid": uid},
+                "serviceaccount": {"name": sa, "uid": "0d1e2f30-4152-6374-8596-a7b8c9d0e1f2"},
+            },
+        }),
+    )
+}
+
+/// A kubelet-like cgroup tree of its own below the cgroup v2 root, removed (deepest first)
+/// when dropped; processes left in it are killed first.
+struct KubeletTree(PathBuf);
+
+impl KubeletTree {
+    fn new() -> KubeletTree {
+        let root = kz_agent::intercept::cgroups::cgroup2_root()
+            .unwrap()
+            .join(support::unique_name("kzpods"));
+        std::fs::create_dir(&root).unwrap();
+        KubeletTree(root)
+    }
+
+    fn mkdir(&self, rel: &str) -> PathBuf {
+        let p = self.0.join(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for KubeletTree {
+    fn drop(&mut self) {
+        fn dirs(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&e.path(), out);
+                }
+            }
+            out.push(d.to_owned());
+        }
+        let mut all = Vec::new();
+        dirs(&self.0, &mut all);
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for d in all {
+            for _ in 0..100 {
+                if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// The daemon's link pins of cgroup `id` (`/sys/fs/bpf/kz/<instance>/links/<id>-<program>`).
+fn link_pins(id: u64) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for inst in std::fs::read_dir("/sys/fs/bpf/kz")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for e in std::fs::read_dir(inst.path().join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{id}-"))
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pods_are_guarded_in_their_own_cgroups() {
+    if !support::require_root() {
+        return;
+    }
+    const REAL_A: &str = "pod-a-real-value-3c9e71";
+    const REAL_B: &str = "pod-b-real-value-8d20f4";
+    // Pod A: systemd driver, Burstable; pod B: cgroupfs driver, Guaranteed; pod C: B's
+    // unregistered sibling; pod D: a valid token for a pod this node does not run.
+    const UID_A: &str = "5f0c2a7e-1b3d-4c5e-9f80-a1b2c3d4e5f6";
+    const UID_B: &str = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d";
+    const UID_C: &str = "c0ffee00-1234-4abc-9def-0123456789ab";
+    const UID_D: &str = "d00d0000-0000-4000-8000-000000000000";
+    // Pod E: an ordinary pod with a network namespace of its own (its "sandbox container"
+    // runs in the upstream's namespace here), which kz cannot serve and refuses.
+    const UID_E: &str = "e0e0e0e0-5555-4666-8777-888899990000";
+    let pair = Pair::new("kpc", "kpu");
+    for ip in ["10.77.0.10/24", "10.77.0.11/24", "10.77.0.12/24"] {
+        pair.add_upstream_addr(ip);
+    }
+    let ca = TestCa::new("kz pods test upstream CA");
+    let upstream = host(
+        &pair.upstream,
+        "10.77.0.10".parse().unwrap(),
+        &ca,
+        "api.pods.test",
+    );
+    let unlisted = host(
+        &pair.upstream,
+        "10.77.0.11".parse().unwrap(),
+        &ca,
+        "unlisted.test",
+    );
+    let jwks = Upstream::start(
+        Some(&pair.upstream),
+        &[("10.77.0.12:8080".parse().unwrap(), None)],
+        support::upstream::Routes::fixed(
+            200,
+            &json!({"keys": [support::pdp::ec_jwk("agent-es256.key", "k8s-1")]}).to_string(),
+        ),
+    );
+    let _dns = TestDns::start(
+        &pair.upstream,
+        "10.77.0.2:53".parse().unwrap(),
+        Zone::new(30)
+            .host("api.pods.test", &["10.77.0.10"])
+            .host("unlisted.test", &["10.77.0.11"]),
+    );
+
+    // The kubelet's tree: pod cgroups in both layouts; B's and C's containers exist before
+    // registration, A's is made after it (the runtime starts containers once the pod's
+    // sandbox is set up).
+    let tree = KubeletTree::new();
+    let unit = |uid: &str| uid.replace('-', "_");
+    let pod_a = tree.mkdir(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        unit(UID_A)
+    ));
+    let pod_b = tree.mkdir(&format!("kubepods/pod{UID_B}"));
+    let box_b = tree.mkdir(&format!("kubepods/pod{UID_B}/b0b0b0b0b0b0"));
+    let box_c = tree.mkdir(&format!("kubepods/pod{UID_C}/c0c0c0c0c0c0"));
+    let box_e = tree.mkdir(&format!("kubepods/besteffort/pod{UID_E}/e0e0e0e0e0e0"));
+    let mut pause_e = pair.upstream.command("sleep").arg("60").spawn().unwrap();
+    std::fs::write(box_e.join("cgroup.procs"), pause_e.id().to_string()).unwrap();
+
+    let root = support::agent_readable_dir("kzpod");
+    let ca_pem = ca.write_pem(&root, "upstream-ca.pem");
+    for (name, var, hosts) in [
+        ("coder", "KZ_TEST_POD_A", "api.pods.test"),
+        ("reviewer", "KZ_TEST_POD_B", "api.pods.test"),
+    ] {
+        write_project(
+            &root.join(name),
+            &format!(
+                r#"
+[secrets.API_KEY]
+resolver = "env"
+ref = "{var}"
+hosts = ["{hosts}"]
+allow_plaintext = true
+
+[blind]
+connections = [{{ allow = true, host = "{hosts}" }}]
+resolver = "10.77.0.2:53"
+"#
+            ),
+        );
+    }
+    let config = root.join("pods.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"issuer:
+  name: cluster
+  type: kubernetes
+  issuer_url: https://kubernetes.default.svc.cluster.local
+  jwks_url: http://10.77.0.12:8080/openid/v1/jwks
+  audience: kz
+cgroup_root: {tree}
+pods:
+  - {{namespace: agents, service_account: coder, project_dir: {root}/coder}}
+  - {{namespace: agents, service_account: reviewer, project_dir: {root}/reviewer}}
+"#,
+            tree = tree.0.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    let env = vec![
+        ("KZ_TEST_POD_A".to_owned(), REAL_A.to_owned()),
+        ("KZ_TEST_POD_B".to_owned(), REAL_B.to_owned()),
+    ];
+    let mut daemon = Daemon::start_with(
+        Some(&pair.client),
+        "root",
+        &env,
+        &[
+            "--upstream-ca".as_ref(),
+            ca_pem.as_os_str(),
+            "--pods".as_ref(),
+            config.as_os_str(),
+        ],
+    );
+    let register =
+        |token: &str| daemon.api(None, "POST", "/v1/pods", Some(&json!({ "token": token })));
+
+    // Refusals, each with its own code: forged (another key under the JWKS's kid), expired,
+    // minted for another audience (the API server's), a pod not on this node, a service
+    // account without a spec.
+    let key = "agent-es256.key";
+    for (token, status, code) in [
+        (
+            pod_token("kz-signing.key", "kz", "agents", "coder", UID_A, 600),
+            401,
+            "bad_signature",
+        ),
+        (
+            pod_token(key, "kz", "agents", "coder", UID_A, -3600),
+            401,
+            "token_expired",
+        ),
+        (
+            pod_token(
+                key,
+                "https://kubernetes.default.svc",
+                "agents",
+                "coder",
+                UID_A,
+                600,
+            ),
+            401,
+            "wrong_audience",
+        ),
+        (
+            pod_token(key, "kz", "agents", "coder", UID_D, 600),
+            404,
+            "pod_not_on_node",
+        ),
+        (
+            pod_token(key, "kz", "agents", "intruder", UID_C, 600),
+            403,
+            "no_pod_spec",
+        ),
+        (
+            pod_token(key, "kz", "agents", "coder", UID_E, 600),
+            422,
+            "pod_network_namespace",
+        ),
+        ("not.a.jwt".to_owned(), 401, "malformed_token"),
+    ] {
+        let (got, v) = register(&token);
+        assert_eq!(
+            (got, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{v}"
+        );
+    }
+    let (_, listed) = daemon.api(None, "GET", "/v1/sandboxes", None);
+    assert_eq!(listed, json!([]), "a refused registration left a sandbox");
+
+    // Pod A registers with the token in the Authorization header, pod B in the body.
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "30", "--unix-socket"])
+        .arg(&daemon.socket)
+        .args(["-X", "POST", "-H"])
+        .arg(format!(
+            "Authorization: Bearer {}",
+            pod_token(key, "kz", "agents", "coder", UID_A, 600)
+        ))
+        .arg("http://kz/v1/pods")
+        .output()
+        .unwrap();
+    let a: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(a["pod"]["uid"], UID_A, "{a}");
+    assert_eq!(
+        (a["pod"]["driver"].as_str(), a["pod"]["qos"].as_str()),
+        (Some("systemd"), Some("Burstable"))
+    );
+    assert_eq!(a["pod"]["namespace"], "agents");
+    assert_eq!(a["pod"]["name"], "coder-7d9f");
+    assert_eq!(
+        a["sandbox"]["cgroup"],
+        pod_a.to_str().unwrap(),
+        "the pod's own cgroup: {a}"
+    );
+    let (code, b) = register(&pod_token(key, "kz", "agents", "reviewer", UID_B, 600));
+    assert_eq!(code, 201, "{b}");
+    assert_eq!(
+        (b["pod"]["driver"].as_str(), b["pod"]["qos"].as_str()),
+        (Some("cgroupfs"), Some("Guaranteed"))
+    );
+    assert_eq!(b["sandbox"]["cgroup"], pod_b.to_str().unwrap());
+    let (code, again) = register(&pod_token(key, "kz", "agents", "reviewer", UID_B, 600));
+    assert_eq!(
+        (code, again["error"]["code"].as_str()),
+        (409, Some("pod_registered"))
+    );
+    for v in [&a, &b] {
+        let text = v.to_string();
+        assert!(!text.contains(REAL_A) && !text.contains(REAL_B), "{text}");
+        assert!(
+            v["sandbox"]["ca_cert_pem"]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+    }
+    let token_a = a["sandbox"]["secrets"]["API_KEY"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token_b = b["sandbox"]["secrets"]["API_KEY"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id_a = a["sandbox"]["id"].as_u64().unwrap();
+    assert!(
+        !link_pins(id_a).is_empty(),
+        "no programs attached to pod A's cgroup"
+    );
+    let pod_ca = root.join("pod-a-ca.pem");
+    std::fs::write(&pod_ca, a["sandbox"]["ca_cert_pem"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(&pod_ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // A container made after registration is covered: HTTPS through kz with the pod's CA,
+    // its token swapped toward its host; an address it never resolved is refused by the kernel.
+    let box_a = tree.mkdir(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-a0a0a0a0.scope",
+        unit(UID_A)
+    ));
+    let run = |cgroup: &Path, script: &str| {
+        let out = in_sandbox(&pair.client, cgroup.to_str().unwrap(), script)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(REAL_A) && !text.contains(REAL_B), "{text}");
+        text
+    };
+    let text = run(
+        &box_a,
+        &format!(
+            "curl -sS -m 20 --cacert {ca} -o /dev/null -w 'a %{{http_code}}\\n' -H 'Authorization: Bearer {token_a}' https://api.pods.test/pod-a\n\
+             (exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected\ntrue",
+            ca = pod_ca.display()
+        ),
+    );
+    assert!(text.contains("a 200"), "{text}");
+    assert!(
+        text.contains("Operation not permitted") && !text.contains("unlisted-connected"),
+        "pod A reached an address it never resolved: {text}"
+    );
+    let got = |path: &str| {
+        upstream
+            .seen()
+            .into_iter()
+            .filter(|s| s.path == path)
+            .map(|s| s.header("authorization").unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(got("/pod-a"), vec![format!("Bearer {REAL_A}")]);
+    // Pod B's container (made before registration) gets B's sandbox, not A's: its own token
+    // is swapped, A's token stays masked.
+    let text = run(
+        &box_b,
+        &format!(
+            "curl -sS -m 20 -o /dev/null -w 'b %{{http_code}}\\n' -H 'Authorization: Bearer {token_b}' http://api.pods.test/pod-b\n\
+             curl -sS -m 20 -o /dev/null -w 'b %{{http_code}}\\n' -H 'Authorization: Bearer {token_a}' http://api.pods.test/pod-b-stolen"
+        ),
+    );
+    assert_eq!(text.matches("b 200").count(), 2, "{text}");
+    assert_eq!(got("/pod-b"), vec![format!("Bearer {REAL_B}")]);
+    assert_eq!(got("/pod-b-stolen"), vec![format!("Bearer {token_a}")]);
+    // Pod C, B's unregistered sibling, is untouched: it connects anywhere directly and its
+    // requests carry what it sent.
+    let text = run(
+        &box_c,
+        &format!(
+            "(exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected\n\
+             curl -sS -m 20 -o /dev/null -w 'c %{{http_code}}\\n' -H 'Authorization: Bearer {token_a}' http://10.77.0.10/pod-c"
+        ),
+    );
+    assert!(
+        text.contains("unlisted-connected") && text.contains("c 200"),
+        "{text}"
+    );
+    assert_eq!(got("/pod-c"), vec![format!("Bearer {token_a}")]);
+    let (code, pods) = daemon.api(None, "GET", "/v1/pods", None);
+    assert_eq!(code, 200, "{pods}");
+    assert_eq!(pods["registered"].as_array().unwrap().len(), 2, "{pods}");
+    assert_eq!(pods["on_node"].as_array().unwrap().len(), 4, "{pods}");
+    let _ = pause_e.kill();
+    let _ = pause_e.wait();
+
+    // Restart without a gap. Pod A's container has a long-lived process (it outlives the
+    // daemon); pod F (coder too) is registered, and the kubelet removes it while no daemon
+    // runs. Each pod's state is kept without its real value.
+    let mut agent_a = Agent::start_at(
+        &pair.client,
+        box_a.to_str().unwrap(),
+        "api.pods.test",
+        "10.77.0.11",
+        &token_a,
+        &pod_ca,
+    );
+    assert_eq!(agent_a.ask("https"), "https 200\n");
+    assert_eq!(got("/adopted"), vec![format!("Bearer {REAL_A}")]);
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A reached 10.77.0.11"
+    );
+    let pid_a = agent_a.ask("pid");
+    const UID_F: &str = "f0f0f0f0-6666-4777-8888-999900001111";
+    let pod_f = tree.mkdir(&format!("kubepods/besteffort/pod{UID_F}"));
+    let (code, f) = daemon.api(
+        None,
+        "POST",
+        "/v1/pods",
+        Some(&json!({ "token": pod_token(key, "kz", "agents", "coder", UID_F, 600) })),
+    );
+    assert_eq!(code, 201, "{f}");
+    let id_b = b["sandbox"]["id"].as_u64().unwrap();
+    let id_f = f["sandbox"]["id"].as_u64().unwrap();
+    let files = daemon.state.join("sandboxes");
+    for (id, uid) in [(id_a, UID_A), (id_b, UID_B), (id_f, UID_F)] {
+        let text = std::fs::read_to_string(files.join(format!("{id}.json"))).unwrap();
+        assert!(text.contains(uid), "pod {uid} not in its state: {text}");
+        assert!(!text.contains(REAL_A) && !text.contains(REAL_B), "{text}");
+    }
+
+    // SIGKILL: the pods stay cut off (fail closed): pod A's process reaches neither the
+    // address it never resolved nor the one it did (the dead proxy's port refuses), and a new
+    // process in pod B connects nowhere either.
+    daemon.kill();
+    let seen = upstream.seen().len();
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A open with no daemon"
+    );
+    assert_eq!(
+        agent_a.ask("tcp-to 10.77.0.10"),
+        "tcp-failed\n",
+        "pod A reached its upstream directly with no daemon"
+    );
+    assert!(!agent_a.ask("https").contains("https 200"));
+    let text = run(
+        &box_b,
+        "(exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected\ntrue",
+    );
+    assert!(
+        !text.contains("unlisted-connected"),
+        "pod B open with no daemon: {text}"
+    );
+    assert_eq!(
+        upstream.seen().len(),
+        seen,
+        "an upstream was reached with no daemon"
+    );
+    assert!(
+        !link_pins(id_a).is_empty(),
+        "pod A's links went with the daemon"
+    );
+    std::fs::remove_dir(&pod_f).unwrap();
+
+    // The next daemon adopts pods A and B: the same process, token and CA, swapped again, still
+    // refused what it never resolved, listed again; pod F's cgroup is gone: dropped, audited.
+    daemon.restart(
+        Some(&pair.client),
+        "root",
+        &env,
+        &[
+            "--upstream-ca".as_ref(),
+            ca_pem.as_os_str(),
+            "--pods".as_ref(),
+            config.as_os_str(),
+        ],
+    );
+    let (code, pods) = daemon.api(None, "GET", "/v1/pods", None);
+    assert_eq!(code, 200, "{pods}");
+    let mut listed: Vec<(&str, u64)> = pods["registered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["uid"].as_str().unwrap(),
+                p["sandbox_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let mut expected = vec![(UID_A, id_a), (UID_B, id_b)];
+    expected.sort();
+    assert_eq!(listed, expected, "{pods}");
+    let (code, again) = daemon.api(None, "GET", &format!("/v1/pods/{UID_A}"), None);
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["pod"]["cgroup"], pod_a.to_str().unwrap());
+    assert_eq!(again["pod"]["driver"], "systemd");
+    assert_eq!(
+        again["sandbox"]["secrets"]["API_KEY"]["token"],
+        token_a.as_str()
+    );
+    assert_eq!(again["sandbox"]["ca_cert_pem"], a["sandbox"]["ca_cert_pem"]);
+    assert_eq!(agent_a.ask("pid"), pid_a, "pod A's process is the same");
+    assert_eq!(
+        agent_a.ask("https"),
+        "https 200\n",
+        "pod A after the restart"
+    );
+    assert_eq!(
+        got("/adopted"),
+        vec![format!("Bearer {REAL_A}"), format!("Bearer {REAL_A}")]
+    );
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-failed\n",
+        "pod A open after the restart"
+    );
+    let text = run(
+        &box_b,
+        &format!(
+            "curl -sS -m 20 -o /dev/null -w 'b %{{http_code}}\\n' -H 'Authorization: Bearer {token_b}' http://api.pods.test/pod-b-adopted"
+        ),
+    );
+    assert!(text.contains("b 200"), "{text}");
+    assert_eq!(got("/pod-b-adopted"), vec![format!("Bearer {REAL_B}")]);
+    assert!(!files.join(format!("{id_f}.json")).exists());
+    assert_eq!(link_pins(id_f), Vec::<PathBuf>::new());
+    assert_eq!(map_entries_of(id_f), (0, 0));
+    let records = daemon.audit();
+    for uid in [UID_A, UID_B] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["kind"] == "sandbox_adopted" && r["pod_uid"] == uid),
+            "no sandbox_adopted for pod {uid}"
+        );
+    }
+    assert!(
+        records.iter().any(|r| r["kind"] == "sandbox_dropped"
+            && r["pod_uid"] == UID_F
+            && r["reason"] == "cgroup_gone"),
+        "no sandbox_dropped for pod F"
+    );
+
+    // Removal gives pod A's cgroup back: programs detached, the cgroup and its container in
+    // place, the container now connects directly.
+    let (code, gone) = daemon.api(None, "DELETE", &format!("/v1/pods/{UID_A}"), None);
+    assert_eq!(code, 200, "{gone}");
+    assert!(
+        pod_a.is_dir() && box_a.is_dir(),
+        "the kubelet's cgroup was removed"
+    );
+    assert_eq!(link_pins(id_a), Vec::<PathBuf>::new());
+    let text = run(
+        &box_a,
+        "(exec 3<>/dev/tcp/10.77.0.11/80) 2>&1 && echo unlisted-connected",
+    );
+    assert!(text.contains("unlisted-connected"), "{text}");
+    assert_eq!(
+        agent_a.ask("tcp"),
+        "tcp-connected\n",
+        "pod A's process after DELETE"
+    );
+    assert!(!files.join(format!("{id_a}.json")).exists());
+    let Agent {
+        mut child, stdin, ..
+    } = agent_a;
+    drop(stdin);
+    child.wait().unwrap();
+    let (code, v) = daemon.api(None, "DELETE", &format!("/v1/pods/{UID_A}"), None);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (404, Some("no_such_pod"))
+    );
+
+    let stopped = daemon.stop();
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(
+        pod_b.is_dir() && box_b.is_dir(),
+        "stopping the daemon removed pod B's cgroup"
+    );
+    let records = daemon.audit();
+    for code in [
+        "bad_signature",
+        "token_expired",
+        "wrong_audience",
+        "pod_not_on_node",
+    ] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["kind"] == "api_refused" && r["reason"] == code),
+            "refusal {code} not audited"
+        );
+    }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "pod_registered")
+            .count(),
+        3,
+        "A, B and F"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "pod_removed" && r["pod_uid"] == UID_A)
+    );
+    let log = std::fs::read_to_string(&daemon.audit).unwrap();
+    assert!(!log.contains(REAL_A) && !log.contains(REAL_B));
+    drop(unlisted);
+    drop(jwks);
+}
+
 /// One long-lived shell in a sandbox, driven line by line: the "agent" that must outlive a
 /// daemon's death without being restarted.
 struct Agent {
@@ -1287,15 +1930,28 @@ struct Agent {
 impl Agent {
     /// A shell moved into `cgroup` holding `token` in its environment; `k` names its upstream.
     fn start(ns: &Netns, cgroup: &str, k: usize, token: &str, ca: &Path) -> Agent {
-        let ip = upstream_ip(k);
+        Agent::start_at(
+            ns,
+            cgroup,
+            &format!("up{k}.test"),
+            &upstream_ip(k),
+            token,
+            ca,
+        )
+    }
+
+    /// [`Agent::start`] with its upstream named `host`; `tcp` connects to `ip` directly
+    /// (`tcp-to IP` to another address).
+    fn start_at(ns: &Netns, cgroup: &str, host: &str, ip: &str, token: &str, ca: &Path) -> Agent {
         let script = format!(
             r#"export API_KEY='{token}'
 while read -r what; do
   case "$what" in
     pid) echo "pid $$ $API_KEY" ;;
-    https) curl -sS -m 10 --cacert '{ca}' -o /dev/null -w 'https %{{http_code}}\n' -H "Authorization: Bearer $API_KEY" https://up{k}.test/adopted 2>&1 || echo "https failed" ;;
+    https) curl -sS -m 10 --cacert '{ca}' -o /dev/null -w 'https %{{http_code}}\n' -H "Authorization: Bearer $API_KEY" https://{host}/adopted 2>&1 || echo "https failed" ;;
     tcp) if timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/443' 2>/dev/null; then echo tcp-connected; else echo tcp-failed; fi ;;
-    dns) if [ -n "$(dig +short +time=2 +tries=1 up{k}.test 2>/dev/null | grep -E '^[0-9.]+$')" ]; then echo dns-ok; else echo dns-failed; fi ;;
+    tcp-to\ *) if timeout 5 bash -c "exec 3<>/dev/tcp/${{what#tcp-to }}/443" 2>/dev/null; then echo tcp-connected; else echo tcp-failed; fi ;;
+    dns) if [ -n "$(dig +short +time=2 +tries=1 {host} 2>/dev/null | grep -E '^[0-9.]+$')" ]; then echo dns-ok; else echo dns-failed; fi ;;
   esac
   echo end
 done"#,

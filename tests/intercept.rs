@@ -1759,6 +1759,7 @@ fn quota_spec(
         echo_blocks: false,
         max_allowed_ips: quota,
         dns_ttl_floor: ttl_floor,
+        existing_cgroup: None,
     };
     (spec, audit)
 }

@@ -105,6 +105,10 @@ pub struct AgentRunArgs {
     /// Let sandboxes use native IPv6 (the proxy listens on [::1] too).
     #[arg(long)]
     pub ipv6: bool,
+    /// Serve Kubernetes pods (`/v1/pods`): the YAML naming the cluster's token issuer and the
+    /// sandbox spec of each namespace and service account (docs/kubernetes.md).
+    #[arg(long, env = "KZ_AGENT_PODS", value_name = "FILE")]
+    pub pods: Option<PathBuf>,
     /// Keep each sandbox's state (no real value) in DIR (root's, 0700), so that a daemon
     /// started after this one was killed adopts its sandboxes.
     #[arg(long, env = "KZ_AGENT_STATE_DIR", value_name = "DIR", default_value = crate::agent::persist::DEFAULT_STATE_DIR)]

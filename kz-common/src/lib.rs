@@ -52,6 +52,12 @@ pub mod flags {
     /// Unix sockets are not checked. Without it a connect or addressed send to a unix socket is
     /// refused unless its address matches the cgroup's rules (`UNIX_PATHS`, `UNIX_ABSTRACT`).
     pub const UNIX_ANY: u32 = 1 << 6;
+    /// The policy covers the cgroup's whole subtree: a descendant without a policy of its own
+    /// is treated as this cgroup (its id keys the tries, the allowed-IP map, the port list and
+    /// the proxy's record). Set on a Kubernetes pod's cgroup, whose containers are child cgroups
+    /// made by the runtime after kz attached. Without it (kz's own sandboxes) a descendant
+    /// without a policy is refused everything.
+    pub const INHERIT: u32 = 1 << 7;
 }
 
 /// Why a connect/sendmsg was refused ([`BlockEvent::reason`]).

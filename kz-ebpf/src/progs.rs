@@ -363,6 +363,29 @@ fn guard_of(cg: u64) -> u64 {
     found
 }
 
+/// The cgroup whose policy governs the current task, and that policy: `cg` itself when it has
+/// one; else its nearest guarded ancestor when that ancestor's policy covers its subtree
+/// ([`flags::INHERIT`]: a Kubernetes pod's cgroup, whose containers are child cgroups the
+/// runtime makes, also after kz attached); else none (a cgroup an agent nested below one of
+/// kz's own sandboxes is refused everything). Every per-cgroup table (tries, ports, allowed IPs,
+/// unix rules) and the proxy's record use the returned id, so a container is the pod.
+#[inline(always)]
+fn policy_for(cg: u64) -> Option<(u64, CgroupPolicy)> {
+    // SAFETY: the value is plain data copied out at once.
+    if let Some(p) = unsafe { KZ_POLICY.get(&cg) } {
+        return Some((cg, *p));
+    }
+    let guard = guard_of(cg);
+    if guard == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    match unsafe { KZ_POLICY.get(&guard) } {
+        Some(p) if p.flags & flags::INHERIT != 0 => Some((guard, *p)),
+        _ => None,
+    }
+}
+
 // Each map gets its own lookup call site: the verifier tracks one map per call site.
 #[inline(always)]
 fn in_trie(cg: u64, addr: &[u8; 16], v4: bool, allow: bool) -> bool {
@@ -453,16 +476,24 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cg = unsafe { bpf_get_current_cgroup_id() };
     let (tcp, protocol, proto) = sock_proto(sa);
-    // SAFETY: the value is plain data copied out at once.
-    let policy = match unsafe { KZ_POLICY.get(&cg) } {
-        Some(p) => *p,
-        None => {
-            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, what);
-            return Verdict::Deny;
-        }
+    // `guard`: the cgroup whose policy applies (`cg`, or the pod `cg` is a container of).
+    let Some((guard, policy)) = policy_for(cg) else {
+        emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, what);
+        return Verdict::Deny;
     };
     let deny = |why: u8| {
-        emit_block(ctx, cg, cg, policy.ring, addr, v4, port, proto, why, what);
+        emit_block(
+            ctx,
+            cg,
+            guard,
+            policy.ring,
+            addr,
+            v4,
+            port,
+            proto,
+            why,
+            what,
+        );
         Verdict::Deny
     };
     if !v4 && policy.flags & flags::V6_INTERCEPT == 0 {
@@ -473,7 +504,8 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
         port,
         family: if v4 { AF_INET } else { AF_INET6 },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        cgroup_id: cg,
+        // The proxy finds the session by this id: the sandbox's, not a container's.
+        cgroup_id: guard,
     };
     // DNS goes to kz's resolver whatever resolver the client named: that is the point. Over
     // UDP, and over TCP too (stub resolvers retry there when an answer is truncated; `dig +tcp`
@@ -492,7 +524,7 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
         }
         return Verdict::Redirect(policy.dns_port);
     }
-    if in_trie(cg, addr, v4, false) {
+    if in_trie(guard, addr, v4, false) {
         return deny(reason::DENY_CIDR);
     }
     let loopback = is_loopback(addr, v4);
@@ -500,8 +532,8 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
         return Verdict::Pass;
     }
     if policy.flags & flags::REQUIRE_ALLOW != 0
-        && !in_trie(cg, addr, v4, true)
-        && !in_allow_map(cg, addr)
+        && !in_trie(guard, addr, v4, true)
+        && !in_allow_map(guard, addr)
     {
         return deny(reason::NOT_ALLOWED);
     }
@@ -515,7 +547,7 @@ fn decide(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16, hook: Hoo
     let listed = policy.flags & flags::ALL_TCP != 0
         || KZ_PORTS
             .get_ptr(&PortKey {
-                cgroup_id: cg,
+                cgroup_id: guard,
                 port,
                 _pad: [0; 6],
             })
@@ -585,7 +617,7 @@ fn dns_source(ctx: &SockAddrContext, from_loopback: bool, from_port: u16) -> Opt
     }
     // SAFETY: bpf_get_current_cgroup_id has no preconditions; map values are copied out.
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    let policy = unsafe { KZ_POLICY.get(&cg) }.copied()?;
+    let (_, policy) = policy_for(cg)?;
     if policy.dns_port == 0 || policy.dns_port != from_port {
         return None;
     }
@@ -636,13 +668,9 @@ fn decide_bind(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16) -> B
     // SAFETY: bpf_get_current_cgroup_id has no preconditions.
     let cg = unsafe { bpf_get_current_cgroup_id() };
     let (tcp, _, proto) = sock_proto(sa);
-    // SAFETY: the value is plain data copied out at once.
-    let policy = match unsafe { KZ_POLICY.get(&cg) } {
-        Some(p) => *p,
-        None => {
-            emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, op::BIND);
-            return BindVerdict::Deny;
-        }
+    let Some((guard, policy)) = policy_for(cg) else {
+        emit_block_to_guard(ctx, cg, addr, v4, port, proto, reason::NO_POLICY, op::BIND);
+        return BindVerdict::Deny;
     };
     if policy.flags & flags::LISTEN_ANY != 0 || is_loopback(addr, v4) {
         return BindVerdict::Pass;
@@ -661,7 +689,7 @@ fn decide_bind(ctx: &SockAddrContext, addr: &[u8; 16], v4: bool, port: u16) -> B
     emit_block(
         ctx,
         cg,
-        cg,
+        guard,
         policy.ring,
         addr,
         v4,
@@ -1051,8 +1079,7 @@ fn unix_check(ctx: &SockAddrContext, what: u8) -> i32 {
     {
         return REJECT;
     }
-    // SAFETY: the value is plain data copied out at once.
-    let Some(policy) = (unsafe { KZ_POLICY.get(&cg) }).copied() else {
+    let Some((guard, policy)) = policy_for(cg) else {
         // A process that moved itself into a child cgroup is refused everything.
         let guard = guard_of(cg);
         // SAFETY: as above.
@@ -1068,10 +1095,10 @@ fn unix_check(ctx: &SockAddrContext, what: u8) -> i32 {
     // exact path's terminator), so a rule matches these bytes exactly when it matches the
     // path the kernel will read.
     let allowed = if key.data.path[0] == 0 {
-        unix_abstract_allowed(cg, uaddr, n)
+        unix_abstract_allowed(guard, uaddr, n)
     } else if plain_absolute(&key.data.path) {
         key.prefix_len = 64 + 8 * UNIX_KEY_PATH as u32;
-        key.data.cgroup_id = cg.to_be_bytes();
+        key.data.cgroup_id = guard.to_be_bytes();
         // SAFETY: the value is plain data read at once.
         matches!(unsafe { KZ_UNIX_PATHS.get(key) }, Some(v) if *v == UNIX_ALLOW)
     } else {
@@ -1080,7 +1107,7 @@ fn unix_check(ctx: &SockAddrContext, what: u8) -> i32 {
     if allowed {
         return ALLOW;
     }
-    unix_event(cg, cg, policy.ring, reason::UNIX_DENIED, what, uaddr, n);
+    unix_event(cg, guard, policy.ring, reason::UNIX_DENIED, what, uaddr, n);
     REJECT
 }
 

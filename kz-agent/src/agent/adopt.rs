@@ -32,13 +32,22 @@
 //! A sandbox made for one `POST /v1/runs` command is adopted with its processes, but the
 //! command's client lost its connection with the old daemon: the new one destroys the sandbox
 //! once its processes are gone.
+//!
+//! A Kubernetes pod's sandbox ([`super::pods`]) is adopted on the pod's own cgroup, the
+//! kubelet's ([`crate::intercept::Interceptor::adopt_existing_cgroup`]: no process needed, policy
+//! with `INHERIT` again) and listed again with the daemon's pods. It is dropped too when the
+//! daemon serves no pods (`pods_disabled`) or its spec left the pods config (`no_pod_spec`), and
+//! a dropped pod is only detached (the sweep unpins its links): its cgroup and processes are the
+//! kubelet's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::Caller;
-use super::persist::{Found, Persisted};
+use super::kubepods;
+use super::persist::{Found, Persisted, PersistedPod};
+use super::pods::{PodInfo, Pods};
 use super::secrets::{self, Project, SecretsError};
 use super::state::{LEAF_CACHE, Parts, Registry, StateError, valid_name};
 use crate::audit::AuditEvent;
@@ -56,6 +65,8 @@ pub struct Adopted {
     /// Made for one `POST /v1/runs` command: to be destroyed when empty ([`watch_run`]).
     pub for_run: bool,
     pub cgroup: std::path::PathBuf,
+    /// The Kubernetes pod it guards, to be listed again ([`super::pods::Pods::restore`]).
+    pub pod: Option<PodInfo>,
 }
 
 /// Why one was not.
@@ -63,6 +74,7 @@ struct Dropped {
     id: u64,
     name: Option<String>,
     owner_uid: Option<u32>,
+    pod_uid: Option<String>,
     reason: &'static str,
     detail: String,
 }
@@ -77,8 +89,9 @@ struct Resolved {
 }
 
 /// Adopts what the state directory holds (see the module docs), audits each sandbox adopted or
-/// dropped, and removes what nothing adopted. Returns the adopted sandboxes.
-pub async fn adopt_all(registry: &Registry) -> Vec<Adopted> {
+/// dropped, and removes what nothing adopted. `pods`: the daemon's pods config, without which
+/// no pod sandbox is adopted. Returns the adopted sandboxes.
+pub async fn adopt_all(registry: &Registry, pods: Option<&Pods>) -> Vec<Adopted> {
     let Some(state) = registry.state_dir() else {
         return Vec::new();
     };
@@ -105,6 +118,7 @@ pub async fn adopt_all(registry: &Registry) -> Vec<Adopted> {
                     id,
                     name: None,
                     owner_uid: None,
+                    pod_uid: None,
                     reason: "bad_state",
                     detail: e.to_string(),
                 });
@@ -120,9 +134,17 @@ pub async fn adopt_all(registry: &Registry) -> Vec<Adopted> {
             id: p.id,
             name: Some(p.name.clone()),
             owner_uid: Some(p.owner_uid),
+            pod_uid: p.pod.as_ref().map(|pod| pod.uid.clone()),
             reason,
             detail,
         };
+        if let Some(pod) = &p.pod
+            && let Err((reason, detail)) = pod_still_served(pods, pod)
+        {
+            dropped.push(drop_it(reason, detail));
+            discard(registry, &path);
+            continue;
+        }
         let resolved = match resolved {
             Ok(r) => r,
             Err(e) => {
@@ -159,6 +181,9 @@ pub async fn adopt_all(registry: &Registry) -> Vec<Adopted> {
         }
         if let Some(u) = d.owner_uid {
             event = event.with("owner_uid", u);
+        }
+        if let Some(u) = d.pod_uid {
+            event = event.with("pod_uid", u);
         }
         if let Some(err) = s.and_then(|s| s.error.clone()) {
             event = event.with("cleanup_error", err);
@@ -249,6 +274,14 @@ async fn adopt_one(
     if !valid_name(&p.name) {
         return Err(("bad_state", format!("bad sandbox name {:?}", p.name)));
     }
+    if let Some(pod) = &p.pod
+        && (p.name != super::pods::sandbox_name(&pod.uid) || p.owner_uid != 0)
+    {
+        return Err((
+            "bad_state",
+            format!("{} is not pod {}'s sandbox", p.name, pod.uid),
+        ));
+    }
     let what = format!("sandbox {}'s state", p.id);
     let ca = CertAuthority::from_pem(&p.ca_cert_pem, &p.ca_key_pem, &what, LEAF_CACHE)
         .map_err(|e| ("bad_state", e.to_string()))?;
@@ -263,6 +296,7 @@ async fn adopt_one(
         ca: Arc::new(ca),
         created: p.created.clone(),
         for_run: p.run,
+        pod: p.pod.clone(),
         approvals: p.approvals.clone(),
     };
     let info = registry
@@ -281,12 +315,49 @@ async fn adopt_one(
     if let Some(why) = r.failure {
         event = event.with("resolution_error", why);
     }
+    if let Some(pod) = &p.pod {
+        event = event
+            .with("pod_uid", pod.uid.clone())
+            .with("pod", pod.name.clone())
+            .with("namespace", pod.namespace.clone())
+            .with("service_account", pod.service_account.clone());
+    }
     registry.record(event);
     Ok(Adopted {
         id: info.id,
         for_run: p.run,
+        pod: p
+            .pod
+            .as_ref()
+            .map(|pod| PodInfo::of(pod, info.id, info.project_dir.clone())),
         cgroup: info.cgroup,
     })
+}
+
+/// Whether a pod sandbox's state is still one to adopt: the daemon serves pods, its config
+/// still has a spec for the pod's service account (one removed since revokes it, as it would
+/// refuse the registration), and the file's pod is consistent with its name.
+/// `Err((reason, detail))` otherwise.
+fn pod_still_served(pods: Option<&Pods>, pod: &PersistedPod) -> Result<(), (&'static str, String)> {
+    let Some(pods) = pods else {
+        return Err((
+            "pods_disabled",
+            "this daemon was started without --pods".into(),
+        ));
+    };
+    if !kubepods::valid_uid(&pod.uid) {
+        return Err(("bad_state", format!("bad pod uid {:?}", pod.uid)));
+    }
+    if !pods.has_spec(&pod.namespace, &pod.service_account) {
+        return Err((
+            "no_pod_spec",
+            format!(
+                "the pods config has no spec for service account {} in namespace {} any more",
+                pod.service_account, pod.namespace
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The audit reason for a sandbox whose admission failed.

@@ -10,6 +10,7 @@
 //! | `GET /v1/sandboxes/{id}/events` | its audit records as JSON lines, live ([`super::events`]) |
 //! | `GET /v1/events`              | the same for every sandbox you may see            |
 //! | `POST /v1/runs`               | start a command as you in a sandbox ([`super::runs`]) |
+//! | `/v1/pods…`                   | Kubernetes pods ([`super::pods`])                 |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a matching status. Who asks is
 //! the connection's SO_PEERCRED ([`super::auth`]); every refusal is audited (`api_refused`).
@@ -44,6 +45,8 @@ pub struct Api {
     pub audit_log: std::path::PathBuf,
     /// The runs in progress ([`super::runs`]), aborted at shutdown before the sandboxes go.
     pub runs: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Kubernetes pods (`--pods FILE`); none: `/v1/pods` is refused.
+    pub pods: Option<super::pods::Pods>,
 }
 
 /// One request of `caller`, answered.
@@ -178,6 +181,8 @@ pub enum ApiError {
     #[error(transparent)]
     Exec(#[from] super::runs::ExecError),
     #[error(transparent)]
+    Pod(#[from] super::pods::PodError),
+    #[error(transparent)]
     Events(#[from] EventsError),
 }
 
@@ -191,6 +196,7 @@ impl ApiError {
             ApiError::BadId(_) => (StatusCode::BAD_REQUEST, "bad_id"),
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::Exec(e) => e.status_code(),
+            ApiError::Pod(e) => e.status_code(),
             ApiError::Events(e) => match e {
                 EventsError::NotFound(_) => (StatusCode::NOT_FOUND, "no_such_sandbox"),
                 EventsError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -259,6 +265,7 @@ async fn route(
         (["v1", "sandboxes", id], &Method::DELETE) => {
             ok(to_json(&api.registry.remove(caller, parse_id(id)?).await?))
         }
+        (["v1", "pods", ..], _) => super::pods::route(api, caller, req).await,
         (
             ["v1", "status"]
             | ["v1", "sandboxes"]

@@ -9,6 +9,9 @@
 //! - [`api`]: the HTTP/1.1 JSON endpoints; [`client`]: the CLI's side of them.
 //! - [`events`]: a sandbox's audit records streamed live to its owner (bounded queues: a slow
 //!   reader loses records, counted, and never holds up the proxy).
+//! - [`pods`]: `/v1/pods`, Kubernetes pods registered by a node-side hook with their projected
+//!   service-account token, their own cgroup (found in the kubelet's layouts, [`kubepods`])
+//!   guarded with the sandbox the config names for their service account.
 //! - [`runs`]: `POST /v1/runs`, a command started as the caller in a sandbox with the caller's
 //!   stdio and working directory; [`run_client`]: `kz run --blind`'s side of it; [`wire`]:
 //!   their protocol on the upgraded connection.
@@ -28,7 +31,9 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod events;
+pub mod kubepods;
 pub mod persist;
+pub mod pods;
 pub mod run_client;
 pub mod runs;
 pub mod secrets;
@@ -77,6 +82,8 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("{0}")]
+    Pods(#[from] pods::PodsConfigError),
+    #[error("{0}")]
     State(#[from] persist::PersistError),
 }
 
@@ -91,6 +98,8 @@ pub struct AgentOptions {
     pub upstream_ca: Option<PathBuf>,
     /// The proxy listens on `[::1]` too, for sandboxes with `[blind] ipv6 = true`.
     pub ipv6: bool,
+    /// The pods config (YAML, [`pods::PodsConfig`]): serve `/v1/pods`.
+    pub pods: Option<PathBuf>,
     /// Where each sandbox's state is kept for a restarted daemon ([`persist`]; root's, 0700).
     pub state_dir: PathBuf,
 }
@@ -110,6 +119,10 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
     let icpt = crate::intercept::Scope::detect()
         .and_then(|scope| crate::intercept::Interceptor::load_held(&scope, &state.held_name()))
         .map_err(|e| AgentError::KernelRequired(e.to_string()))?;
+    let pods = match &opts.pods {
+        Some(path) => Some(pods::Pods::load(path, icpt.cgroup_root())?),
+        None => None,
+    };
     let audit = crate::run::blind::open_audit(&opts.audit_log)?;
     let node = Node::start(NodeOptions {
         kernel: Some(icpt),
@@ -133,6 +146,7 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
         socket: opts.socket.clone(),
         audit_log: opts.audit_log.clone(),
         runs: std::sync::Mutex::new(tokio::task::JoinSet::new()),
+        pods,
     });
     record(
         &*audit,
@@ -141,7 +155,10 @@ pub async fn run(opts: AgentOptions, stop: impl Future<Output = ()>) -> Result<(
             .with("socket", opts.socket.display().to_string()),
     );
     // The sandboxes a killed daemon left are served again before the first request is.
-    for a in adopt::adopt_all(&api.registry).await {
+    for a in adopt::adopt_all(&api.registry, api.pods.as_ref()).await {
+        if let (Some(pod), Some(pods)) = (a.pod, &api.pods) {
+            pods.restore(pod);
+        }
         if a.for_run {
             let watcher = adopt::watch_run(api.clone(), a.id, a.cgroup);
             api.runs

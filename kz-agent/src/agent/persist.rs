@@ -16,6 +16,11 @@
 //! resolves the secrets again from the project, as the owner, and maps the same masked tokens to
 //! the values it gets.
 //!
+//! A Kubernetes pod's sandbox ([`super::pods`]) also keeps its pod: uid, name, namespace,
+//! service account, the kubelet's cgroup driver and the pod's QoS class, and the pod's cgroup
+//! (the kubelet's, not kz's; the file's id is that cgroup's). The pod's projected token is not
+//! kept: it was verified at registration, and the cgroup's id ties the sandbox to that pod.
+//!
 //! Only root may write any directory above the state directory (a sticky one such as `/tmp` is
 //! accepted above it), and the directory must be root's and 0700: whoever could write on the way
 //! could plant a file kz would believe. A file is written under a temporary name (`O_EXCL`,
@@ -92,6 +97,24 @@ pub struct Persisted {
     /// adoption (a config the agent changed during the gap is refused as at creation).
     #[serde(default)]
     pub approvals: Option<PathBuf>,
+    /// The Kubernetes pod whose cgroup it guards ([`super::pods`]); none: a sandbox of kz's own
+    /// cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PersistedPod>,
+}
+
+/// The pod a pod sandbox guards, as registration found it ([`super::pods`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersistedPod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub driver: super::kubepods::Driver,
+    pub qos: super::kubepods::Qos,
+    /// The pod's cgroup, made and owned by the kubelet.
+    pub cgroup: PathBuf,
 }
 
 impl Persisted {
@@ -118,6 +141,7 @@ impl Persisted {
             tokens,
             ca_cert_pem: ca.cert_pem().to_owned(),
             ca_key_pem: ca.key_pem().to_string(),
+            pod: None,
             approvals: None,
         }
     }
@@ -469,6 +493,37 @@ mod tests {
         assert!(crate::intercept::pins::Instance::parse(&name).is_none());
         drop(state);
         assert_eq!(StateDir::open(&dir).unwrap().held_name(), name);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A pod sandbox's file keeps its pod; a file without one (a sandbox of kz's own cgroup)
+    /// loads with none, and writes none.
+    #[test]
+    fn a_pod_sandbox_keeps_its_pod() {
+        let root = scratch("pod");
+        let state = StateDir::open(&root.join("agent")).unwrap();
+        let plain = sample(7);
+        state.save(&plain).unwrap();
+        let text = std::fs::read_to_string(root.join("agent/sandboxes/7.json")).unwrap();
+        assert!(!text.contains("\"pod\""), "{text}");
+        let mut s = sample(8);
+        let pod = PersistedPod {
+            uid: "5f0c2a7e-1b3d-4c5e-9f80-a1b2c3d4e5f6".into(),
+            name: "coder-7d9f".into(),
+            namespace: "agents".into(),
+            service_account: "coder".into(),
+            driver: super::super::kubepods::Driver::Systemd,
+            qos: super::super::kubepods::Qos::Burstable,
+            cgroup: "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f0c2a7e_1b3d_4c5e_9f80_a1b2c3d4e5f6.slice".into(),
+        };
+        s.pod = Some(pod.clone());
+        state.save(&s).unwrap();
+        let found = state.load_all().unwrap();
+        let back: Vec<Option<PersistedPod>> = found
+            .iter()
+            .map(|f| f.state.as_ref().unwrap().pod.clone())
+            .collect();
+        assert_eq!(back, vec![None, Some(pod)]);
         let _ = std::fs::remove_dir_all(&root);
     }
 

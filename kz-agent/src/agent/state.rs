@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::auth::{Caller, may_manage};
 use super::events::{Events, Publishing};
-use super::persist::{PersistError, Persisted, StateDir};
+use super::persist::{PersistError, Persisted, PersistedPod, StateDir};
 use super::secrets::{self, Project, SecretsError};
 use crate::audit::{AuditError, AuditEvent, AuditSink, Fields, WithContext};
 use crate::config::Config;
@@ -191,6 +191,8 @@ struct Kept {
     ca: Arc<CertAuthority>,
     /// The approvals store the owner named at creation (`CreateRequest::state_dir`).
     approvals: Option<PathBuf>,
+    /// The pod whose cgroup it guards.
+    pod: Option<PersistedPod>,
 }
 
 /// What a sandbox is made of before it is admitted: a new one's, or one a killed daemon left
@@ -210,6 +212,9 @@ pub(super) struct Parts {
     pub for_run: bool,
     /// The owner's approvals store, if it named one ([`CreateRequest::state_dir`]).
     pub approvals: Option<PathBuf>,
+    /// The Kubernetes pod whose cgroup (the kubelet's) it guards
+    /// ([`SandboxSpec::existing_cgroup`]); none: a cgroup of kz's own.
+    pub pod: Option<PersistedPod>,
 }
 
 /// What a process started in a sandbox needs from it: the masks of its mount namespace (from
@@ -294,7 +299,19 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
     ) -> Result<SandboxInfo, StateError> {
-        self.create_as(caller, req, false).await
+        self.create_as(caller, req, false, None).await
+    }
+
+    /// [`Registry::create`] on the cgroup of Kubernetes pod `pod` (the kubelet's, see
+    /// [`super::pods`]) instead of a new one ([`SandboxSpec::existing_cgroup`]); the pod is kept
+    /// with the sandbox's state, so a restarted daemon guards it again.
+    pub async fn create_for_pod(
+        &self,
+        caller: &Caller,
+        req: CreateRequest,
+        pod: PersistedPod,
+    ) -> Result<SandboxInfo, StateError> {
+        self.create_as(caller, req, false, Some(pod)).await
     }
 
     /// [`Registry::create`] for one `POST /v1/runs` command: a daemon that adopts it after a
@@ -304,7 +321,7 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
     ) -> Result<SandboxInfo, StateError> {
-        self.create_as(caller, req, true).await
+        self.create_as(caller, req, true, None).await
     }
 
     async fn create_as(
@@ -312,6 +329,7 @@ impl Registry {
         caller: &Caller,
         req: CreateRequest,
         for_run: bool,
+        pod: Option<PersistedPod>,
     ) -> Result<SandboxInfo, StateError> {
         let name = match req.name {
             Some(n) => n,
@@ -381,6 +399,7 @@ impl Registry {
             ca: Arc::new(CertAuthority::generate(LEAF_CACHE)?),
             created: crate::audit::rfc3339_now(),
             for_run,
+            pod,
             approvals: req.state_dir.clone(),
         };
         let entry = self.admit(parts, None).await?;
@@ -430,6 +449,7 @@ impl Registry {
             ca,
             created,
             for_run,
+            pod,
             approvals,
         } = parts;
         // Two users may both call theirs `agent`: the cgroup's name carries the owner.
@@ -501,6 +521,7 @@ impl Registry {
                 .max_allowed_ips
                 .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
             dns_ttl_floor: crate::sandbox::TTL_FLOOR,
+            existing_cgroup: pod.as_ref().map(|p| p.cgroup.clone()),
         };
         let admitted = match held {
             None => self.node.admit(spec).await,
@@ -540,6 +561,7 @@ impl Registry {
                 owner_gid,
                 for_run,
                 ca,
+                pod,
                 approvals,
             },
         })
@@ -565,6 +587,7 @@ impl Registry {
             &entry.kept.ca,
         );
         kept.approvals = entry.kept.approvals.clone();
+        kept.pod = entry.kept.pod.clone();
         state.save(&kept)
     }
 

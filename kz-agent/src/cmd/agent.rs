@@ -103,6 +103,7 @@ async fn run(args: AgentRunArgs) -> Result<(), agent::AgentError> {
         audit_log: args.audit_log,
         upstream_ca: args.upstream_ca,
         ipv6: args.ipv6,
+        pods: args.pods,
         state_dir: args.state_dir,
     };
     agent::run(opts, super::signals::shutdown()).await

@@ -33,6 +33,10 @@ struct CgroupState {
     unix_keys: UnixKeys,
     links: Vec<PinnedLink>,
     link_ids: Vec<u32>,
+    /// A cgroup someone else made and owns (a Kubernetes pod's,
+    /// [`Interceptor::guard_existing_cgroup`]): its policy covers its subtree (`INHERIT`), and
+    /// removal detaches and forgets it but neither kills its processes nor removes the directory.
+    existing: bool,
 }
 
 /// Kernel object ids of an interceptor, for checking what is left after it is dropped.
@@ -214,6 +218,48 @@ impl Interceptor {
             path: path.clone(),
             name: name.to_owned(),
         };
+        self.guard(cgroup, policy, false)
+    }
+
+    /// Guards a cgroup that exists already and is not kz's (a Kubernetes pod's, made by the
+    /// kubelet): writes `policy` for it, marked to cover its whole subtree (the pod's
+    /// containers are child cgroups the runtime makes, before or after this), and attaches the
+    /// programs (links pinned). [`Interceptor::remove_cgroup`] later detaches the programs and
+    /// removes the policy but leaves the directory and its processes alone: its owner manages
+    /// them. `name` only names it in kz's records.
+    pub fn guard_existing_cgroup(
+        &mut self,
+        path: &Path,
+        name: &str,
+        policy: &Policy,
+    ) -> Result<Cgroup, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        if !path.starts_with(&self.cgroup_root) || !path.join("cgroup.procs").is_file() {
+            return Err(InterceptError::NotACgroup(path.to_owned()));
+        }
+        let id = cgroups::cgroup_id(path)?;
+        if self.cgroups.contains_key(&id) {
+            return Err(InterceptError::AlreadyGuarded(path.to_owned()));
+        }
+        let cgroup = Cgroup {
+            id,
+            path: path.to_owned(),
+            name: name.to_owned(),
+        };
+        self.guard(cgroup, policy, true)
+    }
+
+    /// Policy, then programs, for a cgroup this instance now guards; undone on failure.
+    fn guard(
+        &mut self,
+        cgroup: Cgroup,
+        policy: &Policy,
+        existing: bool,
+    ) -> Result<Cgroup, InterceptError> {
+        let id = cgroup.id;
+        let path = cgroup.path.clone();
         self.cgroups.insert(
             id,
             CgroupState {
@@ -222,6 +268,7 @@ impl Interceptor {
                 unix_keys: UnixKeys::default(),
                 links: Vec::new(),
                 link_ids: Vec::new(),
+                existing,
             },
         );
         if let Ok(mut g) = self.guards.lock() {
@@ -236,6 +283,12 @@ impl Interceptor {
             return Err(e);
         }
         Ok(cgroup)
+    }
+
+    /// Whether the cgroup is one this instance guards but did not make
+    /// ([`Self::guard_existing_cgroup`]).
+    pub fn is_existing(&self, id: u64) -> bool {
+        self.cgroups.get(&id).is_some_and(|s| s.existing)
     }
 
     /// Takes over `<cgroup dir>/<name>`, made by a previous process of this held owner
@@ -259,6 +312,41 @@ impl Interceptor {
             return Err(InterceptError::BadName(name.to_owned()));
         }
         let path = self.cgroup_dir.join(name);
+        self.take_over(path, name, id, policy, false)
+    }
+
+    /// [`Interceptor::adopt_cgroup`] for an existing cgroup a previous process of this held
+    /// owner guarded ([`Interceptor::guard_existing_cgroup`], a Kubernetes pod's): the same
+    /// checks of its id and links, except that it need not hold processes (a pod between
+    /// containers still is one); its policy is written with `INHERIT` again, and a failure
+    /// gives it back (detached) instead of removing it. A cgroup that is gone, or was made
+    /// again, is refused with `cgroup_gone`.
+    pub fn adopt_existing_cgroup(
+        &mut self,
+        path: &Path,
+        name: &str,
+        id: u64,
+        policy: &Policy,
+    ) -> Result<Cgroup, InterceptError> {
+        if !cgroups::valid_name(name) {
+            return Err(InterceptError::BadName(name.to_owned()));
+        }
+        if !path.starts_with(&self.cgroup_root) {
+            return Err(InterceptError::NotACgroup(path.to_owned()));
+        }
+        self.take_over(path.to_owned(), name, id, policy, true)
+    }
+
+    /// The checks and the takeover of [`Interceptor::adopt_cgroup`] and
+    /// [`Interceptor::adopt_existing_cgroup`].
+    fn take_over(
+        &mut self,
+        path: PathBuf,
+        name: &str,
+        id: u64,
+        policy: &Policy,
+        existing: bool,
+    ) -> Result<Cgroup, InterceptError> {
         let refuse = |reason: &'static str, detail: String| InterceptError::NotAdoptable {
             path: path.clone(),
             reason,
@@ -277,7 +365,7 @@ impl Interceptor {
             }
             Err(_) => return Err(refuse("cgroup_gone", "it no longer exists".into())),
         }
-        if cgroups::populated(&path) != Some(true) {
+        if !existing && cgroups::populated(&path) != Some(true) {
             return Err(refuse("empty", "no process is left in it".into()));
         }
         let expected = self.program_ids()?;
@@ -341,6 +429,7 @@ impl Interceptor {
                 unix_keys: UnixKeys::default(),
                 links,
                 link_ids,
+                existing,
             },
         );
         if let Ok(mut g) = self.guards.lock() {
@@ -358,7 +447,9 @@ impl Interceptor {
     /// ([`Interceptor::adopt_cgroup`]): as [`pins::cleanup_dead`] does for a dead instance, each
     /// such cgroup's processes are killed first, then its links unpinned, its map entries purged
     /// and the cgroup removed; a cgroup that cannot be emptied keeps its links (fail closed).
-    /// Links pinned for a cgroup that no longer exists go too.
+    /// Links pinned for a cgroup that no longer exists go too, and so do those of an existing
+    /// cgroup not adopted ([`Interceptor::adopt_existing_cgroup`]): such a cgroup is someone
+    /// else's (the kubelet's), so it is only detached, never emptied or removed.
     pub fn sweep_held(&mut self) -> Vec<Swept> {
         let mut swept = Vec::new();
         let mut purge = BTreeSet::new();
@@ -577,6 +668,10 @@ impl Interceptor {
             .ok_or(InterceptError::UnknownCgroup(id))?;
         let old = state.policy.clone();
         let old_unix = state.unix_keys.clone();
+        let mut kernel = policy.kernel(self.slot.index);
+        if state.existing {
+            kernel.flags |= kz_common::flags::INHERIT;
+        }
         if let (UnixSockets::Only(_), UnixGuard::Unavailable(why)) = (&policy.unix, &self.set.unix)
         {
             tracing::warn!(
@@ -614,7 +709,7 @@ impl Interceptor {
         self.set
             .maps
             .policy
-            .insert(id, policy.kernel(self.slot.index), 0)
+            .insert(id, kernel, 0)
             .map_err(map_err(mn::POLICY))?;
         for port in old.ports() {
             if !policy.ports().contains(port) {
@@ -753,13 +848,15 @@ impl Interceptor {
 
     /// Kills what is left in the cgroup, detaches and unpins its programs, drops its policy
     /// entries and removes the directory. If the cgroup cannot be emptied nothing is detached
-    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned.
+    /// (fail closed) and [`InterceptError::CgroupBusy`] is returned. An existing cgroup
+    /// ([`Self::guard_existing_cgroup`]) is only given back: programs detached, entries dropped, the
+    /// directory and its processes left to their owner (they hold masked tokens only).
     pub fn remove_cgroup(&mut self, id: u64) -> Result<(), InterceptError> {
         let state = self
             .cgroups
             .remove(&id)
             .ok_or(InterceptError::UnknownCgroup(id))?;
-        if !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
+        if !state.existing && !cgroups::kill_all(&state.cgroup.path, KILL_WAIT) {
             let path = state.cgroup.path.clone();
             self.cgroups.insert(id, state);
             return Err(InterceptError::CgroupBusy(path));
@@ -783,6 +880,9 @@ impl Interceptor {
         self.remove_unix_keys(&state.unix_keys, None);
         let others: Vec<u64> = self.cgroups.keys().copied().collect();
         self.set.maps.allowed.purge(id, &others);
+        if state.existing {
+            return Ok(());
+        }
         cgroups::remove_tree(&state.cgroup.path)
     }
 }

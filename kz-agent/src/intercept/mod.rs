@@ -30,7 +30,9 @@
 //! runs outside the cgroups it guards, so its upstream connections are never redirected.
 //! `getpeername()` on a redirected socket reports the original destination. Raw sockets are
 //! refused at creation in guarded cgroups; a process in a child cgroup of a guarded one (which
-//! has no policy of its own) is refused everything.
+//! has no policy of its own) is refused everything, unless the guarded one is an existing cgroup
+//! ([`Interceptor::guard_existing_cgroup`], a Kubernetes pod's): then its policy, under its id, applies
+//! to the whole subtree (the pod's containers).
 //!
 //! # Contract for callers
 //! - The proxy listens on `127.0.0.1:<proxy_port>` in the agent's network namespace (and on
@@ -146,6 +148,10 @@ pub enum InterceptError {
     BadUnixRule { rule: String, why: &'static str },
     #[error("cgroup id {0} is not one this interceptor created")]
     UnknownCgroup(u64),
+    #[error("{0} is not a cgroup directory of the cgroup v2 hierarchy kz uses")]
+    NotACgroup(PathBuf),
+    #[error("cgroup {0} is guarded by this kz already; remove that sandbox first")]
+    AlreadyGuarded(PathBuf),
     #[error("cgroup {0} already exists: pick another name or remove it")]
     CgroupExists(PathBuf),
     #[error(

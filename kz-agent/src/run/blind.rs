@@ -427,6 +427,7 @@ async fn run_async(mut req: BlindRequest, rules: ConnectionRules) -> Result<Exit
                 .max_allowed_ips
                 .unwrap_or(crate::intercept::allowed::DEFAULT_QUOTA),
             dns_ttl_floor: crate::sandbox::TTL_FLOOR,
+            existing_cgroup: None,
         })
         .await?;
     phase(t0, "proxy, DNS and cgroup ready");

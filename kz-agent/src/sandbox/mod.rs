@@ -64,6 +64,10 @@ pub enum SandboxError {
         "the sandbox asks for native IPv6 but the node's proxy does not listen on [::1]; start the node with ipv6"
     )]
     Ipv6NotOnNode,
+    #[error(
+        "a sandbox on an existing cgroup needs kernel interception (root, cgroup v2, BPF); `kz doctor` says what is missing"
+    )]
+    ExistingCgroupWithoutKernel,
 }
 
 /// What a node is started with.
@@ -108,6 +112,12 @@ pub struct SandboxSpec {
     /// How long a name's addresses stay allowed at least ([`TTL_FLOOR`]; see
     /// [`DnsConfig::ttl_floor`]).
     pub dns_ttl_floor: Duration,
+    /// Admit the sandbox on this cgroup, which exists and belongs to someone else (a
+    /// Kubernetes pod's, made by the kubelet), instead of a new one of kz's: the policy covers
+    /// its subtree (the pod's containers), and [`Node::close`] gives it back (programs
+    /// detached, policy gone) instead of killing its processes and removing it
+    /// ([`Interceptor::guard_existing_cgroup`]). Needs the kernel.
+    pub existing_cgroup: Option<PathBuf>,
 }
 
 /// The cgroup of a sandbox does not exist before its policy names its DNS port, so the
@@ -246,7 +256,9 @@ impl Node {
     /// a DNS resolver and session of its own as [`Node::admit`] gives, and the cgroup's kernel
     /// policy rewritten to name them ([`Interceptor::adopt_cgroup`]). When this fails the cgroup
     /// is left as it was (cut off) for [`Node::sweep_held`], or removed with its processes when
-    /// it failed after the policy was rewritten.
+    /// it failed after the policy was rewritten. With [`SandboxSpec::existing_cgroup`] the
+    /// cgroup is that one, guarded before by the previous process
+    /// ([`Interceptor::adopt_existing_cgroup`]); it is never removed, only given back.
     pub async fn adopt(&self, spec: SandboxSpec, id: u64) -> Result<Sandbox, SandboxError> {
         self.admit_in(spec, Place::Held(id)).await
     }
@@ -275,6 +287,9 @@ impl Node {
             s
         };
         let Some(kernel) = &self.kernel else {
+            if spec.existing_cgroup.is_some() {
+                return Err(SandboxError::ExistingCgroupWithoutKernel);
+            }
             self.proxy
                 .admit(session(EXPLICIT_SESSION))
                 .map_err(|_| SandboxError::OneWithoutKernel)?;
@@ -323,9 +338,18 @@ impl Node {
             listen: spec.listen,
             unix: spec.unix.clone(),
         };
-        let cgroup = match place {
-            Place::New => lock(&kernel.icpt).create_cgroup(&spec.name, &policy)?,
-            Place::Held(id) => lock(&kernel.icpt).adopt_cgroup(&spec.name, id, &policy)?,
+        let cgroup = {
+            let mut icpt = lock(&kernel.icpt);
+            match (place, &spec.existing_cgroup) {
+                (Place::New, None) => icpt.create_cgroup(&spec.name, &policy)?,
+                (Place::New, Some(path)) => {
+                    icpt.guard_existing_cgroup(path, &spec.name, &policy)?
+                }
+                (Place::Held(id), None) => icpt.adopt_cgroup(&spec.name, id, &policy)?,
+                (Place::Held(id), Some(path)) => {
+                    icpt.adopt_existing_cgroup(path, &spec.name, id, &policy)?
+                }
+            }
         };
         // The cell is fresh: set() cannot fail.
         let _ = cgroup_id.set(cgroup.id);

@@ -4,10 +4,12 @@
 //! - `test`: setup, then the whole suite (what `.ci/run` runs).
 //! - `demo`: setup, then the main job end to end.
 //! - `bench <name>`: benchmarks that print ratios against the direct path and peers.
+//! - `fuzz [TARGET]`: the libFuzzer targets of `fuzz/`, for a time or once over their corpus.
 
 mod bench;
 mod demo;
 mod deploy;
+mod fuzz;
 mod sandbox;
 mod setup;
 mod test;
@@ -38,6 +40,21 @@ enum Task {
     DeployCheck,
     /// Set up, then run a benchmark (`agent`, `connect`, `mcp`, `pdp`, `proxy`, `run`) and print ratios against the direct path.
     Bench { name: String },
+    /// Set up, then fuzz one target (or each in turn) for `--time`, or run each over its
+    /// committed corpus once (`--check`, what CI runs).
+    Fuzz {
+        /// One target of fuzz/ (`cargo fuzz list`); all when omitted.
+        target: Option<String>,
+        /// How long to fuzz each target: 90s, 10m, 1h.
+        #[arg(long, default_value = "10m", value_parser = fuzz::parse_duration)]
+        time: std::time::Duration,
+        /// Run each target over fuzz/corpus/<target>/ once (regression mode) instead.
+        #[arg(long)]
+        check: bool,
+        /// libFuzzer sanitizer: address (default) or none.
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
+    },
     /// Processes the benchmarks run inside network namespaces and cgroups.
     #[command(hide = true, subcommand)]
     BenchHelper(BenchHelper),
@@ -57,6 +74,19 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::DeployCheck => deploy::run(),
         Task::Bench { name } => setup::run().and_then(|()| bench::run(&name)),
+        Task::Fuzz {
+            target,
+            time,
+            check,
+            sanitizer,
+        } => setup::run().and_then(|()| {
+            fuzz::run(&fuzz::Options {
+                target,
+                time,
+                check,
+                sanitizer,
+            })
+        }),
         Task::BenchHelper(BenchHelper::Serve) => bench::connect::serve(),
         Task::BenchHelper(BenchHelper::Connect { addr, n }) => bench::connect::connect(&addr, n),
     };

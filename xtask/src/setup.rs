@@ -78,6 +78,7 @@ pub fn run() -> Result<()> {
     )?;
     step("bpf-linker linked to the nightly's libLLVM", bpf_linker)?;
     step("cargo-nextest (the test runner)", nextest)?;
+    step("cargo-fuzz (cargo xtask fuzz)", cargo_fuzz)?;
     step("Debian packages", apt)?;
     step("bpffs at /sys/fs/bpf", bpffs)?;
     step("Python venv with the test servers", venv)?;
@@ -208,6 +209,33 @@ fn nextest() -> Result<String> {
             "+stable",
             "install",
             &format!("cargo-nextest@{NEXTEST_VERSION}"),
+            "--locked",
+            "--root",
+            &root,
+        ],
+    )?;
+    Ok(format!("built {}", binary.display()))
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// `cargo xtask fuzz` drives libFuzzer through cargo-fuzz; built into the tools directory like
+/// nextest.
+fn cargo_fuzz() -> Result<String> {
+    let binary = tools_dir().join("bin/cargo-fuzz");
+    if binary.exists()
+        && output(&binary.to_string_lossy(), &["fuzz", "--version"])
+            .is_ok_and(|v| v.trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}"))
+    {
+        return Ok(format!("present ({})", binary.display()));
+    }
+    let root = tools_dir().to_string_lossy().into_owned();
+    sh(
+        "cargo",
+        &[
+            "+stable",
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
             "--locked",
             "--root",
             &root,

@@ -446,16 +446,32 @@ fn parse_file(path: &Path, environment: Option<&str>, dir: &Path) -> Result<Pars
         path: path.to_path_buf(),
         source,
     })?;
-    let src = Source {
-        path,
-        text: &text,
-        dir,
-    };
-    let root = DeTable::parse(&text).map_err(|e| {
+    parse_text(path, &text, environment, dir)
+}
+
+/// Parses the text of the config file at `path` (shown in errors only).
+fn parse_text(
+    path: &Path,
+    text: &str,
+    environment: Option<&str>,
+    dir: &Path,
+) -> Result<Parsed, ConfigError> {
+    let src = Source { path, text, dir };
+    let root = DeTable::parse(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         src.err(span, format!("invalid TOML: {}", e.message().trim()))
     })?;
     parse_root(&src, root.get_ref(), environment)
+}
+
+/// For the fuzz target (fuzz/fuzz_targets/config.rs) only: `.keyzero.toml` text parsed as
+/// [`Config::load`] parses the file (environment `dev`, relative paths taken from a directory
+/// that does not exist). Returns the names of the secrets it defines.
+#[doc(hidden)]
+pub fn fuzz_parse(text: &str) -> Result<Vec<String>, ConfigError> {
+    let dir = Path::new("/nonexistent/kz-fuzz");
+    let parsed = parse_text(&dir.join(CONFIG_FILENAME), text, Some("dev"), dir)?;
+    Ok(parsed.secrets.into_keys().collect())
 }
 
 fn parse_root(

@@ -363,11 +363,16 @@ async fn handle_query(
         }
     };
     let reply = answer(shared, &request, peer, transport).await;
+    encode_for(&reply, &request, transport)
+}
+
+/// The reply's bytes, truncated (TC set) when they exceed what the client's transport takes.
+fn encode_for(reply: &Message, request: &Message, transport: Transport) -> Option<Vec<u8>> {
     let limit = match transport {
         Transport::Tcp => usize::from(u16::MAX),
         Transport::Udp => usize::from(request.max_payload().min(EDNS_PAYLOAD)),
     };
-    let bytes = encode(&reply)?;
+    let bytes = encode(reply)?;
     if bytes.len() > limit {
         return encode(&reply.truncate());
     }
@@ -392,15 +397,7 @@ async fn answer(
     transport: Transport,
 ) -> Message {
     let meta = request.metadata;
-    let mut reply = Message::response(meta.id, meta.op_code);
-    reply.metadata.recursion_desired = meta.recursion_desired;
-    reply.metadata.recursion_available = true;
-    reply.add_queries(request.queries.iter().cloned());
-    if request.edns.is_some() {
-        let mut edns = Edns::new();
-        edns.set_max_payload(EDNS_PAYLOAD);
-        reply.set_edns(edns);
-    }
+    let mut reply = reply_to(request);
     if meta.message_type != MessageType::Query || meta.op_code != OpCode::Query {
         reply.metadata.response_code = ResponseCode::NotImp;
         return reply;
@@ -453,13 +450,40 @@ async fn answer(
         return reply;
     }
     tracing::debug!(name = %name, count = ips.len(), dropped = dropped.len(), "dns: resolved");
+    fill_reply(&mut reply, upstream, &dropped, shared.config.ipv6);
+    reply
+}
+
+/// The reply's header, question and EDNS for `request`, before any answer.
+fn reply_to(request: &Message) -> Message {
+    let meta = request.metadata;
+    let mut reply = Message::response(meta.id, meta.op_code);
+    reply.metadata.recursion_desired = meta.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_queries(request.queries.iter().cloned());
+    if request.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        reply.set_edns(edns);
+    }
+    reply
+}
+
+/// Copies what the client may see of `upstream` into `reply`: its rcode, its answers but the
+/// `dropped` addresses (and AAAA unless `ipv6`), its authorities but any address.
+fn fill_reply(
+    reply: &mut Message,
+    upstream: Message,
+    dropped: &[(IpAddr, GuardError)],
+    ipv6: bool,
+) {
     let refused = |r: &Record| record_ip(r).is_some_and(|ip| dropped.iter().any(|(d, _)| *d == ip));
     reply.metadata.response_code = upstream.metadata.response_code;
     reply.metadata.authentic_data = upstream.metadata.authentic_data && dropped.is_empty();
     reply.answers = upstream
         .answers
         .into_iter()
-        .filter(|r| shared.config.ipv6 || r.record_type() != RecordType::AAAA)
+        .filter(|r| ipv6 || r.record_type() != RecordType::AAAA)
         .filter(|r| !refused(r))
         .collect();
     // Addresses have no business in the authority section (NS and SOA live there); whatever a
@@ -471,7 +495,63 @@ async fn answer(
         .collect();
     // Additional records are dropped: resolvers put glue there that clients do not need, and
     // addresses there would not be in the allow map.
-    reply
+}
+
+/// For the fuzz target (fuzz/fuzz_targets/dns.rs) only: one exchange without sockets, hooks or
+/// audit. `query` is the client's packet, `upstream` the upstream's reply to the query kz sends
+/// for it (its id is taken as ours, which the fuzzer cannot guess). Returns the bytes the client
+/// gets (`None`: nothing is sent) and the addresses the allow map would get. Names are allowed
+/// as long as they normalise.
+#[doc(hidden)]
+pub fn fuzz_exchange(
+    query: &[u8],
+    upstream: &[u8],
+    config: &DnsConfig,
+    udp: bool,
+) -> Option<(Vec<u8>, Vec<ResolvedIp>)> {
+    let transport = if udp { Transport::Udp } else { Transport::Tcp };
+    if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let Ok(request) = Message::from_vec(query) else {
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let err = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+        return encode(&err).map(|b| (b, Vec::new()));
+    };
+    let mut reply = reply_to(&request);
+    let meta = request.metadata;
+    let q = match request.queries.as_slice() {
+        [q] if meta.message_type == MessageType::Query
+            && meta.op_code == OpCode::Query
+            && q.query_class() == DNSClass::IN
+            && normalize_name(q.name()).is_some() =>
+        {
+            q
+        }
+        _ => {
+            reply.metadata.response_code = ResponseCode::Refused;
+            return encode_for(&reply, &request, transport).map(|b| (b, Vec::new()));
+        }
+    };
+    if q.query_type() == RecordType::AAAA && !config.ipv6 {
+        return encode_for(&reply, &request, transport).map(|b| (b, Vec::new()));
+    }
+    let mut ours = upstream_query(q);
+    if upstream.len() >= 2 {
+        ours.metadata.id = u16::from_be_bytes([upstream[0], upstream[1]]);
+    }
+    let ips = match check_response(&ours, upstream) {
+        Ok(response) => {
+            let (ips, dropped) = addresses(&response, config);
+            fill_reply(&mut reply, response, &dropped, config.ipv6);
+            ips
+        }
+        Err(_) => {
+            reply.metadata.response_code = ResponseCode::ServFail;
+            Vec::new()
+        }
+    };
+    encode_for(&reply, &request, transport).map(|b| (b, ips))
 }
 
 /// The address of an A or AAAA record.
@@ -618,12 +698,7 @@ pub fn normalize_name(name: &Name) -> Option<String> {
 /// Resolves one question upstream: UDP first, TCP when the UDP answer is truncated. The error is
 /// a short reason for the log.
 async fn resolve_upstream(config: &DnsConfig, query: &Query) -> Result<Message, &'static str> {
-    let mut request = Message::query();
-    request.metadata.recursion_desired = true;
-    request.add_query(query.clone());
-    let mut edns = Edns::new();
-    edns.set_max_payload(EDNS_PAYLOAD);
-    request.set_edns(edns);
+    let request = upstream_query(query);
     let bytes = request.to_vec().map_err(|_| "cannot encode the query")?;
 
     let udp = tokio::time::timeout(
@@ -645,6 +720,17 @@ async fn resolve_upstream(config: &DnsConfig, query: &Query) -> Result<Message, 
     .map_err(|_| "timed out (tcp)")?
     .map_err(|_| "tcp exchange failed")?;
     check_response(&request, &tcp)
+}
+
+/// The query kz sends upstream for a client's question: a fresh id, recursion, our EDNS.
+fn upstream_query(query: &Query) -> Message {
+    let mut request = Message::query();
+    request.metadata.recursion_desired = true;
+    request.add_query(query.clone());
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    request.set_edns(edns);
+    request
 }
 
 /// Parses an upstream reply and checks it answers our question (id, type and name).

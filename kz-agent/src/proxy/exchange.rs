@@ -356,12 +356,37 @@ pub fn misdirected(parts: &http::request::Parts, verified: &str, port: u16) -> O
         .iter()
         .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
     authority.into_iter().chain(host).find(|claimed| {
-        let (name, claimed_port) = super::serving::split_authority(claimed, port);
+        let Some((name, claimed_port)) = plain_authority(claimed, port) else {
+            return true;
+        };
         let same_name = name
             .trim_end_matches('.')
             .eq_ignore_ascii_case(verified.trim_end_matches('.'));
         !same_name || claimed_port != port
     })
+}
+
+/// `claimed` as `(name, port)` when it is a plain `host[:port]` or `[v6][:port]`: only name
+/// characters, and a port, if one is written, that is a number. Anything else counts as another
+/// name: `split_authority` falls back to the default for a port it cannot read, and
+/// `api.test:x@evil.test` is host `evil.test` to the `http` crate and to lenient upstreams.
+fn plain_authority(claimed: &str, default_port: u16) -> Option<(String, u16)> {
+    let name_chars = |b: u8| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b);
+    if claimed.is_empty() || !claimed.bytes().all(name_chars) {
+        return None;
+    }
+    let written_port = match claimed.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.1.strip_prefix(':'),
+        None => claimed
+            .rsplit_once(':')
+            .filter(|(h, _)| !h.contains(':'))
+            .map(|(_, p)| p),
+    };
+    let (name, port) = super::serving::split_authority(claimed, default_port);
+    match written_port {
+        Some(p) if p.parse::<u16>().ok() != Some(port) => None,
+        _ => Some((name, port)),
+    }
 }
 
 /// Phase 2: hop-by-hop headers out (`Upgrade` kept for an upgrade); for an upgrade that may
@@ -1203,6 +1228,32 @@ mod tests {
                 "{uri} {host:?}"
             );
         }
+    }
+
+    /// Found by fuzz/fuzz_targets/http_head.rs: a port `split_authority` cannot read fell back to
+    /// the connection's port, so `api.test:x@evil.test` passed for `api.test` while the `http`
+    /// crate (and a lenient upstream) reads its host as `evil.test`.
+    #[test]
+    fn a_host_with_userinfo_or_an_unreadable_port_is_misdirected() {
+        for claimed in [
+            "api.test:x@evil.test",
+            "api.test:443@evil.test",
+            "api.test:4yy@y43",
+            "api.test:",
+            "api.test:99999",
+            "api.test:+443",
+            "api.test 443",
+            "[::1]:x",
+        ] {
+            let p = request("/", &[("host", claimed)]);
+            assert_eq!(
+                misdirected(&p, "api.test", 443).as_deref(),
+                Some(claimed),
+                "{claimed}"
+            );
+        }
+        let p = request("/", &[("host", "[::1]:443")]);
+        assert_eq!(misdirected(&p, "::1", 443), None);
     }
 
     #[test]

@@ -51,6 +51,18 @@ pub use tokens::{Scrubber, TokenError, TokenSpec, TokenTable, Unswapped};
 use crate::audit::AuditSink;
 use metrics::Metrics;
 
+/// For the fuzz targets (fuzz/fuzz_targets/http_head.rs) only: the request-head checks the
+/// proxy runs on every request, reachable without a connection.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::exchange::{misdirected, target_uri};
+
+    /// `host[:port]`, `[v6]:port` → (normalised host, port), as the proxy splits an authority.
+    pub fn split_authority(auth: &str, default_port: u16) -> (String, u16) {
+        super::serving::split_authority(auth, default_port)
+    }
+}
+
 /// Original destination and session of a redirected connection, looked up by the client's
 /// address (the accepted socket's peer). Supplied by the interception core; the proxy never
 /// depends on it.

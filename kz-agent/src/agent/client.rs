@@ -69,6 +69,32 @@ pub fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
     }
 }
 
+/// A hyper error on the connection to `socket`.
+pub(super) fn http_error(socket: &Path) -> impl Fn(hyper::Error) -> ClientError + Copy + '_ {
+    move |e| ClientError::Http {
+        path: socket.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// One HTTP/1.1 connection to the daemon at `socket`, driven on its own task (able to switch
+/// protocols when `upgrades`): the request sender.
+pub(super) async fn open(
+    socket: &Path,
+    upgrades: bool,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+    let stream = connect(socket).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_error(socket))?;
+    if upgrades {
+        tokio::spawn(conn.with_upgrades());
+    } else {
+        tokio::spawn(conn);
+    }
+    Ok(sender)
+}
+
 /// Sends `method path` (with a JSON `body`) to the daemon at `socket`; its JSON answer, or the
 /// daemon's refusal as [`ClientError::Refused`].
 pub async fn call(
@@ -77,15 +103,8 @@ pub async fn call(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Value, ClientError> {
-    let stream = connect(socket).await?;
-    let http = |e: hyper::Error| ClientError::Http {
-        path: socket.to_owned(),
-        message: e.to_string(),
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    tokio::spawn(conn);
+    let http = http_error(socket);
+    let mut sender = open(socket, false).await?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let req = Request::builder()
         .method(method)
@@ -100,21 +119,10 @@ pub async fn call(
     let resp = sender.send_request(req).await.map_err(http)?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson(status))?;
-    if status.is_success() {
-        return Ok(v);
+    if !status.is_success() {
+        return Err(refusal(status, &bytes));
     }
-    let field = |k: &str| {
-        v.pointer(&format!("/error/{k}"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    Err(ClientError::Refused {
-        status: status.as_u16(),
-        code: field("code"),
-        message: field("message"),
-    })
+    serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson(status))
 }
 
 /// `GET path` as a stream of JSON lines (an event stream): each line is handed to `line` as
@@ -124,15 +132,8 @@ pub async fn stream_lines(
     path: &str,
     mut line: impl FnMut(&[u8]),
 ) -> Result<(), ClientError> {
-    let stream = connect(socket).await?;
-    let http = |e: hyper::Error| ClientError::Http {
-        path: socket.to_owned(),
-        message: e.to_string(),
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    tokio::spawn(conn);
+    let http = http_error(socket);
+    let mut sender = open(socket, false).await?;
     let req = Request::builder()
         .method(Method::GET)
         .uri(path)

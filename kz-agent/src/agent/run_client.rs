@@ -91,15 +91,8 @@ pub async fn run(
 
 /// `POST /v1/runs` with `Upgrade: kz-exec`; the raw stream once the daemon switched.
 async fn upgrade(socket: &Path, body: &RunRequest) -> Result<UnixStream, RunClientError> {
-    let stream = client::connect(socket).await?;
-    let http = |e: hyper::Error| ClientError::Http {
-        path: socket.to_owned(),
-        message: e.to_string(),
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    tokio::spawn(conn.with_upgrades());
+    let http = client::http_error(socket);
+    let mut sender = client::open(socket, true).await?;
     let req = Request::builder()
         .method(Method::POST)
         .uri("/v1/runs")
